@@ -1,0 +1,184 @@
+"""Stage configs: frozen dataclasses, built from layers `defaults < config file < flags actually given`.
+
+Each stage module defines its own config dataclass next to the code that reads it (CollectConfig in collect.py,
+CleanConfig in clean.py, TrainConfig in train.py, EvalConfig in evaluate.py), documenting every field in place.
+This module holds the machinery they share: merging layers, checking unknown keys ("did you mean"), coercing TOML
+values to the field types, and resolving paths relative to the config file.
+
+Field names are the long flag names with dashes turned into underscores, so `--max-tokens 256` and
+`max_tokens = 256` (or `max-tokens = 256`) in a TOML section mean the same thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from imitate.errors import ConfigError
+
+T = TypeVar("T")
+
+# Fields whose values are paths: given in a config file they are resolved relative to that file's directory.
+PATH_MARK = "path"
+
+
+def path_field(default: Any = None, **kw: Any) -> Any:
+    """A dataclass field holding a path (or list of paths), resolved relative to the config file."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={PATH_MARK: True}, **kw)
+    return dataclasses.field(default=default, metadata={PATH_MARK: True}, **kw)
+
+
+def field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _norm_key(key: str) -> str:
+    return key.replace("-", "_")
+
+
+def check_keys(cls: type, data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Return `data` with normalized keys; unknown keys raise ConfigError with a suggestion."""
+    names = field_names(cls)
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        k = _norm_key(key)
+        if k not in names:
+            close = difflib.get_close_matches(k, names, n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0].replace('_', '-')}'?" if close else "known keys: " + ", ".join(
+                n.replace("_", "-") for n in names
+            )
+            raise ConfigError(f"{where}: unknown key '{key}'", hint=hint)
+        out[k] = value
+    return out
+
+
+def _coerce(value: Any, tp: Any, name: str, where: str) -> Any:
+    """Coerce a TOML/flag value to the annotated type where it is unambiguous (int -> float, str -> Path...)."""
+    if value is None:
+        return None
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        last_exc: Exception | None = None
+        for a in non_none:
+            try:
+                return _coerce(value, a, name, where)
+            except ConfigError as exc:
+                last_exc = exc
+        if last_exc:
+            raise last_exc
+        return value
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: '{name}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: '{name}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: '{name}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: '{name}' must be a string, got {value!r}")
+        return value
+    if tp is Path:
+        if not isinstance(value, (str, Path)):
+            raise ConfigError(f"{where}: '{name}' must be a path string, got {value!r}")
+        return Path(value)
+    if origin in (list, tuple):
+        if isinstance(value, (str, Path)):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: '{name}' must be a list, got {value!r}")
+        inner = args[0] if args else Any
+        return [_coerce(v, inner, name, where) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: '{name}' must be a table, got {value!r}")
+        return dict(value)
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: '{name}' must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    return value
+
+
+def resolve_paths(cls: type, data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make relative path fields in `data` relative to `base` (the config file's directory)."""
+    out = dict(data)
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get(PATH_MARK) or out.get(f.name) is None:
+            continue
+
+        def fix(v: Any) -> Any:
+            s = str(v)
+            if ":" in s.split("/")[0] and not Path(s).exists():  # e.g. "hf:./model" is handled by the field's owner
+                return v
+            p = Path(s).expanduser()
+            return p if p.is_absolute() else base / p
+
+        v = out[f.name]
+        out[f.name] = [fix(x) for x in v] if isinstance(v, list) else fix(v)
+    return out
+
+
+def build(cls: type[T], *layers: Mapping[str, Any] | None, where: str = "options") -> T:
+    """Build a frozen config: later layers override earlier ones; None values (flags not given) are ignored."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        if not layer:
+            continue
+        for k, v in check_keys(cls, layer, where).items():
+            if v is not None:
+                merged[k] = v
+    hints = typing.get_type_hints(cls)
+    for k in list(merged):
+        merged[k] = _coerce(merged[k], hints.get(k, Any), k.replace("_", "-"), where)
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in merged and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        flags = ", ".join("--" + m.replace("_", "-") for m in missing)
+        raise ConfigError(f"{where}: missing required option(s): {flags}", hint="give them as flags or in the config file")
+    return cls(**merged)
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-friendly dict of a config (paths as strings), for manifests and --json summaries."""
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return {f.name: conv(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}

@@ -1,0 +1,208 @@
+"""The one record format every stage reads and writes.
+
+A record is one JSON object on one line of a JSONL file; the file loads unchanged with
+`datasets.load_dataset("json", data_files=...)` and feeds conversational fine-tuning tools (TRL's SFTTrainer) as-is:
+
+    {
+      "id": "3f1c...",                      # stable hash of the request: teacher, rendered messages, params, sample index
+      "teacher": "openai:gpt-4o-mini",      # provider:model
+      "messages": [                         # the whole conversation; the teacher's answer is the final assistant turn
+        {"role": "system", "content": "..."},
+        {"role": "user", "content": "..."},
+        {"role": "assistant", "content": "..."}
+      ],
+      "params": {"temperature": 0.7, "max_tokens": 512},
+      "sample": 0,                          # index among the --n samples drawn for this prompt
+      "finish_reason": "stop",              # "stop" | "length" | provider-specific
+      "usage": {"input_tokens": 21, "output_tokens": 130},
+      "source": {...},                      # the input row the request was rendered from
+      "created": "2026-11-23T16:20:00Z",
+      "logprobs": [...]                     # only with --logprobs K, see LOGPROBS below
+    }
+
+LOGPROBS: a list with one entry per generated token,
+`{"token": str, "id": int | None, "logprob": float, "top": [{"token": str, "id": int | None, "logprob": float}, ...]}`;
+`id` is the teacher's token id when the teacher reports it (hf teachers, vLLM), else null.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from imitate.errors import InputError
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def request_id(teacher: str, messages: list[dict], params: dict, sample: int) -> str:
+    """Stable id of one request: same teacher, rendered messages, params and sample index -> same id."""
+    blob = json.dumps(
+        {"teacher": teacher, "messages": messages, "params": params, "sample": sample},
+        sort_keys=True,
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def dumps(record: dict) -> str:
+    """One JSONL line (no newline). Keys keep their insertion order so outputs are byte-stable."""
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class Line:
+    """A parsed input line with where it came from, for error messages."""
+
+    path: Path
+    lineno: int
+    data: Any
+
+
+def iter_jsonl(path: str | os.PathLike, *, on_bad_line: str = "error", bad: list | None = None) -> Iterator[Line]:
+    """Yield every non-blank line of a JSONL file as a `Line`.
+
+    on_bad_line: "error" raises InputError naming file and line; "skip" appends (path, lineno, reason) to `bad`.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file", hint="check the path; relative paths are resolved from the current directory")
+    with path.open("r", encoding="utf-8", errors="strict") as fh:
+        lineno = 0
+        while True:
+            try:
+                raw = fh.readline()
+            except UnicodeDecodeError as exc:
+                raise InputError(f"{path}:{lineno + 1}: not valid UTF-8 ({exc.reason})") from None
+            if not raw:
+                break
+            lineno += 1
+            if not raw.strip():
+                continue
+            try:
+                data = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                reason = f"not valid JSON ({exc.msg} at column {exc.colno})"
+                if on_bad_line == "skip":
+                    if bad is not None:
+                        bad.append((str(path), lineno, reason))
+                    continue
+                raise InputError(
+                    f"{path}:{lineno}: {reason}",
+                    hint="each line must be one JSON object; use --on-bad-line skip to count and skip such lines"
+                    if on_bad_line == "error"
+                    else None,
+                ) from None
+            yield Line(path, lineno, data)
+
+
+def check_messages(messages: Any, where: str, *, need_assistant: bool = False) -> list[dict]:
+    """Validate a chat list; `where` is "file:line" for the error message."""
+    if not isinstance(messages, list) or not messages:
+        raise InputError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise InputError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise InputError(f"{where}: messages[{i}].role is {m['role']!r}; expected one of {', '.join(ROLES)}")
+        if not isinstance(m["content"], str):
+            raise InputError(f"{where}: messages[{i}].content must be a string")
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
+        raise InputError(f"{where}: no assistant turn in 'messages'", hint="records to train on need the teacher's answer")
+    return messages
+
+
+def read_records(
+    paths: str | os.PathLike | Iterable[str | os.PathLike],
+    *,
+    on_bad_line: str = "error",
+    bad: list | None = None,
+    need_assistant: bool = False,
+) -> Iterator[Line]:
+    """Yield records (as Lines) from one or more JSONL files, checking the fields every stage relies on."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    for p in paths:
+        for line in iter_jsonl(p, on_bad_line=on_bad_line, bad=bad):
+            where = f"{line.path}:{line.lineno}"
+            try:
+                if not isinstance(line.data, dict):
+                    raise InputError(f"{where}: expected a JSON object, got {type(line.data).__name__}")
+                check_messages(line.data.get("messages"), where, need_assistant=need_assistant)
+            except InputError as exc:
+                if on_bad_line == "skip":
+                    if bad is not None:
+                        bad.append((str(line.path), line.lineno, exc.message.split(": ", 1)[-1]))
+                    continue
+                raise
+            yield line
+
+
+def assistant_text(record: dict) -> str:
+    """The final assistant turn's content ('' if there is none)."""
+    for m in reversed(record.get("messages") or []):
+        if m.get("role") == "assistant":
+            return m.get("content") or ""
+    return ""
+
+
+def prompt_messages(record: dict) -> list[dict]:
+    """The conversation up to (not including) the final assistant turn."""
+    msgs = list(record.get("messages") or [])
+    if msgs and msgs[-1].get("role") == "assistant":
+        msgs = msgs[:-1]
+    return msgs
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
+    """Write records atomically (temp file + rename). Returns the count."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    n = 0
+    with tmp.open("w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(dumps(r) + "\n")
+            n += 1
+    os.replace(tmp, path)
+    return n
+
+
+def repair_torn_tail(path: str | os.PathLike) -> int:
+    """Cut a torn (partly written, unterminated) last line left by a crash. Returns bytes removed."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    size = path.stat().st_size
+    if size == 0:
+        return 0
+    with path.open("rb+") as fh:
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":
+            return 0
+        # find the last newline; everything after it is a torn write
+        pos = size
+        chunk = 1 << 16
+        while pos > 0:
+            start = max(0, pos - chunk)
+            fh.seek(start)
+            buf = fh.read(pos - start)
+            i = buf.rfind(b"\n")
+            if i >= 0:
+                cut = start + i + 1
+                fh.truncate(cut)
+                return size - cut
+            pos = start
+        fh.truncate(0)
+        return size

@@ -1,0 +1,116 @@
+"""Tiny models and tokenizers built on the fly: no hub, no network, a few hundred KB on disk.
+
+`make_tokenizer(dir)` trains a byte-level BPE tokenizer (digits split into single tokens) with a chat template;
+`make_model(dir, ...)` saves a randomly initialised Llama of the given shape with that tokenizer beside it, so the
+directory loads with `AutoModelForCausalLM.from_pretrained(dir)` + `AutoTokenizer.from_pretrained(dir)`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+CORPUS = [
+    "Write 347 in words. three hundred forty-seven",
+    "What is the capital of France? Paris is the capital of France.",
+    "hello world, this is a tiny corpus for a tiny tokenizer",
+    "system user assistant You are a helpful assistant.",
+    "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen",
+    "eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety hundred thousand",
+    "The quick brown fox jumps over the lazy dog. 0123456789",
+    "Explain, summarize, translate, answer the question: why? how? what?",
+]
+
+SPECIAL = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>"]
+
+
+def make_tokenizer(out: str | Path, vocab_size: int = 384, chat_template: str | None = CHAT_TEMPLATE):
+    """Train and save a small fast tokenizer; returns the transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<|pad|>",
+        bos_token="<|bos|>",
+        eos_token="<|end|>",
+        unk_token=None,
+    )
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out)
+    return fast
+
+
+def make_model(
+    out: str | Path,
+    *,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int = 64,
+    vocab_size: int = 384,
+    seed: int = 0,
+    tokenizer_dir: str | Path | None = None,
+    chat_template: str | None = CHAT_TEMPLATE,
+    pad_vocab_to: int | None = None,
+):
+    """Save a random tiny Llama (safetensors) plus tokenizer to `out`; returns the model.
+
+    pad_vocab_to: give the embedding more rows than the tokenizer has tokens (like padded vocabularies in real models).
+    """
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer_dir is not None:
+        for f in Path(tokenizer_dir).iterdir():
+            if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "chat_template.jinja"):
+                shutil.copy(f, out / f.name)
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(out)
+    else:
+        tok = make_tokenizer(out, vocab_size=vocab_size, chat_template=chat_template)
+    n_vocab = pad_vocab_to or len(tok)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=n_vocab,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(cfg)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    return model
