@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import tomllib
 import types
 import typing
@@ -116,19 +117,48 @@ def _coerce(value: Any, tp: Any, name: str, where: str) -> Any:
     return value
 
 
+# String fields that name a model which may be a local directory or a hub id ("student = 'models/init'"): given in a
+# config file, they are resolved relative to the file only when that directory exists there.
+MODEL_FIELDS = ("student", "model", "teacher")
+
+
+def resolve_spec(value: Any, base: Path, *, bare: bool = False) -> Any:
+    """'hf:REL' -> 'hf:BASE/REL' when that local path exists; any other value is returned unchanged.
+
+    A local teacher named in a config file is found relative to the file, like every other path in it; hub ids
+    ('hf:Qwen/Qwen2.5-0.5B') and API specs ('openai:gpt-4o-mini') do not exist on disk and are left alone.
+    bare: also resolve a value without the 'hf:' prefix (a model field such as `student`).
+    """
+    if not isinstance(value, str):
+        return value
+    prefix = "hf:" if value.startswith("hf:") else ""
+    if not prefix and (not bare or ":" in value.split("/")[0]):
+        return value
+    p = Path(value[len(prefix):]).expanduser()
+    if p.is_absolute() or not (base / p).exists():
+        return value
+    return prefix + os.path.normpath(base / p)
+
+
 def resolve_paths(cls: type, data: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Make relative path fields in `data` relative to `base` (the config file's directory)."""
+    """Make relative path fields in `data` relative to `base` (the config file's directory).
+
+    Local teacher specs ('hf:./model') in any string field are resolved the same way (see resolve_spec).
+    """
     out = dict(data)
     for f in dataclasses.fields(cls):
-        if not f.metadata.get(PATH_MARK) or out.get(f.name) is None:
+        if out.get(f.name) is None:
+            continue
+        if not f.metadata.get(PATH_MARK):
+            out[f.name] = resolve_spec(out[f.name], base, bare=f.name in MODEL_FIELDS)
             continue
 
         def fix(v: Any) -> Any:
             s = str(v)
-            if ":" in s.split("/")[0] and not Path(s).exists():  # e.g. "hf:./model" is handled by the field's owner
-                return v
+            if ":" in s.split("/")[0] and not Path(s).exists():  # a spec such as "hf:./model" or "openai:gpt-4o"
+                return resolve_spec(s, base)
             p = Path(s).expanduser()
-            return p if p.is_absolute() else base / p
+            return p if p.is_absolute() else Path(os.path.normpath(base / p))
 
         v = out[f.name]
         out[f.name] = [fix(x) for x in v] if isinstance(v, list) else fix(v)

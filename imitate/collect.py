@@ -1,0 +1,279 @@
+"""`imitate collect`: rows x template -> requests -> journal -> teacher -> records + failures.
+
+The run, top to bottom:
+  1. check cheap things first: the teacher spec, the API key (named by env var, never printed), the template;
+  2. read every input row and render every request up front, so a bad line or a missing template variable stops the
+     run before anything is sent (and costs nothing);
+  3. skip the requests whose id already has a record in OUT (OUT is the resume journal);
+  4. send the rest with bounded concurrency, our own requests/min + tokens/min pacing, and retries (backoff + jitter,
+     honouring Retry-After); each answer is appended to OUT the moment it arrives; a request that exhausts its
+     retries goes to the failures file with its error, so nothing is silently dropped;
+  5. print the accounting (stderr table; the same dict is returned for --json).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imitate.config import PATH_MARK, path_field
+from imitate.errors import ImitateError, InputError, UsageError
+from imitate.teachers import Request, parse_spec
+
+KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
+BASE_URL_ENV = {"openai": "OPENAI_BASE_URL", "anthropic": "ANTHROPIC_BASE_URL"}
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    teacher: str  # provider:model — openai:gpt-4o-mini, anthropic:claude-haiku-4-5, hf:./path (see imitate.teachers)
+    out: Path = dataclasses.field(metadata={PATH_MARK: True})  # records JSONL; also the resume journal
+    prompts: Path | None = path_field(None)  # input: JSONL rows (prompt | messages | template fields) or .txt lines
+    template: str | None = path_field(None)  # built-in name in prompts/ or a .j2 path; None: rows give prompt/messages
+    system: str | None = None  # system turn added to every request that has none
+    n: int = 1  # samples per prompt (each sample is its own record, id includes its index)
+    temperature: float = 0.7  # 0 means greedy decoding for every teacher
+    top_p: float | None = None  # nucleus sampling; None leaves the provider's default
+    max_tokens: int = 1024  # answer length cap; answers cut by it are kept with finish_reason "length"
+    logprobs: int | None = None  # store the top-K log-probabilities of each answer token (openai-compatible, hf)
+    concurrency: int = 16  # requests in flight at once (API teachers)
+    rpm: float | None = None  # our own requests/minute ceiling; None: unlimited
+    tpm: float | None = None  # our own tokens/minute ceiling (input estimated as chars/4 + max_tokens); None: unlimited
+    retries: int = 6  # extra attempts on 429/5xx/timeouts/connection errors before a request goes to failures
+    timeout: float = 120.0  # seconds per HTTP request
+    base_url: str | None = None  # OpenAI-compatible server (vLLM, Ollama, llama.cpp); default: $OPENAI_BASE_URL
+    api_key_env: str | None = None  # env var holding the key; default OPENAI_API_KEY / ANTHROPIC_API_KEY
+    failures: Path | None = path_field(None)  # where failed requests go; default OUT with .failures.jsonl
+    price_in: float | None = None  # USD per million input tokens (default: built-in table for known models)
+    price_out: float | None = None  # USD per million output tokens
+    dry_run: bool = False  # count requests and estimate input tokens; send nothing
+    self_instruct: int = 0  # > 0: first have the teacher write this many new instructions, then answer them
+    seed_tasks: Path | None = path_field(None)  # self-instruct seeds (default: --prompts, else data/seed_tasks.jsonl)
+    seed: int = 0  # RNG seed for self-instruct example sampling and retry jitter
+    batch_size: int = 8  # requests per generate() call for hf teachers
+    trust_remote_code: bool = False  # hf teachers: allow the model repo's own code
+    progress: bool = True  # progress bar on stderr
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request and where it came from."""
+
+    request: Request
+    source: dict
+    where: str  # "file:line"
+
+
+def sidecar(out: Path, kind: str) -> Path:
+    """out.jsonl -> out.<kind>.jsonl"""
+    return out.with_name(f"{out.name.removesuffix('.jsonl')}.{kind}.jsonl")
+
+
+def params_of(cfg: CollectConfig) -> dict:
+    """Sampling parameters sent to the teacher and hashed into the id (None values left out)."""
+    p: dict[str, Any] = {"temperature": cfg.temperature, "max_tokens": cfg.max_tokens}
+    if cfg.top_p is not None:
+        p["top_p"] = cfg.top_p
+    if cfg.logprobs:
+        p["logprobs"] = cfg.logprobs
+    return p
+
+
+# --- inputs -----------------------------------------------------------------------------------------------------
+
+
+def read_rows(path: Path) -> list[tuple[str, dict]]:
+    """(where, row) for every input row: JSONL objects, or one prompt a line for .txt files."""
+    from imitate.records import iter_jsonl
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file", hint="check --prompts")
+    if path.suffix == ".txt":
+        with path.open("r", encoding="utf-8") as fh:
+            return [(f"{path}:{i}", {"prompt": ln.rstrip("\r\n")}) for i, ln in enumerate(fh, 1) if ln.strip()]
+    rows = []
+    for line in iter_jsonl(path):
+        if not isinstance(line.data, dict):
+            raise InputError(f"{path}:{line.lineno}: expected a JSON object, got {type(line.data).__name__}")
+        rows.append((f"{path}:{line.lineno}", line.data))
+    if not rows:
+        raise InputError(f"{path}: no input rows", hint="one JSON object a line (or one prompt a line in a .txt file)")
+    return rows
+
+
+def row_messages(row: dict, where: str, template: Any, system: str | None) -> list[dict]:
+    from imitate.records import check_messages, prompt_messages
+
+    if template is not None:
+        messages = template.render(row, where)
+    elif "messages" in row:
+        messages = prompt_messages({"messages": check_messages(row["messages"], where)})
+        if not messages:
+            raise InputError(f"{where}: 'messages' holds only an assistant turn; nothing to ask the teacher")
+    elif "prompt" in row:
+        if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+            raise InputError(f"{where}: field 'prompt' must be a non-empty string")
+        messages = [{"role": "user", "content": row["prompt"]}]
+    else:
+        keys = ", ".join(sorted(row)) or "none"
+        raise InputError(
+            f"{where}: row has neither 'prompt' nor 'messages' (fields: {keys})",
+            hint="give --template NAME|PATH to render other fields into a prompt",
+        )
+    if system and not any(m["role"] == "system" for m in messages):
+        messages = [{"role": "system", "content": system}, *messages]
+    return messages
+
+
+def plan(cfg: CollectConfig, rows: list[tuple[str, dict]], template: Any, params: dict | None = None) -> list[Job]:
+    """Render every row (errors stop here, before any request) into n jobs each; identical requests appear once."""
+    from imitate.records import request_id
+
+    params = params_of(cfg) if params is None else params
+    jobs: list[Job] = []
+    seen: set[str] = set()
+    for where, row in rows:
+        messages = row_messages(row, where, template, cfg.system)
+        for sample in range(cfg.n):
+            rid = request_id(cfg.teacher, messages, params, sample)
+            if rid not in seen:
+                seen.add(rid)
+                jobs.append(Job(Request(rid, messages, params, sample), row, where))
+    return jobs
+
+
+def est_tokens(messages: list[dict]) -> int:
+    """Input tokens estimated as characters / 4 (good enough for pacing and dry runs)."""
+    return sum(len(m["content"]) for m in messages) // 4 + 4 * len(messages)
+
+
+# --- teachers ---------------------------------------------------------------------------------------------------
+
+
+def api_key(cfg: CollectConfig, provider: str, base_url: str | None) -> str | None:
+    """The key from the environment; missing fails now, naming the variable (never the value)."""
+    env = cfg.api_key_env or KEY_ENV[provider]
+    key = os.environ.get(env)
+    if key:
+        return key
+    if base_url and not cfg.api_key_env:
+        return "unused"  # local OpenAI-compatible servers usually take any key
+    raise ImitateError(
+        f"no API key for teacher {cfg.teacher!r}: environment variable {env} is not set",
+        hint=f"export {env}=... (or name another variable with --api-key-env NAME); "
+        "for a local OpenAI-compatible server give --base-url",
+    )
+
+
+def make_teacher(cfg: CollectConfig) -> tuple[Any, str | None]:
+    """(teacher, secret) — the secret is kept only to scrub it from error text."""
+    provider, model = parse_spec(cfg.teacher)
+    if provider == "hf":
+        from imitate.teachers.local import LocalTeacher
+
+        return LocalTeacher(
+            model, device=None, batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code
+        ), None
+    if provider == "anthropic" and cfg.logprobs:
+        raise UsageError(
+            "--logprobs is not available from anthropic teachers", hint="use an openai-compatible or hf teacher"
+        )
+    base_url = cfg.base_url or os.environ.get(BASE_URL_ENV[provider]) or None
+    key = api_key(cfg, provider, base_url)
+    opts = {"api_key": key, "base_url": base_url, "timeout": cfg.timeout, "concurrency": cfg.concurrency}
+    if provider == "openai":
+        from imitate.teachers.openai import OpenAITeacher
+
+        return OpenAITeacher(model, **opts), key
+    from imitate.teachers.anthropic import AnthropicTeacher
+
+    return AnthropicTeacher(model, **opts), key
+
+
+def check_cfg(cfg: CollectConfig) -> None:
+    for name in ("n", "concurrency", "max_tokens", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.temperature < 0:
+        raise UsageError(f"--temperature must be >= 0, got {cfg.temperature}")
+    if cfg.retries < 0:
+        raise UsageError(f"--retries must be >= 0, got {cfg.retries}")
+    if cfg.logprobs is not None and cfg.logprobs < 0:
+        raise UsageError(f"--logprobs must be >= 0, got {cfg.logprobs}")
+    if cfg.prompts is None and not cfg.self_instruct:
+        raise UsageError("no input: give --prompts FILE (or --self-instruct N)")
+
+
+# --- run --------------------------------------------------------------------------------------------------------
+
+
+def run(cfg: CollectConfig) -> dict:
+    """Collect the teacher's answers for every input row; returns the accounting summary."""
+    from imitate import prompts
+    from imitate.accounting import dry_run_summary, print_summary, summary
+    from imitate.engine import Engine
+    from imitate.journal import finished_ids
+
+    check_cfg(cfg)
+    parse_spec(cfg.teacher)
+    # cheap checks first: the key (named by its env var) and a local model's path, before reading any input
+    teacher, secret = (None, None) if cfg.dry_run else make_teacher(cfg)
+    template = prompts.load(cfg.template) if cfg.template else None
+    out = Path(cfg.out)
+    failures = Path(cfg.failures) if cfg.failures else sidecar(out, "failures")
+    rows = read_rows(cfg.prompts) if cfg.prompts is not None and not cfg.self_instruct else []
+    jobs = plan(cfg, rows, template)  # every template/input error surfaces here, before any request
+    if cfg.self_instruct:  # the same checks for the self-instruct seeds and the rows it will produce
+        from imitate.selfinstruct import DEFAULT_SEEDS, load_seeds
+
+        seeds = load_seeds(Path(cfg.seed_tasks or cfg.prompts or DEFAULT_SEEDS))
+        plan(cfg, [("self-instruct task", {"prompt": "a task", "origin": "self-instruct"})], template)
+    if cfg.dry_run:
+        done = finished_ids(out) if out.exists() else set()
+        result = dry_run_summary(cfg, jobs, done, seeds if cfg.self_instruct else None)
+        print_summary(result)
+        return result
+    t0 = time.monotonic()
+    engine = Engine(cfg, teacher, secret, out, failures)
+    extra = asyncio.run(_collect(cfg, engine, jobs, template))
+    result = summary(cfg, engine.stats, out, failures, time.monotonic() - t0)
+    if extra:
+        result["self_instruct"] = extra
+    print_summary(result)
+    if engine.stats.failed:
+        print(
+            f"{engine.stats.failed} request(s) failed after retries; they are listed with their errors in {failures}. "
+            "Re-run the same command to retry them (finished records are not sent again).",
+            file=sys.stderr,
+        )
+    if engine.stats.length:
+        print(
+            f'{engine.stats.length} answer(s) were cut by --max-tokens (kept, with finish_reason "length").',
+            file=sys.stderr,
+        )
+    return result
+
+
+async def _collect(cfg: CollectConfig, engine: Any, jobs: list[Job], template: Any) -> dict:
+    """Everything that talks to the teacher, in one event loop (the SDK clients belong to it)."""
+    try:
+        extra: dict = {}
+        if cfg.self_instruct:
+            from imitate.selfinstruct import expand
+
+            new_rows, extra = await expand(cfg, engine, template)
+            jobs = plan(cfg, new_rows, template)
+            # money spent on generation counts in the run's totals
+            engine.stats.tokens_in += extra["tokens_in"]
+            engine.stats.tokens_out += extra["tokens_out"]
+        await engine.collect(jobs)
+        return extra
+    finally:
+        await engine.aclose()

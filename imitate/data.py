@@ -1,0 +1,260 @@
+"""Records -> token ids in the student's chat format, with next-token targets on assistant tokens only, and batches.
+
+What is trained: by default the FINAL assistant turn of each record (the teacher's answer, see imitate.records); with
+`loss_on="all"` every assistant turn. Everything else (system, user, tool turns, the template's role headers and the
+generation prompt) gets target -100. The assistant's end-of-turn marker IS a target, so the student learns to stop.
+
+How the assistant spans are found, without assuming `{% generation %}` markers in the template: for assistant turn i,
+render `messages[:i]` with the generation prompt (`before`) and `messages[:i+1]` (`through`) as text. When both are
+prefixes of the full rendering, the characters [len(before), len(through)) are that turn's answer plus its end-of-turn
+text. Tokens of the full rendering whose first character falls in such a span are targets (offset mapping of a fast
+tokenizer; slow tokenizers compare token counts of the prefixes). Templates that rewrite earlier turns (e.g. strip
+reasoning from history) fall back to locating the turn's content in the rendering.
+
+Targets are stored SHIFTED: `labels[t]` is the target for the model's output at position t (= the token at t+1, or
+-100). Shifting per example keeps packed rows from predicting across example boundaries, and lets the loss pick only the
+positions that have a target (`logits_to_keep`), so prompt positions never get a [vocab]-wide logit row.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imitate.errors import InputError, UsageError
+
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # shifted next-token targets, IGNORE where there is none
+    where: str  # "file:line" of the record, for messages
+
+    @property
+    def n_targets(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+@dataclass
+class DataStats:
+    records: int = 0
+    truncated: int = 0  # longer than max_length, cut on the right (--overlong truncate)
+    dropped_overlong: int = 0  # longer than max_length and dropped (--overlong drop)
+    dropped_no_target: int = 0  # no assistant token left inside max_length
+    longest: int = 0  # longest rendering in tokens, before truncation
+    tokens: int = 0  # tokens kept
+    targets: int = 0  # target tokens kept
+    examples_overlong: list[str] = field(default_factory=list)  # first few "file:line (N tokens)"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+def _render(tokenizer: Any, messages: list[dict], *, add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def assistant_spans(tokenizer: Any, messages: list[dict], loss_on: str = "final") -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans [start, end) of the assistant turns to train on."""
+    full = _render(tokenizer, messages, add_generation_prompt=False)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if loss_on == "final":
+        turns = turns[-1:]
+    spans: list[tuple[int, int]] = []
+    search_from = 0
+    for i in turns:
+        try:
+            before = _render(tokenizer, messages[:i], add_generation_prompt=True) if i > 0 else None
+            through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        except Exception:  # noqa: BLE001 - some templates refuse partial conversations; use the fallback below
+            before = through = None
+        if before is None and through is not None and i == 0:
+            # an opening assistant turn: its header is whatever precedes the content in `through`
+            k = through.rfind(messages[i]["content"])
+            before = through[:k] if k >= 0 else None
+        if before is not None and through is not None and through.startswith(before) and full.startswith(through):
+            spans.append((len(before), len(through)))
+            search_from = len(through)
+            continue
+        content = messages[i]["content"]
+        k = full.find(content, search_from) if content else -1
+        if k < 0:
+            continue
+        end = k + len(content)
+        eos = getattr(tokenizer, "eos_token", None)
+        if eos:
+            j = full.find(eos, end)
+            if j >= 0 and not full[end:j].strip():
+                end = j + len(eos)
+        spans.append((k, end))
+        search_from = end
+    return full, spans
+
+
+def encode(tokenizer: Any, messages: list[dict], loss_on: str = "final") -> tuple[list[int], list[bool]]:
+    """Token ids of the rendered conversation and, per token, whether it is an assistant token to train on."""
+    full, spans = assistant_spans(tokenizer, messages, loss_on)
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        mask = [any(s <= start < e for s, e in spans) and end > start for start, end in enc["offset_mapping"]]
+        return ids, mask
+    ids = list(tokenizer(full, add_special_tokens=False)["input_ids"])
+    mask = [False] * len(ids)
+    for s, e in spans:
+        a = len(tokenizer(full[:s], add_special_tokens=False)["input_ids"])
+        b = len(tokenizer(full[:e], add_special_tokens=False)["input_ids"])
+        for t in range(a, min(b, len(ids))):
+            mask[t] = True
+    return ids, mask
+
+
+def shift_targets(ids: Sequence[int], mask: Sequence[bool]) -> list[int]:
+    """labels[t] = ids[t+1] where token t+1 is a target, else IGNORE; the last position has no target."""
+    return [ids[t + 1] if mask[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
+
+
+def check_chat_template(tokenizer: Any, student: str) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise UsageError(
+            f"the student {student} has no chat template, so records cannot be formatted for it",
+            hint="give one with --chat-template FILE (a Jinja file, e.g. the template of the model's instruct version)",
+        )
+
+
+def load_examples(
+    paths: Iterable[str | Path],
+    tokenizer: Any,
+    *,
+    max_length: int,
+    overlong: str = "truncate",
+    loss_on: str = "final",
+) -> tuple[list[Example], DataStats]:
+    """Read records (errors name file:line), tokenize them and apply the --overlong policy."""
+    from imitate.records import read_records
+
+    stats = DataStats()
+    out: list[Example] = []
+    for line in read_records(list(paths), need_assistant=True):
+        where = f"{line.path}:{line.lineno}"
+        stats.records += 1
+        try:
+            ids, mask = encode(tokenizer, line.data["messages"], loss_on)
+        except Exception as exc:  # jinja errors (e.g. a template that rejects a role order) -> name the record
+            raise InputError(f"{where}: the student's chat template failed on this record ({exc})") from None
+        stats.longest = max(stats.longest, len(ids))
+        if not any(mask):
+            raise InputError(
+                f"{where}: no assistant tokens found in the rendered conversation",
+                hint="the chat template may drop assistant turns; give another one with --chat-template FILE",
+            )
+        if len(ids) > max_length:
+            if len(stats.examples_overlong) < 5:
+                stats.examples_overlong.append(f"{where} ({len(ids)} tokens)")
+            if overlong == "drop":
+                stats.dropped_overlong += 1
+                continue
+            stats.truncated += 1
+            ids, mask = ids[:max_length], mask[:max_length]
+        labels = shift_targets(ids, mask)
+        ex = Example(ids, labels, where)
+        if ex.n_targets == 0:
+            stats.dropped_no_target += 1
+            continue
+        stats.tokens += len(ids)
+        stats.targets += ex.n_targets
+        out.append(ex)
+    return out, stats
+
+
+def split_eval(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded held-out split: (train indices, eval indices); at least one of each when fraction > 0 and n >= 2."""
+    idx = list(range(n))
+    random.Random(seed).shuffle(idx)
+    k = 0 if fraction <= 0 or n < 2 else min(n - 1, max(1, round(n * fraction)))
+    return sorted(idx[k:]), sorted(idx[:k])
+
+
+def plan_batches(
+    lengths: Sequence[int], batch_size: int, *, seed: int, epoch: int, packing: bool, max_length: int
+) -> list[list[int]]:
+    """This epoch's micro-batches as lists of example indices; the same (seed, epoch) always gives the same plan.
+
+    Padded batches are length-grouped: examples are shuffled, cut into pools of 64 batches, sorted by length inside a
+    pool, batched, and the batches shuffled, so a batch holds similar lengths (little padding) while the order stays
+    random. With packing, whole examples fill a budget of batch_size * max_length tokens per micro-batch.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches: list[list[int]] = []
+    if packing:
+        budget = batch_size * max_length
+        pool = 64 * batch_size
+        for p in range(0, len(order), pool):
+            # first-fit decreasing inside a pool: fuller micro-batches than next-fit, still random across pools
+            bins: list[list[int]] = []
+            room: list[int] = []
+            for i in sorted(order[p : p + pool], key=lambda i: -lengths[i]):
+                for b in range(len(bins)):
+                    if room[b] >= lengths[i]:
+                        bins[b].append(i)
+                        room[b] -= lengths[i]
+                        break
+                else:
+                    bins.append([i])
+                    room.append(budget - lengths[i])
+            batches.extend(bins)
+    else:
+        pool = 64 * batch_size
+        for p in range(0, len(order), pool):
+            chunk = sorted(order[p : p + pool], key=lambda i: -lengths[i])
+            batches.extend(chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+def windows(n_batches: int, per_window: int) -> int:
+    """How many optimizer steps an epoch of n_batches micro-batches gives (the last window may be short)."""
+    return math.ceil(n_batches / per_window) if n_batches else 0
+
+
+def collate(examples: Sequence[Example], *, pad_id: int, packing: bool) -> dict[str, Any]:
+    """Tensors for one micro-batch.
+
+    Padded: input_ids / attention_mask / labels of shape [B, T] (right padding, labels IGNORE on padding).
+    Packed: one row [1, N] of concatenated examples with position_ids restarting at 0 for each example and no
+    attention_mask; transformers then keeps attention inside each example (block-diagonal causal mask).
+    `n_tokens` (real tokens) and `n_targets` are plain ints for throughput and loss normalisation.
+    """
+    import torch
+
+    n_tokens = sum(len(e.input_ids) for e in examples)
+    n_targets = sum(e.n_targets for e in examples)
+    if packing:
+        ids = [t for e in examples for t in e.input_ids]
+        labels = [t for e in examples for t in e.labels]
+        pos = [p for e in examples for p in range(len(e.input_ids))]
+        return {
+            "input_ids": torch.tensor([ids]),
+            "position_ids": torch.tensor([pos]),
+            "labels": torch.tensor([labels]),
+            "n_tokens": n_tokens,
+            "n_targets": n_targets,
+        }
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    attn = torch.zeros((len(examples), width), dtype=torch.long)
+    for r, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[r, :n] = torch.tensor(e.input_ids)
+        labels[r, :n] = torch.tensor(e.labels)
+        attn[r, :n] = 1
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels, "n_tokens": n_tokens, "n_targets": n_targets}

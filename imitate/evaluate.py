@@ -1,0 +1,425 @@
+"""`imitate eval`: generate with the student on held-out prompts and score it; with --min-score, a gate for CI.
+
+What is scored against what:
+    reference     with --reference-field F, each row's field F (a string, a number, or a list of accepted answers);
+                  otherwise the teacher's answer: so `score` is then the agreement with the teacher.
+    teacher       `--teacher SPEC` asks that teacher (greedy) for every prompt; without it, rows whose `messages` end
+                  with an assistant turn (records from collect) carry the teacher's answer, which is not shown to the
+                  student.
+Match modes (`--match`):
+    exact         equal after normalisation: Unicode NFKC, case folded, leading/trailing whitespace dropped, inner
+                  whitespace runs collapsed to one space ("  Three  hundred\n" == "three hundred")
+    contains      the normalised reference occurs inside the normalised answer
+    regex         the reference is a Python regular expression searched (re.search) in the raw answer; add (?i) for
+                  case-insensitive. Agreement with the teacher (an answer, not a pattern) uses exact then.
+With teacher answers available, the student's mean per-token negative log-likelihood of them (`loss`, nats/token,
+assistant tokens only, rendered exactly as `imitate train` renders records) is reported too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import sys
+import time
+import unicodedata
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from imitate.config import path_field, to_dict
+from imitate.errors import GateFailed, ImitateError, InputError, UsageError
+
+MATCH_MODES = ("exact", "contains", "regex")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    # the student: a model directory, a peft adapter directory (its adapter_config.json names the base), or a hub id
+    model: Path | None = path_field()
+    # held-out prompts: JSONL rows with `prompt` (string) or `messages` (a final assistant turn = the teacher's answer)
+    prompts: Path | None = path_field()
+    # ask this teacher (provider:model, greedy) for the answers to compare with; default: the answers in the rows
+    teacher: str | None = None
+    # score against this field of each row (string, number or list of accepted answers) instead of the teacher's answers
+    reference_field: str | None = None
+    # how an answer is compared with its reference: exact (normalised), contains, regex (the reference is a pattern)
+    match: Literal["exact", "contains", "regex"] = "exact"
+    # gate: a score below this (0..1) fails with exit code 3, after the results are written
+    min_score: float | None = None
+    # results file: one JSON line per prompt (prompt, answer, reference, score ...); none when unset
+    out: Path | None = path_field()
+    # prompts generated together; lower it if the GPU runs out of memory
+    batch_size: int = 16
+    # longest student (and teacher) answer, in new tokens; longer answers are cut and counted as `truncated`
+    max_tokens: int = 256
+    # allow model code from the model directory / hub (only for models you trust)
+    trust_remote_code: bool = False
+    # torch device for the student (and an hf teacher); default: cuda when present, else cpu
+    device: str | None = None
+
+
+@dataclass
+class Item:
+    """One held-out prompt."""
+
+    where: str  # "file:line"
+    messages: list[dict]  # what the student (and teacher) is asked
+    shown: Any  # the prompt as written in the results: the `prompt` string or the messages
+    reference: list[str] | None = None  # accepted answers from --reference-field
+    teacher: str | None = None  # the teacher's answer (from the row or from --teacher)
+
+
+# ------------------------------------------------------------------------------------------------ scoring (pure)
+
+
+def normalize(text: str) -> str:
+    """NFKC, case-folded, whitespace runs collapsed and trimmed."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def _exact(answer: str, ref: str) -> bool:
+    return normalize(answer) == normalize(ref)
+
+
+def _contains(answer: str, ref: str) -> bool:
+    return normalize(ref) in normalize(answer)
+
+
+def _regex(answer: str, ref: str) -> bool:
+    return re.search(ref, answer) is not None
+
+
+MATCHERS: dict[str, Callable[[str, str], bool]] = {"exact": _exact, "contains": _contains, "regex": _regex}
+
+
+def score(answer: str, references: list[str], match: str) -> int:
+    """1 when the answer matches any accepted reference under `match`, else 0."""
+    fn = MATCHERS[match]
+    return int(any(fn(answer, r) for r in references))
+
+
+# ------------------------------------------------------------------------------------------------ reading prompts
+
+
+def _references(value: Any, where: str, field: str, match: str) -> list[str]:
+    if value is None:
+        raise InputError(
+            f"{where}: no field {field!r} (the reference)",
+            hint="give every row that field, or pick another with --reference-field",
+        )
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in values):
+        raise InputError(f"{where}: field {field!r} must be a string, a number or a list of them, got {value!r}")
+    refs = [str(v) for v in values]
+    if match == "regex":
+        for r in refs:
+            try:
+                re.compile(r)
+            except re.error as exc:
+                raise InputError(
+                    f"{where}: field {field!r} is not a valid regex ({exc})",
+                    hint="escape special characters, or use --match exact/contains",
+                ) from None
+    return refs
+
+
+def read_items(path: Path, reference_field: str | None, match: str) -> list[Item]:
+    """Held-out prompts; malformed rows are errors naming file:line."""
+    from imitate.records import check_messages, iter_jsonl, prompt_messages
+
+    items = []
+    for line in iter_jsonl(path):
+        where = f"{line.path}:{line.lineno}"
+        row = line.data
+        if not isinstance(row, dict):
+            raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        teacher = None
+        if "messages" in row:
+            msgs = check_messages(row["messages"], where)
+            if msgs[-1]["role"] == "assistant":
+                teacher = msgs[-1]["content"]
+            msgs = prompt_messages(row)
+            if not msgs:
+                raise InputError(f"{where}: 'messages' holds only an assistant turn; nothing to ask the student")
+            shown: Any = msgs
+        elif isinstance(row.get("prompt"), str):
+            msgs, shown = [{"role": "user", "content": row["prompt"]}], row["prompt"]
+        else:
+            raise InputError(f"{where}: a row needs 'prompt' (a string) or 'messages' (a chat list)")
+        refs = _references(row.get(reference_field), where, reference_field, match) if reference_field else None
+        items.append(Item(where, msgs, shown, refs, teacher))
+    if not items:
+        raise InputError(f"{path}: no prompts", hint="one JSON object per line with 'prompt' or 'messages'")
+    return items
+
+
+# ------------------------------------------------------------------------------------------------ model work
+
+
+@contextmanager
+def progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr; yields advance(k)."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    cols = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*cols, console=Console(stderr=True)) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda k: bar.advance(task, k)
+
+
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    for s in range(0, n, max(1, size)):
+        yield slice(s, min(n, s + max(1, size)))
+
+
+def ask_teacher(spec: str, items: list[Item], cfg: EvalConfig) -> None:
+    """Fill item.teacher with the teacher's greedy answers (temperature 0, --max-tokens)."""
+    from imitate.teachers import Request, parse_spec
+
+    provider, name = parse_spec(spec)
+    if provider != "hf":
+        return _collect_answers(spec, items, cfg)
+    from imitate.teachers.local import LocalTeacher
+
+    teacher = LocalTeacher(name, device=cfg.device, batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code)
+    params = {"temperature": 0, "max_tokens": cfg.max_tokens}
+    requests = [Request(id=str(i), messages=it.messages, params=params) for i, it in enumerate(items)]
+    with progress(len(items), "teacher") as advance:
+        for sl in _chunks(len(items), cfg.batch_size):
+            for it, c in zip(items[sl], teacher.complete_sync(requests[sl])):
+                it.teacher = c.text
+            advance(sl.stop - sl.start)
+    asyncio.run(teacher.aclose())
+
+
+def _collect_answers(spec: str, items: list[Item], cfg: EvalConfig) -> None:
+    """API teachers go through `imitate collect` (keys, pacing, retries, journal): with --out, the teacher's answers
+    are kept in OUT.teacher.jsonl, so re-running the eval never pays for them twice."""
+    import json
+    import tempfile
+
+    from imitate import collect
+    from imitate.records import assistant_text, prompt_messages, read_records
+
+    def key(messages: list[dict]) -> str:
+        return json.dumps(messages, sort_keys=True, ensure_ascii=False)
+
+    scratch = None if cfg.out else tempfile.TemporaryDirectory(prefix="imitate-eval-")
+    journal = Path(f"{cfg.out}.teacher.jsonl") if cfg.out else Path(scratch.name) / "teacher.jsonl"
+    ccfg = collect.CollectConfig(
+        teacher=spec, out=journal, prompts=cfg.prompts, temperature=0.0, max_tokens=cfg.max_tokens
+    )
+    try:
+        done = collect.run(ccfg)
+        params = collect.params_of(ccfg)
+        answers = {
+            key(prompt_messages(ln.data)): assistant_text(ln.data)
+            for ln in read_records(journal)
+            if ln.data.get("teacher") == spec and ln.data.get("params") == params
+        }
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+    for it in items:
+        it.teacher = answers.get(key(it.messages))
+        if it.teacher is None:
+            raise ImitateError(
+                f"{it.where}: the teacher {spec} gave no answer ({done.get('failed', 0)} requests failed)",
+                hint="see the failures file collect reported; re-running retries only the missing requests",
+            )
+
+
+def answer_nll(model: Any, tokenizer: Any, conversations: list[list[dict]], batch_size: int) -> list[tuple[float, int]]:
+    """(summed NLL in nats, number of tokens) of each conversation's final assistant turn under `model`.
+
+    Tokens and targets come from `imitate.data.encode` (the training format: the answer and its end-of-turn marker).
+    Logits are computed only at target positions (boolean `logits_to_keep`): the [tokens, vocab] tensor stays small.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from imitate.data import IGNORE, encode, shift_targets
+
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out: list[tuple[float, int]] = []
+    for sl in _chunks(len(conversations), batch_size):
+        rows = [encode(tokenizer, conv) for conv in conversations[sl]]
+        width = max(len(ids) for ids, _ in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (r, m) in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            labels[i, : len(r)] = torch.tensor(shift_targets(r, m))
+            mask[i, : len(r)] = 1
+        keep = labels != IGNORE
+        with torch.inference_mode():
+            try:
+                logits = model(
+                    input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep.to(device)
+                ).logits
+            except TypeError:  # a model class without logits_to_keep: all positions, then pick the targets
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[keep.to(device)]
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[keep].to(device), reduction="none")
+        owner = keep.nonzero()[:, 0].to(device)  # which row each kept position belongs to
+        sums = torch.zeros(len(rows), device=device).index_add_(0, owner, nll)
+        counts = keep.sum(1)
+        out += [(float(s), int(c)) for s, c in zip(sums.tolist(), counts.tolist())]
+    return out
+
+
+def _mean(xs: list[int]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def score_items(
+    items: list[Item], answers: list[Any], losses: dict[int, tuple[float, int]], match: str
+) -> tuple[list[dict], dict[str, Any]]:
+    """One results row per item, and the 0/1 lists the summary averages: score, agreement, teacher, by match mode."""
+    agree_match = "exact" if match == "regex" else match  # a teacher answer is text, not a pattern
+    results, scores, agreements, teacher_scores = [], [], [], []
+    by_mode: dict[str, list[int]] = {m: [] for m in MATCH_MODES if m != "regex" or match == "regex"}
+    for i, (it, ans) in enumerate(zip(items, answers)):
+        refs = it.reference if it.reference is not None else [it.teacher]
+        row: dict[str, Any] = {
+            "where": it.where,
+            "prompt": it.shown,
+            "answer": ans.text,
+            "reference": refs[0] if len(refs) == 1 else refs,
+        }
+        row["score"] = score(ans.text, refs, match)
+        scores.append(row["score"])
+        for m, hits in by_mode.items():
+            hits.append(score(ans.text, refs, m))
+        if it.teacher is not None:
+            row["teacher_answer"] = it.teacher
+            row["agreement"] = score(ans.text, [it.teacher], agree_match)
+            agreements.append(row["agreement"])
+            if it.reference is not None:
+                teacher_scores.append(score(it.teacher, it.reference, match))
+            s, n = losses[i]
+            row["loss"] = s / n if n else None
+        row["finish_reason"] = ans.finish_reason
+        results.append(row)
+
+    tally = {"score": scores, "agreement": agreements, "teacher": teacher_scores, "by_mode": by_mode}
+    return results, tally
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+
+
+def run(cfg: EvalConfig) -> dict:
+    """Generate, score, write results, then apply the gate. Returns the summary (what --json prints)."""
+    if cfg.model is None or cfg.prompts is None:
+        raise UsageError(
+            "imitate eval needs --model and --prompts",
+            hint="e.g. imitate eval --model out/student --prompts data/eval.jsonl --reference-field answer",
+        )
+    if cfg.match not in MATCH_MODES:
+        raise UsageError(f"unknown --match {cfg.match!r}", hint=f"one of {', '.join(MATCH_MODES)}")
+    if cfg.match == "regex" and not cfg.reference_field:
+        raise UsageError(
+            "--match regex needs --reference-field: the teacher's answers are not patterns",
+            hint="put a pattern per row in a field, e.g. --reference-field pattern",
+        )
+    if cfg.min_score is not None and not 0 <= cfg.min_score <= 1:
+        raise UsageError(f"--min-score must be between 0 and 1, got {cfg.min_score}")
+    if cfg.batch_size < 1 or cfg.max_tokens < 1:
+        raise UsageError("--batch-size and --max-tokens must be at least 1")
+    from imitate.teachers.local import generate_batch, load_model, resolve_model
+
+    t0 = time.monotonic()
+    resolve_model(str(cfg.model))  # cheap checks first: a missing student fails before reading or teacher work
+    items = read_items(Path(cfg.prompts), cfg.reference_field, cfg.match)
+    if cfg.teacher:
+        ask_teacher(cfg.teacher, items, cfg)
+    with_teacher = [it for it in items if it.teacher is not None]
+    if cfg.reference_field is None and len(with_teacher) < len(items):
+        first = next(it for it in items if it.teacher is None)
+        raise InputError(
+            f"{first.where}: nothing to score against: no --reference-field and no teacher answer",
+            hint="give --reference-field FIELD, --teacher SPEC, or records whose messages end with the teacher's "
+            "answer",
+        )
+
+    model, tokenizer = load_model(str(cfg.model), device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+    answers = []
+    with progress(len(items), "student") as advance:
+        for sl in _chunks(len(items), cfg.batch_size):
+            answers += generate_batch(model, tokenizer, [it.messages for it in items[sl]], max_tokens=cfg.max_tokens)
+            advance(sl.stop - sl.start)
+    losses: dict[int, tuple[float, int]] = {}
+    if with_teacher:
+        idx = [i for i, it in enumerate(items) if it.teacher is not None]
+        convs = [items[i].messages + [{"role": "assistant", "content": items[i].teacher}] for i in idx]
+        losses = dict(zip(idx, answer_nll(model, tokenizer, convs, cfg.batch_size)))
+
+    results, tally = score_items(items, answers, losses, cfg.match)
+    tok_sum, tok_n = sum(s for s, _ in losses.values()), sum(n for _, n in losses.values())
+    summary: dict[str, Any] = {
+        "stage": "eval",
+        "n": len(items),
+        "score": _mean(tally["score"]),
+        "match": cfg.match,
+        "reference": f"field:{cfg.reference_field}" if cfg.reference_field else "teacher",
+        "agreement": _mean(tally["agreement"]),  # student == teacher answer, over rows that have one
+        "teacher_score": _mean(tally["teacher"]),  # the teacher against the reference field, when both exist
+        "loss": tok_sum / tok_n if tok_n else None,  # mean NLL per teacher-answer token (nats)
+        "perplexity": math.exp(tok_sum / tok_n) if tok_n and tok_sum / tok_n < 50 else None,
+        "scores_by_match": {m: _mean(v) for m, v in tally["by_mode"].items()},
+        "truncated": sum(1 for a in answers if a.finish_reason == "length"),
+        "min_score": cfg.min_score,
+        "passed": None if cfg.min_score is None else _mean(tally["score"]) >= cfg.min_score,
+        "out": str(cfg.out) if cfg.out else None,
+        "wall_s": round(time.monotonic() - t0, 3),
+        "config": to_dict(cfg),
+    }
+    if cfg.out:
+        from imitate.records import write_jsonl
+
+        write_jsonl(cfg.out, results)
+    _print_summary(summary)
+    if summary["passed"] is False:
+        exc = GateFailed(
+            f"eval gate failed: score {summary['score']:.4f} < --min-score {cfg.min_score}",
+            hint=f"see the per-prompt results in {cfg.out}"
+            if cfg.out
+            else "add --out RESULTS.jsonl to see each answer",
+        )
+        exc.summary = summary  # type: ignore[attr-defined]  # for `imitate run --json`
+        raise exc
+    return summary
+
+
+def _print_summary(s: dict) -> None:
+    def fmt(x: Any) -> str:
+        return "-" if x is None else f"{x:.4f}" if isinstance(x, float) else str(x)
+
+    lines = [f"eval: {s['n']} prompts, score {fmt(s['score'])} ({s['match']} vs {s['reference']})"]
+    if s["agreement"] is not None:
+        lines.append(
+            f"  agreement with teacher {fmt(s['agreement'])}, loss on teacher answers {fmt(s['loss'])} nats/token"
+        )
+    if s["teacher_score"] is not None:
+        lines.append(f"  teacher score {fmt(s['teacher_score'])}")
+    if s["truncated"]:
+        lines.append(f"  {s['truncated']} answers hit --max-tokens")
+    if s["passed"] is not None:
+        lines.append(f"  gate --min-score {s['min_score']}: {'passed' if s['passed'] else 'FAILED'}")
+    if s["out"]:
+        lines.append(f"  results: {s['out']}")
+    print("\n".join(lines), file=sys.stderr)

@@ -1,0 +1,469 @@
+"""Quality filters: pure predicates `record -> reason | None` (None keeps the record), in a dict of names.
+
+`build_filters(cfg)` binds each predicate's thresholds from the clean config and returns them cheap-first; filters
+that are switched off are left out. A record is removed by the first filter that returns a reason.
+
+Repetition thresholds are those of Gopher (Rae et al. 2021, "Scaling Language Models", Table A1), applied to the answer:
+  duplicated lines > 30% of lines or > 20% of line characters; the same for paragraphs (blank-line separated);
+  the most frequent 2-, 3-, 4-gram covering > 20%, 18%, 16% of word characters;
+  characters inside repeated 5..10-grams (every occurrence after the first) > 15, 14, 13, 12, 11, 10%.
+Answers with fewer than `repetition_min_words` words are not checked: these ratios are noise on a few sentences.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imitate.dedup import WORD_RE, ngram_hashes, word_tokens
+from imitate.errors import InputError
+from imitate.records import assistant_text, iter_jsonl, prompt_messages
+
+Predicate = Callable[[dict], "str | None"]
+
+DEFAULT_REFUSALS = Path(__file__).resolve().parent.parent / "data" / "refusals.txt"
+GOPHER_TOP_NGRAM = (0.20, 0.18, 0.16)  # n = 2, 3, 4
+GOPHER_DUP_NGRAM = (0.15, 0.14, 0.13, 0.12, 0.11, 0.10)  # n = 5 .. 10
+TRUNCATED_REASONS = ("length", "max_tokens", "max_output_tokens")
+_ALNUM = re.compile(r"\w")
+
+
+def _words(text: str) -> list[str]:
+    return WORD_RE.findall(text.lower())
+
+
+def _role_text(record: dict, role: str) -> str:
+    """'assistant' is the final answer, 'prompt' everything before it, other roles all turns of that role."""
+    if role == "assistant":
+        return assistant_text(record)
+    msgs = prompt_messages(record)
+    if role == "prompt":
+        return "\n".join(m.get("content") or "" for m in msgs)
+    return "\n".join(m.get("content") or "" for m in msgs if m.get("role") == role)
+
+
+# --- failed, truncated -------------------------------------------------------------------------------------------------
+
+
+def failed(record: dict) -> str | None:
+    """A request that errored, has no assistant turn, or whose answer is empty."""
+    err = record.get("error")
+    if err:
+        return f"error: {str(err)[:120]}"
+    msgs = record.get("messages") or []
+    if not msgs or msgs[-1].get("role") != "assistant":
+        return "no assistant answer"
+    if not (msgs[-1].get("content") or "").strip():
+        return "empty answer"
+    return None
+
+
+def truncated(record: dict) -> str | None:
+    """The teacher stopped at its token limit, so the answer is cut off."""
+    reason = record.get("finish_reason")
+    return f"finish_reason={reason}" if reason in TRUNCATED_REASONS else None
+
+
+# --- length ------------------------------------------------------------------------------------------------------------
+
+
+def length(record: dict, *, bounds: dict[str, tuple[int | None, int | None, str]]) -> str | None:
+    """bounds: role -> (min, max, unit 'chars'|'words'); see `_role_text` for the roles."""
+    for key, (lo, hi, unit) in bounds.items():
+        role = key.split(":")[0]
+        text = _role_text(record, role)
+        size = len(text) if unit == "chars" else len(_words(text))
+        if lo is not None and size < lo:
+            return f"{role} has {size} {unit} < {lo}"
+        if hi is not None and size > hi:
+            return f"{role} has {size} {unit} > {hi}"
+    return None
+
+
+def ratio(record: dict, *, min_ratio: float | None, max_ratio: float | None) -> str | None:
+    """Answer words per prompt word (prompt = every turn before the answer; at least 1 word)."""
+    r = len(_words(assistant_text(record))) / max(1, len(_words(_role_text(record, "prompt"))))
+    if min_ratio is not None and r < min_ratio:
+        return f"answer/prompt words {r:.3g} < {min_ratio:g}"
+    if max_ratio is not None and r > max_ratio:
+        return f"answer/prompt words {r:.3g} > {max_ratio:g}"
+    return None
+
+
+# --- refusals ----------------------------------------------------------------------------------------------------------
+
+
+def load_patterns(paths: Iterable[Path]) -> list[re.Pattern]:
+    """The phrases of the pattern files as one trie-shaped regex, then each `re:` regex (format: data/refusals.txt).
+
+    Kept as separate patterns on purpose: `re` only skips ahead quickly when a pattern starts with a literal, and a
+    combined alternation loses that (2x slower). Everything is matched against the lowercased answer."""
+    parts: list[str] = []
+    phrases: list[list[str]] = []
+    for path in paths:
+        path = Path(path)
+        if not path.exists():
+            raise InputError(f"{path}: no such refusal pattern file", hint="check --refusals")
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if line.startswith("re:"):
+                try:
+                    re.compile(line[3:])
+                except re.error as exc:
+                    raise InputError(f"{path}:{lineno}: bad regular expression ({exc})") from None
+                parts.append(f"(?:{line[3:]})")  # matched against the lowercased answer
+            else:
+                phrases.append(line.lower().split())
+    if phrases:
+        parts.insert(0, _trie_regex(phrases))
+    return [re.compile(p) for p in parts]  # no IGNORECASE (3x slower in `re`): texts are lowercased instead
+
+
+def _trie_regex(phrases: list[list[str]]) -> str:
+    """One regex for many phrases, factored by shared leading words ("i cannot help" | "i cannot assist" ->
+    i\\s+cannot\\s+(?:assist|help)). A flat alternation of ~100 phrases costs ~1 ms per answer in `re`; the trie
+    fails fast at each position and is ~30x quicker."""
+    trie: dict = {}
+    for words in phrases:
+        node = trie
+        for w in words:
+            node = node.setdefault(w, {})
+        node[""] = {}
+
+    def emit(node: dict) -> str:
+        alts = []
+        for w in sorted(k for k in node if k):
+            child, piece = node[w], re.escape(w).replace("'", "['\u2019]")
+            if any(child):
+                piece += r"(?:\s+" + emit(child) + ")" + ("?" if "" in child else "")
+            alts.append(piece)
+        return "(?:" + "|".join(alts) + ")"
+
+    return emit(trie)
+
+
+def refusal(record: dict, *, patterns: list[re.Pattern]) -> str | None:
+    text = assistant_text(record).lower()
+    for pattern in patterns:
+        m = pattern.search(text)
+        if m:
+            return f"matched {m.group(0)!r}"
+    return None
+
+
+# --- repetition --------------------------------------------------------------------------------------------------------
+
+
+def _dup_fraction(items: list[str]) -> tuple[float, float]:
+    """(fraction of items that repeat an earlier item, fraction of characters in them)."""
+    seen: set[str] = set()
+    n_dup = chars_dup = chars = 0
+    for it in items:
+        chars += len(it)
+        if it in seen:
+            n_dup += 1
+            chars_dup += len(it)
+        seen.add(it)
+    return n_dup / max(1, len(items)), chars_dup / max(1, chars)
+
+
+def _groups(h: np.ndarray, owner: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Group equal n-grams of the same text: (order, first index in `order` of each group, group sizes)."""
+    key = h ^ (owner.astype(np.uint64) * _GROUP_MUL)
+    order = np.argsort(key)  # not stable (2x faster): callers find first occurrences with a min per group
+    ks = key[order]
+    new = np.ones(len(ks), bool)
+    new[1:] = ks[1:] != ks[:-1]
+    first = np.flatnonzero(new)
+    return order, first, np.diff(np.append(first, len(ks)))
+
+
+_GROUP_MUL = np.uint64(0xD6E8FEB86659FD93)
+
+
+def repetition_stats_batch(texts: list[str], *, stop_below: float = 0.0) -> dict[str, np.ndarray]:
+    """Gopher repetition statistics of many texts at once, each a [len(texts)] float array (see the module doc).
+
+    top_{n}gram_frac: characters covered by the most frequent repeated n-gram (ties: the longer one), / word characters.
+    dup_{n}gram_char_frac: word characters inside any occurrence, after the first, of a repeated n-gram.
+    Repeated (n+1)-grams lie inside repeated n-grams, so these fractions only fall with n: texts whose fraction is
+    below `stop_below` skip the larger n (reported as 0)."""
+    k = len(texts)
+    stats: dict[str, np.ndarray] = {name: np.zeros(k) for name in _REP_NAMES}
+    for i, text in enumerate(texts):
+        lines = [ln.strip() for ln in text.split("\n") if _ALNUM.search(ln)]
+        paras = [p.strip() for p in re.split(r"\n\s*\n", text) if _ALNUM.search(p)]
+        stats["dup_line_frac"][i], stats["dup_line_char_frac"][i] = _dup_fraction(lines)
+        stats["dup_para_frac"][i], stats["dup_para_char_frac"][i] = _dup_fraction(paras)
+    tokens, lengths, wlen = word_tokens(texts, lengths=True)  # words as in dedup: numpy over the UTF-8 bytes
+    stats["words"] = lengths
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)
+    seg = np.repeat(np.arange(k), lengths)
+    total = np.maximum(np.bincount(seg, weights=wlen, minlength=k), 1)
+    csum = np.concatenate(([0], np.cumsum(wlen)))
+    for n in (2, 3, 4):
+        h, owner, pos = ngram_hashes(tokens, starts, lengths, n)
+        order, first, size = _groups(h, owner)
+        rep = size > 1
+        g = order[first[rep]]  # one occurrence of each repeated n-gram
+        chars = (csum[pos[g] + n] - csum[pos[g]]) * size[rep]
+        score = size[rep].astype(np.int64) * (1 << 40) + chars  # most frequent first, then most characters
+        best = np.zeros(k, np.int64)
+        np.maximum.at(best, owner[g], score)
+        stats[f"top_{n}gram_frac"] = (best & ((1 << 40) - 1)) / total
+    active = np.arange(k)
+    for n in range(5, 11):
+        if not len(active):
+            break
+        sub_tokens, sub_wlen, sub_starts, sub_lengths = _select(tokens, wlen, starts, lengths, active)
+        h, owner, pos = ngram_hashes(sub_tokens, sub_starts, sub_lengths, n)
+        order, first, size = _groups(h, owner)
+        pos_sorted = pos[order]
+        first_pos = np.minimum.reduceat(pos_sorted, first) if len(first) else first
+        p = pos_sorted[pos_sorted != np.repeat(first_pos, size)]  # every occurrence after the first
+        edge = np.bincount(p, minlength=len(sub_tokens) + 1) - np.bincount(p + n, minlength=len(sub_tokens) + 1)
+        covered = np.cumsum(edge[:-1]) > 0
+        sub_seg = np.repeat(np.arange(len(active)), sub_lengths)
+        frac = np.bincount(sub_seg, weights=sub_wlen * covered, minlength=len(active)) / total[active]
+        stats[f"dup_{n}gram_char_frac"][active] = frac
+        active = active[frac >= stop_below] if stop_below > 0 else active
+    return stats
+
+
+def _select(tokens, wlen, starts, lengths, which: np.ndarray):
+    """The flat arrays restricted to the segments in `which`."""
+    if len(which) == len(starts):
+        return tokens, wlen, starts, lengths
+    idx = np.concatenate([np.arange(starts[i], starts[i] + lengths[i]) for i in which]).astype(np.int64)
+    sub_lengths = lengths[which]
+    sub_starts = np.concatenate(([0], np.cumsum(sub_lengths)[:-1])).astype(np.int64)
+    return tokens[idx], wlen[idx], sub_starts, sub_lengths
+
+
+_REP_NAMES = (
+    "dup_line_frac", "dup_line_char_frac", "dup_para_frac", "dup_para_char_frac",
+    "top_2gram_frac", "top_3gram_frac", "top_4gram_frac",
+    *(f"dup_{n}gram_char_frac" for n in range(5, 11)),
+)  # fmt: skip
+
+
+def repetition_stats(text: str) -> dict[str, float]:
+    """Gopher repetition statistics of one text (all of them, no early stop), and its word count."""
+    return {name: float(v[0]) for name, v in repetition_stats_batch([text]).items()}
+
+
+def repetition_batch(
+    records: list[dict],
+    *,
+    min_words: int,
+    max_dup_line_frac: float,
+    max_dup_line_char_frac: float,
+    max_top_ngram_frac: tuple[float, ...],
+    max_dup_ngram_frac: tuple[float, ...],
+) -> list[str | None]:
+    """The repetition filter over many records at once (numpy over all their n-grams together)."""
+    limits = {
+        "dup_line_frac": max_dup_line_frac,
+        "dup_para_frac": max_dup_line_frac,
+        "dup_line_char_frac": max_dup_line_char_frac,
+        "dup_para_char_frac": max_dup_line_char_frac,
+    }
+    limits.update({f"top_{n}gram_frac": t for n, t in zip((2, 3, 4), max_top_ngram_frac)})
+    limits.update({f"dup_{n}gram_char_frac": t for n, t in zip(range(5, 11), max_dup_ngram_frac)})
+    texts = [assistant_text(r) for r in records]
+    stats = repetition_stats_batch(texts, stop_below=min(max_dup_ngram_frac, default=0.0))
+    out: list[str | None] = [None] * len(records)
+    for i in np.flatnonzero(stats["words"] >= min_words).tolist():
+        for name, limit in limits.items():
+            if stats[name][i] > limit:
+                out[i] = f"{name}={stats[name][i]:.2f} > {limit:g}"
+                break
+    return out
+
+
+def repetition(record: dict, **limits: Any) -> str | None:
+    """Gopher repetition filter on the answer; `limits` as in `repetition_batch`."""
+    return repetition_batch([record], **limits)[0]
+
+
+# --- language ----------------------------------------------------------------------------------------------------------
+
+
+def language_detector() -> tuple[str, Callable[[str], str]] | None:
+    """(name, text -> ISO 639-1 code) from a dependency-light detector if one is importable, else None."""
+    try:
+        import langid  # type: ignore[import-not-found]
+
+        return "langid", lambda text: langid.classify(text)[0]
+    except ImportError:
+        pass
+    try:
+        import langdetect  # type: ignore[import-not-found]
+
+        langdetect.DetectorFactory.seed = 0  # deterministic
+
+        def detect(text: str) -> str:
+            try:
+                return langdetect.detect(text).split("-")[0]
+            except Exception:  # noqa: BLE001  (LangDetectException on text without letters)
+                return "unknown"
+
+        return "langdetect", detect
+    except ImportError:
+        return None
+
+
+def language(record: dict, *, detect: Callable[[str], str], allowed: frozenset[str]) -> str | None:
+    text = assistant_text(record)
+    if len(_words(text)) < 3:  # too short to tell
+        return None
+    lang = detect(text[:2000])
+    return None if lang in allowed else f"language {lang}"
+
+
+# --- decontamination ---------------------------------------------------------------------------------------------------
+
+EVAL_TEXT_FIELDS = (
+    "prompt", "question", "input", "instruction", "query", "problem", "context",
+    "answer", "answers", "reference", "references", "output", "target", "completion", "response", "solution",
+)  # fmt: skip
+
+
+def eval_texts(row: Any) -> list[str]:
+    """The prompt and answer texts of one eval row: a record (`messages`), or a row with prompt/reference fields."""
+    if not isinstance(row, dict):
+        return [row] if isinstance(row, str) else []
+    out: list[str] = []
+    for m in row.get("messages") or []:
+        if isinstance(m, dict) and isinstance(m.get("content"), str):
+            out.append(m["content"])
+    for key in EVAL_TEXT_FIELDS:
+        v = row.get(key)
+        for x in v if isinstance(v, list) else [v]:
+            if isinstance(x, str):
+                out.append(x)
+    return out
+
+
+class EvalIndex:
+    """Every word n-gram of the eval prompts and answers, as sorted 64-bit hashes with the eval row of each.
+
+    Eval texts shorter than `ngram` words but at least `min_words` long count as one n-gram of their own length
+    (so a short eval question still matches a record that quotes it); shorter ones are ignored (one-word answers
+    like "Paris" would match everything)."""
+
+    def __init__(self, paths: list[Path], ngram: int = 13, min_words: int = 8):
+        self.ngram = ngram
+        per_k: dict[int, list[tuple[np.ndarray, int]]] = {}
+        self.rows: list[str] = []
+        for path in paths:
+            for line in iter_jsonl(path):
+                row_id = len(self.rows)
+                self.rows.append(f"{line.path.name}:{line.lineno}")
+                for text in eval_texts(line.data):
+                    tokens = self._tokens(text)
+                    k = min(ngram, len(tokens))
+                    if k < min(min_words, ngram):
+                        continue
+                    h = ngram_hashes(tokens, np.zeros(1, np.int64), np.array([len(tokens)]), k)[0]
+                    per_k.setdefault(k, []).append((h, row_id))
+        self.tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for k, parts in sorted(per_k.items()):
+            h = np.concatenate([p[0] for p in parts])
+            rid = np.concatenate([np.full(len(p[0]), p[1], np.int64) for p in parts])
+            order = np.argsort(h, kind="stable")
+            self.tables[k] = (h[order], rid[order])
+
+    @staticmethod
+    def _tokens(text: str) -> np.ndarray:
+        return word_tokens([text])[0]
+
+    def __len__(self) -> int:
+        return sum(len(t[0]) for t in self.tables.values())
+
+    def match(self, text: str) -> str | None:
+        """The eval row (file:line) sharing an n-gram with `text`, or None."""
+        tokens = self._tokens(text)
+        for k, (table, rid) in self.tables.items():
+            if len(tokens) < k:
+                continue
+            h = ngram_hashes(tokens, np.zeros(1, np.int64), np.array([len(tokens)]), k)[0]
+            pos = np.searchsorted(table, h).clip(0, len(table) - 1)
+            hit = np.flatnonzero(table[pos] == h)
+            if len(hit):
+                return self.rows[int(rid[pos[hit[0]]])]
+        return None
+
+
+def contaminated(record: dict, *, index: EvalIndex) -> str | None:
+    text = "\n".join(m.get("content") or "" for m in record.get("messages") or [])
+    row = index.match(text)
+    return f"shares a {index.ngram}-gram with eval row {row}" if row else None
+
+
+# --- the dict of names ---
+
+BATCH: dict[Callable, Callable] = {repetition: repetition_batch}  # predicates with a vectorized many-records twin
+
+
+def apply(predicate: Predicate, records: list[dict]) -> list[str | None]:
+    """`[predicate(r) for r in records]`, through the vectorized twin when the predicate has one."""
+    if isinstance(predicate, functools.partial) and predicate.func in BATCH:
+        return BATCH[predicate.func](records, *predicate.args, **predicate.keywords)
+    return [predicate(r) for r in records]
+
+
+# -------------------------------------------------------------------------------------------------
+
+
+def build_filters(cfg: Any, notes: list[str] | None = None) -> dict[str, Predicate]:
+    """name -> predicate with the thresholds of `cfg` (a CleanConfig), cheap first; filters switched off are left out.
+    `notes` collects what was skipped and why (e.g. no language detector)."""
+    notes = notes if notes is not None else []
+    out: dict[str, Predicate] = {}
+    if cfg.drop_failed:
+        out["failed"] = failed
+    if cfg.drop_truncated:
+        out["truncated"] = truncated
+    bounds = {}
+    for unit in ("chars", "words"):
+        lows, highs = getattr(cfg, f"min_{unit}"), getattr(cfg, f"max_{unit}")
+        for role in sorted(set(lows) | set(highs)):
+            bounds[f"{role}:{unit}"] = (lows.get(role), highs.get(role), unit)
+    if bounds:
+        out["length"] = functools.partial(length, bounds=bounds)
+    if cfg.min_ratio is not None or cfg.max_ratio is not None:
+        out["ratio"] = functools.partial(ratio, min_ratio=cfg.min_ratio, max_ratio=cfg.max_ratio)
+    if cfg.drop_refusals:
+        files = ([DEFAULT_REFUSALS] if cfg.default_refusals else []) + list(cfg.refusals)
+        out["refusal"] = functools.partial(refusal, patterns=load_patterns(files))
+    if cfg.drop_repetitive:
+        out["repetition"] = functools.partial(
+            repetition,
+            min_words=cfg.repetition_min_words,
+            max_dup_line_frac=cfg.max_dup_line_frac,
+            max_dup_line_char_frac=cfg.max_dup_line_char_frac,
+            max_top_ngram_frac=tuple(cfg.max_top_ngram_frac),
+            max_dup_ngram_frac=tuple(cfg.max_dup_ngram_frac),
+        )
+    if cfg.language:
+        found = language_detector()
+        if found is None:
+            notes.append(
+                "language filter skipped: no dependency-light detector importable (pip install langid or langdetect)"
+            )
+        else:
+            name, detect = found
+            notes.append(f"language filter uses {name}")
+            out["language"] = functools.partial(language, detect=detect, allowed=frozenset(cfg.language))
+    if cfg.decontaminate:
+        index = EvalIndex(list(cfg.decontaminate), cfg.decontaminate_ngram, cfg.decontaminate_min_words)
+        out["decontaminate"] = functools.partial(contaminated, index=index)
+    return out

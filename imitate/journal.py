@@ -1,0 +1,96 @@
+"""The journal: an append-only JSONL file whose lines are finished records, durable across `kill -9`.
+
+The output file itself is the journal. Records are appended by one writer task with group commit: every record
+ready at that moment goes out in one `os.write` on an O_APPEND descriptor (so a crash leaves at most one torn last
+line), then the file is fsynced off the event loop. A record is counted as finished only once its line is written.
+On start, a torn last line is cut (`records.repair_torn_tail`) and the ids already present are skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+
+from imitate.errors import InputError
+from imitate.records import dumps, repair_torn_tail
+
+
+def finished_ids(path: Path) -> set[str]:
+    """Ids of the records already in `path` (after repairing a torn tail)."""
+    repair_torn_tail(path)
+    ids: set[str] = set()
+    if not path.exists():
+        return ids
+    with path.open("r", encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                ids.add(json.loads(line)["id"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise InputError(
+                    f"{path}:{lineno}: not a record (the output file is also the resume journal)",
+                    hint="give a new --out, or remove that line",
+                ) from None
+    return ids
+
+
+def read_by_id(path: Path, ids: set[str]) -> dict[str, dict]:
+    """The records of `path` whose id is in `ids`."""
+    out: dict[str, dict] = {}
+    if path.exists():
+        with path.open("r", encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    rec = json.loads(line)
+                    if rec.get("id") in ids:
+                        out.setdefault(rec["id"], rec)
+    return out
+
+
+class Journal:
+    """Append records to `path` from async code; `await close()` flushes everything and fsyncs."""
+
+    def __init__(self, path: Path, *, truncate: bool = False, fsync: bool = True):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not truncate:
+            repair_torn_tail(self.path)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if truncate else 0)
+        self.fd = os.open(self.path, flags, 0o644)
+        self.fsync = fsync
+        self.written = 0
+        self._queue: asyncio.Queue[str | None] = asyncio.Queue()
+        self._task: asyncio.Task | None = None
+
+    def put(self, record: dict) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._writer())
+        self._queue.put_nowait(dumps(record) + "\n")
+
+    async def _writer(self) -> None:
+        done = False
+        while not done:
+            lines = [await self._queue.get()]
+            while not self._queue.empty():
+                lines.append(self._queue.get_nowait())
+            if lines[-1] is None:
+                done = True
+                lines.pop()
+            if lines:
+                data = "".join(lines).encode("utf-8")
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self.fd, view) :]
+                self.written += len(lines)
+                if self.fsync:
+                    await asyncio.to_thread(os.fsync, self.fd)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._queue.put_nowait(None)
+            await self._task
+            self._task = None
+        os.close(self.fd)

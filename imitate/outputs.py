@@ -1,0 +1,105 @@
+"""What a training run leaves behind: the saved model (adapter, full or merged weights) with its tokenizer and config,
+metrics.jsonl, the loss plot, and the progress bar on stderr."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from imitate.config import to_dict
+
+
+def save_outputs(accelerator: Any, model: Any, tokenizer: Any, cfg: Any, student: str, rows: list) -> dict:
+    """out/: the adapter (or full weights) + tokenizer + train_config.json + loss.png; with --merge the merged weights
+    in out/ and the adapter in out/adapter/. Everything loads with transformers (+ peft for an adapter) alone."""
+    from imitate.plot import plot_metrics
+
+    out = Path(cfg.out)
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # gathers FSDP/DeepSpeed shards; every rank must call it
+    files: dict[str, str] = {}
+    if accelerator.is_main_process:
+        target = out / "adapter" if cfg.merge else out
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(target, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(target)
+        files["adapter" if not cfg.full else "model"] = str(target)
+        if cfg.merge:
+            files["model"] = str(merge_adapter(student, target, out, cfg.trust_remote_code))
+            tokenizer.save_pretrained(out)
+        (out / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        files["metrics"] = str(out / "metrics.jsonl")
+        png = plot_metrics(rows, out / "loss.png")
+        if png is not None:
+            files["plot"] = str(png)
+    accelerator.wait_for_everyone()
+    return files
+
+
+def merge_adapter(student: str, adapter_dir: Path, out: Path, trust_remote_code: bool) -> Path:
+    """Fold the adapter into a fresh fp32 copy of the base weights (on CPU) and save the full model to `out`."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(student, use_safetensors=True, trust_remote_code=trust_remote_code)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def peak_memory_mb(accelerator: Any) -> float | None:
+    import torch
+
+    if accelerator.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(accelerator.device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (whole process)
+    except ImportError:  # pragma: no cover - not on Linux
+        return None
+
+
+def read_metrics(path: Path, upto: int) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("step", 0) <= upto]
+
+
+def write_metrics(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def append_metrics(path: Path, row: dict) -> None:
+    with path.open("a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+class ProgressBar:
+    """Steps, loss, tokens/s and ETA on stderr (rich); a no-op on other ranks or when disabled."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.progress = None
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[tps]} tok/s"), TextColumn("ETA"), TimeRemainingColumn(),
+            console=Console(stderr=True), transient=False,
+        )
+        self.task = self.progress.add_task("train", total=total, completed=start, loss="-", tps="-")
+        self.progress.start()
+
+    def update(self, done: int, loss: float, tokens_per_s: float) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=done, loss=f"{loss:.4f}", tps=f"{tokens_per_s:,.0f}")
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+

@@ -1,0 +1,373 @@
+"""`imitate run PIPELINE.toml`: collect -> clean -> train -> eval from one file, skipping what is already up to date.
+
+The file has one section per stage, with the same option names as the commands (`max-tokens` or `max_tokens`); paths
+are relative to the file. A section may hold named sub-tables, each one more run of that stage, e.g. two students:
+
+    [train]                  # options every [train.*] run shares
+    student = "students/init"
+    [train.sft]
+    out = "runs/sft"
+    [train.kd]
+    out = "runs/kd"
+    teacher = "hf:teacher"
+
+Chained defaults keep the file short (an explicit value always wins): clean.inputs = the collect outputs,
+train.data = the clean output (or the collect output when there is no [clean]), eval.model = the train output of the
+same name (or the only train output). Every section is checked (unknown keys and sections are errors with a "did you
+mean") before anything runs.
+
+Skipping: after a run succeeds, `OUT.manifest.json` is written beside its output with the options, the content hashes
+(sha256) of every input file or directory, the hashes of the outputs, and the stage summary. Next time the run is
+skipped when options and input hashes are equal and the outputs are still there unchanged. A changed prompts file
+re-runs collect (which itself only sends requests it has no record for), and then whatever its new output feeds.
+Options that only change speed or display (SPEED_OPTIONS: progress, workers, concurrency...) are not compared. A run
+without an output path (an eval without `out`) always runs; so does a collect run that had failed requests.
+
+Exit codes: 0 all selected runs succeeded or were up to date; 1 a run failed (the pipeline stops there); 2 the file is
+wrong; 3 an eval gate (`min-score`) failed (the remaining evals still run, so every score gets reported).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import importlib
+import re
+import sys
+import time
+import traceback
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imitate import manifest as mf
+from imitate.config import build, check_keys, load_toml, resolve_paths
+from imitate.errors import ConfigError, GateFailed, ImitateError, UsageError
+
+# stage name -> (module, config class), in the order the stages run.
+STAGES: dict[str, tuple[str, str]] = {
+    "collect": ("imitate.collect", "CollectConfig"),
+    "clean": ("imitate.clean", "CleanConfig"),
+    "train": ("imitate.train", "TrainConfig"),
+    "eval": ("imitate.evaluate", "EvalConfig"),
+}
+# stage -> (option filled from an earlier stage, what it takes): a run without it cannot do anything.
+CHAINED = {
+    "clean": ("inputs", "the [collect] output"),
+    "train": ("data", "the [clean] output (or the [collect] output)"),
+    "eval": ("model", "the [train] output of the same name, or the only one"),
+}
+_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+@dataclass
+class Run:
+    """One run of one stage: `train` for a plain [train] section, `train.kd` for a [train.kd] sub-table."""
+
+    stage: str
+    name: str
+    cfg: Any
+    module: Any
+    status: str = "pending"  # pending | ran | skipped | failed | gate_failed | not_run | not_selected
+    reason: str = ""
+    seconds: float = 0.0
+    summary: dict | None = None
+    error: str | None = None
+    manifest: Path | None = field(default=None)
+
+    def report(self) -> dict:
+        out = {"stage": self.stage, "name": self.name, "status": self.status, "reason": self.reason}
+        out["seconds"] = round(self.seconds, 3)
+        out["summary"] = self.summary
+        if self.error:
+            out["error"] = self.error
+        out["manifest"] = str(self.manifest) if self.manifest else None
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading the file
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_stage(stage: str) -> tuple[Any, type]:
+    """The stage's module and config class (imported here, so a pipeline without [train] never imports torch)."""
+    mod_name, cls_name = STAGES[stage]
+    module = importlib.import_module(mod_name)
+    return module, getattr(module, cls_name)
+
+
+def _table_fields(cls: type) -> set[str]:
+    """Fields whose value may be a TOML table (dict-typed), so [stage.NAME] with such a NAME is that option."""
+    hints = typing.get_type_hints(cls)
+
+    def takes_dict(tp: Any) -> bool:
+        if tp is Any or tp is dict or typing.get_origin(tp) is dict:
+            return True
+        return any(takes_dict(a) for a in typing.get_args(tp)) if typing.get_origin(tp) in (typing.Union, types.UnionType) else False
+
+    return {f.name for f in dataclasses.fields(cls) if takes_dict(hints.get(f.name, Any))}
+
+
+def _split_section(stage: str, section: Any, cls: type, where: str) -> tuple[dict, dict[str, dict]]:
+    """(shared options, {run name: its own options}) of one section; a sub-table is a run unless it is the value of
+    a table-typed option (clean's `min-chars = {assistant = 20}`): [eval.teacher] is a run named teacher."""
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}: '{stage}' must be a table ([{stage}])")
+    table_fields = _table_fields(cls)
+    shared: dict[str, Any] = {}
+    runs: dict[str, dict] = {}
+    for key, value in section.items():
+        if isinstance(value, dict) and key.replace("-", "_") not in table_fields:
+            if not _NAME_RE.match(key):
+                raise ConfigError(f"{where} [{stage}.{key}]: a run name may use letters, digits, '-' and '_' only")
+            runs[key] = value
+        else:
+            shared[key] = value
+    check_keys(cls, shared, f"{where} [{stage}]")
+    return shared, runs
+
+
+def _chain(stage: str, name: str, opts: dict, outs: dict[str, dict[str, Any]], file: Path) -> dict:
+    """Fill the chained defaults (clean.inputs, train.data, eval.model) from the earlier stages' outputs."""
+
+    def upstream(stage_name: str) -> Any:
+        runs = outs.get(stage_name, {})
+        if name in runs:
+            return runs[name]
+        if len(runs) == 1:
+            return next(iter(runs.values()))
+        return None
+
+    opts = dict(opts)
+    if stage == "clean" and not opts.get("inputs") and outs.get("collect"):
+        opts["inputs"] = [v for v in outs["collect"].values() if v is not None]
+    elif stage == "train" and opts.get("data") is None:
+        opts["data"] = upstream("clean") if outs.get("clean") else upstream("collect")
+    elif stage == "eval" and opts.get("model") is None:
+        opts["model"] = upstream("train")
+    key, source = CHAINED.get(stage, (None, ""))
+    if key and not opts.get(key):
+        where = f"[{stage}.{name}]" if name != stage else f"[{stage}]"
+        raise ConfigError(
+            f"{file} {where}: missing required option(s): --{key}",
+            hint=f"set {key} = ... in {where}, or add the earlier stage's section so it can take {source}",
+        )
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+def load_pipeline(path: str | Path) -> list[Run]:
+    """Parse and check the whole pipeline file; returns its runs in order. Nothing runs and no weights load here."""
+    path = Path(path)
+    data = load_toml(path)
+    base = path.resolve().parent
+    for key, value in data.items():
+        if key not in STAGES:
+            close = difflib.get_close_matches(key, list(STAGES), n=1, cutoff=0.5)
+            kind = "section" if isinstance(value, dict) else "key"
+            raise ConfigError(
+                f"{path}: unknown {kind} '{key}'",
+                hint=f"did you mean '[{close[0]}]'?" if close else f"sections: {', '.join(f'[{s}]' for s in STAGES)}",
+            )
+    if not data:
+        raise ConfigError(f"{path}: no stages", hint=f"add at least one of {', '.join(f'[{s}]' for s in STAGES)}")
+    runs: list[Run] = []
+    outs: dict[str, dict[str, Any]] = {}  # stage -> run name -> its `out`
+    for stage in STAGES:
+        if stage not in data:
+            continue
+        module, cls = load_stage(stage)
+        shared, named = _split_section(stage, data[stage], cls, str(path))
+        variants = named or {stage: {}}
+        for vname, own in variants.items():
+            name = stage if not named else f"{stage}.{vname}"
+            where = f"{path} [{name}]"
+            layer = {**check_keys(cls, shared, where), **check_keys(cls, own, where)}
+            layer = resolve_paths(cls, layer, base)
+            layer = _chain(stage, vname, layer, outs, path)
+            cfg = build(cls, layer, where=where)
+            outs.setdefault(stage, {})[vname] = getattr(cfg, "out", None)
+            runs.append(Run(stage=stage, name=name, cfg=cfg, module=module))
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def select(runs: list[Run], only: str | None, from_: str | None) -> list[Run]:
+    """The runs --only / --from pick (a stage, e.g. 'train', or one run, e.g. 'train.kd')."""
+    if only and from_:
+        raise UsageError("--only and --from cannot be combined", hint="use one of them")
+    pick = only or from_
+    if not pick:
+        return runs
+    names = [r.name for r in runs]
+    stages = list(dict.fromkeys(r.stage for r in runs))
+    if pick not in names and pick not in stages:
+        known = list(dict.fromkeys(stages + names))
+        close = difflib.get_close_matches(pick, known, n=1, cutoff=0.5)
+        flag = "--only" if only else "--from"
+        raise UsageError(
+            f"{flag} {pick}: no such stage or run in this pipeline",
+            hint=(f"did you mean '{close[0]}'? " if close else "") + "choose from " + ", ".join(known),
+        )
+    if only:
+        return [r for r in runs if pick in (r.name, r.stage)]
+    first = next(i for i, r in enumerate(runs) if pick in (r.name, r.stage))
+    return runs[first:]
+
+
+def _gate_failed(summary: Any) -> bool:
+    """Whether an eval summary reports a failed gate (for stages that return it instead of raising GateFailed)."""
+    if not isinstance(summary, dict):
+        return False
+    return summary.get("passed") is False or summary.get("gate_passed") is False
+
+
+def _unfinished(summary: Any) -> str | None:
+    """Why a successful run must not be recorded as up to date (so the next run does it again), or None."""
+    if not isinstance(summary, dict):
+        return None
+    if summary.get("dry_run"):
+        return "a dry run"
+    failed = summary.get("failed")
+    if isinstance(failed, int) and not isinstance(failed, bool) and failed > 0:
+        return f"{failed} request(s) failed; the next run retries them"
+    return None
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def execute(run: Run, force: bool, quiet_stdout: bool) -> None:
+    """Run (or skip) one run, setting its status; a failure is recorded on the run, never raised."""
+    run.manifest = mf.path_for(run.cfg)
+    inputs = mf.input_hashes(run.cfg)
+    reason = "forced (--force)" if force else mf.stale_reason(run.cfg, run.manifest, inputs)
+    if reason is None:
+        old = mf.read(run.manifest) or {}
+        run.status, run.reason, run.summary = "skipped", "up to date", old.get("summary")
+        _log(f"== {run.name}: up to date, skipped")
+        return
+    run.reason = reason
+    _log(f"== {run.name}: running ({reason})")
+    if run.manifest is not None and run.manifest.exists():
+        run.manifest.unlink()  # a crash part way must not leave an old manifest vouching for a half-written output
+    t0 = time.perf_counter()
+    redirect = contextlib.redirect_stdout(sys.stderr) if quiet_stdout else contextlib.nullcontext()
+    try:
+        with redirect:
+            run.summary = run.module.run(run.cfg)
+    except GateFailed as exc:
+        run.status, run.error = "gate_failed", exc.message
+        run.summary = getattr(exc, "summary", None)
+    except ImitateError as exc:
+        run.status, run.error = "failed", exc.message + (f" (hint: {exc.hint})" if exc.hint else "")
+    except Exception as exc:  # noqa: BLE001 -- a bug or a library error: keep the traceback for the report, stop the pipeline
+        traceback.print_exc(file=sys.stderr)
+        run.status, run.error = "failed", f"{type(exc).__name__}: {exc}"
+    else:
+        run.status = "gate_failed" if _gate_failed(run.summary) else "ran"
+        if run.status == "gate_failed":
+            run.error = "the eval gate (min-score) was not met"
+    run.seconds = time.perf_counter() - t0
+    unfinished = _unfinished(run.summary) if run.status == "ran" else None
+    if unfinished:
+        run.reason += f"; not recorded as up to date: {unfinished}"
+        _log(f"== {run.name}: {unfinished}")
+    elif run.status == "ran" and run.manifest is not None:
+        # the hashes read before the run: an input edited meanwhile makes the next run run again
+        mf.write(run.manifest, run.cfg, inputs, stage=run.stage, name=run.name, seconds=round(run.seconds, 3),
+                 summary=run.summary)
+    if run.error:
+        _log(f"== {run.name}: {run.status.replace('_', ' ')}: {run.error}")
+
+
+def run_pipeline(
+    path: str | Path, *, only: str | None = None, from_: str | None = None, force: bool = False, quiet_stdout: bool = False
+) -> dict:
+    """Run the pipeline file; returns {"pipeline", "exit_code", "runs": [per-run report]}. Config errors raise.
+
+    quiet_stdout: send whatever the stages print to stderr, so stdout carries only the caller's JSON.
+    """
+    runs = load_pipeline(path)
+    chosen = select(runs, only, from_)
+    chosen_ids = {id(r) for r in chosen}
+    for r in runs:
+        if id(r) not in chosen_ids:
+            r.status = "not_selected"
+    t0 = time.perf_counter()
+    stopped = False
+    for r in chosen:
+        if stopped:
+            r.status = "not_run"
+            continue
+        execute(r, force, quiet_stdout)
+        stopped = r.status == "failed"
+    if any(r.status == "failed" for r in runs):
+        code = 1
+    elif any(r.status == "gate_failed" for r in runs):
+        code = 3
+    else:
+        code = 0
+    return {
+        "pipeline": str(path),
+        "exit_code": code,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "runs": [r.report() for r in runs],
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Human summary
+# ---------------------------------------------------------------------------------------------------------------------
+
+# The number worth showing first for each stage, looked up in its summary in this order.
+HEADLINE_KEYS = {
+    "collect": ("requests", "sent", "cached", "failed"),
+    "clean": ("in", "out", "removed_total"),
+    "train": ("steps", "train_loss", "eval_loss"),
+    "eval": ("score", "agreement", "teacher_score", "n"),
+}
+
+
+def headline(stage: str, summary: Any) -> str:
+    if not isinstance(summary, dict):
+        return ""
+    parts = []
+    for key in HEADLINE_KEYS.get(stage, ()):
+        v = summary.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            parts.append(f"{key} {v:.4g}" if isinstance(v, float) else f"{key} {v}")
+    return ", ".join(parts)
+
+
+def _num(x: Any) -> str:
+    return f"{x:.3f}" if isinstance(x, (int, float)) and not isinstance(x, bool) else "-"
+
+
+def format_report(result: dict) -> str:
+    """A table of every run: status, seconds, headline numbers; then the eval scores side by side."""
+    rows = [("run", "status", "seconds", "result")]
+    for r in result["runs"]:
+        detail = r.get("error") or headline(r["stage"], r["summary"])
+        rows.append((r["name"], r["status"].replace("_", " "), f"{r['seconds']:.1f}", detail))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3] for row in rows]
+    evals = [r for r in result["runs"] if r["stage"] == "eval" and isinstance(r["summary"], dict)]
+    if evals:
+        lines += ["", "eval scores (held-out prompts):"]
+        width = max(len(r["name"]) for r in evals)
+        for r in evals:
+            s = r["summary"]
+            line = f"  {r['name'].ljust(width)}  score {_num(s.get('score'))}"
+            if s.get("agreement") is not None:
+                line += f"  agreement with teacher {_num(s.get('agreement'))}"
+            lines.append(line + ("  (gate FAILED)" if r["status"] == "gate_failed" else ""))
+    return "\n".join(lines)

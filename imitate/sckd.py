@@ -1,0 +1,163 @@
+"""SCKD (Student Customized Knowledge Distillation, Zhu & Wang, ICCV 2021): a per-term, per-step gradient gate.
+
+Over the student's trainable parameters θ, with g_s = ∇θ L_sup and g_i = ∇θ L_i for each distillation term i (the logit
+KD term, each feature pair): c_i = cos(g_s, g_i), γ_i = [c_i > φ] (φ = --sckd-threshold, 0 by default), and the update
+uses g_s + Σ_i γ_i λ_i g_i. A term whose gradient points against the supervised one this step is left out.
+
+How it runs (`SCKDGate`):
+- `accumulate(sup_loss, terms)` once per micro-batch, in place of `loss.backward()`: one `torch.autograd.grad` per loss
+  (retain_graph=True until the last one) over the trainable parameters only, summed into one gradient buffer per loss.
+  Nothing is backpropagated twice: n terms cost n + 1 gradient computations instead of one backward of the sum.
+- `step()` once per optimizer step, before `optimizer.step()`: cosines on the window's summed gradients, the gate, and
+  the combined gradient added into `.grad` (added, not assigned, so other gradients already there are kept).
+
+Gradient accumulation: the gate is decided once per optimizer step on the gradients summed over the whole accumulation
+window — exactly the gradients of the window's loss, so it is the same decision a single large batch would take. The price
+is one extra copy of the trainable gradients per loss (1 + n buffers); for LoRA (a few MB) that is nothing, for full
+fine-tuning of a big model it is real memory. Gating each micro-batch separately would need no buffers but would decide
+on noisier gradients and let a term count in part of a step only.
+
+Parameters only one term touches (the feature regressors: `term_params`) are left out of the cosine (g_s is zero there)
+and get their gradient only when their term is on: an off pair's regressor does not move that step.
+
+Data parallel: each rank's dot products and squared norms are summed across ranks by `reducer` (an all-reduce) before the
+cosines are taken, so every rank takes the same decision. The cosine is then computed from Σ_r<g_s^r, g_i^r> and
+Σ_r‖g^r‖², an average of the ranks' own alignments, which is cheap (1 + 2n scalars) but not the cosine of the averaged
+gradients. Because the gradients are written by this gate and not by `backward()`, DDP's own gradient all-reduce never
+fires: run the forward passes under `accelerator.no_sync(model)` and average `.grad` across ranks yourself after `step()`
+(for example `accelerator.reduce(p.grad, "mean")` per parameter, or one flat all-reduce).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+Reducer = Callable[["torch.Tensor"], "torch.Tensor"]
+
+
+def distributed_sum() -> Reducer | None:
+    """An all-reduce SUM over the default process group when torch.distributed is initialised, else None (one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    return reduce
+
+
+def _grads(loss: torch.Tensor, params: Sequence[torch.Tensor], retain: bool) -> list[torch.Tensor]:
+    """∇ loss over params, zeros where the loss does not depend on a parameter (or at all)."""
+    import torch
+
+    if not loss.requires_grad:
+        return [torch.zeros_like(p) for p in params]
+    got = torch.autograd.grad(loss, list(params), retain_graph=retain, allow_unused=True)
+    return [g if g is not None else torch.zeros_like(p) for g, p in zip(got, params)]
+
+
+class SCKDGate:
+    """Gate the distillation terms of one student; see the module docstring for the rule and its costs.
+
+    params: the student's trainable parameters (LoRA weights), the space in which cosines are taken.
+    weights: {term name: λ_i}; the names the `terms` dicts passed to `accumulate` must use (e.g. "logit_kd",
+    "feature_s1_t2"). threshold: φ; a term counts when its cosine is strictly greater.
+    term_params: {term name: parameters only that term trains} (a feature pair's regressor).
+    reducer: sums a 1-D float32 tensor across data-parallel ranks (`distributed_sum()`); None in one process.
+    """
+
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        weights: dict[str, float],
+        *,
+        threshold: float = 0.0,
+        term_params: dict[str, Sequence[torch.Tensor]] | None = None,
+        reducer: Reducer | None = None,
+    ):
+        self.params = [p for p in params if p.requires_grad]
+        self.weights = dict(weights)
+        self.threshold = threshold
+        self.term_params = {name: list((term_params or {}).get(name, [])) for name in self.weights}
+        self.reducer = reducer
+        self.on_counts = dict.fromkeys(self.weights, 0)
+        self.steps = 0
+        self._sup: list[torch.Tensor] | None = None
+        self._terms: dict[str, list[torch.Tensor]] = {}
+
+    def accumulate(self, sup_loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        """Add this micro-batch's separate gradients to the window's buffers (use instead of `loss.backward()`).
+
+        sup_loss: the supervised loss as it should enter the update (already normalised, and scaled by (1 − w) if the
+        recipe does so); terms: {name: unweighted KD term}, λ comes from `weights`.
+        """
+        if set(terms) != set(self.weights):
+            raise ValueError(f"SCKD terms {sorted(terms)} do not match the configured {sorted(self.weights)}")
+        names = list(self.weights)
+        sup = _grads(sup_loss, self.params, retain=True)
+        self._sup = sup if self._sup is None else [a.add_(b) for a, b in zip(self._sup, sup)]
+        for k, name in enumerate(names):
+            g = _grads(terms[name], self.params + self.term_params[name], retain=k < len(names) - 1)
+            prev = self._terms.get(name)
+            self._terms[name] = g if prev is None else [a.add_(b) for a, b in zip(prev, g)]
+
+    def step(self) -> dict[str, dict[str, float | bool]]:
+        """Decide each term's gate on the accumulated gradients and add g_s + Σ γ_i λ_i g_i into `.grad`.
+
+        Returns {term name: {"cos": c_i, "on": γ_i}} for metrics.jsonl; the buffers are cleared for the next window.
+        """
+        import torch
+
+        if self._sup is None:
+            raise RuntimeError("SCKDGate.step() called before accumulate()")
+        names = list(self.weights)
+        n_shared = len(self.params)
+        # one vector [‖g_s‖², <g_s, g_1>, ‖g_1‖², <g_s, g_2>, ‖g_2‖², ...] in float32, reduced across ranks in one call
+        stats = [sum((g.float() * g.float()).sum() for g in self._sup)]
+        for name in names:
+            shared = self._terms[name][:n_shared]
+            stats.append(sum((a.float() * b.float()).sum() for a, b in zip(self._sup, shared)))
+            stats.append(sum((b.float() * b.float()).sum() for b in shared))
+        device = self.params[0].device if self.params else None
+        vec = torch.stack([torch.as_tensor(s, dtype=torch.float32, device=device) for s in stats])
+        if self.reducer is not None:
+            vec = self.reducer(vec)
+        sup_norm = vec[0].clamp(min=0).sqrt()
+        report: dict[str, dict[str, float | bool]] = {}
+        combined = self._sup
+        for k, name in enumerate(names):
+            dot, sq = vec[1 + 2 * k], vec[2 + 2 * k]
+            denom = sup_norm * sq.clamp(min=0).sqrt()
+            cos = float(dot / denom) if float(denom) > 0 else 0.0
+            on = cos > self.threshold
+            report[name] = {"cos": cos, "on": on}
+            self.on_counts[name] += int(on)
+            if on:
+                lam = self.weights[name]
+                grads = self._terms[name]
+                combined = [c.add_(g, alpha=lam) for c, g in zip(combined, grads[:n_shared])]
+                _add_to_grad(self.term_params[name], [g * lam for g in grads[n_shared:]])
+        _add_to_grad(self.params, combined)
+        self.steps += 1
+        self._sup, self._terms = None, {}
+        return report
+
+    def on_rates(self) -> dict[str, float]:
+        """Fraction of optimizer steps each term was on (for the run summary)."""
+        return {name: (self.on_counts[name] / self.steps if self.steps else 0.0) for name in self.weights}
+
+
+def _add_to_grad(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
+    """Add into `.grad`; `grads` are buffers the gate is done with, so they become `.grad` where there was none."""
+    for p, g in zip(params, grads):
+        if p.grad is None:
+            p.grad = g.to(p.dtype)
+        else:
+            p.grad.add_(g.to(p.dtype))

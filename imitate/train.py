@@ -1,0 +1,483 @@
+"""`imitate train`: fine-tune a student (LoRA, or all weights) on records, through accelerate.
+
+The same code runs on CPU, on one GPU and under `accelerate launch` (DDP, FSDP, DeepSpeed from the user's accelerate
+config). Read `run` top to bottom: check options -> tokenize records (all user errors surface here, before any weights
+load) -> load the student -> loop over optimizer steps -> save.
+
+One optimizer step = one WINDOW of micro-batches: `batch_size` examples (or a packed row) per micro-batch, `grad_accum`
+micro-batches per process, on every process. The loss of a step is (sum of token losses over the window, all ranks) /
+(number of target tokens in the window, all ranks): a long answer weighs by its tokens whichever micro-batch it falls
+in. Every rank knows the whole window from the batch plan, so the denominator needs no communication.
+
+Distillation plugs in at `compute_losses` (more terms in the dict, same token-sum convention), `combine` (their
+weights) and `backward` (a gate may rewrite the gradients there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imitate import checkpoint
+from imitate.config import PATH_MARK, path_field
+from imitate.data import IGNORE, Example, collate, load_examples, plan_batches, split_eval, windows
+from imitate.errors import ImitateError, UsageError
+from imitate.outputs import ProgressBar, append_metrics, peak_memory_mb, read_metrics, save_outputs, write_metrics
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: list[Path] = dataclasses.field(metadata={PATH_MARK: True})  # record files (the output of `imitate clean`)
+    student: str  # local model directory or hub id; its tokenizer and chat template format the records
+    out: Path = dataclasses.field(metadata={PATH_MARK: True})  # output directory: model, metrics, checkpoints
+    # --- what trains
+    full: bool = False  # train every weight instead of a LoRA adapter (small students are often fully fine-tuned)
+    lora_r: int = 16  # LoRA rank
+    lora_alpha: int = 32  # LoRA scale numerator (update scale = alpha / r)
+    lora_dropout: float = 0.05  # dropout on the LoRA input
+    target_modules: str = "all-linear"  # peft target modules: "all-linear" or comma-separated names (q_proj,v_proj)
+    loss_on: str = "final"  # "final": the last assistant turn (the teacher's answer); "all": every assistant turn
+    # --- how long and how fast
+    epochs: int = 1  # passes over the training records (ignored when max_steps is given)
+    max_steps: int | None = None  # optimizer steps to run; overrides epochs
+    batch_size: int = 4  # examples per micro-batch per process (with packing: rows of max_length tokens)
+    grad_accum: int = 1  # micro-batches per optimizer step per process
+    lr: float | None = None  # peak learning rate; default 2e-4 with LoRA, 2e-5 with --full
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup: float = 0.03  # linear warm-up: a fraction of all steps if < 1, else a number of steps; then cosine decay
+    max_grad_norm: float = 1.0  # gradient clipping (0 = off)
+    max_length: int = 2048  # tokens per example; longer records follow `overlong`
+    overlong: str = "truncate"  # "truncate" (cut the end; counted) or "drop" (skip the record; counted)
+    packing: bool = False  # pack whole examples into padding-free rows instead of padded, length-grouped batches
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
+    precision: str = "auto"  # "auto" (bf16 on CUDA when supported, else fp32), "bf16", "fp16", "no"
+    # --- evaluation, checkpoints, output
+    eval_split: float = 0.05  # fraction of records held out for eval loss (0 = none)
+    eval_every: int = 100  # optimizer steps between eval losses (0 = only at the end)
+    save_every: int = 200  # optimizer steps between checkpoints (0 = none)
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    resume: bool = False  # continue from the newest checkpoint in out/checkpoints
+    merge: bool = False  # LoRA only: write merged full weights to out (the adapter goes to out/adapter)
+    seed: int = 0  # seeds LoRA init, the eval split, batch order and dropout
+    chat_template: Path | None = path_field(None)  # Jinja file used instead of (or for lack of) the student's template
+    trust_remote_code: bool = False  # allow model code from the student's repository to run
+    progress: bool = True  # rich progress bar on stderr (rank 0 only)
+
+
+DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
+
+
+def fingerprint(cfg: TrainConfig, n_train: int) -> dict:
+    """Settings a resumed run must share with the run it continues (anything that changes the step sequence)."""
+    keys = ("student", "full", "lora_r", "lora_alpha", "target_modules", "batch_size", "grad_accum", "max_length",
+            "packing", "seed", "eval_split", "loss_on", "overlong", "epochs", "max_steps")
+    return {**{k: str(getattr(cfg, k)) for k in keys}, "train_examples": n_train}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# checks and loading (cheap things first)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def check_options(cfg: TrainConfig) -> None:
+    for name, value, lo in (("batch-size", cfg.batch_size, 1), ("grad-accum", cfg.grad_accum, 1),
+                            ("max-length", cfg.max_length, 2), ("epochs", cfg.epochs, 1), ("lora-r", cfg.lora_r, 1)):
+        if value < lo:
+            raise UsageError(f"--{name} must be at least {lo}, got {value}")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise UsageError(f"--max-steps must be at least 1, got {cfg.max_steps}")
+    if not 0 <= cfg.eval_split < 1:
+        raise UsageError(f"--eval-split must be in [0, 1), got {cfg.eval_split}")
+    choices = {"overlong": ("truncate", "drop"), "loss_on": ("final", "all"),
+               "precision": ("auto", "bf16", "fp16", "no")}
+    for name, allowed in choices.items():
+        if (value := getattr(cfg, name)) not in allowed:
+            raise UsageError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {value!r}")
+    if cfg.merge and cfg.full:
+        raise UsageError("--merge merges a LoRA adapter; with --full the saved model already holds all weights")
+    if not cfg.data:
+        raise UsageError("no --data file given", hint="e.g. --data clean.jsonl (the output of `imitate clean`)")
+    if cfg.chat_template is not None and not Path(cfg.chat_template).is_file():
+        raise UsageError(f"--chat-template {cfg.chat_template}: no such file")
+
+
+def resolve_student(spec: str) -> str:
+    """A local model directory, or a hub id; anything else is an error here, before any weights load."""
+    p = Path(spec).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise UsageError(f"student {spec}: no config.json there, so it is not a transformers model directory")
+        return str(p)
+    parts = spec.split("/")
+    looks_local = spec.startswith((".", "/", "~")) or len(parts) > 2 or not all(parts)
+    if looks_local:
+        raise UsageError(f"student {spec}: no such directory", hint="give --student a model directory or a hub id")
+    return spec
+
+
+def load_tokenizer(cfg: TrainConfig, student: str) -> Any:
+    from transformers import AutoTokenizer
+
+    from imitate.data import check_chat_template
+
+    try:
+        tok = AutoTokenizer.from_pretrained(student, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ImitateError(
+            f"cannot load the tokenizer of student {student}: {str(exc).splitlines()[0]}",
+            hint="check --student (a local directory or a hub id); offline, hub ids must already be in the HF cache",
+        ) from None
+    if cfg.chat_template is not None:
+        tok.chat_template = Path(cfg.chat_template).read_text(encoding="utf-8")
+    check_chat_template(tok, student)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def precision(cfg: TrainConfig) -> str | None:
+    """None leaves the choice to the user's accelerate config (`accelerate launch --mixed_precision ...`)."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        return None
+    import torch
+
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def load_student(cfg: TrainConfig, student: str, mixed: str | None) -> Any:
+    """The student, wrapped in a LoRA adapter unless --full. A frozen LoRA base loads in bf16 when training in bf16."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if (mixed == "bf16" and not cfg.full) else torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            student, dtype=dtype, use_safetensors=True, trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise ImitateError(
+            f"cannot load the weights of student {student}: {str(exc).splitlines()[0]}",
+            hint="imitate loads .safetensors weights only; convert .bin checkpoints with transformers save_pretrained",
+        ) from None
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.full:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.target_modules if cfg.target_modules == "all-linear" else [
+        t.strip() for t in cfg.target_modules.split(",") if t.strip()
+    ]
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:
+        raise UsageError(f"--target-modules {cfg.target_modules}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# one step: forward -> loss terms -> combine -> backward
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def compute_losses(model: Any, batch: dict) -> tuple[dict, dict]:
+    """Forward one micro-batch; return ({term: token-SUM loss}, context).
+
+    Logits are computed only at columns where some row has a target (`logits_to_keep`), so prompt positions cost no
+    [vocab]-wide rows. context = {"outputs", "cols" (kept columns, [K]), "targets" ([B, K])} lets a distillation term
+    run the teacher on the same batch and compare at the same positions.
+    """
+    import torch.nn.functional as F
+
+    labels = batch["labels"]
+    cols = (labels != IGNORE).any(0).nonzero().squeeze(-1)
+    if cols.numel() == 0:  # a padding micro-batch (see `window_batches`): keep one column, it weighs nothing
+        cols = cols.new_zeros(1)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if takes_logits_to_keep(model):
+        inputs["logits_to_keep"] = cols
+    outputs = model(**inputs, use_cache=False)
+    logits = outputs.logits
+    if logits.shape[1] != cols.numel():  # a model without logits_to_keep support returned every column
+        logits = logits[:, cols]
+    targets = labels[:, cols]
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    return {"ce": ce}, {"outputs": outputs, "cols": cols, "targets": targets}
+
+
+def takes_logits_to_keep(model: Any) -> bool:
+    """Whether the model under the DDP/peft wrappers accepts `logits_to_keep` (transformers' own models do)."""
+    inner = getattr(model, "module", model)
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    return _forward_takes(type(inner), "logits_to_keep")
+
+
+@functools.cache
+def _forward_takes(cls: type, name: str) -> bool:
+    return name in inspect.signature(cls.forward).parameters
+
+
+def combine(terms: dict) -> Any:
+    """The training objective from the loss terms (token sums). Plain SFT: the cross-entropy."""
+    return terms["ce"]
+
+
+def backward(accelerator: Any, loss: Any, scale: float) -> None:
+    """Backpropagate `loss * scale`. accelerate divides by grad_accum and DDP averages over ranks; `scale` undoes both,
+    so the accumulated gradient is d(sum of window token losses)/dθ / (window target tokens)."""
+    accelerator.backward(loss * scale)
+
+
+def accumulate_window(accelerator: Any, model: Any, micro: list[dict], n_targets: int) -> Any:
+    """Forward + backward this process's micro-batches of one window; the gradients sum up in `.grad` (synchronised
+    across processes on the last one). Returns this process's CE token sum (detached, float64).
+
+    n_targets: target tokens of the WHOLE window, all processes (the loss denominator).
+    """
+    import torch
+
+    scale = accelerator.num_processes * accelerator.gradient_accumulation_steps / max(n_targets, 1)
+    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    for batch in micro:
+        batch = to_device(batch, accelerator.device)
+        with accelerator.accumulate(model), accelerator.autocast():
+            terms, _ = compute_losses(model, batch)
+            backward(accelerator, combine(terms), scale)
+        loss_sum += terms["ce"].detach().double()
+    return loss_sum
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# batches of a step
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def window_batches(plan: list[list[int]], w: int, per_window: int) -> list[list[int] | None]:
+    """Micro-batches of window `w`; a short last window is filled with None (padding micro-batches that carry no
+    targets), so every process runs the same number of forward/backward passes and collectives line up."""
+    part: list[list[int] | None] = list(plan[w * per_window : (w + 1) * per_window])
+    return part + [None] * (per_window - len(part))
+
+
+def materialize(batch_idx: list[int] | None, examples: list[Example], stand_in: list[int]) -> list[Example]:
+    if batch_idx is not None:
+        return [examples[i] for i in batch_idx]
+    return [Example(examples[i].input_ids, [IGNORE] * len(examples[i].input_ids), "padding") for i in stand_in[:1]]
+
+
+def to_device(batch: dict, device: Any) -> dict:
+    return {k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}
+
+
+def evaluate(accelerator: Any, model: Any, examples: list[Example], cfg: TrainConfig, pad_id: int) -> float | None:
+    """Mean loss per target token over the held-out examples (all ranks)."""
+    import torch
+
+    if not examples:
+        return None
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    plan = [order[j : j + cfg.batch_size] for j in range(0, len(order), cfg.batch_size)]
+    world, rank = accelerator.num_processes, accelerator.process_index
+    plan += [None] * (-len(plan) % world)
+    model.eval()
+    total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    with torch.no_grad():
+        for b in plan[rank::world]:
+            batch = collate(materialize(b, examples, order), pad_id=pad_id, packing=False)
+            batch = to_device(batch, accelerator.device)
+            with accelerator.autocast():
+                terms, _ = compute_losses(model, batch)
+            total += torch.tensor([float(terms["ce"]), batch["n_targets"]], device=total.device, dtype=total.dtype)
+    model.train()
+    total = accelerator.reduce(total, reduction="sum")
+    return float(total[0] / total[1]) if total[1] > 0 else None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def is_main_process() -> bool:
+    """True on the process that prints results (rank 0), also outside any distributed launch."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def log(accelerator: Any, msg: str) -> None:
+    if accelerator is None or accelerator.is_main_process:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
+    """Train and save; returns the summary `--json` prints. `stop_after=k` stops after step k like a kill would (no
+    final save), for resume tests."""
+    t_start = time.time()
+    check_options(cfg)
+    out = Path(cfg.out)
+    if not cfg.resume and checkpoint.latest(out) is not None:
+        raise UsageError(f"{out} already holds checkpoints of a run",
+                         hint="add --resume to continue it, or pick another --out")
+    student = resolve_student(cfg.student)
+
+    # --- records -> examples; every data error is raised here, before any weights load
+    tokenizer = load_tokenizer(cfg, student)
+    examples, stats = load_examples(cfg.data, tokenizer, max_length=cfg.max_length, overlong=cfg.overlong,
+                                    loss_on=cfg.loss_on)
+    if not examples:
+        raise ImitateError("no trainable examples left in --data", hint="see the counts above; raise --max-length")
+    train_idx, eval_idx = split_eval(len(examples), cfg.eval_split, cfg.seed)
+    train_ex, eval_ex = [examples[i] for i in train_idx], [examples[i] for i in eval_idx]
+    lengths = [len(e.input_ids) for e in train_ex]
+    targets = [e.n_targets for e in train_ex]
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_cosine_schedule_with_warmup
+
+    mixed = precision(cfg)
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed,
+                              step_scheduler_with_optimizer=False)
+    world, rank, ga = accelerator.num_processes, accelerator.process_index, cfg.grad_accum
+    if stats.truncated or stats.dropped_overlong or stats.dropped_no_target:
+        log(accelerator, f"{stats.truncated + stats.dropped_overlong} record(s) longer than --max-length "
+            f"{cfg.max_length} (longest {stats.longest} tokens): {stats.truncated} truncated, "
+            f"{stats.dropped_overlong} dropped; {stats.dropped_no_target} dropped with no answer token left. "
+            f"First: {', '.join(stats.examples_overlong)}")
+
+    # --- the step sequence: a batch plan per epoch, cut into windows of world * grad_accum micro-batches
+    per_window = world * ga
+    plans: dict[int, list[list[int]]] = {}
+
+    def plan(epoch: int) -> list[list[int]]:
+        if epoch not in plans:
+            plans[epoch] = plan_batches(lengths, cfg.batch_size, seed=cfg.seed, epoch=epoch, packing=cfg.packing,
+                                        max_length=cfg.max_length)
+        return plans[epoch]
+
+    total_steps = cfg.max_steps or sum(windows(len(plan(e)), per_window) for e in range(cfg.epochs))
+
+    def position(step: int) -> tuple[int, int]:  # 0-based step -> (epoch, window in epoch)
+        epoch = 0
+        while step >= windows(len(plan(epoch)), per_window):
+            step -= windows(len(plan(epoch)), per_window)
+            epoch += 1
+        return epoch, step
+
+    # --- model, optimizer, schedule
+    set_seed(cfg.seed)
+    model = load_student(cfg, student, mixed)
+    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR["full" if cfg.full else "lora"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    warmup = int(cfg.warmup * total_steps) if cfg.warmup < 1 else int(cfg.warmup)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if not cfg.full:
+        checkpoint.keep_only_trainable(accelerator)
+
+    fp = fingerprint(cfg, len(train_ex))
+    start, tokens_seen = 0, 0
+    metrics_path = out / "metrics.jsonl"
+    if cfg.resume and (ckpt := checkpoint.latest(out)) is not None:
+        state = checkpoint.load(accelerator, ckpt, fp)
+        start, tokens_seen = state["step"], state.get("tokens_seen", 0)
+        log(accelerator, f"resuming from {ckpt} (step {start} of {total_steps})")
+    rows = read_metrics(metrics_path, upto=start) if start else []
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_metrics(metrics_path, rows)  # drops rows logged after the checkpoint by a killed run
+
+    # --- the loop
+    bar = ProgressBar(total_steps, start, enabled=cfg.progress and accelerator.is_main_process)
+    model.train()
+    pad_id = tokenizer.pad_token_id
+    last_loss = last_eval = None
+    t_loop, tokens_loop, stopped = time.time(), 0, False
+    for step in range(start, total_steps):
+        t0 = time.time()
+        epoch, w = position(step)
+        window = window_batches(plan(epoch), w, per_window)
+        stand_in = next(b for b in window if b is not None)
+        real = [i for b in window if b is not None for i in b]
+        n_targets = sum(targets[i] for i in real)  # the whole window, every rank: the loss denominator
+        n_tokens = sum(lengths[i] for i in real)
+        micro = [collate(materialize(b, train_ex, stand_in), pad_id=pad_id, packing=cfg.packing)
+                 for b in window[rank * ga : (rank + 1) * ga]]
+        loss_sum = accumulate_window(accelerator, model, micro, n_targets)
+        grad_norm = None
+        if cfg.max_grad_norm > 0:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        last_loss = float(accelerator.reduce(loss_sum, reduction="sum")) / max(n_targets, 1)
+        dt = time.time() - t0
+        tokens_seen += n_tokens
+        tokens_loop += n_tokens
+        row = {"step": step + 1, "epoch": epoch, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
+               "tokens": tokens_seen, "tokens_per_s": n_tokens / dt if dt > 0 else None, "step_s": dt}
+        if grad_norm is not None:
+            row["grad_norm"] = float(grad_norm)
+        done = step + 1
+        if cfg.eval_every and done % cfg.eval_every == 0 and done < total_steps:
+            last_eval = evaluate(accelerator, model, eval_ex, cfg, pad_id)
+            if last_eval is not None:
+                row["eval_loss"] = last_eval
+        rows.append(row)
+        if accelerator.is_main_process:
+            append_metrics(metrics_path, row)
+        bar.update(done, last_loss, tokens_loop / max(time.time() - t_loop, 1e-9))
+        if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
+            checkpoint.save(accelerator, out, done, {"tokens_seen": tokens_seen, "fingerprint": fp},
+                            cfg.keep_checkpoints)
+        if stop_after is not None and done >= stop_after:
+            stopped = True
+            break
+    bar.close()
+    elapsed_loop = time.time() - t_loop
+
+    summary: dict[str, Any] = {
+        "out": str(out), "student": cfg.student, "mode": "full" if cfg.full else "lora",
+        "steps": total_steps, "start_step": start, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
+        "data": stats.as_dict(), "train_loss": last_loss, "tokens_per_s": tokens_loop / max(elapsed_loop, 1e-9),
+        "devices": world, "precision": mixed or "accelerate config",
+    }
+    if stopped:
+        summary["stopped_at"] = stop_after
+        return summary
+
+    # --- final eval and save
+    final_eval = evaluate(accelerator, model, eval_ex, cfg, pad_id)
+    if final_eval is not None:
+        last_eval = final_eval
+        row = {"step": total_steps, "eval_loss": final_eval}
+        rows.append(row)
+        if accelerator.is_main_process:
+            append_metrics(metrics_path, row)
+    summary["eval_loss"] = last_eval
+    summary["files"] = save_outputs(accelerator, model, tokenizer, cfg, student, rows)
+    if accelerator.is_main_process:  # the run is complete: its checkpoints can no longer be resumed into anything
+        import shutil
+
+        shutil.rmtree(checkpoint.checkpoint_dir(out), ignore_errors=True)
+    summary["elapsed_s"] = time.time() - t_start
+    summary["peak_memory_mb"] = peak_memory_mb(accelerator)
+    log(accelerator, f"trained {total_steps - start} step(s): train loss {last_loss:.4f}"
+        + (f", eval loss {last_eval:.4f}" if last_eval is not None else "")
+        + f", {summary['tokens_per_s']:.0f} tokens/s -> {out}")
+    return summary

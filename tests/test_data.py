@@ -1,0 +1,163 @@
+"""Records -> tokens with assistant-only targets, the batch plan and the collator (imitate.data)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from imitate.data import IGNORE, Example, collate, encode, load_examples, plan_batches, shift_targets, split_eval
+from imitate.errors import InputError, UsageError
+
+CONV = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Write 347 in words."},
+    {"role": "assistant", "content": "three hundred forty-seven"},
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "Paris is the capital of France."},
+]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+def ids_of(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def reference_mask(tok, messages: list[dict], turns: list[int]) -> list[bool]:
+    """Naive reference: a token is a target iff it lies between the tokens of the prompt rendered up to turn i (with
+    the generation prompt) and the tokens of the conversation rendered through turn i."""
+    full = ids_of(tok, tok.apply_chat_template(messages, tokenize=False))
+    mask = [False] * len(full)
+    for i in turns:
+        before = ids_of(tok, tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
+        through = ids_of(tok, tok.apply_chat_template(messages[: i + 1], tokenize=False))
+        assert full[: len(before)] == before and full[: len(through)] == through
+        for t in range(len(before), len(through)):
+            mask[t] = True
+    return mask
+
+
+def test_mask_final_turn_token_by_token(tok):
+    ids, mask = encode(tok, CONV, "final")
+    assert mask == reference_mask(tok, CONV, [4])
+    assert tok.decode([t for t, m in zip(ids, mask) if m]) == "Paris is the capital of France.<|end|>\n"
+    # every token before the answer (system, user, the first answer, role headers) is masked
+    first = mask.index(True)
+    assert not any(mask[:first]) and all(mask[first:])
+
+
+def test_mask_all_turns_token_by_token(tok):
+    ids, mask = encode(tok, CONV, "all")
+    assert mask == reference_mask(tok, CONV, [2, 4])
+    assert tok.decode([t for t, m in zip(ids, mask) if m]) == (
+        "three hundred forty-seven<|end|>\nParis is the capital of France.<|end|>\n"
+    )
+    # the user turn between the answers is not a target
+    assert "What" not in tok.decode([t for t, m in zip(ids, mask) if m])
+
+
+def test_mask_with_chatml_template(tiny_tokenizer_dir):
+    """A second template shape (ChatML, with a default system prompt injected like Qwen's)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    tok.chat_template = (
+        "{% if messages[0]['role'] != 'system' %}<|system|>default<|end|>{% endif %}"
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    conv = CONV[1:3]
+    ids, mask = encode(tok, conv, "final")
+    assert mask == reference_mask(tok, conv, [1])
+    assert tok.decode([t for t, m in zip(ids, mask) if m]) == "three hundred forty-seven<|end|>"
+
+
+def test_shift_targets_is_next_token():
+    ids, mask = [5, 6, 7, 8], [False, False, True, True]
+    assert shift_targets(ids, mask) == [IGNORE, 7, 8, IGNORE]
+
+
+def test_missing_chat_template_names_flag(tmp_path):
+    from tiny import make_tokenizer
+
+    from imitate.data import check_chat_template
+
+    tok = make_tokenizer(tmp_path, chat_template=None)
+    with pytest.raises(UsageError) as err:
+        check_chat_template(tok, "some/student")
+    assert "--chat-template FILE" in err.value.hint
+
+
+def write(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_load_examples_errors_name_file_and_line(tmp_path, tok):
+    good = {"messages": CONV[1:3]}
+    bad_json = write(tmp_path / "a.jsonl", [good, "{not json"])
+    with pytest.raises(InputError, match=r"a\.jsonl:2"):
+        load_examples([bad_json], tok, max_length=64)
+    no_answer = write(tmp_path / "b.jsonl", [good, good, {"messages": CONV[:2]}])
+    with pytest.raises(InputError, match=r"b\.jsonl:3: no assistant turn"):
+        load_examples([no_answer], tok, max_length=64)
+
+
+def test_overlong_truncate_and_drop_are_counted(tmp_path, tok):
+    long = {"messages": [CONV[1], {"role": "assistant", "content": "one two three " * 40}]}
+    short = {"messages": CONV[1:3]}
+    f = write(tmp_path / "c.jsonl", [short, long, short])
+    ex, st = load_examples([f], tok, max_length=40, overlong="truncate")
+    assert len(ex) == 3 and st.truncated == 1 and st.longest > 40
+    assert all(len(e.input_ids) <= 40 for e in ex) and "c.jsonl:2" in st.examples_overlong[0]
+    ex, st = load_examples([f], tok, max_length=40, overlong="drop")
+    assert len(ex) == 2 and st.dropped_overlong == 1
+    # a prompt longer than max_length leaves no answer token: dropped and counted, never trained on empty
+    ex, st = load_examples([f], tok, max_length=8, overlong="truncate")
+    assert len(ex) == 0 and st.dropped_no_target == 3
+
+
+def test_plan_covers_every_example_once_and_is_deterministic():
+    lengths = [(i * 37) % 50 + 3 for i in range(103)]
+    for packing in (False, True):
+        p1 = plan_batches(lengths, 4, seed=1, epoch=0, packing=packing, max_length=60)
+        assert p1 == plan_batches(lengths, 4, seed=1, epoch=0, packing=packing, max_length=60)
+        assert p1 != plan_batches(lengths, 4, seed=1, epoch=1, packing=packing, max_length=60)
+        assert sorted(i for b in p1 for i in b) == list(range(103))
+        if packing:
+            assert all(sum(lengths[i] for i in b) <= 4 * 60 for b in p1)
+        else:
+            assert all(len(b) <= 4 for b in p1)
+    # length grouping: far less padding than random batches
+    grouped = plan_batches(lengths, 4, seed=1, epoch=0, packing=False, max_length=60)
+    pad = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in grouped)
+    naive = [list(range(j, min(j + 4, 103))) for j in range(0, 103, 4)]
+    pad_naive = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in naive)
+    assert pad < pad_naive / 3
+
+
+def test_split_eval_is_disjoint_and_seeded():
+    tr, ev = split_eval(100, 0.05, seed=3)
+    assert len(ev) == 5 and not set(tr) & set(ev) and len(tr) + len(ev) == 100
+    assert (tr, ev) == split_eval(100, 0.05, seed=3) and ev != split_eval(100, 0.05, seed=4)[1]
+    assert split_eval(10, 0.0, 0)[1] == []
+
+
+def test_collate_padded_and_packed():
+    a = Example([1, 2, 3], [2, 3, IGNORE], "a")
+    b = Example([4, 5], [IGNORE, IGNORE], "b")
+    padded = collate([a, b], pad_id=0, packing=False)
+    assert padded["input_ids"].tolist() == [[1, 2, 3], [4, 5, 0]]
+    assert padded["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert padded["labels"].tolist() == [[2, 3, IGNORE], [IGNORE] * 3]
+    assert padded["n_targets"] == 2 and padded["n_tokens"] == 5
+    packed = collate([a, b], pad_id=0, packing=True)
+    assert packed["input_ids"].tolist() == [[1, 2, 3, 4, 5]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert "attention_mask" not in packed
