@@ -1,8 +1,8 @@
 """Near-dedup benchmark: imitate's vectorized MinHash LSH vs datasketch `MinHash` + `MinHashLSH`, measured in one run.
 
 A corpus of collect-format records is generated with planted near-duplicates (copies of an earlier record with a few
-words substituted). Both sides shingle the same text (prompt + answer, lowercased \\w+ words, word 5-grams), use the same
-num_perm and threshold and the same LSH bands; datasketch runs on a subset (it is slow), rates are per record per core.
+words substituted). Both sides shingle the same text (prompt + answer, lowercased \\w+ words, word 5-grams), use
+the same num_perm, threshold and LSH bands; datasketch runs on a subset (it is slow), rates are per record per core.
 
     python benchmarks/clean_dedup.py                      # 100k records for us, 20k for datasketch
     python benchmarks/clean_dedup.py --records 1000000    # + a full `imitate clean` run on 1M records, 2 workers
@@ -220,9 +220,8 @@ def big_run(n: int, workers: int, keep: bool) -> None:
     print(f"\nfull `imitate clean` (all default filters + exact + near dedup), {workers} workers")
     print(f"  corpus: {n} records, {size / 1e9:.2f} GB, {n_planted} planted near-dups (generated in {t_gen:.0f} s)")
     print(f"  wall {wall:.1f} s  ({n / wall:.0f} records/s, {n / wall / workers:.0f} records/s/core)")
-    print(
-        f"  map {timing['map_wall_s']:.1f} s, cluster {timing['cluster_wall_s']:.1f} s, write {timing['write_wall_s']:.1f} s"
-    )
+    steps = ("map", "cluster", "write")
+    print("  " + ", ".join(f"{k} {timing[k + '_wall_s']:.1f} s" for k in steps))
     print(f"  peak RSS (main + workers): {rss.peak / 2**30:.2f} GiB")
     print(f"  out {summary['out']}, removed {json.dumps(summary['removed'])}")
     if not keep:

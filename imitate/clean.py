@@ -1,4 +1,4 @@
-"""`imitate clean`: records -> filters (cheap first) -> exact dedup -> near dedup -> kept + removed (with reason) + report.
+"""`imitate clean`: records -> filters (cheap first) -> exact and near dedup -> kept + removed (with reason) + report.
 
 Two streaming passes over the inputs, so memory holds per-record keys, never the records:
   1. map: chunks of raw lines (in `--workers` processes) are parsed, filtered, and turned into dedup keys
@@ -91,7 +91,7 @@ class CleanConfig:
     #                              ties and records without the field fall back to input order
 
 
-# --- map: raw lines -> statuses and keys -------------------------------------------------------------------------------
+# --- map: raw lines -> statuses and keys ------------------------------------------------------------------------------
 
 
 @dataclass
@@ -271,7 +271,7 @@ def _bounded_map(pool: ProcessPoolExecutor, jobs: Iterator, in_flight: int) -> I
         yield pending.popleft().result()
 
 
-# --- group + cluster ---------------------------------------------------------------------------------------------------
+# --- group + cluster --------------------------------------------------------------------------------------------------
 
 
 def _histogram(sizes: np.ndarray) -> dict[str, int]:
@@ -314,7 +314,7 @@ def _read_texts(paths: list[Path], want: dict[tuple[int, int], int], on: str) ->
     return out
 
 
-# --- run ---------------------------------------------------------------------------------------------------------------
+# --- run --------------------------------------------------------------------------------------------------------------
 
 
 def _check(cfg: CleanConfig) -> None:

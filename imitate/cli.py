@@ -385,14 +385,57 @@ def train_cmd(
     progress: Optional[bool] = typer.Option(
         None, "--progress/--no-progress", help="Progress bar on stderr. Example: --no-progress"
     ),
+    teacher: Optional[str] = typer.Option(
+        None, help="Local teacher for logit/feature KD; must share the student's tokenizer. Example: --teacher hf:./teacher"
+    ),
+    kd: Optional[str] = typer.Option(
+        None, help="KD divergence: forward-kl (default), reverse-kl or jsd. Example: --kd jsd"
+    ),
+    jsd_beta: Optional[float] = typer.Option(None, help="Beta of --kd jsd, in (0, 1). Example: --jsd-beta 0.5"),
+    kd_weight: Optional[float] = typer.Option(
+        None, help="Weight w of the KD term; CE gets 1 - w (default 0.5). Example: --kd-weight 0.7"
+    ),
+    temperature: Optional[float] = typer.Option(
+        None, help="LOSS temperature of KD (default 2.0); not collect's sampling temperature. Example: --temperature 2"
+    ),
+    t2: Optional[bool] = typer.Option(
+        None, "--t2/--no-t2", help="Multiply the KD term by T^2 (default on). Example: --no-t2"
+    ),
+    feature_kd: Optional[str] = typer.Option(
+        None, help="Feature KD layer pairs STUDENT:TEACHER (1-based) or auto. Example: --feature-kd 1:2,2:4"
+    ),
+    feature_weight: Optional[float] = typer.Option(
+        None, help="Weight of each feature-pair MSE term (default 1.0). Example: --feature-weight 0.5"
+    ),
+    sckd: Optional[bool] = typer.Option(
+        None, "--sckd/--no-sckd", help="Gate each KD term per step by its gradient cosine with CE. Example: --sckd"
+    ),
+    sckd_threshold: Optional[float] = typer.Option(
+        None, help="SCKD: a term counts when its cosine is above this (default 0). Example: --sckd-threshold 0.1"
+    ),
+    teacher_dtype: Optional[str] = typer.Option(
+        None, help="Teacher weights: auto, float32, bfloat16 or float16. Example: --teacher-dtype bfloat16"
+    ),
+    teacher_device: Optional[str] = typer.Option(
+        None, help="Device of the teacher (default: the student's). Example: --teacher-device cuda:1"
+    ),
+    kd_chunk_size: Optional[int] = typer.Option(
+        None, help="Target tokens per chunk of the logit losses (memory). Example: --kd-chunk-size 128"
+    ),
+    graybox: Optional[bool] = typer.Option(
+        None, "--graybox/--no-graybox",
+        help="Without --teacher, use records' collected top-K logprobs (default on). Example: --no-graybox",
+    ),
     config: Optional[Path] = typer.Option(
         None, help="TOML file; its [train] section sets options. Example: --config run.toml"
     ),
     json_: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout. Example: --json"),
 ) -> None:
-    """Fine-tune a student (LoRA or full) on records, through accelerate.
+    """Fine-tune a student (LoRA or full) on records, through accelerate; with --teacher, distill (KD, SCKD).
 
     Example: imitate train --data clean.jsonl --student ./student --out runs/s1 --epochs 2
+
+    Example: imitate train --data clean.jsonl --student ./student --teacher hf:./teacher --sckd --out runs/s2
     """
     from imitate import train as stage
 
@@ -405,6 +448,10 @@ def train_cmd(
         "precision": precision, "eval_split": eval_split, "eval_every": eval_every, "save_every": save_every,
         "keep_checkpoints": keep_checkpoints, "resume": resume, "merge": merge, "seed": seed,
         "chat_template": chat_template, "trust_remote_code": trust_remote_code, "progress": progress,
+        "teacher": teacher, "kd": kd, "jsd_beta": jsd_beta, "kd_weight": kd_weight, "temperature": temperature,
+        "t2": t2, "feature_kd": feature_kd, "feature_weight": feature_weight, "sckd": sckd,
+        "sckd_threshold": sckd_threshold, "teacher_dtype": teacher_dtype, "teacher_device": teacher_device,
+        "kd_chunk_size": kd_chunk_size, "graybox": graybox,
     }
     with handle_errors():
         cfg = stage_config(stage.TrainConfig, config, "train", flags)

@@ -8,9 +8,9 @@ The design is map -> group by key -> connected components, so each step could ru
   cluster   connected components over the candidate edges; the survivor of a component is its member with the best
             rank (input order unless a priority says otherwise)                         (`components`)
 
-Shingles: word n-grams (default 5) of the lowercased words. One-sentence answers have too few word 5-grams for Jaccard to
-mean much (one changed word kills up to 5 of 8 shingles), so texts with fewer than `min_words` words use character
-n-grams of their normalized form instead, and texts shorter than `min_chars` characters are a single shingle (exact match).
+Shingles: word n-grams (default 5) of the lowercased words. One-sentence answers have too few word 5-grams for Jaccard
+to mean much (one changed word kills up to 5 of 8 shingles), so texts with fewer than `min_words` words use character
+n-grams of their normalized form instead, and texts shorter than `min_chars` characters are one shingle (exact match).
 The three kinds are tagged differently, so a short text never collides with a long one by accident.
 
 Everything runs on a whole batch of texts at once, as numpy array ops: words are hashed straight from the UTF-8 bytes

@@ -47,7 +47,7 @@ def _role_text(record: dict, role: str) -> str:
     return "\n".join(m.get("content") or "" for m in msgs if m.get("role") == role)
 
 
-# --- failed, truncated -------------------------------------------------------------------------------------------------
+# --- failed, truncated ------------------------------------------------------------------------------------------------
 
 
 def failed(record: dict) -> str | None:
@@ -69,7 +69,7 @@ def truncated(record: dict) -> str | None:
     return f"finish_reason={reason}" if reason in TRUNCATED_REASONS else None
 
 
-# --- length ------------------------------------------------------------------------------------------------------------
+# --- length -----------------------------------------------------------------------------------------------------------
 
 
 def length(record: dict, *, bounds: dict[str, tuple[int | None, int | None, str]]) -> str | None:
@@ -95,7 +95,7 @@ def ratio(record: dict, *, min_ratio: float | None, max_ratio: float | None) -> 
     return None
 
 
-# --- refusals ----------------------------------------------------------------------------------------------------------
+# --- refusals ---------------------------------------------------------------------------------------------------------
 
 
 def load_patterns(paths: Iterable[Path]) -> list[re.Pattern]:
@@ -158,7 +158,7 @@ def refusal(record: dict, *, patterns: list[re.Pattern]) -> str | None:
     return None
 
 
-# --- repetition --------------------------------------------------------------------------------------------------------
+# --- repetition -------------------------------------------------------------------------------------------------------
 
 
 def _dup_fraction(items: list[str]) -> tuple[float, float]:
@@ -293,7 +293,7 @@ def repetition(record: dict, **limits: Any) -> str | None:
     return repetition_batch([record], **limits)[0]
 
 
-# --- language ----------------------------------------------------------------------------------------------------------
+# --- language ---------------------------------------------------------------------------------------------------------
 
 
 def language_detector() -> tuple[str, Callable[[str], str]] | None:
@@ -328,7 +328,7 @@ def language(record: dict, *, detect: Callable[[str], str], allowed: frozenset[s
     return None if lang in allowed else f"language {lang}"
 
 
-# --- decontamination ---------------------------------------------------------------------------------------------------
+# --- decontamination --------------------------------------------------------------------------------------------------
 
 EVAL_TEXT_FIELDS = (
     "prompt", "question", "input", "instruction", "query", "problem", "context",

@@ -69,6 +69,21 @@ class TrainConfig:
     chat_template: Path | None = path_field(None)  # Jinja file used instead of (or for lack of) the student's template
     trust_remote_code: bool = False  # allow model code from the student's repository to run
     progress: bool = True  # rich progress bar on stderr (rank 0 only)
+    # --- distillation (see imitate/distill.py). Loss = (1 - kd_weight) * CE + kd_weight * T^2 * D(teacher_T, student_T)
+    teacher: str | None = None  # "hf:PATH_OR_ID": a local teacher with the student's tokenizer, run frozen on each batch
+    kd: str = "forward-kl"  # divergence D: "forward-kl" KL(teacher||student), "reverse-kl", or "jsd" (generalized, beta)
+    jsd_beta: float = 0.5  # beta of --kd jsd, in (0, 1): mixture m = beta*p_teacher + (1-beta)*q_student
+    kd_weight: float = 0.5  # w in [0, 1]: weight of the KD term; CE gets 1 - w (also weighs the gray-box term)
+    temperature: float = 2.0  # LOSS temperature T softening both distributions (not collect's sampling temperature)
+    t2: bool = True  # multiply the KD term by T^2 (Hinton et al.) so its gradient scale does not shrink as 1/T^2
+    feature_kd: str | None = None  # FitNets pairs: "auto" or "S:T,S:T" (1-based student:teacher layers); None = off
+    feature_weight: float = 1.0  # weight of each feature-pair MSE term
+    sckd: bool = False  # SCKD: gate each KD term per optimizer step on cos(grad CE, grad term) > sckd_threshold
+    sckd_threshold: float = 0.0  # SCKD cosine threshold phi
+    teacher_dtype: str = "auto"  # teacher weights: "auto" (bf16 on CUDA when supported, else float32), float32, bfloat16, float16
+    teacher_device: str | None = None  # where the teacher sits, e.g. "cuda:1"; default: the student's device
+    kd_chunk_size: int = 256  # target tokens per chunk of the logit losses: peak memory is one chunk's [tokens x vocab]
+    graybox: bool = True  # without --teacher: train on records' collected top-K `logprobs` (sparse KD) when they align
 
 
 DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
@@ -114,7 +129,7 @@ def resolve_student(spec: str) -> str:
     if p.exists():
         if not (p / "config.json").is_file():
             raise UsageError(f"student {spec}: no config.json there, so it is not a transformers model directory")
-        return str(p)
+        return str(p.resolve())  # absolute, so the adapter's base_model_name_or_path works from any directory
     parts = spec.split("/")
     looks_local = spec.startswith((".", "/", "~")) or len(parts) > 2 or not all(parts)
     if looks_local:
@@ -380,7 +395,7 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
 
     # --- model, optimizer, schedule
     set_seed(cfg.seed)
-    model = load_student(cfg, student, mixed)
+    model = load_student(cfg, student, accelerator.mixed_precision)
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR["full" if cfg.full else "lora"]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
@@ -455,7 +470,7 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
         "out": str(out), "student": cfg.student, "mode": "full" if cfg.full else "lora",
         "steps": total_steps, "start_step": start, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
         "data": stats.as_dict(), "train_loss": last_loss, "tokens_per_s": tokens_loop / max(elapsed_loop, 1e-9),
-        "devices": world, "precision": mixed or "accelerate config",
+        "devices": world, "precision": accelerator.mixed_precision,
     }
     if stopped:
         summary["stopped_at"] = stop_after

@@ -196,6 +196,14 @@ def test_bad_line_names_file_and_line_or_is_skipped(tmp_path, corpus):
     s = run(clean_cfg(tmp_path, [src], on_bad_line="skip"))
     assert s["bad_lines"] == 2 and s["in"] == 3 and s["out"] == 3
     assert any("r.jsonl:5" in b and "messages" in b for b in s["bad_line_examples"])
+    other = write(tmp_path / "u.jsonl", recs[:2])
+    with other.open("ab") as fh:
+        fh.write(b'{"messages": "\xff"}\n[1, 2]\n')
+    with pytest.raises(InputError, match=r"u\.jsonl:3: not valid UTF-8"):
+        run(clean_cfg(tmp_path, [other], workers=2))
+    s = run(clean_cfg(tmp_path, [src, other], on_bad_line="skip"))
+    assert s["bad_lines"] == 4 and "u.jsonl:4: expected a JSON object" in s["bad_line_examples"][-1]
+    assert len(read(tmp_path / "clean.jsonl")) == 3  # the two records of u.jsonl are exact duplicates
 
 
 def test_multiple_inputs_keep_file_order(tmp_path, corpus):
@@ -206,7 +214,7 @@ def test_multiple_inputs_keep_file_order(tmp_path, corpus):
     assert [r["id"] for r in read(tmp_path / "clean.jsonl")] == [r["id"] for r in recs if fate[r["id"]] == ""]
 
 
-# --- CLI ------------------------------------------------------------------------------------------------------------------
+# --- CLI --------------------------------------------------------------------------------------------------------------
 
 
 def test_cli_end_to_end(tmp_path, corpus):

@@ -157,7 +157,7 @@ def test_planted_clusters_found_with_first_survivor():
     nd = NearDup()
     texts, truth = [], []
     originals = [doc(rnd, 200) for _ in range(40)]
-    for i, d in enumerate(originals):
+    for d in originals:
         texts.append(" ".join(d))
         truth.append(len(texts) - 1)
     # near copies planted after their original: 1 substituted word of 200, Jaccard ~0.95, where 9 bands x 13 rows
@@ -189,9 +189,9 @@ def test_priority_rank_picks_the_survivor():
 
 def test_one_sentence_answers_use_char_ngrams():
     nd = NearDup()
-    a = "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen inside the chloroplasts of plant cells."
-    b = "Photosynthesis turns light, water and carbon dioxide into sugars and oxygen inside the chloroplasts of plant cells."
-    c = "Respiration turns sugar and oxygen back into water, carbon dioxide and energy inside the mitochondria of cells."
+    a = "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen inside the chloroplasts of cells."
+    b = "Photosynthesis turns light, water and carbon dioxide into sugars and oxygen inside the chloroplasts of cells."
+    c = "Respiration turns sugar and oxygen back into water, carbon dioxide and energy inside the mitochondria."
     assert jaccard(*nd.shingle_sets([a, b])) > 0.9  # character 5-grams: one changed letter costs little
     assert cluster(nd, [a, b, c]).tolist() == [0, 0, 2]
     # word 5-grams only: the one changed word kills 5 of 14 shingles (Jaccard 0.44) and the pair is missed

@@ -32,7 +32,7 @@ def built(**kw) -> dict:
     return F.build_filters(CleanConfig(out=Path("x"), **kw))
 
 
-# --- failed / truncated -------------------------------------------------------------------------------------------------
+# --- failed / truncated -----------------------------------------------------------------------------------------------
 
 
 def test_failed_removes_errors_missing_and_empty_answers():
@@ -54,7 +54,7 @@ def test_failed_and_truncated_can_be_switched_off():
     assert "truncated" not in built(drop_truncated=False)
 
 
-# --- length / ratio -----------------------------------------------------------------------------------------------------
+# --- length / ratio ---------------------------------------------------------------------------------------------------
 
 
 def test_length_bounds_per_role_in_chars_and_words():
@@ -76,7 +76,7 @@ def test_ratio_bounds():
     assert "ratio" not in built()
 
 
-# --- refusals -----------------------------------------------------------------------------------------------------------
+# --- refusals ---------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -132,7 +132,7 @@ def test_trie_regex_matches_exactly_the_phrases():
     assert not pat.search("i can help")
 
 
-# --- repetition ---------------------------------------------------------------------------------------------------------
+# --- repetition -------------------------------------------------------------------------------------------------------
 
 
 def naive_stats(text: str) -> dict[str, float]:
@@ -197,7 +197,7 @@ def test_repetition_filter_removes_loops_and_keeps_prose():
     assert "repetition" not in built(drop_repetitive=False)
 
 
-# --- language -----------------------------------------------------------------------------------------------------------
+# --- language ---------------------------------------------------------------------------------------------------------
 
 
 def test_language_filter_skipped_with_a_note_without_detector(monkeypatch):
@@ -218,7 +218,7 @@ def test_language_filter_with_a_detector(monkeypatch):
     assert f(rec("Paris est le chef-lieu de la France.")) == "language fr"
 
 
-# --- decontamination ----------------------------------------------------------------------------------------------------
+# --- decontamination --------------------------------------------------------------------------------------------------
 
 EVAL_Q = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May."
 
