@@ -386,7 +386,7 @@ def train_cmd(
         None, "--progress/--no-progress", help="Progress bar on stderr. Example: --no-progress"
     ),
     teacher: Optional[str] = typer.Option(
-        None, help="Local teacher for logit/feature KD; must share the student's tokenizer. Example: --teacher hf:./teacher"
+        None, help="Local teacher for logit/feature KD, same tokenizer as the student. Example: --teacher hf:./teacher"
     ),
     kd: Optional[str] = typer.Option(
         None, help="KD divergence: forward-kl (default), reverse-kl or jsd. Example: --kd jsd"

@@ -35,6 +35,11 @@ class Example:
     input_ids: list[int]
     labels: list[int]  # shifted next-token targets, IGNORE where there is none
     where: str  # "file:line" of the record, for messages
+    # gray-box KD only (see imitate.distill): the record's collected top-K `logprobs` and its `teacher` until aligned,
+    # then `topk` = (first row, ids [n, K], log-probs [n, K]) over the aligned rows of `labels`
+    logprobs: list | None = None
+    teacher: str | None = None
+    topk: Any = None
 
     @property
     def n_targets(self) -> int:
@@ -135,8 +140,11 @@ def load_examples(
     max_length: int,
     overlong: str = "truncate",
     loss_on: str = "final",
+    with_logprobs: bool = False,
 ) -> tuple[list[Example], DataStats]:
-    """Read records (errors name file:line), tokenize them and apply the --overlong policy."""
+    """Read records (errors name file:line), tokenize them and apply the --overlong policy.
+
+    with_logprobs: keep each record's `logprobs` and `teacher` on its Example (for gray-box KD)."""
     from imitate.records import read_records
 
     stats = DataStats()
@@ -164,6 +172,8 @@ def load_examples(
             ids, mask = ids[:max_length], mask[:max_length]
         labels = shift_targets(ids, mask)
         ex = Example(ids, labels, where)
+        if with_logprobs and line.data.get("logprobs"):
+            ex.logprobs, ex.teacher = line.data["logprobs"], line.data.get("teacher")
         if ex.n_targets == 0:
             stats.dropped_no_target += 1
             continue

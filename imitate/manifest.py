@@ -111,6 +111,16 @@ def _jsonable(data: Any) -> Any:
     return json.loads(json.dumps(data, default=str))
 
 
+def _defaults(cfg: Any) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(cfg):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return _jsonable(out)
+
+
 def stale_reason(cfg: Any, manifest: Path | None, inputs: dict) -> str | None:
     """Why the run must run again, or None when its manifest shows it is up to date."""
     if manifest is None:
@@ -118,7 +128,9 @@ def stale_reason(cfg: Any, manifest: Path | None, inputs: dict) -> str | None:
     old = read(manifest)
     if old is None:
         return "no manifest of an earlier successful run"
-    opts, old_opts = _jsonable(to_dict(cfg)), old.get("options", {})
+    opts, old_opts = _jsonable(to_dict(cfg)), dict(old.get("options", {}))
+    for k, default in _defaults(cfg).items():  # an option added by a newer imitate, left at its default, changes nothing
+        old_opts.setdefault(k, default)
     changed = sorted(k for k in (set(opts) | set(old_opts)) - SPEED_OPTIONS if opts.get(k) != old_opts.get(k))
     if changed:
         return "options changed: " + ", ".join(k.replace("_", "-") for k in changed)

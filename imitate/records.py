@@ -100,9 +100,7 @@ def iter_jsonl(path: str | os.PathLike, *, on_bad_line: str = "error", bad: list
                     continue
                 raise InputError(
                     f"{path}:{lineno}: {reason}",
-                    hint="each line must be one JSON object; use --on-bad-line skip to count and skip such lines"
-                    if on_bad_line == "error"
-                    else None,
+                    hint="each line must be one JSON object; fix or delete that line and run the command again",
                 ) from None
             yield Line(path, lineno, data)
 

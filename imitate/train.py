@@ -9,8 +9,9 @@ micro-batches per process, on every process. The loss of a step is (sum of token
 (number of target tokens in the window, all ranks): a long answer weighs by its tokens whichever micro-batch it falls
 in. Every rank knows the whole window from the batch plan, so the denominator needs no communication.
 
-Distillation plugs in at `compute_losses` (more terms in the dict, same token-sum convention), `combine` (their
-weights) and `backward` (a gate may rewrite the gradients there).
+Distillation (imitate/distill.py: teacher, KD terms, SCKD gate) takes the place of `compute_losses` + `combine` in
+`accumulate_window` (more terms, same token-sum convention and the same normalisation); with --sckd the gate takes the
+place of `backward`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imitate import checkpoint
+from imitate import checkpoint, distill
 from imitate.config import PATH_MARK, path_field
 from imitate.data import IGNORE, Example, collate, load_examples, plan_batches, split_eval, windows
 from imitate.errors import ImitateError, UsageError
@@ -80,7 +81,7 @@ class TrainConfig:
     feature_weight: float = 1.0  # weight of each feature-pair MSE term
     sckd: bool = False  # SCKD: gate each KD term per optimizer step on cos(grad CE, grad term) > sckd_threshold
     sckd_threshold: float = 0.0  # SCKD cosine threshold phi
-    teacher_dtype: str = "auto"  # teacher weights: "auto" (bf16 on CUDA when supported, else float32), float32, bfloat16, float16
+    teacher_dtype: str = "auto"  # "auto" (bf16 on CUDA when supported, else float32), float32, bfloat16, float16
     teacher_device: str | None = None  # where the teacher sits, e.g. "cuda:1"; default: the student's device
     kd_chunk_size: int = 256  # target tokens per chunk of the logit losses: peak memory is one chunk's [tokens x vocab]
     graybox: bool = True  # without --teacher: train on records' collected top-K `logprobs` (sparse KD) when they align
@@ -92,7 +93,8 @@ DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
 def fingerprint(cfg: TrainConfig, n_train: int) -> dict:
     """Settings a resumed run must share with the run it continues (anything that changes the step sequence)."""
     keys = ("student", "full", "lora_r", "lora_alpha", "target_modules", "batch_size", "grad_accum", "max_length",
-            "packing", "seed", "eval_split", "loss_on", "overlong", "epochs", "max_steps")
+            "packing", "seed", "eval_split", "loss_on", "overlong", "epochs", "max_steps",
+            "teacher", "feature_kd", "sckd", "graybox")  # the KD ones decide what trains (regressors) and how
     return {**{k: str(getattr(cfg, k)) for k in keys}, "train_examples": n_train}
 
 
@@ -121,6 +123,9 @@ def check_options(cfg: TrainConfig) -> None:
         raise UsageError("no --data file given", hint="e.g. --data clean.jsonl (the output of `imitate clean`)")
     if cfg.chat_template is not None and not Path(cfg.chat_template).is_file():
         raise UsageError(f"--chat-template {cfg.chat_template}: no such file")
+    from imitate import distill
+
+    distill.check_options(cfg)
 
 
 def resolve_student(spec: str) -> str:
@@ -255,23 +260,49 @@ def backward(accelerator: Any, loss: Any, scale: float) -> None:
     accelerator.backward(loss * scale)
 
 
-def accumulate_window(accelerator: Any, model: Any, micro: list[dict], n_targets: int) -> Any:
+def accumulate_window(accelerator: Any, model: Any, micro: list[dict], n_targets: int, distiller: Any = None,
+                      gate: Any = None) -> tuple[Any, dict]:
     """Forward + backward this process's micro-batches of one window; the gradients sum up in `.grad` (synchronised
-    across processes on the last one). Returns this process's CE token sum (detached, float64).
+    across processes on the last one). Returns (this process's token sums [CE, then each KD term] as a detached
+    float64 vector, the SCKD gate report {term: {"cos", "on"}} or {}).
 
     n_targets: target tokens of the WHOLE window, all processes (the loss denominator).
+    distiller: `imitate.distill.Distiller` (KD terms) or None (plain SFT). gate: `imitate.sckd.SCKDGate` or None.
+    With a gate nothing is backpropagated: the gate takes each loss's gradient separately (`torch.autograd.grad`), so
+    the forwards run under `no_sync` and the gradients are averaged over ranks here, after the gate has decided.
     """
     import torch
 
-    scale = accelerator.num_processes * accelerator.gradient_accumulation_steps / max(n_targets, 1)
-    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    from imitate.distill import average_grads
+
+    world = accelerator.num_processes
+    names = ["ce"] + (distiller.terms if distiller is not None else [])
+    sums = torch.zeros(len(names), device=accelerator.device, dtype=torch.float64)
     for batch in micro:
         batch = to_device(batch, accelerator.device)
-        with accelerator.accumulate(model), accelerator.autocast():
-            terms, _ = compute_losses(model, batch)
-            backward(accelerator, combine(terms), scale)
-        loss_sum += terms["ce"].detach().double()
-    return loss_sum
+        if gate is not None:
+            # the gate's autograd.grad never fires DDP's gradient hooks: keep DDP from waiting for them
+            with accelerator.accumulate(model), accelerator.no_sync(model), accelerator.autocast():
+                terms = distiller.losses(model, batch)
+                s = world / max(n_targets, 1)  # mean over ranks below turns this into 1 / n_targets of the sum
+                gate.accumulate(terms["ce"] * ((1.0 - distiller.w) * s), {n: terms[n] * s for n in distiller.terms})
+        else:
+            with accelerator.accumulate(model), accelerator.autocast():
+                if distiller is None:
+                    terms, _ = compute_losses(model, batch)
+                    loss = combine(terms)
+                else:
+                    terms = distiller.losses(model, batch)
+                    loss = distiller.combine(terms)
+                backward(accelerator, loss, world * accelerator.gradient_accumulation_steps / max(n_targets, 1))
+        sums += torch.stack([terms[n].detach().double().to(sums.device) for n in names])
+    report = {}
+    if gate is not None:
+        report = gate.step()
+        average_grads(accelerator, gate.params + [p for ps in gate.term_params.values() for p in ps])
+    elif distiller is not None and distiller.regressors is not None:
+        average_grads(accelerator, list(distiller.regressors.parameters()))  # not DDP-wrapped: sync them here
+    return sums, report
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -350,10 +381,19 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
 
     # --- records -> examples; every data error is raised here, before any weights load
     tokenizer = load_tokenizer(cfg, student)
+    kd_plan = distill.plan_teacher(cfg, tokenizer, student) if cfg.teacher else None  # tokenizers + configs only
     examples, stats = load_examples(cfg.data, tokenizer, max_length=cfg.max_length, overlong=cfg.overlong,
-                                    loss_on=cfg.loss_on)
+                                    loss_on=cfg.loss_on, with_logprobs=cfg.graybox and not cfg.teacher)
     if not examples:
         raise ImitateError("no trainable examples left in --data", hint="see the counts above; raise --max-length")
+    graybox_report = None
+    if kd_plan is None and any(e.logprobs for e in examples):
+        graybox_report = distill.prepare_graybox(examples, tokenizer, ignore=IGNORE)
+        if graybox_report["aligned"]:
+            kd_plan = distill.graybox_plan(tokenizer, student, graybox_report, cfg.trust_remote_code)
+    if cfg.sckd and kd_plan is None:
+        raise UsageError("--sckd gates distillation terms, and this run has none",
+                         hint="add --teacher hf:PATH, or train on records collected with --logprobs K")
     train_idx, eval_idx = split_eval(len(examples), cfg.eval_split, cfg.seed)
     train_ex, eval_ex = [examples[i] for i in train_idx], [examples[i] for i in eval_idx]
     lengths = [len(e.input_ids) for e in train_ex]
@@ -398,12 +438,16 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
     model = load_student(cfg, student, accelerator.mixed_precision)
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR["full" if cfg.full else "lora"]
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    distiller = distill.setup(cfg, kd_plan, accelerator, params) if kd_plan is not None else None  # teacher, gate
+    regressors = distiller.regressors if distiller is not None else None
+    reg_params = list(regressors.parameters()) if regressors is not None else []
+    optimizer = torch.optim.AdamW(params + reg_params, lr=lr, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup * total_steps) if cfg.warmup < 1 else int(cfg.warmup)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if not cfg.full:
         checkpoint.keep_only_trainable(accelerator)
+    gate = distiller.gate if distiller is not None else None
 
     fp = fingerprint(cfg, len(train_ex))
     start, tokens_seen = 0, 0
@@ -431,16 +475,22 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
         real = [i for b in window if b is not None for i in b]
         n_targets = sum(targets[i] for i in real)  # the whole window, every rank: the loss denominator
         n_tokens = sum(lengths[i] for i in real)
-        micro = [collate(materialize(b, train_ex, stand_in), pad_id=pad_id, packing=cfg.packing)
-                 for b in window[rank * ga : (rank + 1) * ga]]
-        loss_sum = accumulate_window(accelerator, model, micro, n_targets)
+        micro = []
+        for b in window[rank * ga : (rank + 1) * ga]:
+            exs = materialize(b, train_ex, stand_in)
+            micro.append(collate(exs, pad_id=pad_id, packing=cfg.packing))
+            if kd_plan is not None and distill.GRAYBOX in kd_plan.terms:
+                micro[-1]["topk_ids"], micro[-1]["topk_logprobs"] = distill.graybox_tensors(exs, micro[-1])
+        sums, gates = accumulate_window(accelerator, model, micro, n_targets, distiller, gate)
         grad_norm = None
         if cfg.max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            clip = list(model.parameters()) + reg_params if reg_params else model.parameters()
+            grad_norm = accelerator.clip_grad_norm_(clip, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        last_loss = float(accelerator.reduce(loss_sum, reduction="sum")) / max(n_targets, 1)
+        sums = (accelerator.reduce(sums, reduction="sum") / max(n_targets, 1)).tolist()
+        last_loss = sums[0]
         dt = time.time() - t0
         tokens_seen += n_tokens
         tokens_loop += n_tokens
@@ -448,6 +498,8 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
                "tokens": tokens_seen, "tokens_per_s": n_tokens / dt if dt > 0 else None, "step_s": dt}
         if grad_norm is not None:
             row["grad_norm"] = float(grad_norm)
+        if distiller is not None:
+            distiller.log(row, sums[1:], gates, rows)
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < total_steps:
             last_eval = evaluate(accelerator, model, eval_ex, cfg, pad_id)
@@ -472,6 +524,10 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
         "data": stats.as_dict(), "train_loss": last_loss, "tokens_per_s": tokens_loop / max(elapsed_loop, 1e-9),
         "devices": world, "precision": accelerator.mixed_precision,
     }
+    if distiller is not None:
+        summary["distill"] = distiller.summary(rows)
+    elif graybox_report is not None:
+        summary["distill"] = {"mode": "none", "graybox": graybox_report}
     if stopped:
         summary["stopped_at"] = stop_after
         return summary
@@ -486,6 +542,8 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
             append_metrics(metrics_path, row)
     summary["eval_loss"] = last_eval
     summary["files"] = save_outputs(accelerator, model, tokenizer, cfg, student, rows)
+    if regressors is not None and accelerator.is_main_process:
+        summary["files"]["feature_regressors"] = str(regressors.save(out))
     if accelerator.is_main_process:  # the run is complete: its checkpoints can no longer be resumed into anything
         import shutil
 
@@ -495,4 +553,7 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
     log(accelerator, f"trained {total_steps - start} step(s): train loss {last_loss:.4f}"
         + (f", eval loss {last_eval:.4f}" if last_eval is not None else "")
         + f", {summary['tokens_per_s']:.0f} tokens/s -> {out}")
+    if distiller is not None and cfg.sckd:
+        rates = summary["distill"]["on_rate"]
+        log(accelerator, "SCKD on-rates: " + ", ".join(f"{k} {v:.0%}" for k, v in rates.items()))
     return summary

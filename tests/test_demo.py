@@ -174,11 +174,6 @@ def test_mini_demo(tmp_path):
                         spec = sub[key]
                         prefix = "hf:" if spec.startswith("hf:") else ""
                         sub[key] = prefix + str((examples / spec[len(prefix):]).resolve())
-    from imitate.config import field_names
-    from imitate.train import TrainConfig
-
-    if "sckd" not in field_names(TrainConfig):  # TEMPORARY until KD lands in imitate train
-        del demo["train"]["kd"], demo["eval"]["kd"]
     p = tmp_path / "mini.toml"
     p.write_text(_toml(demo))
     result = CliRunner().invoke(app, ["run", str(p), "--json"])

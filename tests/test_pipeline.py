@@ -442,3 +442,18 @@ def test_speed_options_do_not_rerun(tmp_path, fake_stages, monkeypatch):
     fake_stages.clear()
     p.write_text(p.read_text().replace("[collect]\n", "[collect]\ntemperature = 0.5\n"))
     assert statuses(run_json(p))["collect"] == "skipped" and fake_stages == []
+
+
+def test_new_option_at_its_default_does_not_rerun(tmp_path, fake_stages):
+    """A newer imitate adding an option (absent from old manifests) re-runs nothing while the option is at its default."""
+    p = write_project(tmp_path)
+    run_json(p)
+    m = tmp_path / "runs" / "student.manifest.json"
+    data = json.loads(m.read_text())
+    del data["options"]["lr"]  # as if written before `lr` existed
+    m.write_text(json.dumps(data))
+    fake_stages.clear()
+    assert statuses(run_json(p))["train"] == "skipped"
+    p.write_text(p.read_text().replace('out = "runs/student"', 'out = "runs/student"\nlr = 0.5'))
+    result = run_json(p)
+    assert statuses(result)["train"] == "ran" and result["runs"][2]["reason"] == "options changed: lr"

@@ -1,0 +1,414 @@
+"""Distillation inside `imitate train`: the teacher, the KD loss terms of one micro-batch, the SCKD gate's wiring.
+
+Three sources of teacher signal, one loss convention (token SUMS, divided by the window's target-token count in
+train.py exactly like the cross-entropy):
+- logit KD (`--teacher hf:...`): the frozen teacher runs under no_grad on the same micro-batch; the term is
+  T² · Σ_tokens D(teacher_T, student_T) over target (assistant) tokens, computed chunk by chunk from the two models'
+  final hidden states and output heads (`losses.chunked_kd_loss`), so [tokens × vocab] logits never exist whole.
+- feature KD (`--feature-kd`): per (student layer, teacher layer) pair, MSE between a learned linear map of the
+  student's hidden state and the teacher's, over target tokens (`features.FeatureRegressors`; trained with the student).
+- gray-box KD (records with collected top-K `logprobs`, no `--teacher`): `losses.sparse_topk_kd` against the collected
+  log-probabilities, aligned to the tokenized examples once, at data preparation (`prepare_graybox`).
+Objective without SCKD: (1 − w)·CE + w·(logit KD or gray-box KD) + feature_weight·Σ feature terms.
+With `--sckd` each KD term is gated every optimizer step by `sckd.SCKDGate` (train.py's `accumulate_window`).
+
+Order of work (cheap things first): option checks -> teacher tokenizer check + both configs (vocab width, layers) ->
+data -> weights. `plan_teacher` / `graybox_plan` settle everything that needs no weights; `setup` loads.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imitate.errors import ImitateError, UsageError
+
+LOGIT = "logit_kd"
+GRAYBOX = "graybox_kd"
+KD_CHOICES = ("forward-kl", "reverse-kl", "jsd")
+TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_options(cfg: Any) -> None:
+    """KD option values, before anything is loaded."""
+    if cfg.kd not in KD_CHOICES:
+        raise UsageError(f"--kd must be one of {', '.join(KD_CHOICES)}, got {cfg.kd!r}")
+    if cfg.teacher_dtype not in TEACHER_DTYPES:
+        raise UsageError(f"--teacher-dtype must be one of {', '.join(TEACHER_DTYPES)}, got {cfg.teacher_dtype!r}")
+    if not 0.0 < cfg.jsd_beta < 1.0:
+        raise UsageError(f"--jsd-beta must be in (0, 1), got {cfg.jsd_beta}",
+                         hint="beta 0 / 1 are --kd forward-kl / reverse-kl")
+    if not 0.0 <= cfg.kd_weight <= 1.0:
+        raise UsageError(f"--kd-weight must be in [0, 1], got {cfg.kd_weight}", hint="CE gets 1 - w; e.g. 0.5")
+    if cfg.temperature <= 0:
+        raise UsageError(f"--temperature must be > 0, got {cfg.temperature}", hint="the KD loss temperature, e.g. 2.0")
+    if cfg.feature_weight < 0:
+        raise UsageError(f"--feature-weight must be >= 0, got {cfg.feature_weight}")
+    if cfg.kd_chunk_size < 1:
+        raise UsageError(f"--kd-chunk-size must be at least 1, got {cfg.kd_chunk_size}")
+    if cfg.feature_kd and not cfg.teacher:
+        raise UsageError("--feature-kd needs a local teacher's hidden states", hint="add --teacher hf:PATH")
+    if cfg.sckd and cfg.kd_weight >= 1.0:
+        raise UsageError("--sckd compares each KD term with the CE gradient, which --kd-weight 1 switches off",
+                         hint="use a --kd-weight below 1, e.g. 0.5")
+    if cfg.sckd and cfg.precision == "fp16":
+        raise UsageError("--sckd writes gradients itself and cannot use fp16 loss scaling",
+                         hint="use --precision bf16 or no")
+    if cfg.teacher:
+        teacher_ref(cfg.teacher)
+
+
+def teacher_ref(spec: str) -> str:
+    """`hf:PATH_OR_ID` -> the checked model reference (a directory, a peft adapter directory or a hub id)."""
+    from imitate.teachers import parse_spec
+    from imitate.teachers.local import resolve_model
+
+    provider, model = parse_spec(spec)
+    if provider != "hf":
+        raise UsageError(
+            f"--teacher {spec}: white-box distillation needs the teacher's weights (an hf:PATH_OR_ID model)",
+            hint=f"for an API teacher collect its answers (`imitate collect --teacher {spec}`, add --logprobs K for "
+            "gray-box KD where the API gives them) and train on the records without --teacher",
+        )
+    return resolve_model(model)
+
+
+@dataclass
+class Plan:
+    """What distillation needs, settled before any weights load."""
+
+    teacher: str | None = None  # model reference (directory / hub id), None for gray-box or none
+    vocab_size: int | None = None  # real vocabulary: logits are cut to it
+    pairs: list[tuple[int, int]] = field(default_factory=list)  # feature KD (student layer, teacher layer)
+    student_width: int = 0
+    teacher_width: int = 0
+    graybox: dict | None = None  # the gray-box report (counts, notes), None when gray-box is not used
+    terms: list[str] = field(default_factory=list)  # KD term names, in order
+
+
+def _configs(ref: str, trust_remote_code: bool) -> tuple[Any, str]:
+    """(text config, base reference) of a model directory / hub id / adapter directory; no weights are read."""
+    from transformers import AutoConfig
+
+    base = ref
+    adapter = Path(ref) / "adapter_config.json"
+    if adapter.exists():
+        base = json.loads(adapter.read_text(encoding="utf-8")).get("base_model_name_or_path") or ref
+    try:
+        conf = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ImitateError(f"cannot read the model config of {base}: {str(exc).splitlines()[0]}") from None
+    return (conf.get_text_config() if hasattr(conf, "get_text_config") else conf), base
+
+
+def plan_teacher(cfg: Any, tokenizer: Any, student: str) -> Plan:
+    """Teacher tokenizer check, real vocab size and feature pairs: tokenizers and configs only, no weights."""
+    from transformers import AutoTokenizer
+
+    from imitate import features, vocab
+
+    ref = teacher_ref(cfg.teacher)
+    t_conf, base = _configs(ref, cfg.trust_remote_code)
+    tok_dir = ref if (Path(ref) / "tokenizer_config.json").exists() else base
+    try:
+        t_tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ImitateError(f"cannot load the tokenizer of teacher {cfg.teacher}: {str(exc).splitlines()[0]}") from None
+    vocab.check_tokenizers(tokenizer, t_tok, teacher=f"teacher {cfg.teacher}")
+    s_conf, _ = _configs(student, cfg.trust_remote_code)
+    plan = Plan(teacher=ref, student_width=s_conf.hidden_size, teacher_width=t_conf.hidden_size)
+    plan.vocab_size = vocab.real_vocab_size(tokenizer, s_conf.vocab_size, t_conf.vocab_size)
+    if cfg.feature_kd:
+        plan.pairs = features.parse_pairs(cfg.feature_kd, s_conf.num_hidden_layers, t_conf.num_hidden_layers)
+    plan.terms = [LOGIT] + [features.term_name(p) for p in plan.pairs]
+    return plan
+
+
+def graybox_plan(tokenizer: Any, student: str, report: dict, trust_remote_code: bool) -> Plan:
+    """The plan of a gray-box run: one sparse KD term, logits cut to the real vocabulary."""
+    from imitate import vocab
+
+    s_conf, _ = _configs(student, trust_remote_code)
+    size = vocab.real_vocab_size(tokenizer, s_conf.vocab_size, s_conf.vocab_size)
+    return Plan(vocab_size=size, student_width=s_conf.hidden_size, graybox=report, terms=[GRAYBOX])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# gray-box: collected log-probabilities -> top-K rows aligned with the examples' targets
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _final_run(labels: list[int], ignore: int) -> list[int]:
+    """Labels with only the LAST contiguous run of targets kept: the final assistant turn, the one the logprobs of a
+    record describe (with --loss-on all, earlier assistant turns are targets too but have no logprobs)."""
+    out = [ignore] * len(labels)
+    t = len(labels) - 1
+    while t >= 0 and labels[t] == ignore:
+        t -= 1
+    while t >= 0 and labels[t] != ignore:
+        out[t] = labels[t]
+        t -= 1
+    return out
+
+
+def _teacher_tokenizer_ok(spec: str | None, tokenizer: Any, cache: dict) -> str | None:
+    """None when the record's teacher may share the student's tokenizer, else why not.
+
+    hf teachers whose directory (or cached hub id) is at hand are checked with `check_tokenizers`; other teachers
+    cannot be checked by name, so their log-probs are trusted only as far as their tokens match the targets.
+    """
+    if spec in cache:
+        return cache[spec]
+    why = None
+    provider, _, model = (spec or "").partition(":")
+    if provider == "hf" and model:
+        from transformers import AutoTokenizer
+
+        from imitate import vocab
+
+        try:
+            t_tok = AutoTokenizer.from_pretrained(model)
+        except (OSError, ValueError):
+            t_tok = None  # not at hand here: fall back to the token-by-token check
+        if t_tok is not None:
+            try:
+                vocab.check_tokenizers(tokenizer, t_tok, teacher=spec)
+            except ImitateError as exc:
+                why = exc.message
+    cache[spec] = why
+    return why
+
+
+def prepare_graybox(examples: list, tokenizer: Any, *, ignore: int) -> dict:
+    """Align every example's collected logprobs with its targets (sets `Example.topk`, drops `Example.logprobs`).
+
+    Returns the report for the summary: records with logprobs, aligned / unaligned target tokens, refused teachers.
+    A record's token is aligned while the collected tokens match the tokenized answer (ids, else token strings); the
+    first mismatch ends its alignment and the rest of that answer trains on CE only.
+    """
+    import torch
+
+    from imitate import vocab
+
+    report = {"records_with_logprobs": 0, "aligned": 0, "unaligned": 0, "unmapped_top": 0, "refused": {}}
+    cache: dict = {}
+    for ex in examples:
+        if not ex.logprobs:
+            continue
+        report["records_with_logprobs"] += 1
+        labels = torch.tensor(_final_run(ex.labels, ignore))
+        why = _teacher_tokenizer_ok(ex.teacher, tokenizer, cache)
+        if why is not None:
+            report["refused"][ex.teacher] = why
+            report["unaligned"] += int((labels != ignore).sum())
+            ex.logprobs = None
+            continue
+        ids, lps, counts = vocab.align_logprobs(ex.logprobs, labels, tokenizer)
+        ex.logprobs = None
+        for k in ("aligned", "unaligned", "unmapped_top"):
+            report[k] += counts[k]
+        rows = (ids >= 0).any(-1).nonzero().squeeze(-1)
+        if rows.numel():
+            a, b = int(rows[0]), int(rows[-1]) + 1
+            ex.topk = (a, ids[a:b].clone(), lps[a:b].clone())
+    total = report["aligned"] + report["unaligned"]
+    report["aligned_fraction"] = report["aligned"] / total if total else 0.0
+    if report["records_with_logprobs"] and not report["aligned"]:
+        report["note"] = ("no collected log-prob could be aligned with the student's tokens (another tokenizer?): "
+                          "trained on CE only")
+    return report
+
+
+def graybox_tensors(examples: list, batch: dict) -> tuple[Any, Any]:
+    """[B, L, K] top-K ids (-1 = none) and log-probs for a collated micro-batch (padded rows or one packed row)."""
+    import torch
+
+    width = max((ex.topk[1].shape[1] for ex in examples if ex.topk is not None), default=1)
+    rows = batch["input_ids"].shape[0]
+    length = batch["input_ids"].shape[1]
+    ids = torch.full((rows, length, width), -1, dtype=torch.long)
+    lps = torch.zeros((rows, length, width), dtype=torch.float32)
+    packed = "position_ids" in batch and "attention_mask" not in batch
+    offset = 0
+    for r, ex in enumerate(examples):
+        row, base = (0, offset) if packed else (r, 0)
+        if ex.topk is not None:
+            a, t_ids, t_lps = ex.topk
+            ids[row, base + a : base + a + t_ids.shape[0], : t_ids.shape[1]] = t_ids
+            lps[row, base + a : base + a + t_ids.shape[0], : t_lps.shape[1]] = t_lps
+        offset += len(ex.input_ids)
+    return ids, lps
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# weights and the per-micro-batch terms
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_teacher(cfg: Any, plan: Plan, device: Any) -> Any:
+    """The frozen teacher: eval mode, no parameter requires grad, on `--teacher-device` (default: the student's)."""
+    from imitate.teachers.local import load_model
+
+    dtype = None if cfg.teacher_dtype == "auto" else cfg.teacher_dtype  # None: bf16/fp16 on CUDA, float32 on CPU
+    model, _ = load_model(plan.teacher, device=str(cfg.teacher_device or device), dtype=dtype,
+                          trust_remote_code=cfg.trust_remote_code)
+    model.requires_grad_(False)
+    model.eval()
+    model.config.use_cache = False
+    return model
+
+
+def unwrap(model: Any) -> Any:
+    """The transformers model under the DDP and peft wrappers."""
+    inner = getattr(model, "module", model)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
+class Distiller:
+    """Computes the loss terms of one micro-batch and knows their weights.
+
+    teacher: the frozen model or None (gray-box); regressors: `FeatureRegressors` or None.
+    """
+
+    def __init__(self, cfg: Any, plan: Plan, teacher: Any = None, regressors: Any = None):
+        from imitate.losses import DIVERGENCES
+
+        self.cfg, self.plan, self.teacher, self.regressors = cfg, plan, teacher, regressors
+        self.gate = None  # an `SCKDGate` with --sckd (see `setup`)
+        self._counts: dict | None = None
+        self.beta = cfg.jsd_beta if cfg.kd == "jsd" else DIVERGENCES[cfg.kd]
+        self.w = cfg.kd_weight
+
+    @property
+    def terms(self) -> list[str]:
+        return list(self.plan.terms)
+
+    def weights(self) -> dict[str, float]:
+        """λ of each KD term (CE's weight is 1 − w)."""
+        return {name: (self.w if name in (LOGIT, GRAYBOX) else self.cfg.feature_weight) for name in self.plan.terms}
+
+    def combine(self, terms: dict) -> Any:
+        """The objective as token sums: (1 − w)·CE + Σ λ_i·term_i."""
+        total = terms["ce"] * (1.0 - self.w)
+        for name, lam in self.weights().items():
+            total = total + terms[name] * lam
+        return total
+
+    def losses(self, model: Any, batch: dict) -> dict:
+        """{"ce": sum, term: sum, ...} for one micro-batch (labels are already next-token aligned by the collator)."""
+        import torch
+
+        from imitate import losses
+        from imitate.data import IGNORE
+        from imitate.train import takes_logits_to_keep
+
+        labels = batch["labels"]
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        # logits_to_keep=1: the models build no [tokens x vocab] logits; the losses project hidden states in chunks
+        extra = {"logits_to_keep": 1} if takes_logits_to_keep(model) else {}
+        out = model(**inputs, **extra, output_hidden_states=True, use_cache=False)
+        hidden = out.hidden_states
+        head = unwrap(model).get_output_embeddings()
+        chunk, vocab_size = self.cfg.kd_chunk_size, self.plan.vocab_size
+        terms = {"ce": losses.chunked_ce(hidden[-1], head, labels, chunk_size=chunk, vocab_size=vocab_size)[0]}
+        if self.teacher is not None:
+            t_dev = self.teacher.device
+            t_extra = {"logits_to_keep": 1} if takes_logits_to_keep(self.teacher) else {}
+            with torch.no_grad():
+                t_out = self.teacher(**{k: v.to(t_dev) for k, v in inputs.items()}, **t_extra,
+                                     output_hidden_states=True, use_cache=False)
+            terms[LOGIT] = losses.chunked_kd_loss(
+                hidden[-1], head, t_out.hidden_states[-1], self.teacher.get_output_embeddings(), labels,
+                beta=self.beta, temperature=self.cfg.temperature, chunk_size=chunk, vocab_size=vocab_size,
+                t2=self.cfg.t2)[0]
+            if self.regressors is not None:
+                for name, (s, _) in self.regressors.terms(hidden, t_out.hidden_states, labels != IGNORE).items():
+                    terms[name] = s
+        elif GRAYBOX in self.plan.terms:
+            terms[GRAYBOX] = losses.sparse_topk_kd(hidden[-1], head, batch["topk_ids"], batch["topk_logprobs"],
+                                                   chunk_size=chunk, vocab_size=vocab_size)[0]
+        return terms
+
+    def log(self, row: dict, per_token: list[float], gates: dict, rows: list[dict]) -> None:
+        """Add this step's terms (per target token, unweighted) and gates (cosine, on/off, running on-rate since step 1,
+        earlier rows of a resumed run included) to the metrics row."""
+        row.update(zip(self.terms, per_token))
+        for name, g in gates.items():
+            row[f"cos/{name}"], row[f"on/{name}"] = g["cos"], g["on"]
+        if self._counts is None:  # [steps on, steps] per term, from the rows a resumed run restored
+            self._counts = {n: [sum(bool(r[f"on/{n}"]) for r in rows if f"on/{n}" in r),
+                                sum(f"on/{n}" in r for r in rows)] for n in self.terms}
+        for name, g in gates.items():
+            c = self._counts[name]
+            c[0], c[1] = c[0] + int(g["on"]), c[1] + 1
+            row[f"on_rate/{name}"] = c[0] / c[1]
+
+    def summary(self, rows: list[dict]) -> dict:
+        """The distillation part of the run summary; on-rates from the logged gates (whole run, resumed ones too)."""
+        cfg = self.cfg
+        out: dict[str, Any] = {"mode": "logit" if self.teacher is not None else "graybox", "terms": self.terms,
+                               "kd_weight": self.w}
+        if self.teacher is not None:
+            out.update(teacher=cfg.teacher, kd=cfg.kd, temperature=cfg.temperature, t2=cfg.t2,
+                       vocab_size=self.plan.vocab_size)
+            if cfg.kd == "jsd":
+                out["jsd_beta"] = cfg.jsd_beta
+            if self.plan.pairs:
+                out.update(feature_pairs=[list(p) for p in self.plan.pairs], feature_weight=cfg.feature_weight)
+        else:
+            out["graybox"] = self.plan.graybox
+        if cfg.sckd:
+            out["sckd_threshold"] = cfg.sckd_threshold
+            out["on_rate"] = on_rates(rows, self.terms)
+        return out
+
+
+def setup(cfg: Any, plan: Plan, accelerator: Any, params: list) -> Distiller:
+    """Load the teacher, make the feature regressors (trained by the student's optimizer, checkpointed with it, saved
+    beside the output) and, with --sckd, the gate over the student's trainable `params`."""
+    teacher = load_teacher(cfg, plan, accelerator.device) if plan.teacher else None
+    regressors = None
+    if plan.pairs:
+        from imitate.features import FeatureRegressors
+
+        regressors = FeatureRegressors(plan.pairs, plan.student_width, plan.teacher_width).to(accelerator.device)
+        accelerator.register_for_checkpointing(regressors)
+    distiller = Distiller(cfg, plan, teacher, regressors)
+    if cfg.sckd:
+        from imitate.sckd import SCKDGate, distributed_sum
+
+        own = {n: list(regressors.maps[n].parameters()) for n in distiller.terms
+               if regressors is not None and n in regressors.maps}
+        distiller.gate = SCKDGate(params, distiller.weights(), threshold=cfg.sckd_threshold, term_params=own,
+                                  reducer=distributed_sum())
+    return distiller
+
+
+def on_rates(rows: list[dict], names: list[str]) -> dict[str, float]:
+    """Fraction of logged optimizer steps in which each term's gate was on."""
+    out = {}
+    for name in names:
+        seen = [r[f"on/{name}"] for r in rows if f"on/{name}" in r]
+        out[name] = sum(map(bool, seen)) / len(seen) if seen else 0.0
+    return out
+
+
+def average_grads(accelerator: Any, params: list) -> None:
+    """Average `.grad` over data-parallel ranks (one flat all-reduce) for gradients DDP did not synchronise."""
+    import torch
+
+    if accelerator.num_processes == 1:
+        return
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1).float() for p in params])
+    flat = accelerator.reduce(flat, reduction="mean")
+    k = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[k : k + n].view_as(p.grad))
+        k += n
