@@ -1,16 +1,17 @@
 """Build the offline demo's teacher, student init and prompt files: a tiny Llama that writes numbers in words.
 
-    python examples/make_demo_teacher.py            # rebuilds data/demo_teacher, data/demo_student, data/numbers_*.jsonl
+    python examples/make_demo_teacher.py     # rebuilds data/demo_teacher, data/demo_student, data/numbers_*.jsonl
     python examples/make_demo_teacher.py --steps 200 --out /tmp/demo   # a quick (and bad) teacher somewhere else
 
 The task: "Write 347 in words." -> "three hundred forty-seven", for every integer 0..9999 (American style, no "and").
-Everything is seeded, so the same torch version on the same machine rebuilds the same files; on 2 CPU cores the default
-run takes about 5-10 minutes and reaches > 95% exact answers on numbers the teacher never saw.
+Everything is seeded (and single-threaded by default), so the same torch version rebuilds the same files. The default
+run (1,500 steps) took 366 s on one core of a busy 2-core machine and got all 1,000 held-out numbers right (numbers the
+teacher never trained on); the result is written to data/demo_teacher/demo_teacher.json.
 
 What it writes (all safetensors + a fast tokenizer with a chat template; each directory loads with transformers alone):
 - `data/demo_teacher/`   the teacher: LlamaForCausalLM, hidden 128, 4 layers (~0.8M parameters, ~3 MB).
-- `data/demo_student/`   a randomly initialised smaller Llama (hidden 64, 2 layers) with the SAME tokenizer: the demo
-                         trains it by imitation (`imitate train --student data/demo_student --full`).
+- `data/demo_student/`   a randomly initialised smaller Llama (hidden 64, 2 layers, ~0.13M parameters) with the
+                         SAME tokenizer, which the demo trains by imitation (`--student data/demo_student --full`).
 - `data/numbers_train.jsonl`  prompts the demo collects the teacher's answers to (`{"prompt": ..., "number": N}`).
 - `data/numbers_eval.jsonl`   held-out prompts with the true answer (`{"prompt", "reference", "number"}`); the teacher
                          is never trained on these numbers, so its score on them is an honest held-out accuracy.
@@ -31,8 +32,28 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
-        "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
+ONES = [
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+]
 TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
 
 LIMIT = 10_000  # the task covers 0 .. LIMIT-1
@@ -152,7 +173,9 @@ def generate(model, tok, numbers: list[int], batch_size: int = 100) -> list[str]
     for i in range(0, len(numbers), batch_size):
         chunk = numbers[i : i + batch_size]
         texts = [
-            tok.apply_chat_template([{"role": "user", "content": prompt_for(n)}], tokenize=False, add_generation_prompt=True)
+            tok.apply_chat_template(
+                [{"role": "user", "content": prompt_for(n)}], tokenize=False, add_generation_prompt=True
+            )
             for n in chunk
         ]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -167,7 +190,9 @@ def accuracy(model, tok, numbers: list[int]) -> float:
     return sum(a == in_words(n) for a, n in zip(answers, numbers)) / len(numbers)
 
 
-def train_teacher(tok, train_numbers: list[int], *, steps: int, batch_size: int, lr: float, seed: int, log_every: int = 250):
+def train_teacher(
+    tok, train_numbers: list[int], *, steps: int, batch_size: int, lr: float, seed: int, log_every: int = 250
+):
     """Plain next-token training on the answers (prompt tokens masked), AdamW + warmup + cosine decay."""
     import torch
 
@@ -209,7 +234,10 @@ def train_teacher(tok, train_numbers: list[int], *, steps: int, batch_size: int,
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % log_every == 0 or step == steps - 1:
-            print(f"step {step:5d}/{steps}  loss {loss.item():.4f}  lr {lr_at(step):.2e}  {time.time() - t0:.0f}s", file=sys.stderr)
+            print(
+                f"step {step:5d}/{steps}  loss {loss.item():.4f}  lr {lr_at(step):.2e}  {time.time() - t0:.0f}s",
+                file=sys.stderr,
+            )
     return model
 
 
@@ -223,7 +251,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def write_prompt_files(out: Path, seed: int = SEED) -> None:
     train, held = split_numbers(seed)
     rng = random.Random(seed + 1)
-    write_jsonl(out / "numbers_train.jsonl", [{"prompt": prompt_for(n), "number": n} for n in rng.sample(train, N_TRAIN_PROMPTS)])
+    write_jsonl(
+        out / "numbers_train.jsonl",
+        [{"prompt": prompt_for(n), "number": n} for n in rng.sample(train, N_TRAIN_PROMPTS)],
+    )
     write_jsonl(
         out / "numbers_eval.jsonl",
         [{"prompt": prompt_for(n), "reference": in_words(n), "number": n} for n in held[:N_EVAL]],
@@ -237,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=SEED)
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the shipped files were built so)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (default 1: the shipped files were built so)"
+    )
     args = ap.parse_args(argv)
 
     import torch

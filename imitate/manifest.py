@@ -129,7 +129,9 @@ def stale_reason(cfg: Any, manifest: Path | None, inputs: dict) -> str | None:
     if old is None:
         return "no manifest of an earlier successful run"
     opts, old_opts = _jsonable(to_dict(cfg)), dict(old.get("options", {}))
-    for k, default in _defaults(cfg).items():  # an option added by a newer imitate, left at its default, changes nothing
+    for k, default in _defaults(
+        cfg
+    ).items():  # an option added by a newer imitate, left at its default, changes nothing
         old_opts.setdefault(k, default)
     changed = sorted(k for k in (set(opts) | set(old_opts)) - SPEED_OPTIONS if opts.get(k) != old_opts.get(k))
     if changed:
@@ -147,8 +149,14 @@ def write(manifest: Path, cfg: Any, inputs: dict, **info: Any) -> None:
     """Atomically write the manifest: `info` (stage, name, seconds, summary), options, input and output hashes."""
     from imitate.records import now_iso
 
-    data = {"version": VERSION, **info, "finished": now_iso(), "options": _jsonable(to_dict(cfg)), "inputs": inputs,
-            "outputs": output_hashes(cfg)}
+    data = {
+        "version": VERSION,
+        **info,
+        "finished": now_iso(),
+        "options": _jsonable(to_dict(cfg)),
+        "inputs": inputs,
+        "outputs": output_hashes(cfg),
+    }
     manifest.parent.mkdir(parents=True, exist_ok=True)
     tmp = manifest.with_name(manifest.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")

@@ -107,7 +107,9 @@ def _table_fields(cls: type) -> set[str]:
     def takes_dict(tp: Any) -> bool:
         if tp is Any or tp is dict or typing.get_origin(tp) is dict:
             return True
-        return any(takes_dict(a) for a in typing.get_args(tp)) if typing.get_origin(tp) in (typing.Union, types.UnionType) else False
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):  # dict[str, int] | None
+            return any(takes_dict(a) for a in typing.get_args(tp))
+        return False
 
     return {f.name for f in dataclasses.fields(cls) if takes_dict(hints.get(f.name, Any))}
 
@@ -283,14 +285,26 @@ def execute(run: Run, force: bool, quiet_stdout: bool) -> None:
         _log(f"== {run.name}: {unfinished}")
     elif run.status == "ran" and run.manifest is not None:
         # the hashes read before the run: an input edited meanwhile makes the next run run again
-        mf.write(run.manifest, run.cfg, inputs, stage=run.stage, name=run.name, seconds=round(run.seconds, 3),
-                 summary=run.summary)
+        mf.write(
+            run.manifest,
+            run.cfg,
+            inputs,
+            stage=run.stage,
+            name=run.name,
+            seconds=round(run.seconds, 3),
+            summary=run.summary,
+        )
     if run.error:
         _log(f"== {run.name}: {run.status.replace('_', ' ')}: {run.error}")
 
 
 def run_pipeline(
-    path: str | Path, *, only: str | None = None, from_: str | None = None, force: bool = False, quiet_stdout: bool = False
+    path: str | Path,
+    *,
+    only: str | None = None,
+    from_: str | None = None,
+    force: bool = False,
+    quiet_stdout: bool = False,
 ) -> dict:
     """Run the pipeline file; returns {"pipeline", "exit_code", "runs": [per-run report]}. Config errors raise.
 
@@ -344,7 +358,10 @@ def headline(stage: str, summary: Any) -> str:
     for key in HEADLINE_KEYS.get(stage, ()):
         v = summary.get(key)
         if isinstance(v, (int, float)) and not isinstance(v, bool):
-            parts.append(f"{key} {v:.4g}" if isinstance(v, float) else f"{key} {v}")
+            parts.append(f"{key} {v:.4f}" if isinstance(v, float) else f"{key} {v}")
+    distill = summary.get("distill")
+    if isinstance(distill, dict) and isinstance(distill.get("on_rate"), dict):  # SCKD: how often each term counted
+        parts += [f"sckd on-rate {term} {rate:.2f}" for term, rate in distill["on_rate"].items() if rate is not None]
     return ", ".join(parts)
 
 

@@ -29,9 +29,17 @@ def script():
 @pytest.mark.parametrize(
     "n, words",
     [
-        (0, "zero"), (7, "seven"), (13, "thirteen"), (20, "twenty"), (47, "forty-seven"), (100, "one hundred"),
-        (347, "three hundred forty-seven"), (1005, "one thousand five"), (2019, "two thousand nineteen"),
-        (9999, "nine thousand nine hundred ninety-nine"), (10000, "ten thousand"),
+        (0, "zero"),
+        (7, "seven"),
+        (13, "thirteen"),
+        (20, "twenty"),
+        (47, "forty-seven"),
+        (100, "one hundred"),
+        (347, "three hundred forty-seven"),
+        (1005, "one thousand five"),
+        (2019, "two thousand nineteen"),
+        (9999, "nine thousand nine hundred ninety-nine"),
+        (10000, "ten thousand"),
     ],
 )
 def test_in_words(script, n, words):
@@ -44,7 +52,9 @@ def test_prompt_files_match_the_script(script):
     rows = [json.loads(x) for x in (DATA / "numbers_eval.jsonl").read_text().splitlines()]
     assert len(rows) == script.N_EVAL
     assert all(r["number"] in set(held) for r in rows)  # the teacher never trained on an eval number
-    assert all(r["reference"] == script.in_words(r["number"]) and r["prompt"] == script.prompt_for(r["number"]) for r in rows)
+    assert all(
+        r["reference"] == script.in_words(r["number"]) and r["prompt"] == script.prompt_for(r["number"]) for r in rows
+    )
     train_rows = [json.loads(x) for x in (DATA / "numbers_train.jsonl").read_text().splitlines()]
     assert len(train_rows) == script.N_TRAIN_PROMPTS and not {r["number"] for r in train_rows} & set(held)
 
@@ -54,7 +64,9 @@ def test_demo_teacher_and_student_are_small_and_share_a_tokenizer():
         d = DATA / name
         size = sum(f.stat().st_size for f in d.iterdir()) / 2**20
         assert (d / "model.safetensors").exists() and size < limit_mb, (name, size)
-    assert (DATA / "demo_teacher" / "tokenizer.json").read_bytes() == (DATA / "demo_student" / "tokenizer.json").read_bytes()
+    assert (DATA / "demo_teacher" / "tokenizer.json").read_bytes() == (
+        DATA / "demo_student" / "tokenizer.json"
+    ).read_bytes()
 
 
 def test_demo_teacher_writes_held_out_numbers(script):
@@ -173,7 +185,7 @@ def test_mini_demo(tmp_path):
                     if key in sub:
                         spec = sub[key]
                         prefix = "hf:" if spec.startswith("hf:") else ""
-                        sub[key] = prefix + str((examples / spec[len(prefix):]).resolve())
+                        sub[key] = prefix + str((examples / spec[len(prefix) :]).resolve())
     p = tmp_path / "mini.toml"
     p.write_text(_toml(demo))
     result = CliRunner().invoke(app, ["run", str(p), "--json"])

@@ -37,8 +37,10 @@ class CollectConfig:
 def collect_run(cfg: CollectConfig) -> dict:
     CALLS.append("collect")
     rows = [json.loads(x) for x in Path(cfg.prompts).read_text().splitlines() if x.strip()]
-    recs = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["prompt"].upper()}]}
-            for r in rows]
+    recs = [
+        {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["prompt"].upper()}]}
+        for r in rows
+    ]
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     Path(cfg.out).write_text("".join(json.dumps(r) + "\n" for r in recs))
     print("collect says hello on stdout")  # must not end up in --json output
@@ -116,7 +118,11 @@ def fake_stages(monkeypatch):
     CALLS.clear()
     for stage, (mod_name, cls_name) in pl.STAGES.items():
         mod = types.ModuleType(mod_name)
-        setattr(mod, cls_name, {"collect": CollectConfig, "clean": CleanConfig, "train": TrainConfig, "eval": EvalConfig}[stage])
+        setattr(
+            mod,
+            cls_name,
+            {"collect": CollectConfig, "clean": CleanConfig, "train": TrainConfig, "eval": EvalConfig}[stage],
+        )
         mod.run = {"collect": collect_run, "clean": clean_run, "train": train_run, "eval": eval_run}[stage]
         monkeypatch.setitem(sys.modules, mod_name, mod)
     return CALLS
@@ -197,7 +203,7 @@ def test_unchanged_output_stops_the_chain(tmp_path, fake_stages):
     p = write_project(tmp_path)
     run_json(p)
     fake_stages.clear()
-    text = p.read_text().replace('[collect]\n', '[collect]\ntemperature = 0.5\n')
+    text = p.read_text().replace("[collect]\n", "[collect]\ntemperature = 0.5\n")
     p.write_text(text)
     result = run_json(p)
     assert fake_stages == ["collect"]
@@ -244,7 +250,12 @@ def test_force_only_from(tmp_path, fake_stages):
     fake_stages.clear()
     result = run_json(p, "--only", "train", "--force")
     assert fake_stages == ["train:student"]
-    assert statuses(result) == {"collect": "not_selected", "clean": "not_selected", "train": "ran", "eval": "not_selected"}
+    assert statuses(result) == {
+        "collect": "not_selected",
+        "clean": "not_selected",
+        "train": "ran",
+        "eval": "not_selected",
+    }
     fake_stages.clear()
     result = run_json(p, "--from", "train", "--force")
     assert fake_stages == ["train:student", "eval:student"]
@@ -262,7 +273,9 @@ def test_failed_stage_exits_1_and_stops(tmp_path, fake_stages, fail):
     p = write_project(tmp_path, PIPELINE.replace('out = "runs/student"', f'out = "runs/student"\nfail = "{fail}"'))
     result = run_json(p, code=1)
     assert statuses(result) == {"collect": "ran", "clean": "ran", "train": "failed", "eval": "not_run"}
-    assert "student diverged" in result["runs"][2]["error"] if fail == "imitate" else "boom" in result["runs"][2]["error"]
+    assert (
+        "student diverged" in result["runs"][2]["error"] if fail == "imitate" else "boom" in result["runs"][2]["error"]
+    )
     assert not (tmp_path / "runs" / "student.manifest.json").exists()
     human = invoke(p)
     assert human.exit_code == 1 and "failed" in human.stdout
@@ -315,19 +328,28 @@ def test_named_runs_share_options_and_chain_by_name(tmp_path, fake_stages):
     result = run_json(p, code=3)  # 4 prompts -> score 0.4 < 0.5 for sft and kd; the teacher gate (0.1) passes
     assert fake_stages == ["collect", "train:sft", "train:kd", "eval:sft", "eval:sft", "eval:kd"]
     assert statuses(result) == {
-        "collect": "ran", "train.sft": "ran", "train.kd": "ran",
-        "eval.teacher": "ran", "eval.sft": "gate_failed", "eval.kd": "gate_failed",
+        "collect": "ran",
+        "train.sft": "ran",
+        "train.kd": "ran",
+        "eval.teacher": "ran",
+        "eval.sft": "gate_failed",
+        "eval.kd": "gate_failed",
     }
     kd = json.loads((tmp_path / "runs" / "kd" / "model.json").read_text())
     assert kd == {"n": 4, "lr": 0.02, "teacher": "hf:" + str(tmp_path / "student")}  # relative to the file
     assert json.loads((tmp_path / "runs" / "sft" / "model.json").read_text())["lr"] == 0.01
     # train.data chained to collect.out since there is no [clean]
-    assert json.loads((tmp_path / "runs" / "kd.manifest.json").read_text())["options"]["data"][0].endswith("collected.jsonl")
+    assert json.loads((tmp_path / "runs" / "kd.manifest.json").read_text())["options"]["data"][0].endswith(
+        "collected.jsonl"
+    )
     # a failed gate writes no manifest: the gate is checked again next time
     fake_stages.clear()
     again = run_json(p, code=3)
     assert fake_stages == ["eval:sft", "eval:kd"]
     assert statuses(again)["eval.teacher"] == "skipped"
+    fake_stages.clear()
+    only = run_json(p, "--only", "train.kd", "--force")  # one named run
+    assert fake_stages == ["train:kd"] and statuses(only)["train.sft"] == "not_selected"
     human = invoke(p)
     assert human.exit_code == 3
     assert "eval.teacher  score 0.400" in human.stdout and "eval.kd       score 0.400  (gate FAILED)" in human.stdout
@@ -345,8 +367,16 @@ def test_json_stdout_is_only_json(tmp_path, fake_stages):
     "text, message, hint",
     [
         ("[trian]\nout = 'x'\n", "unknown section 'trian'", "did you mean '[train]'"),
-        ("[collect]\nprompts = 'p'\nout = 'o'\ntemprature = 0\n", "unknown key 'temprature'", "did you mean 'temperature'"),
-        ("[train]\nstudent = 's'\n[train.kd]\nout = 'o'\ndata = 'd'\nlrr = 1\n", "[train.kd]: unknown key 'lrr'", "did you mean 'lr'"),
+        (
+            "[collect]\nprompts = 'p'\nout = 'o'\ntemprature = 0\n",
+            "unknown key 'temprature'",
+            "did you mean 'temperature'",
+        ),
+        (
+            "[train]\nstudent = 's'\n[train.kd]\nout = 'o'\ndata = 'd'\nlrr = 1\n",
+            "[train.kd]: unknown key 'lrr'",
+            "did you mean 'lr'",
+        ),
         ("[eval]\nprompts = 'p'\n", "missing required option(s): --model", "earlier stage"),
         ("[collect]\nprompts = 'p'\nout = 'o'\ntemperature = 'hot'\n", "'temperature' must be a number", None),
         ("[collect\n", "not valid TOML", None),
@@ -445,7 +475,7 @@ def test_speed_options_do_not_rerun(tmp_path, fake_stages, monkeypatch):
 
 
 def test_new_option_at_its_default_does_not_rerun(tmp_path, fake_stages):
-    """A newer imitate adding an option (absent from old manifests) re-runs nothing while the option is at its default."""
+    """An option added by a newer imitate (absent from old manifests) re-runs nothing while it is at its default."""
     p = write_project(tmp_path)
     run_json(p)
     m = tmp_path / "runs" / "student.manifest.json"

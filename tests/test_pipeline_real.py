@@ -12,7 +12,9 @@ from imitate.cli import app
 
 def write_pipeline(tmp: Path, teacher: Path, student: Path, min_score: float) -> Path:
     prompts = tmp / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"Write {n} in words."}) + "\n" for n in (3, 14, 159, 2653, 58, 979)))
+    prompts.write_text(
+        "".join(json.dumps({"prompt": f"Write {n} in words."}) + "\n" for n in (3, 14, 159, 2653, 58, 979))
+    )
     (tmp / "eval.jsonl").write_text("".join(json.dumps({"prompt": f"Write {n} in words."}) + "\n" for n in (7, 42)))
     p = tmp / "pipe.toml"
     p.write_text(f"""
@@ -61,7 +63,10 @@ def test_real_stages_run_skip_and_gate(tmp_path, tiny_teacher_dir, tiny_model_di
     code, first = run(p)
     assert code == 0
     assert [(r["name"], r["status"]) for r in first["runs"]] == [
-        ("collect", "ran"), ("clean", "ran"), ("train", "ran"), ("eval", "ran")
+        ("collect", "ran"),
+        ("clean", "ran"),
+        ("train", "ran"),
+        ("eval", "ran"),
     ]
     assert first["runs"][0]["summary"]["completed"] == 6
     assert first["runs"][3]["summary"]["n"] == 2
