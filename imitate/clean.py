@@ -373,6 +373,11 @@ def run(cfg: CleanConfig) -> dict:
         "cluster_s": {k: round(v, 4) for k, v in cluster_s.items()},
         "records_per_s": round(len(table.ids) / max(t3 - t0, 1e-9), 1),
     }
+    if not table.ids:
+        notes.append("the inputs hold no records: nothing to clean (and nothing for imitate train)")
+    elif not kept:
+        notes.append("every record was removed, so imitate train has nothing to train on: see which filter took them "
+                     "(the keep-/no- flags turn filters off)")
     summary = {
         "in": len(table.ids),
         "out": kept,

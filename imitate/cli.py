@@ -28,6 +28,26 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from imitate import __version__
+
+        typer.echo(f"imitate {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit, e.g. imitate --version."
+    ),
+) -> None:
+    """Distill a large teacher model into a small student by imitation: collect -> clean -> train (-> eval).
+
+    Example: imitate run examples/demo.toml
+    """
+
+
 def print_error(exc: ImitateError) -> None:
     typer.echo(f"Error: {exc.message}", err=True)
     if exc.hint:
@@ -42,6 +62,9 @@ def handle_errors() -> Iterator[None]:
     except ImitateError as exc:
         print_error(exc)
         raise typer.Exit(exc.exit_code) from None
+    except (IsADirectoryError, NotADirectoryError, PermissionError) as exc:  # a path the user gave (a dir for a file)
+        print_error(ImitateError(f"{exc.filename}: {exc.strerror}", hint="check the file paths given as options"))
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         typer.echo("Interrupted; finished work is kept, re-run the same command to resume.", err=True)
         raise typer.Exit(130) from None
@@ -54,6 +77,12 @@ def stage_config(cls: type, config: Optional[Path], section: str, flags: dict[st
     if config is None:
         return build(cls, flags)
     data = load_toml(config)
+    if section not in data:  # a typo'd section ([cleen]) would otherwise be ignored without a word
+        from imitate.errors import ConfigError
+
+        raise ConfigError(f"{config}: no [{section}] section",
+                          hint=f"its sections: {', '.join(f'[{s}]' for s in data) or 'none'}; "
+                          f"put this command's options under [{section}]")
     file_layer = data.get(section, {})
     where = f"{config} [{section}]"
     file_layer = resolve_paths(cls, check_keys(cls, file_layer, where), Path(config).resolve().parent)

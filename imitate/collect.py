@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -68,6 +69,15 @@ class Job:
     request: Request
     source: dict
     where: str  # "file:line"
+
+
+def first_error(failures: Path) -> str:
+    """The error of the first request in the failures file (for the 'nothing succeeded' note)."""
+    try:
+        with failures.open(encoding="utf-8") as fh:
+            return str(json.loads(fh.readline()).get("error", "unknown"))
+    except (OSError, ValueError, AttributeError):
+        return "see the failures file"
 
 
 def sidecar(out: Path, kind: str) -> Path:
@@ -168,7 +178,7 @@ def api_key(cfg: CollectConfig, provider: str, base_url: str | None) -> str | No
     raise ImitateError(
         f"no API key for teacher {cfg.teacher!r}: environment variable {env} is not set",
         hint=f"export {env}=... (or name another variable with --api-key-env NAME); "
-        "for a local OpenAI-compatible server give --base-url",
+        "a local server (vLLM, Ollama...) needs no key: give its --base-url",
     )
 
 
@@ -205,6 +215,11 @@ def check_cfg(cfg: CollectConfig) -> None:
         raise UsageError(f"--temperature must be >= 0, got {cfg.temperature}")
     if cfg.retries < 0:
         raise UsageError(f"--retries must be >= 0, got {cfg.retries}")
+    for name in ("rpm", "tpm"):  # optional ceilings: leave them out for none, never 0 or negative
+        if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
+            raise UsageError(f"--{name} must be > 0, got {getattr(cfg, name)}", hint=f"leave --{name} out for no limit")
+    if cfg.timeout <= 0:
+        raise UsageError(f"--timeout must be > 0 seconds, got {cfg.timeout}")
     if cfg.logprobs is not None and cfg.logprobs < 0:
         raise UsageError(f"--logprobs must be >= 0, got {cfg.logprobs}")
     if cfg.prompts is None and not cfg.self_instruct:
@@ -253,6 +268,12 @@ def run(cfg: CollectConfig) -> dict:
             "Re-run the same command to retry them (finished records are not sent again).",
             file=sys.stderr,
         )
+        if not engine.stats.completed:  # nothing got through: a wrong URL or model, not a flaky request
+            raise ImitateError(
+                f"no request succeeded in this run (first error: {first_error(failures)})",
+                hint="check --teacher, --base-url (or OPENAI_BASE_URL) and that the server is reachable; "
+                f"the failed requests are in {failures} and are retried when you run the same command again",
+            )
     if engine.stats.length:
         print(
             f'{engine.stats.length} answer(s) were cut by --max-tokens (kept, with finish_reason "length").',

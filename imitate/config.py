@@ -175,8 +175,9 @@ def build(cls: type[T], *layers: Mapping[str, Any] | None, where: str = "options
             if v is not None:
                 merged[k] = v
     hints = typing.get_type_hints(cls)
-    for k in list(merged):
-        merged[k] = _coerce(merged[k], hints.get(k, Any), k.replace("_", "-"), where)
+    for k in list(merged):  # flags alone (where == "options") are named as flags: '--match', not 'match'
+        label = ("--" if where == "options" else "") + k.replace("_", "-")
+        merged[k] = _coerce(merged[k], hints.get(k, Any), label, where)
     missing = [
         f.name
         for f in dataclasses.fields(cls)

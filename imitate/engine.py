@@ -47,6 +47,7 @@ class Engine:
         self.rng = random.Random(cfg.seed)
         self.failures: Journal | None = None
         self.fatal: str | None = None
+        self.fatal_error: ImitateError | None = None  # a user error from the teacher itself (hf: model won't load)
         self.failures_path.unlink(missing_ok=True)  # last run's failures are retried now; this run writes its own
 
     def scrub(self, text: str) -> str:
@@ -88,6 +89,8 @@ class Engine:
         finally:
             progress.close()
             await journal.close()
+        if self.fatal_error is not None:  # e.g. a local model without a chat template: same for every request
+            raise self.fatal_error
         if self.fatal:
             raise ImitateError(
                 f"the teacher refused the request: {self.fatal}",
@@ -118,6 +121,9 @@ class Engine:
             except Exception as exc:  # the teacher's (SDK's) error: classify, then retry, fail or stop the run
                 kind, retry_after = classify(exc)
                 error = self.scrub(f"{type(exc).__name__}: {exc}")
+                if isinstance(exc, ImitateError):  # raised by our own teacher code: a setup error, not a bad request
+                    self.fatal, self.fatal_error = error, exc
+                    return
                 if kind == "fatal":
                     self.fatal = error
                     return

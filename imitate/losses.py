@@ -302,18 +302,26 @@ def sparse_topk_kd(
 
 
 def feature_mse(
-    student_h: torch.Tensor, teacher_h: torch.Tensor, regressor: Callable, mask: torch.Tensor
+    student_h: torch.Tensor, teacher_h: torch.Tensor, regressor: Callable, mask: torch.Tensor, *, normalize: bool = True
 ) -> tuple[torch.Tensor, int]:
-    """FitNets hint loss: Σ over masked tokens of mean_d (regressor(student_h) − teacher_h)², in float32.
+    """FitNets hint loss: Σ over masked tokens of mean_d (regressor(student_h) − target)², in float32.
 
     student_h: [B, L, Hs] (grad flows); teacher_h: [B, L, Ht] (detached; moved to the student's device);
     regressor: maps [..., Hs] -> [..., Ht] (a `FeatureRegressors` entry); mask: [B, L] bool, True = count this token.
+    normalize: the target is the teacher state standardised per token (zero mean, unit variance over its Ht features,
+    no affine). Raw hidden states of deep layers have norms in the tens, so an unnormalised MSE starts near 30+ and
+    swamps the CE at any useful weight; standardised, it starts near 1 and the regressor learns the scale it needs.
     Returns (scalar float32 sum of per-token MSE, number of tokens).
     """
+    import torch.nn.functional as F
+
     s, idx = _target_rows(student_h, mask)
     t = teacher_h.detach().reshape(-1, teacher_h.shape[-1]).index_select(0, idx.to(teacher_h.device))
     mapped = regressor(s.to(_param_dtype(regressor, s.dtype))).float()
-    diff = mapped - t.to(device=mapped.device, dtype=mapped.dtype)
+    t = t.to(device=mapped.device, dtype=mapped.dtype)
+    if normalize:
+        t = F.layer_norm(t, t.shape[-1:])
+    diff = mapped - t
     return diff.pow(2).mean(-1).sum(), int(idx.numel())
 
 

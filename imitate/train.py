@@ -29,7 +29,7 @@ from typing import Any
 from imitate import checkpoint, distill
 from imitate.config import PATH_MARK, path_field
 from imitate.data import IGNORE, Example, collate, load_examples, plan_batches, split_eval, windows
-from imitate.errors import ImitateError, UsageError
+from imitate.errors import ImitateError, InputError, UsageError
 from imitate.outputs import ProgressBar, append_metrics, peak_memory_mb, read_metrics, save_outputs, write_metrics
 
 
@@ -137,6 +137,7 @@ def resolve_student(spec: str) -> str:
         return str(p.resolve())  # absolute, so the adapter's base_model_name_or_path works from any directory
     parts = spec.split("/")
     looks_local = spec.startswith((".", "/", "~")) or len(parts) > 2 or not all(parts)
+    looks_local = looks_local or (len(parts) == 2 and Path(parts[0]).is_dir())  # 'runs/typo' next to a runs/ dir
     if looks_local:
         raise UsageError(f"student {spec}: no such directory", hint="give --student a model directory or a hub id")
     return spec
@@ -368,6 +369,19 @@ def log(accelerator: Any, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+def no_examples_error(cfg: TrainConfig, stats: Any) -> ImitateError:
+    """Why --data gave nothing to train on: no records at all, or none with an answer token inside --max-length."""
+    data = ", ".join(str(p) for p in cfg.data)
+    if stats.records == 0:
+        return InputError(f"--data {data}: no records to train on",
+                          hint="the file is empty (did imitate clean remove everything? see its report)")
+    return InputError(
+        f"--data {data}: none of the {stats.records} records keeps an answer token within --max-length "
+        f"{cfg.max_length} ({stats.dropped_overlong} dropped as overlong, {stats.dropped_no_target} with the answer "
+        f"cut off; the longest is {stats.longest} tokens)",
+        hint=f"raise --max-length (e.g. --max-length {stats.longest})")
+
+
 def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
     """Train and save; returns the summary `--json` prints. `stop_after=k` stops after step k like a kill would (no
     final save), for resume tests."""
@@ -385,7 +399,7 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
     examples, stats = load_examples(cfg.data, tokenizer, max_length=cfg.max_length, overlong=cfg.overlong,
                                     loss_on=cfg.loss_on, with_logprobs=cfg.graybox and not cfg.teacher)
     if not examples:
-        raise ImitateError("no trainable examples left in --data", hint="see the counts above; raise --max-length")
+        raise no_examples_error(cfg, stats)
     graybox_report = None
     if kd_plan is None and any(e.logprobs for e in examples):
         graybox_report = distill.prepare_graybox(examples, tokenizer, ignore=IGNORE)

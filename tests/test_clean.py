@@ -257,6 +257,26 @@ def test_cli_config_file_and_errors(tmp_path, corpus):
     assert res.exit_code != 0 and "ROLE=NUMBER" in res.output
     res = CliRunner().invoke(app, ["clean", str(src)])
     assert res.exit_code == 2 and "--out" in res.output
+    typo = tmp_path / "typo.toml"  # a misspelt section is an error, not silently ignored
+    typo.write_text("[cleen]\nthreshold = 0.5\n")
+    res = CliRunner().invoke(app, ["clean", str(src), "--out", str(tmp_path / "o.jsonl"), "--config", str(typo)])
+    assert res.exit_code == 2 and "no [clean] section" in res.stderr and "[cleen]" in res.stderr
+    res = CliRunner().invoke(app, ["clean", str(tmp_path), "--out", str(tmp_path / "o.jsonl")])  # a directory
+    assert res.exit_code == 1 and "Is a directory" in res.stderr and "Traceback" not in res.output
+    assert not isinstance(res.exception, IsADirectoryError)
+
+
+def test_nothing_kept_or_nothing_in_is_noted(tmp_path):
+    answer = "As an AI language model, I cannot help."
+    refusals = write(tmp_path / "r.jsonl", [record(f"q {i}", answer) for i in range(3)])
+    s = run(clean_cfg(tmp_path, [refusals]))
+    assert s["out"] == 0 and any("every record was removed" in n for n in s["notes"])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    s = run(clean_cfg(tmp_path, [empty]))
+    assert s["in"] == 0 and any("no records" in n for n in s["notes"])
+    ok = run(clean_cfg(tmp_path, [write(tmp_path / "ok.jsonl", [record("q", "a fine answer")])]))
+    assert ok["out"] == 1 and not any("removed" in n or "no records" in n for n in ok["notes"])
 
 
 def test_near_dup_on_both_needs_prompt_and_answer_alike(tmp_path):

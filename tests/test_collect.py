@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from imitate.cli import app
 from imitate.collect import CollectConfig, run
+from imitate.errors import ImitateError
 from imitate.records import request_id
 
 
@@ -228,11 +229,19 @@ def test_client_errors_fail_without_retry_and_auth_errors_stop_the_run(server, t
         run(cfg(server, tmp_path))
 
 
-def test_empty_answer_is_a_failure_not_a_record(server, tmp_path):
+def test_empty_answer_is_a_failure_not_a_record(server, tmp_path, capsys):
     server.responder = lambda body, s: ""
-    s = run(cfg(server, tmp_path, retries=0))
-    assert s["failed"] == 3 and s["completed"] == 0
+    # nothing succeeded: an error (exit 1) with the first error and what to check; the failures are kept
+    with pytest.raises(ImitateError, match="no request succeeded.*empty answer") as ei:
+        run(cfg(server, tmp_path, retries=0))
+    assert "--base-url" in ei.value.hint
+    assert len(read(tmp_path / "out.failures.jsonl")) == 3
     assert "empty answer" in read(tmp_path / "out.failures.jsonl")[0]["error"]
+    # one good answer among failures is a partial success: exit 0, the summary counts the failures
+    answers = iter(["", "ok", ""])
+    server.responder = lambda body, s: next(answers)
+    s = run(cfg(server, tmp_path, retries=0))
+    assert s["failed"] == 2 and s["completed"] == 1
 
 
 # --- resume, ids ----------------------------------------------------------------------------------------------
@@ -332,6 +341,10 @@ def test_missing_key_names_the_env_var(server, tmp_path):
     assert r.exit_code == 2 and "--logprobs" in r.stderr
     r = invoke("--teacher", "mistral:large", "--prompts", str(p), "--out", str(tmp_path / "o.jsonl"))
     assert r.exit_code == 2 and "openai, anthropic, hf" in r.stderr
+    for flag, value in (("--rpm", "-1"), ("--tpm", "0"), ("--timeout", "0")):  # no ceiling is "leave it out"
+        r = invoke("--teacher", "openai:m", "--base-url", server.base_url + "/v1", "--prompts", str(p),
+                   "--out", str(tmp_path / "o.jsonl"), flag, value)
+        assert r.exit_code == 2 and f"{flag} must be > 0" in r.stderr, r.stderr
     assert server.count() == 0
 
 

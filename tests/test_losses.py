@@ -260,9 +260,17 @@ def test_feature_mse_matches_hand_formula_and_masks():
     th = torch.randn(2, 5, HT, generator=g)
     reg = torch.nn.Linear(HS, HT)
     mask = torch.tensor([[0, 1, 1, 1, 1], [0, 0, 1, 1, 0]], dtype=torch.bool)
-    total, n = feature_mse(sh, th, reg, mask)
+    total, n = feature_mse(sh, th, reg, mask, normalize=False)
     hand = sum(((reg(sh[b, t]) - th[b, t]) ** 2).mean() for b in range(2) for t in range(5) if mask[b, t])
     assert n == 6
+    torch.testing.assert_close(total, hand)
+    # default: the teacher target is standardised per token (zero mean, unit variance, no affine)
+    total, n = feature_mse(sh, th * 40 + 3, reg, mask)
+
+    def std(x):
+        return (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + 1e-5)
+
+    hand = sum(((reg(sh[b, t]) - std(th[b, t] * 40 + 3)) ** 2).mean() for b in range(2) for t in range(5) if mask[b, t])
     torch.testing.assert_close(total, hand)
     (grad,) = torch.autograd.grad(total, [sh])
     assert grad[~mask].abs().max() == 0

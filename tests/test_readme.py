@@ -63,3 +63,18 @@ def test_first_commands_match_ci():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "pip install -q torch==2.13.0" in ci and 'pip install -q -e ".[test]"' in ci
     assert tests.strip() == "python -m pytest -q" and "python -m pytest -q" in ci
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_option_has_help_with_an_example(command):
+    import typer
+
+    sub = typer.main.get_command(app).commands[command]
+    bare = []
+    for p in sub.params:
+        if p.name == "help":
+            continue
+        text = getattr(p, "help", None) or ""
+        if not ("e.g." in text or "xample" in text or any(o in text for o in p.opts)):
+            bare.append(p.opts[0] if p.opts else p.name)
+    assert not bare, f"imitate {command}: options without an example in their help: {bare}"

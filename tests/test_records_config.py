@@ -81,8 +81,10 @@ def test_build_errors():
     with pytest.raises(ConfigError, match="unknown key 'max_token'") as ei:
         build(_Cfg, {"max_token": 3})
     assert "max-tokens" in ei.value.hint
-    with pytest.raises(ConfigError, match="must be an integer"):
+    with pytest.raises(ConfigError, match="'--max-tokens' must be an integer"):  # flags alone: named as the flag
         build(_Cfg, {"max_tokens": "many"})
+    with pytest.raises(ConfigError, match=r"f.toml \[s\]: 'max-tokens' must be an integer"):  # a file: its key
+        build(_Cfg, {"max_tokens": "many"}, where="f.toml [s]")
 
 
 @pytest.mark.parametrize("command", [None, "collect", "clean", "train", "eval", "run"])
@@ -99,3 +101,13 @@ def test_help_is_light_and_documented(command):
     assert out.returncode == 0, out.stdout + out.stderr
     if command is not None:
         assert "xample" in out.stdout, f"{command} --help shows no example"
+
+
+def test_version():
+    from typer.testing import CliRunner
+
+    from imitate import __version__
+    from imitate.cli import app
+
+    res = CliRunner().invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.strip() == f"imitate {__version__}"

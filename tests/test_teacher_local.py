@@ -169,6 +169,20 @@ def test_missing_path_fails_before_loading(tmp_path):
         LocalTeacher(str(tmp_path / "empty"))
 
 
+def test_typo_under_a_local_directory_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    """'runs/studnet' next to a runs/ directory is a path typo: fail now instead of minutes of hub retries."""
+    from imitate.teachers.local import resolve_model
+    from imitate.train import resolve_student
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(ImitateError, match="runs/studnet does not exist"):
+        resolve_model("runs/studnet")
+    with pytest.raises(ImitateError, match="no such directory"):
+        resolve_student("runs/studnet")
+    assert resolve_model("org/name") == "org/name" and resolve_student("org/name") == "org/name"  # hub ids still pass
+
+
 def test_uncached_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -189,6 +203,17 @@ def test_no_chat_template_is_an_error(tiny_model_dir, tmp_path):
     teacher = LocalTeacher(str(d))
     with pytest.raises(ImitateError, match="no chat template"):
         teacher.complete_sync([req(0, CHATS[0], temperature=0)])
+    # through `imitate collect`: the run stops with that error (exit 1), not one failures-file line per request
+    from typer.testing import CliRunner
+
+    from imitate.cli import app
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "one"}\n{"prompt": "two"}\n')
+    res = CliRunner().invoke(app, ["collect", "--teacher", f"hf:{d}", "--prompts", str(prompts),
+                                   "--out", str(tmp_path / "o.jsonl"), "--no-progress"])
+    assert res.exit_code == 1 and "no chat template" in res.stderr, res.output
+    assert not (tmp_path / "o.failures.jsonl").exists()
 
 
 def test_model_generation_defaults_do_not_leak(tiny_model_dir, tmp_path, loaded):

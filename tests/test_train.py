@@ -235,6 +235,8 @@ def test_cli_config_file_section(tiny_model_dir, data_file, tmp_path):
         ("no_assistant", "bad.jsonl:2: no assistant turn"),
         ("unknown_student", "no such directory"),
         ("no_template", "--chat-template"),
+        ("empty_data", "no records to train on"),
+        ("max_length_too_small", "raise --max-length (e.g. --max-length "),
     ],
 )
 def test_cli_errors_before_weights(case, expect, tiny_model_dir, data_file, tmp_path, monkeypatch):
@@ -266,7 +268,11 @@ def test_cli_errors_before_weights(case, expect, tiny_model_dir, data_file, tmp_
         cfg.pop("chat_template", None)
         (student / "tokenizer_config.json").write_text(json.dumps(cfg))
         (student / "chat_template.jinja").unlink(missing_ok=True)
-    res = invoke("--data", data, "--student", student, "--out", tmp_path / "o", "--no-progress")
+    elif case == "empty_data":  # e.g. imitate clean removed every record
+        bad.write_text("")
+        data = bad
+    extra = ["--max-length", "2"] if case == "max_length_too_small" else []
+    res = invoke("--data", data, "--student", student, "--out", tmp_path / "o", "--no-progress", *extra)
     assert res.exit_code in (1, 2), res.output
     assert "Error:" in res.stderr and expect in res.stderr, res.stderr
     assert "Traceback" not in res.output

@@ -51,7 +51,9 @@ def resolve_model(model: str) -> str:
             )
         return str(p)
     looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
-    if looks_local:
+    # 'runs/student' with a local runs/ directory is a path typo, not a hub id (asking the hub would only retry)
+    in_local_dir = "/" in model and Path(model.split("/")[0]).is_dir()
+    if looks_local or in_local_dir:
         raise ImitateError(
             f"model directory {model} does not exist",
             hint="check the path (relative paths start from the current directory), or give a hub id like org/name",
@@ -206,6 +208,10 @@ def generate_batch(
     # explicit values so the model's generation_config defaults (top-k, repetition penalty...) do not leak in
     knobs: dict[str, Any] = {"temperature": float(temperature), "top_k": 0} if sample else {"temperature": 1.0}
     knobs["top_p"] = float(top_p) if sample and top_p is not None else 1.0
+    # never generate past the model's context: the longest prompt plus the answer must fit its positions
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context:
+        max_tokens = max(1, min(max_tokens, context - input_ids.shape[1]))
     gen = GenerationConfig(
         max_new_tokens=max_tokens,
         do_sample=sample,
