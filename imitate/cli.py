@@ -192,7 +192,7 @@ def _role_bounds(values: Optional[list[str]], flag: str) -> Optional[dict[str, i
 @app.command("clean")
 def clean_cmd(
     inputs: Optional[list[Path]] = typer.Argument(
-        None, help="Record files from collect. Example: records.jsonl more.jsonl"
+        None, help="Record files from collect. Example: records.jsonl more.jsonl", metavar="IN.jsonl"
     ),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Kept records. Example: --out clean.jsonl"),
     removed: Optional[Path] = typer.Option(
@@ -570,7 +570,9 @@ def eval_cmd(
 @app.command("run")
 def run_cmd(
     pipeline: Path = typer.Argument(
-        ..., help="Pipeline TOML with [collect], [clean], [train], [eval] sections. Example: examples/demo.toml"
+        ...,
+        help="Pipeline TOML with [collect], [clean], [train], [eval] sections. Example: examples/demo.toml",
+        metavar="PIPELINE.toml",
     ),
     only: Optional[str] = typer.Option(
         None, "--only", help="Run only this stage or named run, e.g. --only train or --only train.kd"
