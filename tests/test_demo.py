@@ -159,6 +159,7 @@ def test_mini_demo(tmp_path):
     """examples/demo.toml end to end with the shipped teacher and student, cut down to 40 prompts, a few training
     steps and 20 eval numbers: every run succeeds and the teacher scores > 90% through `imitate eval`."""
     import tomllib
+
     from typer.testing import CliRunner
 
     from imitate.cli import app

@@ -9,6 +9,7 @@ import torch
 from test_train import adapter_weights as adapter
 from test_train import cfg_for as sft_cfg
 from test_train import invoke, make_records, metrics
+from tiny import run_torchrun
 
 from imitate.train import run
 
@@ -276,19 +277,12 @@ def test_sckd_two_processes_match_one_process_with_accumulation(tiny_model_dir, 
                                                                  tmp_path):
     """2 CPU ranks (gloo) x grad-accum 1 == 1 process x grad-accum 2 under --sckd with every gate forced on
     (threshold -1): the gate's gradients are averaged over ranks with the right scale and regressors stay in sync."""
-    import os
-    import subprocess
-    import sys
 
     args = ["--data", data_file, "--student", tiny_model_dir, "--teacher", f"hf:{tiny_teacher_dir}", "--sckd",
             "--sckd-threshold", "-1", "--feature-kd", "2:3", "--max-steps", "3", "--batch-size", "3",
             "--lora-dropout", "0", "--eval-split", "0", "--lr", "1e-2", "--no-progress"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     ddp = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "imitate", "train", *map(str, args), "--grad-accum", "1", "--out", str(ddp), "--json"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_torchrun(args, ddp)
     assert json.loads(proc.stdout)["devices"] == 2
     single = tmp_path / "single"
     res = invoke(*args, "--grad-accum", "2", "--out", single)

@@ -7,6 +7,7 @@ import math
 import shutil
 
 import pytest
+from tiny import copy_without_chat_template
 
 from imitate.errors import ImitateError
 from imitate.teachers import Request
@@ -192,14 +193,8 @@ def test_uncached_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
 
 
 def test_no_chat_template_is_an_error(tiny_model_dir, tmp_path):
-    import json
 
-    d = tmp_path / "m"
-    shutil.copytree(tiny_model_dir, d)
-    cfg = json.loads((d / "tokenizer_config.json").read_text())
-    cfg.pop("chat_template", None)
-    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
-    (d / "chat_template.jinja").unlink(missing_ok=True)
+    d = copy_without_chat_template(tiny_model_dir, tmp_path / "m")
     teacher = LocalTeacher(str(d))
     with pytest.raises(ImitateError, match="no chat template"):
         teacher.complete_sync([req(0, CHATS[0], temperature=0)])

@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from tiny import copy_without_chat_template, run_torchrun
 
 from imitate.config import build
 from imitate.train import TrainConfig, run
@@ -240,7 +241,6 @@ def test_cli_config_file_section(tiny_model_dir, data_file, tmp_path):
     ],
 )
 def test_cli_errors_before_weights(case, expect, tiny_model_dir, data_file, tmp_path, monkeypatch):
-    import shutil
 
     import transformers
 
@@ -262,12 +262,7 @@ def test_cli_errors_before_weights(case, expect, tiny_model_dir, data_file, tmp_
     elif case == "unknown_student":
         student = tmp_path / "no-such-model"
     elif case == "no_template":
-        student = tmp_path / "plain"
-        shutil.copytree(tiny_model_dir, student)
-        cfg = json.loads((student / "tokenizer_config.json").read_text())
-        cfg.pop("chat_template", None)
-        (student / "tokenizer_config.json").write_text(json.dumps(cfg))
-        (student / "chat_template.jinja").unlink(missing_ok=True)
+        student = copy_without_chat_template(tiny_model_dir, tmp_path / "plain")
     elif case == "empty_data":  # e.g. imitate clean removed every record
         bad.write_text("")
         data = bad
@@ -318,18 +313,11 @@ def test_two_processes_match_one_process_with_accumulation(tiny_model_dir, data_
     """DDP (2 CPU processes, gloo) x grad-accum 1 == 1 process x grad-accum 2: same windows, same loss normalisation
     across ranks, same eval sharding. 43 training examples in batches of 4 -> 11 micro-batches, so the last window also
     exercises the padding micro-batch that carries no targets."""
-    import os
-    import subprocess
-    import sys
 
     args = ["--data", data_file, "--student", tiny_model_dir, "--epochs", "1", "--batch-size", "4", "--lora-dropout",
             "0", "--eval-split", "0.1", "--eval-every", "3", "--lr", "1e-2", "--no-progress"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     ddp = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "imitate", "train", *map(str, args), "--grad-accum", "1", "--out", str(ddp), "--json"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_torchrun(args, ddp)
     summary = json.loads(proc.stdout)
     assert summary["devices"] == 2 and summary["steps"] == 6
     single = tmp_path / "single"

@@ -114,3 +114,31 @@ def make_model(
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
     return model
+
+
+def copy_without_chat_template(src: str | Path, dst: str | Path) -> Path:
+    """Copy a model dir and strip its chat template (both the tokenizer_config field and chat_template.jinja)."""
+    import json
+    import shutil
+
+    dst = Path(dst)
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (dst / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (dst / "chat_template.jinja").unlink(missing_ok=True)
+    return dst
+
+
+def run_torchrun(args: list, out: str | Path, nproc: int = 2):
+    """`imitate train ARGS --grad-accum 1 --out OUT --json` under torchrun with `nproc` CPU ranks; the finished process."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "imitate", "train", *map(str, args), "--grad-accum", "1", "--out", str(out), "--json"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
