@@ -34,7 +34,7 @@ def summary(cfg: Any, stats: Any, out: Path, failures: Path, wall_s: float) -> d
 def dry_run_summary(cfg: Any, jobs: list, done: set[str], seeds: list[str] | None = None) -> dict:
     """What a run would send. With self-instruct the tasks do not exist yet: the estimate assumes new tasks as long as
     the seeds on average, PER_CALL tasks per generation call and no duplicates."""
-    from imitate.collect import est_tokens
+    from imitate.limiter import est_tokens
 
     todo = [j for j in jobs if j.request.id not in done]
     would_send = len(todo)

@@ -142,11 +142,11 @@ def row_messages(row: dict, where: str, template: Any, system: str | None) -> li
     return messages
 
 
-def plan(cfg: CollectConfig, rows: list[tuple[str, dict]], template: Any, params: dict | None = None) -> list[Job]:
+def plan(cfg: CollectConfig, rows: list[tuple[str, dict]], template: Any) -> list[Job]:
     """Render every row (errors stop here, before any request) into n jobs each; identical requests appear once."""
     from imitate.records import request_id
 
-    params = params_of(cfg) if params is None else params
+    params = params_of(cfg)
     jobs: list[Job] = []
     seen: set[str] = set()
     for where, row in rows:
@@ -157,11 +157,6 @@ def plan(cfg: CollectConfig, rows: list[tuple[str, dict]], template: Any, params
                 seen.add(rid)
                 jobs.append(Job(Request(rid, messages, params, sample), row, where))
     return jobs
-
-
-def est_tokens(messages: list[dict]) -> int:
-    """Input tokens estimated as characters / 4 (good enough for pacing and dry runs)."""
-    return sum(len(m["content"]) for m in messages) // 4 + 4 * len(messages)
 
 
 # --- teachers ---------------------------------------------------------------------------------------------------
@@ -245,19 +240,19 @@ def run(cfg: CollectConfig) -> dict:
     failures = Path(cfg.failures) if cfg.failures else sidecar(out, "failures")
     rows = read_rows(cfg.prompts) if cfg.prompts is not None and not cfg.self_instruct else []
     jobs = plan(cfg, rows, template)  # every template/input error surfaces here, before any request
+    seeds = None
     if cfg.self_instruct:  # the same checks for the self-instruct seeds and the rows it will produce
         from imitate.selfinstruct import DEFAULT_SEEDS, load_seeds
 
         seeds = load_seeds(Path(cfg.seed_tasks or cfg.prompts or DEFAULT_SEEDS))
         plan(cfg, [("self-instruct task", {"prompt": "a task", "origin": "self-instruct"})], template)
     if cfg.dry_run:
-        done = finished_ids(out) if out.exists() else set()
-        result = dry_run_summary(cfg, jobs, done, seeds if cfg.self_instruct else None)
+        result = dry_run_summary(cfg, jobs, finished_ids(out), seeds)
         print_summary(result)
         return result
     t0 = time.monotonic()
     engine = Engine(cfg, teacher, secret, out, failures)
-    extra = asyncio.run(_collect(cfg, engine, jobs, template))
+    extra = asyncio.run(_collect(cfg, engine, jobs, template, seeds))
     result = summary(cfg, engine.stats, out, failures, time.monotonic() - t0)
     if extra:
         result["self_instruct"] = extra
@@ -282,14 +277,14 @@ def run(cfg: CollectConfig) -> dict:
     return result
 
 
-async def _collect(cfg: CollectConfig, engine: Any, jobs: list[Job], template: Any) -> dict:
+async def _collect(cfg: CollectConfig, engine: Any, jobs: list[Job], template: Any, seeds: list[str] | None) -> dict:
     """Everything that talks to the teacher, in one event loop (the SDK clients belong to it)."""
     try:
         extra: dict = {}
         if cfg.self_instruct:
             from imitate.selfinstruct import expand
 
-            new_rows, extra = await expand(cfg, engine, template)
+            new_rows, extra = await expand(cfg, engine, seeds)
             jobs = plan(cfg, new_rows, template)
             # money spent on generation counts in the run's totals
             engine.stats.tokens_in += extra["tokens_in"]

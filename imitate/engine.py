@@ -19,7 +19,7 @@ from typing import Any
 
 from imitate.errors import ImitateError
 from imitate.journal import Journal, finished_ids
-from imitate.limiter import RateLimiter, RetryPolicy, classify
+from imitate.limiter import RateLimiter, RetryPolicy, classify, est_tokens
 from imitate.records import now_iso
 
 
@@ -49,15 +49,16 @@ class Engine:
         self.fatal: str | None = None
         self.fatal_error: ImitateError | None = None  # a user error from the teacher itself (hf: model won't load)
         self.failures_path.unlink(missing_ok=True)  # last run's failures are retried now; this run writes its own
+        self.batch = getattr(teacher, "batch_size", 1) or 1  # >1: a local teacher generating in batches
+        self.supports_n = getattr(teacher, "supports_n", False)  # several samples of one prompt in one call
 
     def scrub(self, text: str) -> str:
         return text.replace(self.secret, "***") if self.secret and self.secret != "unused" else text
 
     def units(self, jobs: list) -> deque:
-        batch = getattr(self.teacher, "batch_size", 1) or 1
-        if batch > 1:
-            return deque(jobs[i : i + batch] for i in range(0, len(jobs), batch))
-        if not getattr(self.teacher, "supports_n", False):
+        if self.batch > 1:
+            return deque(jobs[i : i + self.batch] for i in range(0, len(jobs), self.batch))
+        if not self.supports_n:
             return deque([j] for j in jobs)
         groups: deque = deque()
         for j in jobs:
@@ -80,7 +81,7 @@ class Engine:
         stats.cached += len(jobs) - len(todo)
         journal = Journal(out)
         units = self.units(todo)
-        workers = 1 if (getattr(self.teacher, "batch_size", 1) or 1) > 1 else self.cfg.concurrency
+        workers = 1 if self.batch > 1 else self.cfg.concurrency
         progress = Progress(label, len(todo), self.cfg.progress)
         try:
             await asyncio.gather(
@@ -105,10 +106,8 @@ class Engine:
             await self._send(unit, journal, stats, progress)
 
     async def _send(self, unit: list, journal: Journal, stats: Stats, progress: Progress) -> None:
-        from imitate.collect import est_tokens
-
         requests = [j.request for j in unit]
-        batched = getattr(self.teacher, "supports_n", False) or (getattr(self.teacher, "batch_size", 1) or 1) > 1
+        batched = self.supports_n or self.batch > 1
         calls = 1 if batched else len(unit)  # one HTTP call / generate() batch, or one call per request
         estimate = est_tokens(requests[0].messages) * calls + self.cfg.max_tokens * len(unit)
         attempt = 0

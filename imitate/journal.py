@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from imitate.errors import InputError
-from imitate.records import dumps, repair_torn_tail
+from imitate.records import dumps, iter_jsonl, repair_torn_tail
 
 
 def finished_ids(path: Path) -> set[str]:
@@ -38,28 +38,22 @@ def finished_ids(path: Path) -> set[str]:
 
 
 def read_by_id(path: Path, ids: set[str]) -> dict[str, dict]:
-    """The records of `path` whose id is in `ids`."""
+    """The records of `path` whose id is in `ids` (the first one of each id)."""
     out: dict[str, dict] = {}
-    if path.exists():
-        with path.open("r", encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    rec = json.loads(line)
-                    if rec.get("id") in ids:
-                        out.setdefault(rec["id"], rec)
+    for line in iter_jsonl(path):
+        if line.data.get("id") in ids:
+            out.setdefault(line.data["id"], line.data)
     return out
 
 
 class Journal:
     """Append records to `path` from async code; `await close()` flushes everything and fsyncs."""
 
-    def __init__(self, path: Path, *, truncate: bool = False, fsync: bool = True):
+    def __init__(self, path: Path, *, fsync: bool = True):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not truncate:
-            repair_torn_tail(self.path)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if truncate else 0)
-        self.fd = os.open(self.path, flags, 0o644)
+        repair_torn_tail(self.path)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self.fsync = fsync
         self.written = 0
         self._queue: asyncio.Queue[str | None] = asyncio.Queue()

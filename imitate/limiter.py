@@ -16,6 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 
+def est_tokens(messages: list[dict]) -> int:
+    """Input tokens estimated as characters / 4 (good enough for pacing and dry runs)."""
+    return sum(len(m["content"]) for m in messages) // 4 + 4 * len(messages)
+
+
 class Bucket:
     """A token bucket refilled continuously at `per_minute / 60` per second, holding at most one second's worth
     (but at least one request's cost), so bursts stay small. A cost larger than the bucket drives it negative

@@ -34,7 +34,6 @@ class Template:
     """A compiled template; `name` is what error messages call it (the built-in name or the file path)."""
 
     name: str
-    source: str
     compiled: Any
 
     def render(self, row: dict, where: str = "") -> list[dict]:
@@ -83,7 +82,7 @@ def from_string(source: str, name: str = "<string>") -> Template:
         compiled = _environment().from_string(source)
     except TemplateSyntaxError as exc:
         raise UsageError(f"template {name}:{exc.lineno}: {exc.message}", hint="fix the Jinja2 syntax") from None
-    return Template(name, source, compiled)
+    return Template(name, compiled)
 
 
 def load(name_or_path: str | Path) -> Template:

@@ -60,8 +60,8 @@ def load_seeds(path: Path) -> list[str]:
     return seeds
 
 
-async def expand(cfg: Any, engine: Any, template: Any) -> tuple[list[tuple[str, dict]], dict]:
-    """Generate cfg.self_instruct new tasks; returns (rows to answer, summary)."""
+async def expand(cfg: Any, engine: Any, seeds: list[str]) -> tuple[list[tuple[str, dict]], dict]:
+    """Generate cfg.self_instruct new tasks from `seeds` (see load_seeds); returns (rows to answer, summary)."""
     from imitate import prompts
     from imitate.collect import Job, sidecar
     from imitate.engine import Stats
@@ -69,8 +69,6 @@ async def expand(cfg: Any, engine: Any, template: Any) -> tuple[list[tuple[str, 
     from imitate.records import assistant_text, request_id
     from imitate.teachers import Request
 
-    seed_path = Path(cfg.seed_tasks or cfg.prompts or DEFAULT_SEEDS)
-    seeds = load_seeds(seed_path)
     gen_template = prompts.load("self_instruct")
     params = {"temperature": GEN_TEMPERATURE, "max_tokens": max(cfg.max_tokens, 512)}
     journal_path = sidecar(Path(cfg.out), "instructions")

@@ -47,7 +47,6 @@ class AnthropicTeacher(SDKTeacher):
                 finish_reason=STOP.get(stop, stop or "unknown"),
                 input_tokens=usage.get("input_tokens"),
                 output_tokens=usage.get("output_tokens"),
-                extra={"billed": (usage.get("input_tokens") or 0, usage.get("output_tokens") or 0)},
             )
         except (ValueError, AttributeError, TypeError, KeyError) as exc:
             raise MalformedResponse(f"unreadable response from the server: {type(exc).__name__}: {exc}") from None
