@@ -18,9 +18,7 @@ data -> weights. `plan_teacher` / `graybox_plan` settle everything that needs no
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from imitate.errors import ImitateError, UsageError
@@ -88,19 +86,15 @@ class Plan:
     terms: list[str] = field(default_factory=list)  # KD term names, in order
 
 
-def _configs(ref: str, trust_remote_code: bool) -> tuple[Any, str]:
-    """(text config, base reference) of a model directory / hub id / adapter directory; no weights are read."""
+def _configs(base: str, trust_remote_code: bool) -> Any:
+    """The text config of a model directory or hub id (an adapter's base, see local.model_refs); no weights are read."""
     from transformers import AutoConfig
 
-    base = ref
-    adapter = Path(ref) / "adapter_config.json"
-    if adapter.exists():
-        base = json.loads(adapter.read_text(encoding="utf-8")).get("base_model_name_or_path") or ref
     try:
         conf = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ImitateError(f"cannot read the model config of {base}: {str(exc).splitlines()[0]}") from None
-    return (conf.get_text_config() if hasattr(conf, "get_text_config") else conf), base
+    return conf.get_text_config() if hasattr(conf, "get_text_config") else conf
 
 
 def plan_teacher(cfg: Any, tokenizer: Any, student: str) -> Plan:
@@ -108,16 +102,17 @@ def plan_teacher(cfg: Any, tokenizer: Any, student: str) -> Plan:
     from transformers import AutoTokenizer
 
     from imitate import features, vocab
+    from imitate.teachers.local import model_refs
 
     ref = teacher_ref(cfg.teacher)
-    t_conf, base = _configs(ref, cfg.trust_remote_code)
-    tok_dir = ref if (Path(ref) / "tokenizer_config.json").exists() else base
+    base, _, tok_dir = model_refs(ref)
+    t_conf = _configs(base, cfg.trust_remote_code)
     try:
         t_tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ImitateError(f"cannot load the tokenizer of teacher {cfg.teacher}: {str(exc).splitlines()[0]}") from None
     vocab.check_tokenizers(tokenizer, t_tok, teacher=f"teacher {cfg.teacher}")
-    s_conf, _ = _configs(student, cfg.trust_remote_code)
+    s_conf = _configs(student, cfg.trust_remote_code)
     plan = Plan(teacher=ref, student_width=s_conf.hidden_size, teacher_width=t_conf.hidden_size)
     plan.vocab_size = vocab.real_vocab_size(tokenizer, s_conf.vocab_size, t_conf.vocab_size)
     if cfg.feature_kd:
@@ -130,7 +125,7 @@ def graybox_plan(tokenizer: Any, student: str, report: dict, trust_remote_code: 
     """The plan of a gray-box run: one sparse KD term, logits cut to the real vocabulary."""
     from imitate import vocab
 
-    s_conf, _ = _configs(student, trust_remote_code)
+    s_conf = _configs(student, trust_remote_code)
     size = vocab.real_vocab_size(tokenizer, s_conf.vocab_size, s_conf.vocab_size)
     return Plan(vocab_size=size, student_width=s_conf.hidden_size, graybox=report, terms=[GRAYBOX])
 
@@ -249,13 +244,13 @@ def graybox_tensors(examples: list, batch: dict) -> tuple[Any, Any]:
 
 def load_teacher(cfg: Any, plan: Plan, device: Any) -> Any:
     """The frozen teacher: eval mode, no parameter requires grad, on `--teacher-device` (default: the student's)."""
-    from imitate.teachers.local import load_model
+    from imitate.teachers.local import load_weights
 
     dtype = None if cfg.teacher_dtype == "auto" else cfg.teacher_dtype  # None: bf16/fp16 on CUDA, float32 on CPU
-    model, _ = load_model(plan.teacher, device=str(cfg.teacher_device or device), dtype=dtype,
-                          trust_remote_code=cfg.trust_remote_code)
-    model.requires_grad_(False)
-    model.eval()
+    model = load_weights(
+        plan.teacher, device=str(cfg.teacher_device or device), dtype=dtype, trust_remote_code=cfg.trust_remote_code
+    )
+    model.requires_grad_(False)  # load_weights already put it in eval mode
     model.config.use_cache = False
     return model
 

@@ -9,7 +9,7 @@ import torch
 from test_train import adapter_weights as adapter
 from test_train import cfg_for as sft_cfg
 from test_train import invoke, make_records, metrics
-from tiny import run_torchrun
+from tiny import copy_without_chat_template, run_torchrun
 
 from imitate.train import run
 
@@ -102,6 +102,15 @@ def test_mismatched_tokenizer_refused_before_weights_load(tiny_model_dir, other_
     assert res.exit_code != 0 and not loaded
     assert "does not share the student's tokenizer" in res.stderr and "black-box" in res.stderr, res.stderr
     assert "Traceback" not in res.output
+
+
+def test_teacher_without_chat_template_distills(tiny_model_dir, tiny_teacher_dir, data_file, tmp_path):
+    """Records are formatted with the student's template: the teacher's own template is never needed."""
+    teacher = copy_without_chat_template(tiny_teacher_dir, tmp_path / "plain-teacher")
+    res = invoke("--data", data_file, "--student", tiny_model_dir, "--teacher", f"hf:{teacher}", "--out",
+                 tmp_path / "o", "--max-steps", "1", "--batch-size", "2", "--no-progress", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["distill"]["terms"] == ["logit_kd"]
 
 
 @pytest.mark.parametrize("args, expect", [

@@ -86,6 +86,50 @@ def _from_pretrained(loader: Any, ref: str, **kw: Any) -> Any:
         ) from None
 
 
+def model_refs(model: str) -> tuple[str, str | None, str]:
+    """(base, adapter or None, tokenizer dir) of a model directory, hub id or peft adapter directory; reads no weights.
+
+    An adapter directory (adapter_config.json) names its base in `base_model_name_or_path`; its tokenizer is the
+    adapter's own when it saved one, else the base's.
+    """
+    ref = resolve_model(model)
+    adapter = Path(ref) / "adapter_config.json"
+    if not adapter.exists():
+        return ref, None, ref
+    base_ref = json.loads(adapter.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not base_ref:
+        raise ImitateError(f"{adapter}: no base_model_name_or_path", hint="set it to the base model's path or id")
+    try:
+        base_ref = resolve_model(base_ref)
+    except ImitateError as exc:
+        raise ImitateError(f"{adapter}: base_model_name_or_path: {exc.message}", hint=exc.hint) from None
+    tok_ref = ref if (Path(ref) / "tokenizer_config.json").exists() else base_ref
+    return base_ref, ref, tok_ref
+
+
+def load_weights(
+    model: str, *, device: str | None = None, dtype: str | None = None, trust_remote_code: bool = False
+) -> Any:
+    """The model's weights (safetensors), a peft adapter merged in, on `device`, in eval mode. No tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base_ref, adapter_ref, _ = model_refs(model)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    net = _from_pretrained(
+        AutoModelForCausalLM,
+        base_ref,
+        dtype=_torch_dtype(dtype, device),
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
+    )
+    if adapter_ref:
+        net = _load_adapter(net, adapter_ref)
+    net.to(device)
+    net.eval()
+    return net
+
+
 def load_model(
     model: str,
     *,
@@ -99,23 +143,9 @@ def load_model(
     its `base_model_name_or_path` is loaded, the adapter applied and merged (faster generation, same outputs).
     The tokenizer (and its chat template) is checked before any weights are read.
     """
-    ref = resolve_model(model)
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = _torch_dtype(dtype, device)
-    adapter = Path(ref) / "adapter_config.json"
-    base_ref, adapter_ref = ref, None
-    if adapter.exists():
-        base_ref = json.loads(adapter.read_text(encoding="utf-8")).get("base_model_name_or_path")
-        if not base_ref:
-            raise ImitateError(f"{adapter}: no base_model_name_or_path", hint="set it to the base model's path or id")
-        try:
-            base_ref, adapter_ref = resolve_model(base_ref), ref
-        except ImitateError as exc:
-            raise ImitateError(f"{adapter}: base_model_name_or_path: {exc.message}", hint=exc.hint) from None
-    tok_ref = adapter_ref if adapter_ref and (Path(adapter_ref) / "tokenizer_config.json").exists() else base_ref
+    _, _, tok_ref = model_refs(model)
     tokenizer = _from_pretrained(AutoTokenizer, tok_ref, trust_remote_code=trust_remote_code)
     if not tokenizer.chat_template:
         raise ImitateError(
@@ -125,13 +155,7 @@ def load_model(
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    net = _from_pretrained(
-        AutoModelForCausalLM, base_ref, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-    )
-    if adapter_ref:
-        net = _load_adapter(net, adapter_ref)
-    net.to(device)
-    net.eval()
+    net = load_weights(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     return net, tokenizer
 
 
