@@ -18,6 +18,8 @@ data -> weights. `plan_teacher` / `graybox_plan` settle everything that needs no
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -261,6 +263,16 @@ def unwrap(model: Any) -> Any:
     return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
 
 
+def takes_logits_to_keep(model: Any) -> bool:
+    """Whether the model under the DDP/peft wrappers accepts `logits_to_keep` (transformers' own models do)."""
+    return _forward_takes(type(unwrap(model)), "logits_to_keep")
+
+
+@functools.cache
+def _forward_takes(cls: type, name: str) -> bool:
+    return name in inspect.signature(cls.forward).parameters
+
+
 class Distiller:
     """Computes the loss terms of one micro-batch and knows their weights.
 
@@ -297,8 +309,6 @@ class Distiller:
 
         from imitate import losses
         from imitate.data import IGNORE
-        from imitate.train import takes_logits_to_keep
-
         labels = batch["labels"]
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         # logits_to_keep=1: the models build no [tokens x vocab] logits; the losses project hidden states in chunks

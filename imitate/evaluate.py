@@ -250,28 +250,23 @@ def answer_nll(model: Any, tokenizer: Any, conversations: list[list[dict]], batc
     import torch
     import torch.nn.functional as F
 
-    from imitate.data import IGNORE, encode, shift_targets
+    from imitate.data import IGNORE, Example, collate, encode, shift_targets
+    from imitate.distill import takes_logits_to_keep
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out: list[tuple[float, int]] = []
     for sl in _chunks(len(conversations), batch_size):
         rows = [encode(tokenizer, conv) for conv in conversations[sl]]
-        width = max(len(ids) for ids, _ in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (r, m) in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            labels[i, : len(r)] = torch.tensor(shift_targets(r, m))
-            mask[i, : len(r)] = 1
+        batch = collate([Example(r, shift_targets(r, m), "") for r, m in rows], pad_id=pad, packing=False)
+        ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
         keep = labels != IGNORE
         with torch.inference_mode():
-            try:
+            if takes_logits_to_keep(model):
                 logits = model(
                     input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep.to(device)
                 ).logits
-            except TypeError:  # a model class without logits_to_keep: all positions, then pick the targets
+            else:  # a model class without logits_to_keep: all positions, then pick the targets
                 logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[keep.to(device)]
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[keep].to(device), reduction="none")
         owner = keep.nonzero()[:, 0].to(device)  # which row each kept position belongs to
@@ -290,7 +285,8 @@ def score_items(
 ) -> tuple[list[dict], dict[str, Any]]:
     """One results row per item, and the 0/1 lists the summary averages: score, agreement, teacher, by match mode."""
     agree_match = "exact" if match == "regex" else match  # a teacher answer is text, not a pattern
-    results, scores, agreements, teacher_scores = [], [], [], []
+    results, agreements, teacher_scores = [], [], []
+    # every mode that applies, `match` among them: its list is the score
     by_mode: dict[str, list[int]] = {m: [] for m in MATCH_MODES if m != "regex" or match == "regex"}
     for i, (it, ans) in enumerate(zip(items, answers)):
         refs = it.reference if it.reference is not None else [it.teacher]
@@ -300,10 +296,9 @@ def score_items(
             "answer": ans.text,
             "reference": refs[0] if len(refs) == 1 else refs,
         }
-        row["score"] = score(ans.text, refs, match)
-        scores.append(row["score"])
         for m, hits in by_mode.items():
             hits.append(score(ans.text, refs, m))
+        row["score"] = by_mode[match][-1]
         if it.teacher is not None:
             row["teacher_answer"] = it.teacher
             row["agreement"] = score(ans.text, [it.teacher], agree_match)
@@ -315,7 +310,7 @@ def score_items(
         row["finish_reason"] = ans.finish_reason
         results.append(row)
 
-    tally = {"score": scores, "agreement": agreements, "teacher": teacher_scores, "by_mode": by_mode}
+    tally = {"score": by_mode[match], "agreement": agreements, "teacher": teacher_scores, "by_mode": by_mode}
     return results, tally
 
 

@@ -17,8 +17,6 @@ place of `backward`.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 import os
 import sys
 import time
@@ -226,7 +224,7 @@ def compute_losses(model: Any, batch: dict) -> tuple[dict, dict]:
     if cols.numel() == 0:  # a padding micro-batch (see `window_batches`): keep one column, it weighs nothing
         cols = cols.new_zeros(1)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    if takes_logits_to_keep(model):
+    if distill.takes_logits_to_keep(model):
         inputs["logits_to_keep"] = cols
     outputs = model(**inputs, use_cache=False)
     logits = outputs.logits
@@ -235,19 +233,6 @@ def compute_losses(model: Any, batch: dict) -> tuple[dict, dict]:
     targets = labels[:, cols]
     ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
     return {"ce": ce}, {"outputs": outputs, "cols": cols, "targets": targets}
-
-
-def takes_logits_to_keep(model: Any) -> bool:
-    """Whether the model under the DDP/peft wrappers accepts `logits_to_keep` (transformers' own models do)."""
-    inner = getattr(model, "module", model)
-    if hasattr(inner, "get_base_model"):
-        inner = inner.get_base_model()
-    return _forward_takes(type(inner), "logits_to_keep")
-
-
-@functools.cache
-def _forward_takes(cls: type, name: str) -> bool:
-    return name in inspect.signature(cls.forward).parameters
 
 
 def combine(terms: dict) -> Any:
