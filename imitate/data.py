@@ -235,6 +235,11 @@ def windows(n_batches: int, per_window: int) -> int:
     return math.ceil(n_batches / per_window) if n_batches else 0
 
 
+def model_inputs(batch: dict) -> dict[str, Any]:
+    """The model's keyword arguments from a `collate` batch (padded: attention_mask; packed: position_ids)."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+
+
 def collate(examples: Sequence[Example], *, pad_id: int, packing: bool) -> dict[str, Any]:
     """Tensors for one micro-batch.
 

@@ -23,20 +23,22 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
+from imitate.data import IGNORE, model_inputs
 from imitate.errors import ImitateError, UsageError
 
 LOGIT = "logit_kd"
 GRAYBOX = "graybox_kd"
 KD_CHOICES = ("forward-kl", "reverse-kl", "jsd")
-TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def check_options(cfg: Any) -> None:
     """KD option values, before anything is loaded."""
     if cfg.kd not in KD_CHOICES:
         raise UsageError(f"--kd must be one of {', '.join(KD_CHOICES)}, got {cfg.kd!r}")
-    if cfg.teacher_dtype not in TEACHER_DTYPES:
-        raise UsageError(f"--teacher-dtype must be one of {', '.join(TEACHER_DTYPES)}, got {cfg.teacher_dtype!r}")
+    from imitate.teachers.local import DTYPES
+
+    if cfg.teacher_dtype not in DTYPES:
+        raise UsageError(f"--teacher-dtype must be one of {', '.join(DTYPES)}, got {cfg.teacher_dtype!r}")
     if not 0.0 < cfg.jsd_beta < 1.0:
         raise UsageError(f"--jsd-beta must be in (0, 1), got {cfg.jsd_beta}",
                          hint="beta 0 / 1 are --kd forward-kl / reverse-kl")
@@ -137,14 +139,14 @@ def graybox_plan(tokenizer: Any, student: str, report: dict, trust_remote_code: 
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _final_run(labels: list[int], ignore: int) -> list[int]:
+def _final_run(labels: list[int]) -> list[int]:
     """Labels with only the LAST contiguous run of targets kept: the final assistant turn, the one the logprobs of a
     record describe (with --loss-on all, earlier assistant turns are targets too but have no logprobs)."""
-    out = [ignore] * len(labels)
+    out = [IGNORE] * len(labels)
     t = len(labels) - 1
-    while t >= 0 and labels[t] == ignore:
+    while t >= 0 and labels[t] == IGNORE:
         t -= 1
-    while t >= 0 and labels[t] != ignore:
+    while t >= 0 and labels[t] != IGNORE:
         out[t] = labels[t]
         t -= 1
     return out
@@ -178,7 +180,7 @@ def _teacher_tokenizer_ok(spec: str | None, tokenizer: Any, cache: dict) -> str 
     return why
 
 
-def prepare_graybox(examples: list, tokenizer: Any, *, ignore: int) -> dict:
+def prepare_graybox(examples: list, tokenizer: Any) -> dict:
     """Align every example's collected logprobs with its targets (sets `Example.topk`, drops `Example.logprobs`).
 
     Returns the report for the summary: records with logprobs, aligned / unaligned target tokens, refused teachers.
@@ -195,11 +197,11 @@ def prepare_graybox(examples: list, tokenizer: Any, *, ignore: int) -> dict:
         if not ex.logprobs:
             continue
         report["records_with_logprobs"] += 1
-        labels = torch.tensor(_final_run(ex.labels, ignore))
+        labels = torch.tensor(_final_run(ex.labels))
         why = _teacher_tokenizer_ok(ex.teacher, tokenizer, cache)
         if why is not None:
             report["refused"][ex.teacher] = why
-            report["unaligned"] += int((labels != ignore).sum())
+            report["unaligned"] += int((labels != IGNORE).sum())
             ex.logprobs = None
             continue
         ids, lps, counts = vocab.align_logprobs(ex.logprobs, labels, tokenizer)
@@ -248,9 +250,9 @@ def load_teacher(cfg: Any, plan: Plan, device: Any) -> Any:
     """The frozen teacher: eval mode, no parameter requires grad, on `--teacher-device` (default: the student's)."""
     from imitate.teachers.local import load_weights
 
-    dtype = None if cfg.teacher_dtype == "auto" else cfg.teacher_dtype  # None: bf16/fp16 on CUDA, float32 on CPU
-    model = load_weights(
-        plan.teacher, device=str(cfg.teacher_device or device), dtype=dtype, trust_remote_code=cfg.trust_remote_code
+    model = load_weights(  # dtype "auto": bf16/fp16 on CUDA, float32 on CPU
+        plan.teacher, device=str(cfg.teacher_device or device), dtype=cfg.teacher_dtype,
+        trust_remote_code=cfg.trust_remote_code,
     )
     model.requires_grad_(False)  # load_weights already put it in eval mode
     model.config.use_cache = False
@@ -308,9 +310,8 @@ class Distiller:
         import torch
 
         from imitate import losses
-        from imitate.data import IGNORE
         labels = batch["labels"]
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        inputs = model_inputs(batch)
         # logits_to_keep=1: the models build no [tokens x vocab] logits; the losses project hidden states in chunks
         extra = {"logits_to_keep": 1} if takes_logits_to_keep(model) else {}
         out = model(**inputs, **extra, output_hidden_states=True, use_cache=False)

@@ -20,12 +20,12 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from imitate.data import IGNORE
 from imitate.errors import ImitateError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-IGNORE_INDEX = -100
 
 # name -> beta of `divergence`; the `--kd` choices. The JSD entry's beta is replaced by --jsd-beta.
 DIVERGENCES = {"forward-kl": 0.0, "reverse-kl": 1.0, "jsd": 0.5}
@@ -39,7 +39,7 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     """
     import torch.nn.functional as F
 
-    return F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+    return F.pad(labels, (0, 1), value=IGNORE)[:, 1:]
 
 
 def divergence(
@@ -215,12 +215,12 @@ def chunked_ce(
     """Cross-entropy summed over target tokens, projecting `hidden` to logits chunk by chunk.
 
     hidden: [B, L, H] final hidden states (what the output head reads); head: [V', H] weight or nn.Linear;
-    labels: [B, L] targets aligned with `hidden` (see `shift_labels`), -100 = no target.
+    labels: [B, L] targets aligned with `hidden` (as `data.shift_targets` / `shift_labels` make them), -100 = no target.
     Returns (scalar float32 sum of −log q(label), number of target tokens).
     """
     import torch.nn.functional as F
 
-    rows, idx = _target_rows(hidden, labels != IGNORE_INDEX)
+    rows, idx = _target_rows(hidden, labels != IGNORE)
     targets = labels.reshape(-1)[idx].to(hidden.device)
 
     def chunk_loss(logits, start, end):
@@ -246,7 +246,7 @@ def chunked_kd_loss(
 
     student_hidden: [B, L, Hs] (grad flows); student_head: [V_s, Hs] weight or nn.Linear;
     teacher_hidden: [B, L, Ht] (frozen; may sit on another device/dtype); teacher_head: [V_t, Ht] weight or nn.Linear;
-    labels: [B, L] aligned with the hidden states (`shift_labels`); only positions with a target (≠ −100) count.
+    labels: [B, L] aligned with the hidden states (`data.shift_targets`); only positions with a target (≠ −100) count.
     vocab_size: the real vocabulary (`imitate.vocab.real_vocab_size`): both heads' logits are cut to it, so widths that
     differ only by embedding padding compare the same tokens. Never zero-padded.
     t2: multiply by T² (Hinton et al. 2015) so the gradient's scale does not shrink as 1/T² when T grows; on by default.
@@ -256,7 +256,7 @@ def chunked_kd_loss(
 
     if temperature <= 0:
         raise ImitateError(f"temperature must be > 0, got {temperature}", hint="set --temperature to a positive number")
-    rows, idx = _target_rows(student_hidden, labels != IGNORE_INDEX)
+    rows, idx = _target_rows(student_hidden, labels != IGNORE)
     with torch.no_grad():
         t_rows = (
             teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(0, idx.to(teacher_hidden.device))

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from imitate.config import to_dict
+from imitate.records import dumps, iter_jsonl, write_jsonl
 
 
 def save_outputs(accelerator: Any, model: Any, tokenizer: Any, cfg: Any, student: str, rows: list) -> dict:
@@ -62,19 +63,18 @@ def peak_memory_mb(accelerator: Any) -> float | None:
 
 
 def read_metrics(path: Path, upto: int) -> list[dict]:
+    """Rows up to step `upto` (a resumed run drops what a killed run logged after its checkpoint; a torn line too)."""
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r.get("step", 0) <= upto]
+    return [line.data for line in iter_jsonl(path, on_bad_line="skip") if line.data.get("step", 0) <= upto]
 
 
-def write_metrics(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+write_metrics = write_jsonl  # the resumed run's rows, atomically (temp file + rename)
 
 
 def append_metrics(path: Path, row: dict) -> None:
-    with path.open("a") as fh:
-        fh.write(json.dumps(row) + "\n")
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(dumps(row) + "\n")
 
 
 class ProgressBar:

@@ -26,7 +26,17 @@ from typing import Any
 
 from imitate import checkpoint, distill
 from imitate.config import PATH_MARK, path_field
-from imitate.data import IGNORE, Example, collate, load_examples, plan_batches, split_eval, windows
+from imitate.data import (
+    IGNORE,
+    Example,
+    check_chat_template,
+    collate,
+    load_examples,
+    model_inputs,
+    plan_batches,
+    split_eval,
+    windows,
+)
 from imitate.errors import ImitateError, InputError, UsageError
 from imitate.outputs import ProgressBar, append_metrics, peak_memory_mb, read_metrics, save_outputs, write_metrics
 
@@ -121,8 +131,6 @@ def check_options(cfg: TrainConfig) -> None:
         raise UsageError("no --data file given", hint="e.g. --data clean.jsonl (the output of `imitate clean`)")
     if cfg.chat_template is not None and not Path(cfg.chat_template).is_file():
         raise UsageError(f"--chat-template {cfg.chat_template}: no such file")
-    from imitate import distill
-
     distill.check_options(cfg)
 
 
@@ -133,18 +141,18 @@ def resolve_student(spec: str) -> str:
         if not (p / "config.json").is_file():
             raise UsageError(f"student {spec}: no config.json there, so it is not a transformers model directory")
         return str(p.resolve())  # absolute, so the adapter's base_model_name_or_path works from any directory
-    parts = spec.split("/")
-    looks_local = spec.startswith((".", "/", "~")) or len(parts) > 2 or not all(parts)
-    looks_local = looks_local or (len(parts) == 2 and Path(parts[0]).is_dir())  # 'runs/typo' next to a runs/ dir
-    if looks_local:
-        raise UsageError(f"student {spec}: no such directory", hint="give --student a model directory or a hub id")
-    return spec
+    from imitate.teachers.local import resolve_model
+
+    try:  # the same rule as for teachers: what looks like a path must exist, anything else is a hub id
+        return resolve_model(spec)
+    except ImitateError:
+        raise UsageError(
+            f"student {spec}: no such directory", hint="give --student a model directory or a hub id"
+        ) from None
 
 
 def load_tokenizer(cfg: TrainConfig, student: str) -> Any:
     from transformers import AutoTokenizer
-
-    from imitate.data import check_chat_template
 
     try:
         tok = AutoTokenizer.from_pretrained(student, trust_remote_code=cfg.trust_remote_code)
@@ -214,8 +222,8 @@ def compute_losses(model: Any, batch: dict) -> tuple[dict, dict]:
     """Forward one micro-batch; return ({term: token-SUM loss}, context).
 
     Logits are computed only at columns where some row has a target (`logits_to_keep`), so prompt positions cost no
-    [vocab]-wide rows. context = {"outputs", "cols" (kept columns, [K]), "targets" ([B, K])} lets a distillation term
-    run the teacher on the same batch and compare at the same positions.
+    [vocab]-wide rows. context = {"outputs", "cols" (kept columns, [K]), "targets" ([B, K])}: the loop ignores it;
+    benchmarks/kd_cost.py uses it to time an unchunked KD loss on the same positions.
     """
     import torch.nn.functional as F
 
@@ -223,7 +231,7 @@ def compute_losses(model: Any, batch: dict) -> tuple[dict, dict]:
     cols = (labels != IGNORE).any(0).nonzero().squeeze(-1)
     if cols.numel() == 0:  # a padding micro-batch (see `window_batches`): keep one column, it weighs nothing
         cols = cols.new_zeros(1)
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    inputs = model_inputs(batch)
     if distill.takes_logits_to_keep(model):
         inputs["logits_to_keep"] = cols
     outputs = model(**inputs, use_cache=False)
@@ -387,7 +395,7 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
         raise no_examples_error(cfg, stats)
     graybox_report = None
     if kd_plan is None and any(e.logprobs for e in examples):
-        graybox_report = distill.prepare_graybox(examples, tokenizer, ignore=IGNORE)
+        graybox_report = distill.prepare_graybox(examples, tokenizer)
         if graybox_report["aligned"]:
             kd_plan = distill.graybox_plan(tokenizer, student, graybox_report, cfg.trust_remote_code)
     if cfg.sckd and kd_plan is None:

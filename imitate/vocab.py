@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from imitate.data import IGNORE
 from imitate.errors import ImitateError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -100,14 +101,14 @@ def _token_id(entry: dict, tokenizer: Any, vocab: dict[str, int]) -> int | None:
 
 
 def align_logprobs(
-    logprobs: list[dict], labels: torch.Tensor, tokenizer: Any, *, top_k: int | None = None
+    logprobs: list[dict], labels: torch.Tensor, tokenizer: Any
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
     """Turn a record's `logprobs` (see imitate.records) into top-K tensors aligned with `labels`.
 
     labels: [L] int64, the example's targets in the alignment the loss uses (for `sparse_topk_kd`: aligned with the
-    hidden states, i.e. after `losses.shift_labels`); -100 = no target. The record's tokens are matched in order to the
+    hidden states, as `data.shift_targets` makes them); -100 = no target. The record's tokens are matched in order to the
     target tokens; row p of the result holds the teacher's distribution for the token `labels[p]`: the sampled token and
-    its `top` alternatives (deduplicated, at most `top_k` + 1 of them), ids mapped through `_token_id`.
+    its `top` alternatives (deduplicated), ids mapped through `_token_id`.
     Matching stops at the first generated token that cannot be mapped or differs from the target (the teacher's text
     re-tokenized differently); the rest of the answer then trains on CE only. Unmappable `top` entries are dropped
     (their mass lands in the rest bucket of `sparse_topk_divergence`).
@@ -116,7 +117,7 @@ def align_logprobs(
     import torch
 
     vocab = tokenizer.get_vocab()
-    positions = (labels != -100).nonzero().squeeze(-1).tolist()
+    positions = (labels != IGNORE).nonzero().squeeze(-1).tolist()
     rows: dict[int, list[tuple[int, float]]] = {}
     unmapped_top = 0
     for k, entry in enumerate(logprobs[: len(positions)]):
@@ -124,7 +125,7 @@ def align_logprobs(
         if sampled is None or sampled != int(labels[positions[k]]):
             break
         pairs = {sampled: float(entry["logprob"])}
-        for alt in (entry.get("top") or [])[: top_k if top_k is not None else None]:
+        for alt in entry.get("top") or []:
             alt_id = _token_id(alt, tokenizer, vocab)
             if alt_id is None:
                 unmapped_top += 1

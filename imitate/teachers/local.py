@@ -50,7 +50,8 @@ def resolve_model(model: str) -> str:
                 hint="point at a directory saved with save_pretrained (a model or a peft adapter)",
             )
         return str(p)
-    looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
+    parts = model.split("/")
+    looks_local = model.startswith((".", "/", "~")) or len(parts) > 2 or not all(parts) or "\\" in model
     # 'runs/student' with a local runs/ directory is a path typo, not a hub id (asking the hub would only retry)
     in_local_dir = "/" in model and Path(model.split("/")[0]).is_dir()
     if looks_local or in_local_dir:
@@ -62,15 +63,16 @@ def resolve_model(model: str) -> str:
 
 
 def _torch_dtype(dtype: str | None, device: str) -> Any:
+    """None or "auto": bf16 (else fp16) on CUDA, float32 elsewhere; otherwise the named torch dtype."""
     import torch
 
-    if dtype is None:
+    if dtype in (None, "auto"):
         if device.startswith("cuda"):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}", hint=f"one of {', '.join(DTYPES)}")
-    return "auto" if dtype == "auto" else getattr(torch, dtype)
+    return getattr(torch, dtype)
 
 
 def _from_pretrained(loader: Any, ref: str, **kw: Any) -> Any:
