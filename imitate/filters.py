@@ -140,7 +140,7 @@ def _trie_regex(phrases: list[list[str]]) -> str:
     def emit(node: dict) -> str:
         alts = []
         for w in sorted(k for k in node if k):
-            child, piece = node[w], re.escape(w).replace("'", "['\u2019]")
+            child, piece = node[w], re.escape(w)
             if any(child):
                 piece += r"(?:\s+" + emit(child) + ")" + ("?" if "" in child else "")
             alts.append(piece)
@@ -150,7 +150,8 @@ def _trie_regex(phrases: list[list[str]]) -> str:
 
 
 def refusal(record: dict, *, patterns: list[re.Pattern]) -> str | None:
-    text = assistant_text(record).lower()
+    # curly apostrophes are folded here, once, so phrases and `re:` lines alike match "I’m" as "I'm"
+    text = assistant_text(record).lower().replace("\u2019", "'")
     for pattern in patterns:
         m = pattern.search(text)
         if m:

@@ -85,6 +85,7 @@ def test_ratio_bounds():
         "As an AI language model, I do not have opinions.",
         "I'm sorry, but I can't help with that request.",
         "I can\u2019t help with that.",
+        "I\u2019m ChatGPT, a model.",  # a `re:` line, with a curly apostrophe
         "I cannot\n  assist with this.",
         "As of my last knowledge update in 2023, the population was 2.1 million.",
         "I am Claude, an AI assistant.",
