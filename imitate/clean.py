@@ -25,7 +25,7 @@ from typing import Any, Literal
 import numpy as np
 
 from imitate.config import path_field, to_dict
-from imitate.dedup import NearDup, candidate_edges, components, exact_key
+from imitate.dedup import NearDup, cluster, exact_key
 from imitate.errors import InputError, UsageError
 from imitate.filters import GOPHER_DUP_NGRAM, GOPHER_TOP_NGRAM, Predicate, apply, build_filters
 from imitate.records import assistant_text, check_messages, dumps, prompt_messages
@@ -271,35 +271,7 @@ def _bounded_map(pool: ProcessPoolExecutor, jobs: Iterator, in_flight: int) -> I
         yield pending.popleft().result()
 
 
-# --- group + cluster --------------------------------------------------------------------------------------------------
-
-
-def _histogram(sizes: np.ndarray) -> dict[str, int]:
-    """Cluster-size histogram with power-of-two bins: 2, 3-4, 5-8, ..."""
-    out: dict[str, int] = {}
-    for s in sorted(sizes.tolist()):
-        lo = 2 if s == 2 else 2 ** math.ceil(math.log2(s) - 1) + 1
-        hi = 2 if s == 2 else 2 ** math.ceil(math.log2(s))
-        key = str(lo) if lo == hi else f"{lo}-{hi}"
-        out[key] = out.get(key, 0) + 1
-    return out
-
-
-def _dedup_stage(
-    keys: np.ndarray, alive: np.ndarray, rank: np.ndarray, verify: Any = None
-) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Cluster the alive records by shared keys. Returns (removed global indexes, their survivors, cluster stats)."""
-    idx = np.flatnonzero(alive)
-    edges = candidate_edges(keys[idx], max_pairs_bucket=50 if verify else 0)
-    if verify is not None and len(edges):
-        edges = verify(idx, edges)
-    surv = components(len(idx), edges, rank[idx])
-    dup = np.flatnonzero(surv != np.arange(len(idx)))
-    sizes = np.bincount(surv)[np.bincount(surv) > 1]
-    stats = {"clusters": len(sizes), "records_in_clusters": int(sizes.sum()), "sizes": _histogram(sizes)}
-    if len(sizes):
-        stats["largest"] = int(sizes.max())
-    return idx[dup], idx[surv[dup]], stats
+# --- exact-Jaccard verification of candidate pairs (grouping and clustering: dedup.cluster) ---------------------
 
 
 def _read_texts(paths: list[Path], want: dict[tuple[int, int], int], on: str) -> dict[int, tuple[str, ...]]:
@@ -486,7 +458,7 @@ def _cluster_step(
         if keys is None or not alive.any():
             clusters[name] = {"clusters": 0, "records_in_clusters": 0, "sizes": {}}
             continue
-        removed_ix, surv_ix, clusters[name] = _dedup_stage(keys, alive, table.rank, verify)
+        removed_ix, surv_ix, clusters[name] = cluster(keys, alive, table.rank, verify)
         for r, s in zip(removed_ix.tolist(), surv_ix.tolist()):
             table.status[r] = name
             table.dup_of[r] = s

@@ -22,8 +22,10 @@ block with `np.minimum.reduceat` taking the minimum per text. No Python loop run
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -61,13 +63,10 @@ def exact_key(text: str) -> int:
     return stable_hash64(normalize(text))
 
 
-def ngram_hashes(
-    tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray, n: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def ngram_hashes(tokens: np.ndarray, lengths: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Polynomial hashes of every n-gram inside each segment of a flat uint64 token array.
 
-    tokens: [T] uint64, the segments back to back; starts, lengths: [S] int64, each segment's slice (contiguous, in
-    order: starts = cumsum of lengths). Returns (hashes [G] uint64, owner [G] int64: the segment of each n-gram,
+    tokens: [T] uint64, the segments back to back; lengths: [S] int64, each segment's length, in order. Returns (hashes [G] uint64, owner [G] int64: the segment of each n-gram,
     pos [G] int64: its first token); n-grams never cross segments.
     """
     total = len(tokens)
@@ -80,7 +79,7 @@ def ngram_hashes(
         np.multiply(h, _MUL, out=h)
         np.add(h, tokens[j : j + m], out=h)
     valid = np.ones(m, bool)
-    ends = np.asarray(starts, np.int64) + lengths
+    ends = np.cumsum(lengths)
     tail = (ends[:, None] - np.arange(1, n, dtype=np.int64)[None, :]).ravel()  # last n-1 starts of each segment
     valid[tail[(tail >= 0) & (tail < m)]] = False  # (covers all of a segment shorter than n, too)
     pos = np.flatnonzero(valid)
@@ -144,9 +143,7 @@ class Shingler:
         if len(long_ix):
             if len(long_ix) < len(texts):
                 tokens = tokens[np.repeat(is_long, counts)]
-            lengths = counts[long_ix]
-            starts = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)
-            h, owner, _ = ngram_hashes(tokens, starts, lengths, self.ngram)
+            h, owner, _ = ngram_hashes(tokens, counts[long_ix], self.ngram)
             parts_h.append(h ^ _TAG_WORD)
             parts_o.append(long_ix[owner])
         short_ix = np.flatnonzero(~is_long)
@@ -156,9 +153,8 @@ class Shingler:
             if char_sel:
                 codes = np.frombuffer("".join(joined[k] for k in char_sel).encode("utf-32-le"), np.uint32)
                 lengths = np.array([len(joined[k]) for k in char_sel], np.int64)
-                starts = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)
                 tokens = fmix64(codes.astype(np.uint64) + np.uint64(1))
-                h, owner, _ = ngram_hashes(tokens, starts, lengths, self.char_ngram)
+                h, owner, _ = ngram_hashes(tokens, lengths, self.char_ngram)
                 parts_h.append(h ^ _TAG_CHAR)
                 parts_o.append(short_ix[np.asarray(char_sel, np.int64)[owner]])
             exact_sel = [k for k, s in enumerate(joined) if len(s) < self.min_chars]
@@ -308,9 +304,41 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
     return inter / union if union else 1.0
 
 
+def _histogram(sizes: np.ndarray) -> dict[str, int]:
+    """Cluster-size histogram with power-of-two bins: 2, 3-4, 5-8, ..."""
+    out: dict[str, int] = {}
+    for s in sorted(sizes.tolist()):
+        lo = 2 if s == 2 else 2 ** math.ceil(math.log2(s) - 1) + 1
+        hi = 2 if s == 2 else 2 ** math.ceil(math.log2(s))
+        key = str(lo) if lo == hi else f"{lo}-{hi}"
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def cluster(
+    keys: np.ndarray, alive: np.ndarray, rank: np.ndarray, verify: Any = None
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Group the alive records by shared keys (exact hashes or LSH bands) and form connected components.
+
+    rank orders survivors (lowest first); verify(idx, edges) -> edges may drop candidate pairs. Returns (removed global
+    indexes, their survivors, cluster stats with a size histogram).
+    """
+    idx = np.flatnonzero(alive)
+    edges = candidate_edges(keys[idx], max_pairs_bucket=50 if verify else 0)
+    if verify is not None and len(edges):
+        edges = verify(idx, edges)
+    surv = components(len(idx), edges, rank[idx])
+    dup = np.flatnonzero(surv != np.arange(len(idx)))
+    sizes = np.bincount(surv)[np.bincount(surv) > 1]
+    stats = {"clusters": len(sizes), "records_in_clusters": int(sizes.sum()), "sizes": _histogram(sizes)}
+    if len(sizes):
+        stats["largest"] = int(sizes.max())
+    return idx[dup], idx[surv[dup]], stats
+
+
 class NearDup:
     """Near-duplicate clustering of texts by MinHash LSH. `keys(texts)` is the map step (run it in workers);
-    `cluster(all_keys, ...)` groups and forms components in one process."""
+    the module's `cluster(keys, ...)` groups and forms components in one process."""
 
     def __init__(
         self,

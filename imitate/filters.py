@@ -210,7 +210,7 @@ def repetition_stats_batch(texts: list[str], *, stop_below: float = 0.0) -> dict
     total = np.maximum(np.bincount(seg, weights=wlen, minlength=k), 1)
     csum = np.concatenate(([0], np.cumsum(wlen)))
     for n in (2, 3, 4):
-        h, owner, pos = ngram_hashes(tokens, starts, lengths, n)
+        h, owner, pos = ngram_hashes(tokens, lengths, n)
         order, first, size = _groups(h, owner)
         rep = size > 1
         g = order[first[rep]]  # one occurrence of each repeated n-gram
@@ -223,8 +223,8 @@ def repetition_stats_batch(texts: list[str], *, stop_below: float = 0.0) -> dict
     for n in range(5, 11):
         if not len(active):
             break
-        sub_tokens, sub_wlen, sub_starts, sub_lengths = _select(tokens, wlen, starts, lengths, active)
-        h, owner, pos = ngram_hashes(sub_tokens, sub_starts, sub_lengths, n)
+        sub_tokens, sub_wlen, sub_lengths = _select(tokens, wlen, starts, lengths, active)
+        h, owner, pos = ngram_hashes(sub_tokens, sub_lengths, n)
         order, first, size = _groups(h, owner)
         pos_sorted = pos[order]
         first_pos = np.minimum.reduceat(pos_sorted, first) if len(first) else first
@@ -241,11 +241,9 @@ def repetition_stats_batch(texts: list[str], *, stop_below: float = 0.0) -> dict
 def _select(tokens, wlen, starts, lengths, which: np.ndarray):
     """The flat arrays restricted to the segments in `which`."""
     if len(which) == len(starts):
-        return tokens, wlen, starts, lengths
+        return tokens, wlen, lengths
     idx = np.concatenate([np.arange(starts[i], starts[i] + lengths[i]) for i in which]).astype(np.int64)
-    sub_lengths = lengths[which]
-    sub_starts = np.concatenate(([0], np.cumsum(sub_lengths)[:-1])).astype(np.int64)
-    return tokens[idx], wlen[idx], sub_starts, sub_lengths
+    return tokens[idx], wlen[idx], lengths[which]
 
 
 _REP_NAMES = (
@@ -373,7 +371,7 @@ class EvalIndex:
                     k = min(ngram, len(tokens))
                     if k < min(min_words, ngram):
                         continue
-                    h = ngram_hashes(tokens, np.zeros(1, np.int64), np.array([len(tokens)]), k)[0]
+                    h = ngram_hashes(tokens, np.array([len(tokens)]), k)[0]
                     per_k.setdefault(k, []).append((h, row_id))
         self.tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for k, parts in sorted(per_k.items()):
@@ -395,7 +393,7 @@ class EvalIndex:
         for k, (table, rid) in self.tables.items():
             if len(tokens) < k:
                 continue
-            h = ngram_hashes(tokens, np.zeros(1, np.int64), np.array([len(tokens)]), k)[0]
+            h = ngram_hashes(tokens, np.array([len(tokens)]), k)[0]
             pos = np.searchsorted(table, h).clip(0, len(table) - 1)
             hit = np.flatnonzero(table[pos] == h)
             if len(hit):

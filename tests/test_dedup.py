@@ -44,10 +44,10 @@ def test_normalize_folds_case_space_punctuation_digits():
 
 def test_ngram_hashes_stay_inside_segments():
     tokens = np.arange(1, 8, dtype=np.uint64)  # segments [1,2,3] [4,5] [6,7]
-    _, owner, pos = ngram_hashes(tokens, np.array([0, 3, 5]), np.array([3, 2, 2]), 2)
+    _, owner, pos = ngram_hashes(tokens, np.array([3, 2, 2]), 2)
     assert owner.tolist() == [0, 0, 1, 2]
     assert pos.tolist() == [0, 1, 3, 5]
-    _, owner3, _ = ngram_hashes(tokens, np.array([0, 3, 5]), np.array([3, 2, 2]), 3)
+    _, owner3, _ = ngram_hashes(tokens, np.array([3, 2, 2]), 3)
     assert owner3.tolist() == [0]
 
 
@@ -57,7 +57,7 @@ def test_ngram_hashes_match_a_naive_loop():
     starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
     tokens = np.array([rnd.randrange(1, 50) for _ in range(int(lengths.sum()))], np.uint64)
     for n in (1, 3, 5):
-        h, owner, pos = ngram_hashes(tokens, starts, lengths, n)
+        h, owner, pos = ngram_hashes(tokens, lengths, n)
         ref = [(s, p) for s, (a, ln) in enumerate(zip(starts, lengths)) for p in range(a, a + ln - n + 1)]
         assert list(zip(owner.tolist(), pos.tolist())) == ref
         same = [tuple(tokens[p : p + n].tolist()) for _, p in ref]
