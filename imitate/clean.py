@@ -28,7 +28,7 @@ from imitate.config import path_field, to_dict
 from imitate.dedup import NearDup, cluster, exact_key
 from imitate.errors import InputError, UsageError
 from imitate.filters import GOPHER_DUP_NGRAM, GOPHER_TOP_NGRAM, Predicate, apply, build_filters
-from imitate.records import assistant_text, check_messages, dumps, prompt_messages
+from imitate.records import assistant_text, dumps, prompt_messages, record_problem
 
 LENGTH_ROLES = ("system", "user", "assistant", "prompt")
 
@@ -215,13 +215,8 @@ def _parse(raw: bytes) -> tuple[dict | None, str | None]:
         return None, f"not valid UTF-8 ({exc.reason})"
     except json.JSONDecodeError as exc:
         return None, f"not valid JSON ({exc.msg} at column {exc.colno})"
-    try:
-        if not isinstance(rec, dict):
-            raise InputError(f"x: expected a JSON object, got {type(rec).__name__}")
-        check_messages(rec.get("messages"), "x")
-    except InputError as exc:
-        return None, exc.message.split(": ", 1)[1]
-    return rec, None
+    problem = record_problem(rec)
+    return (None, problem) if problem else (rec, None)
 
 
 def _priority(record: dict, spec: str) -> float:

@@ -105,19 +105,42 @@ def iter_jsonl(path: str | os.PathLike, *, on_bad_line: str = "error", bad: list
             yield Line(path, lineno, data)
 
 
-def check_messages(messages: Any, where: str, *, need_assistant: bool = False) -> list[dict]:
-    """Validate a chat list; `where` is "file:line" for the error message."""
+NO_ASSISTANT = "no assistant turn in 'messages'"
+
+
+def record_problem(data: Any, *, need_assistant: bool = False) -> str | None:
+    """Why a parsed line is not a usable record (no location: the caller adds "file:line"), or None."""
+    if not isinstance(data, dict):
+        return f"expected a JSON object, got {type(data).__name__}"
+    return messages_problem(data.get("messages"), need_assistant=need_assistant)
+
+
+def messages_problem(messages: Any, *, need_assistant: bool = False) -> str | None:
+    """Why `messages` is not a valid chat list, or None."""
     if not isinstance(messages, list) or not messages:
-        raise InputError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
+        return "field 'messages' must be a non-empty list of {role, content} objects"
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise InputError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
+            return f"messages[{i}] must be an object with 'role' and 'content'"
         if m["role"] not in ROLES:
-            raise InputError(f"{where}: messages[{i}].role is {m['role']!r}; expected one of {', '.join(ROLES)}")
+            return f"messages[{i}].role is {m['role']!r}; expected one of {', '.join(ROLES)}"
         if not isinstance(m["content"], str):
-            raise InputError(f"{where}: messages[{i}].content must be a string")
+            return f"messages[{i}].content must be a string"
     if need_assistant and not any(m["role"] == "assistant" for m in messages):
-        raise InputError(f"{where}: no assistant turn in 'messages'", hint="records to train on need the teacher's answer")
+        return NO_ASSISTANT
+    return None
+
+
+def _problem_error(where: str, problem: str) -> InputError:
+    hint = "records to train on need the teacher's answer" if problem == NO_ASSISTANT else None
+    return InputError(f"{where}: {problem}", hint=hint)
+
+
+def check_messages(messages: Any, where: str, *, need_assistant: bool = False) -> list[dict]:
+    """Validate a chat list; `where` is "file:line" for the error message."""
+    problem = messages_problem(messages, need_assistant=need_assistant)
+    if problem:
+        raise _problem_error(where, problem)
     return messages
 
 
@@ -133,18 +156,14 @@ def read_records(
         paths = [paths]
     for p in paths:
         for line in iter_jsonl(p, on_bad_line=on_bad_line, bad=bad):
-            where = f"{line.path}:{line.lineno}"
-            try:
-                if not isinstance(line.data, dict):
-                    raise InputError(f"{where}: expected a JSON object, got {type(line.data).__name__}")
-                check_messages(line.data.get("messages"), where, need_assistant=need_assistant)
-            except InputError as exc:
-                if on_bad_line == "skip":
-                    if bad is not None:
-                        bad.append((str(line.path), line.lineno, exc.message.split(": ", 1)[-1]))
-                    continue
-                raise
-            yield line
+            problem = record_problem(line.data, need_assistant=need_assistant)
+            if problem is None:
+                yield line
+            elif on_bad_line == "skip":
+                if bad is not None:
+                    bad.append((str(line.path), line.lineno, problem))
+            else:
+                raise _problem_error(f"{line.path}:{line.lineno}", problem)
 
 
 def assistant_text(record: dict) -> str:
