@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from imitate.dedup import WORD_RE, NearDup, candidate_edges, components
+from imitate.clean.dedup import WORD_RE, NearDup, candidate_edges, components
 
 SYLL = ["ka", "lo", "mi", "ne", "ru", "ta", "vo", "si", "de", "ba", "zu", "po", "fe", "gi", "ha", "jo"]
 
@@ -189,7 +189,7 @@ class PeakRSS:
 
 
 def big_run(n: int, workers: int, keep: bool) -> None:
-    from imitate.clean import CleanConfig, run
+    from imitate.clean.stage import CleanConfig, run
     from imitate.records import dumps
 
     tmp = Path(tempfile.mkdtemp(prefix="imitate_bench_"))

@@ -46,7 +46,7 @@ def start_server(latency: float, rate_429: float, retry_after: float) -> tuple[s
 
 
 def run_collect(url: str, n: int, concurrency: int, tmp: Path, tag: str) -> dict:
-    from imitate.collect import CollectConfig, run
+    from imitate.collect.stage import CollectConfig, run
 
     prompts = tmp / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"question number {i}"}) + "\n" for i in range(n)))

@@ -1,6 +1,6 @@
 """What distillation costs per optimizer step: SFT vs logit KD vs KD + feature KD vs KD + SCKD (+ an unchunked KD loss).
 
-Same LoRA student, same frozen teacher, same batch, one run; each mode runs `imitate.train.accumulate_window` (the code
+Same LoRA student, same frozen teacher, same batch, one run; each mode runs `imitate.train.loop.accumulate_window` (the code
 `imitate train` runs) + the optimizer step. Printed: median step time and peak memory, each as a ratio to SFT.
 
 Peak memory: on CPU, the peak of live bytes allocated by torch during one whole step (forward, backward, optimizer),
@@ -66,8 +66,8 @@ class NaiveKD:
     def losses(self, model, batch):
         import torch
 
-        from imitate.losses import divergence
-        from imitate.train import compute_losses
+        from imitate.train.losses import divergence
+        from imitate.train.loop import compute_losses
 
         terms, ctx = compute_losses(model, batch)  # SFT's own CE: student logits at the target columns
         teacher = self.d.teacher
@@ -136,11 +136,11 @@ def main() -> None:
     import torch
     from accelerate import Accelerator
 
-    from imitate import distill
+    from imitate.train import distill
     from imitate.config import build
-    from imitate.features import FeatureRegressors, parse_pairs, term_name
-    from imitate.sckd import SCKDGate
-    from imitate.train import TrainConfig, accumulate_window
+    from imitate.train.features import FeatureRegressors, parse_pairs, term_name
+    from imitate.train.sckd import SCKDGate
+    from imitate.train.loop import TrainConfig, accumulate_window
 
     accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision="no")
     device = accelerator.device

@@ -77,7 +77,7 @@ def peak_mb(device: str) -> float:
 
 def worker_imitate(a: argparse.Namespace, work: Path, packing: bool) -> dict:
     from imitate.config import build
-    from imitate.train import TrainConfig, run
+    from imitate.train.loop import TrainConfig, run
 
     cfg = build(TrainConfig, dict(
         data=[str(work / "data.jsonl")], student=str(work / "model"), out=str(work / f"out-imitate-{packing}"),

@@ -156,7 +156,7 @@ def collect(
 
     Example: imitate collect --teacher openai:gpt-4o-mini --prompts prompts.jsonl --out out/records.jsonl
     """
-    from imitate import collect as stage
+    from imitate.collect import stage
 
     flags = dict(
         teacher=teacher, prompts=prompts, out=out, template=template, system=system, n=n, temperature=temperature,
@@ -307,7 +307,7 @@ def clean_cmd(
 
     Example: imitate clean records.jsonl --out clean.jsonl --removed removed.jsonl --report report.json
     """
-    from imitate import clean as stage
+    from imitate.clean import stage
 
     with handle_errors():
         flags = {
@@ -466,7 +466,7 @@ def train_cmd(
 
     Example: imitate train --data clean.jsonl --student ./student --teacher hf:./teacher --sckd --out runs/s2
     """
-    from imitate import train as stage
+    from imitate.train import loop as stage
 
     flags = {
         "data": data or None, "student": student, "out": out, "full": full, "lora_r": lora_r, "lora_alpha": lora_alpha,

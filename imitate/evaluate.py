@@ -186,12 +186,12 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
 
 def ask_teacher(spec: str, items: list[Item], cfg: EvalConfig) -> None:
     """Fill item.teacher with the teacher's greedy answers (temperature 0, --max-tokens)."""
-    from imitate.teachers import Request, parse_spec
+    from imitate.collect.teachers import Request, parse_spec
 
     provider, name = parse_spec(spec)
     if provider != "hf":
         return _collect_answers(spec, items, cfg)
-    from imitate.teachers.local import LocalTeacher
+    from imitate.collect.teachers.local import LocalTeacher
 
     teacher = LocalTeacher(name, device=cfg.device, batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code)
     params = {"temperature": 0, "max_tokens": cfg.max_tokens}
@@ -210,7 +210,7 @@ def _collect_answers(spec: str, items: list[Item], cfg: EvalConfig) -> None:
     import json
     import tempfile
 
-    from imitate import collect
+    from imitate.collect import stage as collect
     from imitate.records import assistant_text, prompt_messages, read_records
 
     def key(messages: list[dict]) -> str:
@@ -244,14 +244,14 @@ def _collect_answers(spec: str, items: list[Item], cfg: EvalConfig) -> None:
 def answer_nll(model: Any, tokenizer: Any, conversations: list[list[dict]], batch_size: int) -> list[tuple[float, int]]:
     """(summed NLL in nats, number of tokens) of each conversation's final assistant turn under `model`.
 
-    Tokens and targets come from `imitate.data.encode` (the training format: the answer and its end-of-turn marker).
+    Tokens and targets come from `imitate.train.data.encode` (the training format: the answer and its end-of-turn marker).
     Logits are computed only at target positions (boolean `logits_to_keep`): the [tokens, vocab] tensor stays small.
     """
     import torch
     import torch.nn.functional as F
 
-    from imitate.data import IGNORE, Example, collate, encode, shift_targets
-    from imitate.distill import takes_logits_to_keep
+    from imitate.train.data import IGNORE, Example, collate, encode, shift_targets
+    from imitate.train.distill import takes_logits_to_keep
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -335,7 +335,7 @@ def run(cfg: EvalConfig) -> dict:
         raise UsageError(f"--min-score must be between 0 and 1, got {cfg.min_score}")
     if cfg.batch_size < 1 or cfg.max_tokens < 1:
         raise UsageError("--batch-size and --max-tokens must be at least 1")
-    from imitate.teachers.local import generate_batch, load_model, resolve_model
+    from imitate.collect.teachers.local import generate_batch, load_model, resolve_model
 
     t0 = time.monotonic()
     resolve_model(str(cfg.model))  # cheap checks first: a missing student fails before reading or teacher work

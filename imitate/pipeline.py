@@ -49,9 +49,9 @@ from imitate.errors import ConfigError, GateFailed, ImitateError, UsageError
 
 # stage name -> (module, config class), in the order the stages run.
 STAGES: dict[str, tuple[str, str]] = {
-    "collect": ("imitate.collect", "CollectConfig"),
-    "clean": ("imitate.clean", "CleanConfig"),
-    "train": ("imitate.train", "TrainConfig"),
+    "collect": ("imitate.collect.stage", "CollectConfig"),
+    "clean": ("imitate.clean.stage", "CleanConfig"),
+    "train": ("imitate.train.loop", "TrainConfig"),
     "eval": ("imitate.evaluate", "EvalConfig"),
 }
 # stage -> (option filled from an earlier stage, what it takes): a run without it cannot do anything.

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from imitate.clean import CleanConfig, run
+from imitate.clean.stage import CleanConfig, run
 from imitate.cli import app
 from imitate.errors import InputError
 from imitate.records import dumps, request_id

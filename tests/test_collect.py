@@ -10,7 +10,7 @@ from fake_server import FakeServer
 from typer.testing import CliRunner
 
 from imitate.cli import app
-from imitate.collect import CollectConfig, run
+from imitate.collect.stage import CollectConfig, run
 from imitate.errors import ImitateError
 from imitate.records import request_id
 
@@ -20,9 +20,9 @@ def quick_backoff(monkeypatch):
     """Backoff without Retry-After starts at 10 ms instead of 0.5 s, to keep the suite fast."""
     import functools
 
-    from imitate.limiter import RetryPolicy
+    from imitate.collect.limiter import RetryPolicy
 
-    monkeypatch.setattr("imitate.engine.RetryPolicy", functools.partial(RetryPolicy, base=0.01))
+    monkeypatch.setattr("imitate.collect.engine.RetryPolicy", functools.partial(RetryPolicy, base=0.01))
 
 
 @pytest.fixture
@@ -212,7 +212,7 @@ def test_exhausted_retries_go_to_the_failures_file(server, tmp_path):
 
 def test_client_errors_fail_without_retry_and_auth_errors_stop_the_run(server, tmp_path):
     from imitate.errors import ImitateError
-    from imitate.limiter import classify
+    from imitate.collect.limiter import classify
 
     class Resp:
         headers = {"retry-after": "2"}
@@ -406,7 +406,7 @@ def test_dry_run_sends_nothing_and_counts(server, tmp_path):
 
 
 def test_cost_from_flags_and_table():
-    from imitate.pricing import cost, prices_for
+    from imitate.collect.pricing import cost, prices_for
 
     assert prices_for("openai:gpt-4o-mini-2024-07-18") == (0.15, 0.60)
     assert prices_for("openai:gpt-4o-2024") == (2.50, 10.00)  # longest prefix wins over gpt-4o-mini? no: gpt-4o

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from imitate.collect import CollectConfig, make_teacher, run
-from imitate.limiter import Bucket, RateLimiter, RetryPolicy, retry_after
-from imitate.teachers import Completion
+from imitate.collect.stage import CollectConfig, make_teacher, run
+from imitate.collect.limiter import Bucket, RateLimiter, RetryPolicy, retry_after
+from imitate.collect.teachers import Completion
 
 
 class BatchTeacher:
@@ -38,14 +38,14 @@ class BatchTeacher:
 @pytest.fixture
 def fake_local(monkeypatch):
     made = []
-    mod = types.ModuleType("imitate.teachers.local")
+    mod = types.ModuleType("imitate.collect.teachers.local")
 
     def factory(model, **opts):
         made.append(BatchTeacher(model, **opts))
         return made[-1]
 
     mod.LocalTeacher = factory
-    monkeypatch.setitem(sys.modules, "imitate.teachers.local", mod)
+    monkeypatch.setitem(sys.modules, "imitate.collect.teachers.local", mod)
     return made
 
 
@@ -126,7 +126,7 @@ def test_retry_after_parsing_and_delay():
 
 
 def test_journal_group_commit_and_finished_ids(tmp_path):
-    from imitate.journal import Journal, finished_ids
+    from imitate.collect.journal import Journal, finished_ids
 
     path = tmp_path / "j.jsonl"
 
@@ -204,10 +204,10 @@ def test_teachers_with_injected_sdk_clients_over_http():
     import openai
     from fake_server import FakeServer
 
-    from imitate.limiter import MalformedResponse, classify
-    from imitate.teachers import Request
-    from imitate.teachers.anthropic import AnthropicTeacher
-    from imitate.teachers.openai import OpenAITeacher
+    from imitate.collect.limiter import MalformedResponse, classify
+    from imitate.collect.teachers import Request
+    from imitate.collect.teachers.anthropic import AnthropicTeacher
+    from imitate.collect.teachers.openai import OpenAITeacher
 
     async def go(base):
         o = OpenAITeacher("m", client=openai.AsyncOpenAI(api_key="k", base_url=base + "/v1", max_retries=0))

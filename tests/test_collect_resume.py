@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fake_server import FakeServer
 
-from imitate.collect import CollectConfig, run
+from imitate.collect.stage import CollectConfig, run
 
 N = 120
 

@@ -1,4 +1,4 @@
-"""Records -> tokens with assistant-only targets, the batch plan and the collator (imitate.data)."""
+"""Records -> tokens with assistant-only targets, the batch plan and the collator (imitate.train.data)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from imitate.data import IGNORE, Example, collate, encode, load_examples, plan_batches, shift_targets, split_eval
+from imitate.train.data import IGNORE, Example, collate, encode, load_examples, plan_batches, shift_targets, split_eval
 from imitate.errors import InputError, UsageError
 
 CONV = [
@@ -86,7 +86,7 @@ def test_shift_targets_is_next_token():
 def test_missing_chat_template_names_flag(tmp_path):
     from tiny import make_tokenizer
 
-    from imitate.data import check_chat_template
+    from imitate.train.data import check_chat_template
 
     tok = make_tokenizer(tmp_path, chat_template=None)
     with pytest.raises(UsageError) as err:

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from imitate.dedup import (
+from imitate.clean.dedup import (
     MinHasher,
     NearDup,
     Shingler,

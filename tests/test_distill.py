@@ -11,7 +11,7 @@ from test_train import cfg_for as sft_cfg
 from test_train import invoke, make_records, metrics
 from tiny import copy_without_chat_template, run_torchrun
 
-from imitate.train import run
+from imitate.train.loop import run
 
 
 def write(path, records):
@@ -41,7 +41,7 @@ def cfg_for(data, student, out, **kw):
 
 def tokenized(records, tok):
     """(input_ids, labels) per record exactly as `imitate train` builds them."""
-    from imitate.data import encode, shift_targets
+    from imitate.train.data import encode, shift_targets
 
     out = []
     for r in records:
@@ -59,7 +59,7 @@ def test_cli_teacher_sckd_feature_kd_end_to_end(tiny_model_dir, tiny_teacher_dir
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from imitate.features import load_regressors
+    from imitate.train.features import load_regressors
 
     out = tmp_path / "kd"
     res = invoke("--data", data_file, "--student", tiny_model_dir, "--teacher", f"hf:{tiny_teacher_dir}", "--sckd",
@@ -149,7 +149,7 @@ def test_kd_terms_in_the_loop_equal_a_naive_computation(kd, t2, tiny_model_dir, 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     student = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval()
-    from imitate.features import load_regressors
+    from imitate.train.features import load_regressors
 
     T, ce, kl, n = 1.7, 0.0, 0.0, 0
     with torch.no_grad():
@@ -191,7 +191,7 @@ def test_kd_weight_zero_is_plain_sft_and_a_nonzero_weight_is_not(tiny_model_dir,
 def test_resume_with_sckd_and_feature_kd_matches_straight_run(tiny_model_dir, tiny_teacher_dir, data_file, tmp_path):
     """The regressors (and their optimizer state) are checkpointed: a stopped + resumed run ends where a straight one
     does, and the on-rates of the summary cover the whole run."""
-    from imitate.features import load_regressors
+    from imitate.train.features import load_regressors
 
     kw = dict(max_steps=4, batch_size=3, teacher=f"hf:{tiny_teacher_dir}", feature_kd="auto", sckd=True,
               lora_dropout=0.0)
@@ -231,8 +231,8 @@ def test_graybox_trains_on_collected_logprobs_without_a_teacher(tiny_model_dir, 
                                                                 monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from imitate.losses import sparse_topk_divergence
-    from imitate.vocab import align_logprobs
+    from imitate.train.losses import sparse_topk_divergence
+    from imitate.train.vocab import align_logprobs
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     records = graybox_records(make_records(8, seed=2), tok, f"hf:{tiny_teacher_dir}")
@@ -299,7 +299,7 @@ def test_sckd_two_processes_match_one_process_with_accumulation(tiny_model_dir, 
     a, b = adapter(ddp), adapter(single)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
-    from imitate.features import load_regressors
+    from imitate.train.features import load_regressors
 
     ra, rb = load_regressors(ddp).state_dict(), load_regressors(single).state_dict()
     for k in ra:

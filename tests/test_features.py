@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from imitate.errors import InputError, UsageError
-from imitate.features import FeatureRegressors, load_regressors, parse_pairs, term_name
+from imitate.train.features import FeatureRegressors, load_regressors, parse_pairs, term_name
 
 
 @pytest.mark.parametrize(

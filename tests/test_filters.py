@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from imitate import filters as F
-from imitate.clean import CleanConfig
+from imitate.clean import filters as F
+from imitate.clean.stage import CleanConfig
 
 
 def rec(answer: str, prompt: str = "What is the capital of France?", **extra) -> dict:

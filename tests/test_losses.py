@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from imitate.errors import ImitateError
-from imitate.losses import (
+from imitate.train.losses import (
     chunked_ce,
     chunked_kd_loss,
     divergence,
@@ -290,7 +290,7 @@ def test_kd_on_tiny_models_with_a_padded_teacher_head(tmp_path, tiny_tokenizer_d
     from tiny import make_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from imitate.vocab import real_vocab_size
+    from imitate.train.vocab import real_vocab_size
 
     make_model(tmp_path / "t", tokenizer_dir=tiny_tokenizer_dir, hidden_size=48, num_layers=3, pad_vocab_to=448, seed=3)
     student = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -327,6 +327,6 @@ def test_importing_the_modules_leaves_torch_out():
     import subprocess
     import sys
 
-    code = "import sys, imitate.losses, imitate.sckd, imitate.features, imitate.vocab; print('torch' in sys.modules)"
+    code = "import sys, imitate.train.losses, imitate.train.sckd, imitate.train.features, imitate.train.vocab; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

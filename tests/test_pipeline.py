@@ -432,7 +432,7 @@ def test_collect_with_failed_requests_is_not_recorded(tmp_path, fake_stages, mon
         summary = collect_run(cfg)
         return {**summary, "failed": 2}
 
-    monkeypatch.setattr(sys.modules["imitate.collect"], "run", flaky_collect)
+    monkeypatch.setattr(sys.modules["imitate.collect.stage"], "run", flaky_collect)
     result = run_json(p)
     assert statuses(result)["collect"] == "ran" and "2 request(s) failed" in result["runs"][0]["reason"]
     assert not (tmp_path / "runs" / "collected.jsonl.manifest.json").exists()

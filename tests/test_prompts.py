@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from imitate import prompts
+from imitate.collect import templates as prompts
 from imitate.errors import InputError, UsageError
 
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from imitate.losses import chunked_ce, chunked_kd_loss
-from imitate.sckd import SCKDGate, distributed_sum
+from imitate.train.losses import chunked_ce, chunked_kd_loss
+from imitate.train.sckd import SCKDGate, distributed_sum
 
 
 def _lin(theta, direction):
@@ -142,8 +142,8 @@ def test_gate_over_lora_student_with_feature_terms(tiny_model_dir, tiny_teacher_
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from imitate.features import FeatureRegressors, parse_pairs, term_name
-    from imitate.losses import shift_labels
+    from imitate.train.features import FeatureRegressors, parse_pairs, term_name
+    from imitate.train.losses import shift_labels
 
     torch.manual_seed(0)
     student = get_peft_model(

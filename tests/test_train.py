@@ -10,7 +10,7 @@ import torch
 from tiny import copy_without_chat_template, run_torchrun
 
 from imitate.config import build
-from imitate.train import TrainConfig, run
+from imitate.train.loop import TrainConfig, run
 
 WORDS = "one two three four five six seven eight nine ten eleven twelve".split()
 
@@ -55,9 +55,9 @@ def test_accumulation_is_normalised_by_window_tokens(tiny_model_dir, tiny_tokeni
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from imitate.data import IGNORE, collate, encode, shift_targets
-    from imitate.data import Example as Ex
-    from imitate.train import accumulate_window
+    from imitate.train.data import IGNORE, collate, encode, shift_targets
+    from imitate.train.data import Example as Ex
+    from imitate.train.loop import accumulate_window
 
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     recs = make_records(2, seed=5)
@@ -281,7 +281,7 @@ def test_resume_after_sigkill(tiny_model_dir, data_file, tmp_path):
     import sys
     import time
 
-    from imitate import checkpoint
+    from imitate.train import checkpoint
 
     args = ["--data", data_file, "--student", tiny_model_dir, "--max-steps", "24", "--batch-size", "2",
             "--eval-split", "0", "--lr", "5e-3", "--no-progress"]

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from imitate.errors import ImitateError
-from imitate.losses import shift_labels
-from imitate.vocab import align_logprobs, check_tokenizers, pad_topk, real_vocab_size
+from imitate.train.losses import shift_labels
+from imitate.train.vocab import align_logprobs, check_tokenizers, pad_topk, real_vocab_size
 
 
 @pytest.fixture(scope="module")

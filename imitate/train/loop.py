@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imitate import checkpoint, distill
+from imitate.train import checkpoint, distill
 from imitate.config import PATH_MARK, path_field
-from imitate.data import (
+from imitate.train.data import (
     IGNORE,
     Example,
     check_chat_template,
@@ -38,7 +38,7 @@ from imitate.data import (
     windows,
 )
 from imitate.errors import ImitateError, InputError, UsageError
-from imitate.outputs import ProgressBar, append_metrics, peak_memory_mb, read_metrics, save_outputs, write_metrics
+from imitate.train.outputs import ProgressBar, append_metrics, peak_memory_mb, read_metrics, save_outputs, write_metrics
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ def resolve_student(spec: str) -> str:
         if not (p / "config.json").is_file():
             raise UsageError(f"student {spec}: no config.json there, so it is not a transformers model directory")
         return str(p.resolve())  # absolute, so the adapter's base_model_name_or_path works from any directory
-    from imitate.teachers.local import resolve_model
+    from imitate.collect.teachers.local import resolve_model
 
     try:  # the same rule as for teachers: what looks like a path must exist, anything else is a hub id
         return resolve_model(spec)
@@ -261,13 +261,13 @@ def accumulate_window(accelerator: Any, model: Any, micro: list[dict], n_targets
     float64 vector, the SCKD gate report {term: {"cos", "on"}} or {}).
 
     n_targets: target tokens of the WHOLE window, all processes (the loss denominator).
-    distiller: `imitate.distill.Distiller` (KD terms) or None (plain SFT). gate: `imitate.sckd.SCKDGate` or None.
+    distiller: `imitate.train.distill.Distiller` (KD terms) or None (plain SFT). gate: `imitate.train.sckd.SCKDGate` or None.
     With a gate nothing is backpropagated: the gate takes each loss's gradient separately (`torch.autograd.grad`), so
     the forwards run under `no_sync` and the gradients are averaged over ranks here, after the gate has decided.
     """
     import torch
 
-    from imitate.distill import average_grads
+    from imitate.train.distill import average_grads
 
     world = accelerator.num_processes
     names = ["ce"] + (distiller.terms if distiller is not None else [])

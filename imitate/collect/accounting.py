@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from imitate.pricing import cost, prices_for
+from imitate.collect.pricing import cost, prices_for
 
 
 def summary(cfg: Any, stats: Any, out: Path, failures: Path, wall_s: float) -> dict:
@@ -34,7 +34,7 @@ def summary(cfg: Any, stats: Any, out: Path, failures: Path, wall_s: float) -> d
 def dry_run_summary(cfg: Any, jobs: list, done: set[str], seeds: list[str] | None = None) -> dict:
     """What a run would send. With self-instruct the tasks do not exist yet: the estimate assumes new tasks as long as
     the seeds on average, PER_CALL tasks per generation call and no duplicates."""
-    from imitate.limiter import est_tokens
+    from imitate.collect.limiter import est_tokens
 
     todo = [j for j in jobs if j.request.id not in done]
     would_send = len(todo)
@@ -46,7 +46,7 @@ def dry_run_summary(cfg: Any, jobs: list, done: set[str], seeds: list[str] | Non
         "cached": len(jobs) - len(todo),
     }
     if seeds is not None:
-        from imitate.selfinstruct import PER_CALL
+        from imitate.collect.selfinstruct import PER_CALL
 
         task = sum(len(s) for s in seeds) // max(1, len(seeds)) // 4
         calls = -(-cfg.self_instruct // PER_CALL)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from imitate.limiter import MalformedResponse
-from imitate.teachers import Completion, Request
-from imitate.teachers.http import SDKTeacher
+from imitate.collect.limiter import MalformedResponse
+from imitate.collect.teachers import Completion, Request
+from imitate.collect.teachers.http import SDKTeacher
 
 # Anthropic stop reasons in the record's vocabulary ("stop" | "length" | provider-specific)
 STOP = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length"}

@@ -25,7 +25,7 @@ from typing import Any
 
 from imitate.config import PATH_MARK, path_field
 from imitate.errors import ImitateError, InputError, UsageError
-from imitate.teachers import Request, parse_spec
+from imitate.collect.teachers import Request, parse_spec
 
 KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
 BASE_URL_ENV = {"openai": "OPENAI_BASE_URL", "anthropic": "ANTHROPIC_BASE_URL"}
@@ -33,7 +33,7 @@ BASE_URL_ENV = {"openai": "OPENAI_BASE_URL", "anthropic": "ANTHROPIC_BASE_URL"}
 
 @dataclass(frozen=True)
 class CollectConfig:
-    teacher: str  # provider:model — openai:gpt-4o-mini, anthropic:claude-haiku-4-5, hf:./path (see imitate.teachers)
+    teacher: str  # provider:model — openai:gpt-4o-mini, anthropic:claude-haiku-4-5, hf:./path (see imitate.collect.teachers)
     out: Path = dataclasses.field(metadata={PATH_MARK: True})  # records JSONL; also the resume journal
     prompts: Path | None = path_field(None)  # input: JSONL rows (prompt | messages | template fields) or .txt lines
     template: str | None = path_field(None)  # built-in name in prompts/ or a .j2 path; None: rows give prompt/messages
@@ -181,7 +181,7 @@ def make_teacher(cfg: CollectConfig) -> tuple[Any, str | None]:
     """(teacher, secret) — the secret is kept only to scrub it from error text."""
     provider, model = parse_spec(cfg.teacher)
     if provider == "hf":
-        from imitate.teachers.local import LocalTeacher
+        from imitate.collect.teachers.local import LocalTeacher
 
         return LocalTeacher(
             model, device=None, batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code
@@ -194,10 +194,10 @@ def make_teacher(cfg: CollectConfig) -> tuple[Any, str | None]:
     key = api_key(cfg, provider, base_url)
     opts = {"api_key": key, "base_url": base_url, "timeout": cfg.timeout, "concurrency": cfg.concurrency}
     if provider == "openai":
-        from imitate.teachers.openai import OpenAITeacher
+        from imitate.collect.teachers.openai import OpenAITeacher
 
         return OpenAITeacher(model, **opts), key
-    from imitate.teachers.anthropic import AnthropicTeacher
+    from imitate.collect.teachers.anthropic import AnthropicTeacher
 
     return AnthropicTeacher(model, **opts), key
 
@@ -226,10 +226,10 @@ def check_cfg(cfg: CollectConfig) -> None:
 
 def run(cfg: CollectConfig) -> dict:
     """Collect the teacher's answers for every input row; returns the accounting summary."""
-    from imitate import prompts
-    from imitate.accounting import dry_run_summary, print_summary, summary
-    from imitate.engine import Engine
-    from imitate.journal import finished_ids
+    from imitate.collect import templates as prompts
+    from imitate.collect.accounting import dry_run_summary, print_summary, summary
+    from imitate.collect.engine import Engine
+    from imitate.collect.journal import finished_ids
 
     check_cfg(cfg)
     parse_spec(cfg.teacher)
@@ -242,7 +242,7 @@ def run(cfg: CollectConfig) -> dict:
     jobs = plan(cfg, rows, template)  # every template/input error surfaces here, before any request
     seeds = None
     if cfg.self_instruct:  # the same checks for the self-instruct seeds and the rows it will produce
-        from imitate.selfinstruct import DEFAULT_SEEDS, load_seeds
+        from imitate.collect.selfinstruct import DEFAULT_SEEDS, load_seeds
 
         seeds = load_seeds(Path(cfg.seed_tasks or cfg.prompts or DEFAULT_SEEDS))
         plan(cfg, [("self-instruct task", {"prompt": "a task", "origin": "self-instruct"})], template)
@@ -282,7 +282,7 @@ async def _collect(cfg: CollectConfig, engine: Any, jobs: list[Job], template: A
     try:
         extra: dict = {}
         if cfg.self_instruct:
-            from imitate.selfinstruct import expand
+            from imitate.collect.selfinstruct import expand
 
             new_rows, extra = await expand(cfg, engine, seeds)
             jobs = plan(cfg, new_rows, template)

@@ -23,7 +23,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
-from imitate.data import IGNORE, model_inputs
+from imitate.train.data import IGNORE, model_inputs
 from imitate.errors import ImitateError, UsageError
 
 LOGIT = "logit_kd"
@@ -35,7 +35,7 @@ def check_options(cfg: Any) -> None:
     """KD option values, before anything is loaded."""
     if cfg.kd not in KD_CHOICES:
         raise UsageError(f"--kd must be one of {', '.join(KD_CHOICES)}, got {cfg.kd!r}")
-    from imitate.teachers.local import DTYPES
+    from imitate.collect.teachers.local import DTYPES
 
     if cfg.teacher_dtype not in DTYPES:
         raise UsageError(f"--teacher-dtype must be one of {', '.join(DTYPES)}, got {cfg.teacher_dtype!r}")
@@ -64,8 +64,8 @@ def check_options(cfg: Any) -> None:
 
 def teacher_ref(spec: str) -> str:
     """`hf:PATH_OR_ID` -> the checked model reference (a directory, a peft adapter directory or a hub id)."""
-    from imitate.teachers import parse_spec
-    from imitate.teachers.local import resolve_model
+    from imitate.collect.teachers import parse_spec
+    from imitate.collect.teachers.local import resolve_model
 
     provider, model = parse_spec(spec)
     if provider != "hf":
@@ -105,8 +105,8 @@ def plan_teacher(cfg: Any, tokenizer: Any, student: str) -> Plan:
     """Teacher tokenizer check, real vocab size and feature pairs: tokenizers and configs only, no weights."""
     from transformers import AutoTokenizer
 
-    from imitate import features, vocab
-    from imitate.teachers.local import model_refs
+    from imitate.train import features, vocab
+    from imitate.collect.teachers.local import model_refs
 
     ref = teacher_ref(cfg.teacher)
     base, _, tok_dir = model_refs(ref)
@@ -127,7 +127,7 @@ def plan_teacher(cfg: Any, tokenizer: Any, student: str) -> Plan:
 
 def graybox_plan(tokenizer: Any, student: str, report: dict, trust_remote_code: bool) -> Plan:
     """The plan of a gray-box run: one sparse KD term, logits cut to the real vocabulary."""
-    from imitate import vocab
+    from imitate.train import vocab
 
     s_conf = _configs(student, trust_remote_code)
     size = vocab.real_vocab_size(tokenizer, s_conf.vocab_size, s_conf.vocab_size)
@@ -165,7 +165,7 @@ def _teacher_tokenizer_ok(spec: str | None, tokenizer: Any, cache: dict) -> str 
     if provider == "hf" and model:
         from transformers import AutoTokenizer
 
-        from imitate import vocab
+        from imitate.train import vocab
 
         try:
             t_tok = AutoTokenizer.from_pretrained(model)
@@ -189,7 +189,7 @@ def prepare_graybox(examples: list, tokenizer: Any) -> dict:
     """
     import torch
 
-    from imitate import vocab
+    from imitate.train import vocab
 
     report = {"records_with_logprobs": 0, "aligned": 0, "unaligned": 0, "unmapped_top": 0, "refused": {}}
     cache: dict = {}
@@ -248,7 +248,7 @@ def graybox_tensors(examples: list, batch: dict) -> tuple[Any, Any]:
 
 def load_teacher(cfg: Any, plan: Plan, device: Any) -> Any:
     """The frozen teacher: eval mode, no parameter requires grad, on `--teacher-device` (default: the student's)."""
-    from imitate.teachers.local import load_weights
+    from imitate.collect.teachers.local import load_weights
 
     model = load_weights(  # dtype "auto": bf16/fp16 on CUDA, float32 on CPU
         plan.teacher, device=str(cfg.teacher_device or device), dtype=cfg.teacher_dtype,
@@ -282,7 +282,7 @@ class Distiller:
     """
 
     def __init__(self, cfg: Any, plan: Plan, teacher: Any = None, regressors: Any = None):
-        from imitate.losses import DIVERGENCES
+        from imitate.train.losses import DIVERGENCES
 
         self.cfg, self.plan, self.teacher, self.regressors = cfg, plan, teacher, regressors
         self.gate = None  # an `SCKDGate` with --sckd (see `setup`)
@@ -309,7 +309,7 @@ class Distiller:
         """{"ce": sum, term: sum, ...} for one micro-batch (labels are already next-token aligned by the collator)."""
         import torch
 
-        from imitate import losses
+        from imitate.train import losses
         labels = batch["labels"]
         inputs = model_inputs(batch)
         # logits_to_keep=1: the models build no [tokens x vocab] logits; the losses project hidden states in chunks
@@ -377,13 +377,13 @@ def setup(cfg: Any, plan: Plan, accelerator: Any, params: list) -> Distiller:
     teacher = load_teacher(cfg, plan, accelerator.device) if plan.teacher else None
     regressors = None
     if plan.pairs:
-        from imitate.features import FeatureRegressors
+        from imitate.train.features import FeatureRegressors
 
         regressors = FeatureRegressors(plan.pairs, plan.student_width, plan.teacher_width).to(accelerator.device)
         accelerator.register_for_checkpointing(regressors)
     distiller = Distiller(cfg, plan, teacher, regressors)
     if cfg.sckd:
-        from imitate.sckd import SCKDGate, distributed_sum
+        from imitate.train.sckd import SCKDGate, distributed_sum
 
         own = {n: list(regressors.maps[n].parameters()) for n in distiller.terms
                if regressors is not None and n in regressors.maps}

@@ -20,7 +20,7 @@ from typing import Any
 
 from imitate.errors import InputError, UsageError
 
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "prompts"
+BUILTIN_DIR = Path(__file__).resolve().parents[2] / "prompts"
 SUFFIX = ".j2"
 BLOCKS = ("system", "user")
 

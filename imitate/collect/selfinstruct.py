@@ -20,7 +20,7 @@ PER_CALL = 5  # tasks asked for per request
 SIMILAR = 0.7  # word-set Jaccard at or above which a task counts as a duplicate
 MAX_STALE = 3  # stop after this many rounds in a row that add nothing
 GEN_TEMPERATURE = 1.0  # generation wants diversity, whatever the answer temperature
-DEFAULT_SEEDS = Path(__file__).resolve().parent.parent / "data" / "seed_tasks.jsonl"
+DEFAULT_SEEDS = Path(__file__).resolve().parents[2] / "data" / "seed_tasks.jsonl"
 ITEM = re.compile(r"^\s*(?:\d+[.)]|[-*]|Task \d+:)\s*(.+?)\s*$")
 
 
@@ -47,7 +47,7 @@ def parse_tasks(text: str) -> list[str]:
 
 
 def load_seeds(path: Path) -> list[str]:
-    from imitate.collect import read_rows
+    from imitate.collect.stage import read_rows
 
     seeds = []
     for where, row in read_rows(path):
@@ -62,12 +62,12 @@ def load_seeds(path: Path) -> list[str]:
 
 async def expand(cfg: Any, engine: Any, seeds: list[str]) -> tuple[list[tuple[str, dict]], dict]:
     """Generate cfg.self_instruct new tasks from `seeds` (see load_seeds); returns (rows to answer, summary)."""
-    from imitate import prompts
-    from imitate.collect import Job, sidecar
-    from imitate.engine import Stats
-    from imitate.journal import read_by_id
+    from imitate.collect import templates as prompts
+    from imitate.collect.stage import Job, sidecar
+    from imitate.collect.engine import Stats
+    from imitate.collect.journal import read_by_id
     from imitate.records import assistant_text, request_id
-    from imitate.teachers import Request
+    from imitate.collect.teachers import Request
 
     gen_template = prompts.load("self_instruct")
     params = {"temperature": GEN_TEMPERATURE, "max_tokens": max(cfg.max_tokens, 512)}

@@ -1,6 +1,6 @@
 """OpenAI chat-completions teacher; with a base URL, any OpenAI-compatible server (vLLM, Ollama, llama.cpp, ...).
 
-The SDK clients are built once per run with the SDK's own retries off (see imitate.teachers.http): the collect
+The SDK clients are built once per run with the SDK's own retries off (see imitate.collect.teachers.http): the collect
 engine retries, paces and journals, so it must see every failure.
 """
 
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from imitate.limiter import MalformedResponse
-from imitate.teachers import Completion, Request
-from imitate.teachers.http import SDKTeacher
+from imitate.collect.limiter import MalformedResponse
+from imitate.collect.teachers import Completion, Request
+from imitate.collect.teachers.http import SDKTeacher
 
 
 class OpenAITeacher(SDKTeacher):

@@ -76,7 +76,7 @@ def _module_class():
             student_hidden_states / teacher_hidden_states: the models' `hidden_states` tuples ([B, L, H] each, index 0
             = embeddings); mask: [B, L] bool (assistant tokens). Returns {term name: (sum, count)}.
             """
-            from imitate.losses import feature_mse
+            from imitate.train.losses import feature_mse
 
             return {
                 term_name(p): feature_mse(

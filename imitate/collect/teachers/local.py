@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from imitate.errors import ImitateError, UsageError
-from imitate.teachers import Completion, Request
+from imitate.collect.teachers import Completion, Request
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 

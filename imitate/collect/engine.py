@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from imitate.errors import ImitateError
-from imitate.journal import Journal, finished_ids
-from imitate.limiter import RateLimiter, RetryPolicy, classify, est_tokens
+from imitate.collect.journal import Journal, finished_ids
+from imitate.collect.limiter import RateLimiter, RetryPolicy, classify, est_tokens
 from imitate.records import now_iso
 
 

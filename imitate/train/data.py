@@ -35,7 +35,7 @@ class Example:
     input_ids: list[int]
     labels: list[int]  # shifted next-token targets, IGNORE where there is none
     where: str  # "file:line" of the record, for messages
-    # gray-box KD only (see imitate.distill): the record's collected top-K `logprobs` and its `teacher` until aligned,
+    # gray-box KD only (see imitate.train.distill): the record's collected top-K `logprobs` and its `teacher` until aligned,
     # then `topk` = (first row, ids [n, K], log-probs [n, K]) over the aligned rows of `labels`
     logprobs: list | None = None
     teacher: str | None = None

@@ -10,7 +10,7 @@ gradient right away (see `_chunked_head_function`): at no time, forward or backw
 Sums, not means: every loss returns `(sum over target tokens, number of target tokens)` so the caller can divide by the
 number of target tokens of the whole accumulation window (one normalisation for all micro-batches, as if it were one batch).
 
-torch is imported inside functions so that `import imitate.losses` stays light.
+torch is imported inside functions so that `import imitate.train.losses` stays light.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from imitate.data import IGNORE
+from imitate.train.data import IGNORE
 from imitate.errors import ImitateError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -247,7 +247,7 @@ def chunked_kd_loss(
     student_hidden: [B, L, Hs] (grad flows); student_head: [V_s, Hs] weight or nn.Linear;
     teacher_hidden: [B, L, Ht] (frozen; may sit on another device/dtype); teacher_head: [V_t, Ht] weight or nn.Linear;
     labels: [B, L] aligned with the hidden states (`data.shift_targets`); only positions with a target (≠ −100) count.
-    vocab_size: the real vocabulary (`imitate.vocab.real_vocab_size`): both heads' logits are cut to it, so widths that
+    vocab_size: the real vocabulary (`imitate.train.vocab.real_vocab_size`): both heads' logits are cut to it, so widths that
     differ only by embedding padding compare the same tokens. Never zero-padded.
     t2: multiply by T² (Hinton et al. 2015) so the gradient's scale does not shrink as 1/T² when T grows; on by default.
     Returns (scalar float32 sum, number of target tokens).

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from imitate.data import IGNORE
+from imitate.train.data import IGNORE
 from imitate.errors import ImitateError
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -14,7 +14,7 @@ from imitate.records import dumps, iter_jsonl, write_jsonl
 def save_outputs(accelerator: Any, model: Any, tokenizer: Any, cfg: Any, student: str, rows: list) -> dict:
     """out/: the adapter (or full weights) + tokenizer + train_config.json + loss.png; with --merge the merged weights
     in out/ and the adapter in out/adapter/. Everything loads with transformers (+ peft for an adapter) alone."""
-    from imitate.plot import plot_metrics
+    from imitate.train.plot import plot_metrics
 
     out = Path(cfg.out)
     accelerator.wait_for_everyone()

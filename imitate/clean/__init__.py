@@ -1,0 +1,1 @@
+"""clean: records -> filters -> dedup -> kept + removed + report."""

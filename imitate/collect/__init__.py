@@ -1,0 +1,1 @@
+"""collect: rows x template -> requests -> journal -> teacher -> records + failures."""

@@ -1,0 +1,1 @@
+"""train: records -> batches -> student (SFT, logit/feature KD, SCKD) -> outputs."""
