@@ -28,7 +28,7 @@ def main() -> None:
 
     from tiny import make_model
 
-    from imitate.collect.teachers.local import generate_batch, load_model
+    from imitate.models import generate_batch, load_model
 
     words = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
     chats = [

@@ -66,8 +66,8 @@ class NaiveKD:
     def losses(self, model, batch):
         import torch
 
-        from imitate.train.losses import divergence
         from imitate.train.loop import compute_losses
+        from imitate.train.losses import divergence
 
         terms, ctx = compute_losses(model, batch)  # SFT's own CE: student logits at the target columns
         teacher = self.d.teacher
@@ -136,11 +136,11 @@ def main() -> None:
     import torch
     from accelerate import Accelerator
 
-    from imitate.train import distill
     from imitate.config import build
+    from imitate.train import distill
     from imitate.train.features import FeatureRegressors, parse_pairs, term_name
-    from imitate.train.sckd import SCKDGate
     from imitate.train.loop import TrainConfig, accumulate_window
+    from imitate.train.sckd import SCKDGate
 
     accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision="no")
     device = accelerator.device

@@ -335,7 +335,7 @@ def run(cfg: EvalConfig) -> dict:
         raise UsageError(f"--min-score must be between 0 and 1, got {cfg.min_score}")
     if cfg.batch_size < 1 or cfg.max_tokens < 1:
         raise UsageError("--batch-size and --max-tokens must be at least 1")
-    from imitate.collect.teachers.local import generate_batch, load_model, resolve_model
+    from imitate.models import generate_batch, load_model, resolve_model
 
     t0 = time.monotonic()
     resolve_model(str(cfg.model))  # cheap checks first: a missing student fails before reading or teacher work

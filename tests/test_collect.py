@@ -211,8 +211,8 @@ def test_exhausted_retries_go_to_the_failures_file(server, tmp_path):
 
 
 def test_client_errors_fail_without_retry_and_auth_errors_stop_the_run(server, tmp_path):
-    from imitate.errors import ImitateError
     from imitate.collect.limiter import classify
+    from imitate.errors import ImitateError
 
     class Resp:
         headers = {"retry-after": "2"}

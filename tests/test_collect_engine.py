@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from imitate.collect.stage import CollectConfig, make_teacher, run
 from imitate.collect.limiter import Bucket, RateLimiter, RetryPolicy, retry_after
+from imitate.collect.stage import CollectConfig, make_teacher, run
 from imitate.collect.teachers import Completion
 
 

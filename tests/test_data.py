@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from imitate.train.data import IGNORE, Example, collate, encode, load_examples, plan_batches, shift_targets, split_eval
 from imitate.errors import InputError, UsageError
+from imitate.train.data import IGNORE, Example, collate, encode, load_examples, plan_batches, shift_targets, split_eval
 
 CONV = [
     {"role": "system", "content": "You are a helpful assistant."},

@@ -24,7 +24,7 @@ REF_ARGS = ["--reference-field", "answer", "--max-tokens", str(MAX_TOKENS), "--j
 
 @pytest.fixture(scope="module")
 def student(tiny_model_dir):
-    from imitate.collect.teachers.local import load_model
+    from imitate.models import load_model
 
     return load_model(str(tiny_model_dir))
 
@@ -32,7 +32,7 @@ def student(tiny_model_dir):
 @pytest.fixture(scope="module")
 def answers(student) -> list[str]:
     """The student's greedy answers, generated as eval will (one batch, same order, same max tokens)."""
-    from imitate.collect.teachers.local import generate_batch
+    from imitate.models import generate_batch
 
     model, tok = student
     chats = [[{"role": "user", "content": p}] for p in PROMPTS]
@@ -226,7 +226,7 @@ def test_adapter_dir_loads_base_plus_adapter(tmp_path, tiny_model_dir, student, 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from imitate.collect.teachers.local import load_model
+    from imitate.models import load_model
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     torch.manual_seed(3)

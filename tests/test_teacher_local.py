@@ -9,9 +9,10 @@ import shutil
 import pytest
 from tiny import copy_without_chat_template
 
-from imitate.errors import ImitateError
 from imitate.collect.teachers import Request
-from imitate.collect.teachers.local import LocalTeacher, generate_batch, left_pad, load_model
+from imitate.collect.teachers.local import LocalTeacher
+from imitate.errors import ImitateError
+from imitate.models import generate_batch, left_pad, load_model
 
 # prompts of clearly different token lengths, so a batch needs padding
 CHATS = [
@@ -172,7 +173,7 @@ def test_missing_path_fails_before_loading(tmp_path):
 
 def test_typo_under_a_local_directory_is_not_sent_to_the_hub(tmp_path, monkeypatch):
     """'runs/studnet' next to a runs/ directory is a path typo: fail now instead of minutes of hub retries."""
-    from imitate.collect.teachers.local import resolve_model
+    from imitate.models import resolve_model
     from imitate.train.loop import resolve_student
 
     monkeypatch.chdir(tmp_path)

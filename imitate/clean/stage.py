@@ -24,10 +24,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from imitate.config import path_field, to_dict
 from imitate.clean.dedup import NearDup, cluster, exact_key
-from imitate.errors import InputError, UsageError
 from imitate.clean.filters import GOPHER_DUP_NGRAM, GOPHER_TOP_NGRAM, Predicate, apply, build_filters
+from imitate.config import path_field, to_dict
+from imitate.errors import InputError, UsageError
 from imitate.records import assistant_text, dumps, prompt_messages, record_problem
 
 LENGTH_ROLES = ("system", "user", "assistant", "prompt")

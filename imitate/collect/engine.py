@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imitate.errors import ImitateError
 from imitate.collect.journal import Journal, finished_ids
 from imitate.collect.limiter import RateLimiter, RetryPolicy, classify, est_tokens
+from imitate.errors import ImitateError
 from imitate.records import now_iso
 
 

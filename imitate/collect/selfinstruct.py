@@ -63,11 +63,11 @@ def load_seeds(path: Path) -> list[str]:
 async def expand(cfg: Any, engine: Any, seeds: list[str]) -> tuple[list[tuple[str, dict]], dict]:
     """Generate cfg.self_instruct new tasks from `seeds` (see load_seeds); returns (rows to answer, summary)."""
     from imitate.collect import templates as prompts
-    from imitate.collect.stage import Job, sidecar
     from imitate.collect.engine import Stats
     from imitate.collect.journal import read_by_id
-    from imitate.records import assistant_text, request_id
+    from imitate.collect.stage import Job, sidecar
     from imitate.collect.teachers import Request
+    from imitate.records import assistant_text, request_id
 
     gen_template = prompts.load("self_instruct")
     params = {"temperature": GEN_TEMPERATURE, "max_tokens": max(cfg.max_tokens, 512)}

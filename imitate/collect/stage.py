@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from imitate.collect.teachers import Request, parse_spec
 from imitate.config import PATH_MARK, path_field
 from imitate.errors import ImitateError, InputError, UsageError
-from imitate.collect.teachers import Request, parse_spec
 
 KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
 BASE_URL_ENV = {"openai": "OPENAI_BASE_URL", "anthropic": "ANTHROPIC_BASE_URL"}

@@ -23,8 +23,8 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
-from imitate.train.data import IGNORE, model_inputs
 from imitate.errors import ImitateError, UsageError
+from imitate.train.data import IGNORE, model_inputs
 
 LOGIT = "logit_kd"
 GRAYBOX = "graybox_kd"
@@ -35,7 +35,7 @@ def check_options(cfg: Any) -> None:
     """KD option values, before anything is loaded."""
     if cfg.kd not in KD_CHOICES:
         raise UsageError(f"--kd must be one of {', '.join(KD_CHOICES)}, got {cfg.kd!r}")
-    from imitate.collect.teachers.local import DTYPES
+    from imitate.models import DTYPES
 
     if cfg.teacher_dtype not in DTYPES:
         raise UsageError(f"--teacher-dtype must be one of {', '.join(DTYPES)}, got {cfg.teacher_dtype!r}")
@@ -65,7 +65,7 @@ def check_options(cfg: Any) -> None:
 def teacher_ref(spec: str) -> str:
     """`hf:PATH_OR_ID` -> the checked model reference (a directory, a peft adapter directory or a hub id)."""
     from imitate.collect.teachers import parse_spec
-    from imitate.collect.teachers.local import resolve_model
+    from imitate.models import resolve_model
 
     provider, model = parse_spec(spec)
     if provider != "hf":
@@ -105,8 +105,8 @@ def plan_teacher(cfg: Any, tokenizer: Any, student: str) -> Plan:
     """Teacher tokenizer check, real vocab size and feature pairs: tokenizers and configs only, no weights."""
     from transformers import AutoTokenizer
 
+    from imitate.models import model_refs
     from imitate.train import features, vocab
-    from imitate.collect.teachers.local import model_refs
 
     ref = teacher_ref(cfg.teacher)
     base, _, tok_dir = model_refs(ref)
@@ -248,7 +248,7 @@ def graybox_tensors(examples: list, batch: dict) -> tuple[Any, Any]:
 
 def load_teacher(cfg: Any, plan: Plan, device: Any) -> Any:
     """The frozen teacher: eval mode, no parameter requires grad, on `--teacher-device` (default: the student's)."""
-    from imitate.collect.teachers.local import load_weights
+    from imitate.models import load_weights
 
     model = load_weights(  # dtype "auto": bf16/fp16 on CUDA, float32 on CPU
         plan.teacher, device=str(cfg.teacher_device or device), dtype=cfg.teacher_dtype,

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imitate.train import checkpoint, distill
 from imitate.config import PATH_MARK, path_field
+from imitate.errors import ImitateError, InputError, UsageError
+from imitate.train import checkpoint, distill
 from imitate.train.data import (
     IGNORE,
     Example,
@@ -37,7 +38,6 @@ from imitate.train.data import (
     split_eval,
     windows,
 )
-from imitate.errors import ImitateError, InputError, UsageError
 from imitate.train.outputs import ProgressBar, append_metrics, peak_memory_mb, read_metrics, save_outputs, write_metrics
 
 
@@ -141,7 +141,7 @@ def resolve_student(spec: str) -> str:
         if not (p / "config.json").is_file():
             raise UsageError(f"student {spec}: no config.json there, so it is not a transformers model directory")
         return str(p.resolve())  # absolute, so the adapter's base_model_name_or_path works from any directory
-    from imitate.collect.teachers.local import resolve_model
+    from imitate.models import resolve_model
 
     try:  # the same rule as for teachers: what looks like a path must exist, anything else is a hub id
         return resolve_model(spec)

@@ -20,8 +20,8 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from imitate.train.data import IGNORE
 from imitate.errors import ImitateError
+from imitate.train.data import IGNORE
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

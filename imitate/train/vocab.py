@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from imitate.train.data import IGNORE
 from imitate.errors import ImitateError
+from imitate.train.data import IGNORE
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
