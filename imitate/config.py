@@ -1,9 +1,10 @@
 """Stage configs: frozen dataclasses, built from layers `defaults < config file < flags actually given`.
 
-Each stage module defines its own config dataclass next to the code that reads it (CollectConfig in collect.py,
-CleanConfig in clean.py, TrainConfig in train.py, EvalConfig in evaluate.py), documenting every field in place.
-This module holds the machinery they share: merging layers, checking unknown keys ("did you mean"), coercing TOML
-values to the field types, and resolving paths relative to the config file.
+Each stage defines its config dataclass beside its code (imitate/collect/config.py, imitate/clean/config.py,
+imitate/train/config.py, EvalConfig in imitate/evaluate.py), every field declared once with `imitate.options.opt`
+(flag, help, example, bounds) and checked when the config is built. This module holds the machinery the layers share:
+merging them, checking unknown keys ("did you mean"), coercing TOML values to the field types, and resolving paths
+relative to the config file.
 
 Field names are the long flag names with dashes turned into underscores, so `--max-tokens 256` and
 `max_tokens = 256` (or `max-tokens = 256`) in a TOML section mean the same thing.
@@ -21,12 +22,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from imitate.errors import ConfigError
+from imitate.errors import ConfigError, UsageError
+from imitate.options import PATH_MARK, REQUIRED_MARK
 
 T = TypeVar("T")
-
-# Fields whose values are paths: given in a config file they are resolved relative to that file's directory.
-PATH_MARK = "path"
 
 
 def path_field(default: Any = None, **kw: Any) -> Any:
@@ -60,10 +59,12 @@ def check_keys(cls: type, data: Mapping[str, Any], where: str) -> dict[str, Any]
     return out
 
 
-def _coerce(value: Any, tp: Any, name: str, where: str) -> Any:
+def coerce(value: Any, tp: Any, name: str, where: str) -> Any:
     """Coerce a TOML/flag value to the annotated type where it is unambiguous (int -> float, str -> Path...)."""
     if value is None:
         return None
+    at = "" if where == "options" else f"{where}: "  # flags: "--kd must be ..."; a file: "f.toml [train]: 'kd' must be"
+    shown = name if name.startswith("--") else f"'{name}'"
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -71,7 +72,7 @@ def _coerce(value: Any, tp: Any, name: str, where: str) -> Any:
         last_exc: Exception | None = None
         for a in non_none:
             try:
-                return _coerce(value, a, name, where)
+                return coerce(value, a, name, where)
             except ConfigError as exc:
                 last_exc = exc
         if last_exc:
@@ -82,37 +83,37 @@ def _coerce(value: Any, tp: Any, name: str, where: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: '{name}' must be true or false, got {value!r}")
+        raise ConfigError(f"{at}{shown} must be true or false, got {value!r}")
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: '{name}' must be an integer, got {value!r}")
+            raise ConfigError(f"{at}{shown} must be an integer, got {value!r}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: '{name}' must be a number, got {value!r}")
+            raise ConfigError(f"{at}{shown} must be a number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: '{name}' must be a string, got {value!r}")
+            raise ConfigError(f"{at}{shown} must be a string, got {value!r}")
         return value
     if tp is Path:
         if not isinstance(value, (str, Path)):
-            raise ConfigError(f"{where}: '{name}' must be a path string, got {value!r}")
+            raise ConfigError(f"{at}{shown} must be a path string, got {value!r}")
         return Path(value)
     if origin in (list, tuple):
         if isinstance(value, (str, Path)):
             value = [value]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: '{name}' must be a list, got {value!r}")
+            raise ConfigError(f"{at}{shown} must be a list, got {value!r}")
         inner = args[0] if args else Any
-        return [_coerce(v, inner, name, where) for v in value]
+        return [coerce(v, inner, name, where) for v in value]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: '{name}' must be a table, got {value!r}")
+            raise ConfigError(f"{at}{shown} must be a table, got {value!r}")
         return dict(value)
     if origin is typing.Literal:
         if value not in args:
-            raise ConfigError(f"{where}: '{name}' must be one of {', '.join(map(str, args))}, got {value!r}")
+            raise ConfigError(f"{at}{shown} must be one of {', '.join(map(str, args))}, got {value!r}")
         return value
     return value
 
@@ -177,16 +178,23 @@ def build(cls: type[T], *layers: Mapping[str, Any] | None, where: str = "options
     hints = typing.get_type_hints(cls)
     for k in list(merged):  # flags alone (where == "options") are named as flags: '--match', not 'match'
         label = ("--" if where == "options" else "") + k.replace("_", "-")
-        merged[k] = _coerce(merged[k], hints.get(k, Any), label, where)
+        merged[k] = coerce(merged[k], hints.get(k, Any), label, where)
     missing = [
         f.name
         for f in dataclasses.fields(cls)
         if f.name not in merged and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
+    missing += [f.name for f in dataclasses.fields(cls)  # opt(required=True): None or empty is not enough
+                if f.metadata.get(REQUIRED_MARK) and not merged.get(f.name)]
     if missing:
         flags = ", ".join("--" + m.replace("_", "-") for m in missing)
         raise ConfigError(f"{where}: missing required option(s): {flags}", hint="give them as flags or in the config file")
-    return cls(**merged)
+    try:
+        return cls(**merged)  # the config checks itself (imitate.options.Checked)
+    except UsageError as exc:
+        if where == "options" or exc.message.startswith(where):
+            raise
+        raise type(exc)(f"{where}: {exc.message}", hint=exc.hint) from None
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

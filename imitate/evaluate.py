@@ -30,36 +30,50 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from imitate.config import path_field, to_dict
+from imitate.config import to_dict
 from imitate.errors import GateFailed, ImitateError, InputError, UsageError
+from imitate.options import Checked, opt
 
 MATCH_MODES = ("exact", "contains", "regex")
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    # the student: a model directory, a peft adapter directory (its adapter_config.json names the base), or a hub id
-    model: Path | None = path_field()
-    # held-out prompts: JSONL rows with `prompt` (string) or `messages` (a final assistant turn = the teacher's answer)
-    prompts: Path | None = path_field()
-    # ask this teacher (provider:model, greedy) for the answers to compare with; default: the answers in the rows
-    teacher: str | None = None
-    # score against this field of each row (string, number or list of accepted answers) instead of the teacher's answers
-    reference_field: str | None = None
-    # how an answer is compared with its reference: exact (normalised), contains, regex (the reference is a pattern)
-    match: Literal["exact", "contains", "regex"] = "exact"
-    # gate: a score below this (0..1) fails with exit code 3, after the results are written
-    min_score: float | None = None
-    # results file: one JSON line per prompt (prompt, answer, reference, score ...); none when unset
-    out: Path | None = path_field()
-    # prompts generated together; lower it if the GPU runs out of memory
-    batch_size: int = 16
-    # longest student (and teacher) answer, in new tokens; longer answers are cut and counted as `truncated`
-    max_tokens: int = 256
-    # allow model code from the model directory / hub (only for models you trust)
-    trust_remote_code: bool = False
-    # torch device for the student (and an hf teacher); default: cuda when present, else cpu
-    device: str | None = None
+class EvalConfig(Checked):
+    model: Path | None = opt(None, "Student: a model directory, a LoRA adapter directory (its adapter_config.json names "
+                             "the base) or a hub id.", example="runs/student1", path=True, default_text="required")
+    prompts: Path | None = opt(None, "Held-out JSONL rows with prompt or messages (a final assistant turn = the "
+                               "teacher's answer).", example="data/eval.jsonl", input=True, default_text="required")
+    teacher: str | None = opt(None, "Ask this teacher (greedy) for the answers to agree with; API teachers go through "
+                              "collect (cached in OUT.teacher.jsonl).", example="hf:./teacher",
+                              default_text="the answers in the rows")
+    reference_field: str | None = opt(None, "Score against this field of each row (a string, a number or a list of "
+                                      "accepted answers) instead of the teacher.", example="answer")
+    match: Literal["exact", "contains", "regex"] = opt(
+        "exact", "How an answer is compared: exact (case/whitespace-normalised), contains, or regex (the reference is "
+        "a pattern).", example="contains")
+    min_score: float | None = opt(None, "Gate: exit code 3 when the score (0..1) is below this, after the results "
+                                  "are written.", example="0.8", ge=0, le=1)
+    out: Path | None = opt(None, "Results JSONL, one line per prompt.", example="eval.results.jsonl", path=True)
+    batch_size: int = opt(16, "Prompts generated together; lower it if the GPU runs out of memory.", example="32",
+                          ge=1)
+    max_tokens: int = opt(256, "Longest answer in new tokens; longer answers are cut and counted as truncated.",
+                          example="64", ge=1)
+    trust_remote_code: bool = opt(False, "Run model code shipped with the model (only for models you trust).",
+                                  example="--trust-remote-code", flag="--trust-remote-code/--no-trust-remote-code")
+    device: str | None = opt(None, "Torch device for the student (and an hf teacher).", example="cpu",
+                             default_text="cuda when present, else cpu")
+
+    def check(self) -> None:
+        if self.model is None or self.prompts is None:
+            raise UsageError(
+                "imitate eval needs --model and --prompts",
+                hint="e.g. imitate eval --model out/student --prompts data/eval.jsonl --reference-field answer",
+            )
+        if self.match == "regex" and not self.reference_field:
+            raise UsageError(
+                "--match regex needs --reference-field: the teacher's answers are not patterns",
+                hint="put a pattern per row in a field, e.g. --reference-field pattern",
+            )
 
 
 @dataclass
@@ -319,22 +333,6 @@ def score_items(
 
 def run(cfg: EvalConfig) -> dict:
     """Generate, score, write results, then apply the gate. Returns the summary (what --json prints)."""
-    if cfg.model is None or cfg.prompts is None:
-        raise UsageError(
-            "imitate eval needs --model and --prompts",
-            hint="e.g. imitate eval --model out/student --prompts data/eval.jsonl --reference-field answer",
-        )
-    if cfg.match not in MATCH_MODES:
-        raise UsageError(f"unknown --match {cfg.match!r}", hint=f"one of {', '.join(MATCH_MODES)}")
-    if cfg.match == "regex" and not cfg.reference_field:
-        raise UsageError(
-            "--match regex needs --reference-field: the teacher's answers are not patterns",
-            hint="put a pattern per row in a field, e.g. --reference-field pattern",
-        )
-    if cfg.min_score is not None and not 0 <= cfg.min_score <= 1:
-        raise UsageError(f"--min-score must be between 0 and 1, got {cfg.min_score}")
-    if cfg.batch_size < 1 or cfg.max_tokens < 1:
-        raise UsageError("--batch-size and --max-tokens must be at least 1")
     from imitate.models import generate_batch, load_model, resolve_model
 
     t0 = time.monotonic()

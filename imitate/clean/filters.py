@@ -27,8 +27,6 @@ from imitate.records import assistant_text, iter_jsonl, prompt_messages
 Predicate = Callable[[dict], "str | None"]
 
 DEFAULT_REFUSALS = Path(__file__).resolve().parents[2] / "data" / "refusals.txt"
-GOPHER_TOP_NGRAM = (0.20, 0.18, 0.16)  # n = 2, 3, 4
-GOPHER_DUP_NGRAM = (0.15, 0.14, 0.13, 0.12, 0.11, 0.10)  # n = 5 .. 10
 TRUNCATED_REASONS = ("length", "max_tokens", "max_output_tokens")
 _ALNUM = re.compile(r"\w")
 

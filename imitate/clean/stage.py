@@ -20,76 +20,16 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
+from imitate.clean.config import CleanConfig
 from imitate.clean.dedup import NearDup, cluster, exact_key
-from imitate.clean.filters import GOPHER_DUP_NGRAM, GOPHER_TOP_NGRAM, Predicate, apply, build_filters
-from imitate.config import path_field, to_dict
+from imitate.clean.filters import Predicate, apply, build_filters
+from imitate.config import to_dict
 from imitate.errors import InputError, UsageError
 from imitate.records import assistant_text, dumps, prompt_messages, record_problem
-
-LENGTH_ROLES = ("system", "user", "assistant", "prompt")
-
-
-@dataclass(frozen=True)
-class CleanConfig:
-    # --- inputs and outputs
-    inputs: list[Path] = path_field([])  # record files written by `imitate collect`, read in this order
-    out: Path | None = path_field(None)  # CLEAN.jsonl: kept records, verbatim, in input order (required)
-    removed: Path | None = path_field(None)  # REMOVED.jsonl: each removed record + "removed": {filter, detail, ...}
-    report: Path | None = path_field(None)  # REPORT.json: counts, clusters, timing, examples
-    on_bad_line: Literal["error", "skip"] = "error"  # "skip": count malformed lines and report them, don't stop
-    workers: int = 1  # processes for the map step (parse, filter, MinHash); 1 runs in-process
-    chunk_size: int = 4000  # lines per map task: bigger amortizes numpy calls, smaller balances workers
-    examples: int = 3  # removed examples kept per filter in the report
-    # --- failed and truncated answers
-    drop_failed: bool = True  # an `error` field, no final assistant turn, or an empty answer
-    drop_truncated: bool = True  # finish_reason "length" (the teacher hit max_tokens: the answer is cut off)
-    # --- length bounds, per role: "assistant" = the answer, "prompt" = all turns before it, "user", "system"
-    min_chars: dict[str, int] = field(default_factory=dict)  # e.g. {assistant = 20}; flag --min-chars assistant=20
-    max_chars: dict[str, int] = field(default_factory=dict)  # e.g. {prompt = 8000}
-    min_words: dict[str, int] = field(default_factory=dict)  # e.g. {assistant = 3}
-    max_words: dict[str, int] = field(default_factory=dict)  # e.g. {assistant = 2000}
-    min_ratio: float | None = None  # answer words / prompt words below this -> removed (off by default)
-    max_ratio: float | None = None  # ... above this -> removed (off by default)
-    # --- refusals and boilerplate in the answer (patterns: data/refusals.txt)
-    drop_refusals: bool = True
-    default_refusals: bool = True  # use the shipped data/refusals.txt; false to rely only on --refusals files
-    refusals: list[Path] = path_field([])  # extra pattern files, same format as data/refusals.txt
-    # --- repetition in the answer (Gopher thresholds, see imitate/filters.py)
-    drop_repetitive: bool = True
-    repetition_min_words: int = 50  # shorter answers are not checked: the ratios are noise on a few sentences
-    max_dup_line_frac: float = 0.30  # duplicated lines (and paragraphs) / all lines
-    max_dup_line_char_frac: float = 0.20  # characters in duplicated lines (and paragraphs) / all characters
-    max_top_ngram_frac: list[float] = field(default_factory=lambda: list(GOPHER_TOP_NGRAM))  # n = 2, 3, 4
-    max_dup_ngram_frac: list[float] = field(default_factory=lambda: list(GOPHER_DUP_NGRAM))  # n = 5 .. 10
-    # --- language (only where a light detector, langid or langdetect, is importable; else skipped with a note)
-    language: list[str] = field(default_factory=list)  # ISO 639-1 codes to keep, e.g. ["en"]; empty = no filter
-    # --- decontamination against eval sets
-    decontaminate: list[Path] = path_field([])  # eval JSONL files: records or rows with prompt/answer/reference fields
-    decontaminate_ngram: int = 13  # a record sharing one word n-gram of this size with an eval text is removed
-    decontaminate_min_words: int = 8  # eval texts shorter than the n-gram count whole if they have this many words
-    # --- exact duplicates (after folding case, whitespace, punctuation and digits)
-    exact_dedup: bool = True  # on the whole conversation
-    one_per_prompt: bool = False  # also keep one answer per (normalized) prompt, e.g. after collect --n 4
-    # --- near duplicates (MinHash LSH; clusters = connected components of LSH candidates)
-    near_dedup: bool = True
-    near_on: Literal["both", "prompt", "answer"] = "both"  # "both": prompt AND answer similar (Jaccard product)
-    threshold: float = 0.8  # Jaccard similarity of shingle sets above which two records are duplicates
-    num_perm: int = 128  # MinHash permutations (signature length)
-    bands: int | None = None  # LSH bands; default: the choice minimizing false positives + negatives at threshold
-    ngram: int = 5  # word n-gram shingle size
-    char_ngram: int = 5  # character n-gram size for texts with fewer than near_min_words words
-    near_min_words: int = 20  # texts with fewer words use character n-grams (one-sentence answers)
-    near_min_chars: int = 10  # texts with fewer characters are one shingle: exact match only
-    verify: bool = False  # check each candidate pair's exact Jaccard (re-reads candidate texts) before clustering
-    seed: int = 1  # MinHash permutation seed
-    # --- survivor of a duplicate cluster
-    priority: str | None = None  # dotted record field, higher wins (e.g. "usage.output_tokens"); "-field": lower wins;
-    #                              ties and records without the field fall back to input order
-
 
 # --- map: raw lines -> statuses and keys ------------------------------------------------------------------------------
 
@@ -285,25 +225,12 @@ def _read_texts(paths: list[Path], want: dict[tuple[int, int], int], on: str) ->
 
 
 def _check(cfg: CleanConfig) -> None:
-    if cfg.out is None:
-        raise UsageError("no output file", hint="give --out CLEAN.jsonl (or out = ... in the [clean] config section)")
+    """What the config cannot know when it is built: the inputs (options were checked by CleanConfig itself)."""
     if not cfg.inputs:
         raise UsageError("no input files", hint="imitate clean records.jsonl --out clean.jsonl")
     for p in cfg.inputs:
         if not Path(p).exists():
             raise InputError(f"{p}: no such file", hint="check the input path")
-    for name in ("min_chars", "max_chars", "min_words", "max_words"):
-        for role, v in getattr(cfg, name).items():
-            if role not in LENGTH_ROLES:
-                raise UsageError(f"{name}: unknown role {role!r}", hint=f"roles: {', '.join(LENGTH_ROLES)}")
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise UsageError(f"{name}.{role} must be a non-negative integer, got {v!r}")
-    if not 0.0 < cfg.threshold <= 1.0:
-        raise UsageError(f"threshold must be in (0, 1], got {cfg.threshold}", hint="e.g. --threshold 0.8")
-    if cfg.bands is not None and not 1 <= cfg.bands <= cfg.num_perm:
-        raise UsageError(f"bands must be between 1 and num_perm ({cfg.num_perm}), got {cfg.bands}")
-    if cfg.workers < 1 or cfg.chunk_size < 1:
-        raise UsageError("workers and chunk-size must be at least 1")
 
 
 def run(cfg: CleanConfig) -> dict:

@@ -14,7 +14,6 @@ The run, top to bottom:
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
 import sys
@@ -23,43 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from imitate.collect.config import CollectConfig
 from imitate.collect.teachers import Request, parse_spec
-from imitate.config import PATH_MARK, path_field
-from imitate.errors import ImitateError, InputError, UsageError
+from imitate.errors import ImitateError, InputError
 
 KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
 BASE_URL_ENV = {"openai": "OPENAI_BASE_URL", "anthropic": "ANTHROPIC_BASE_URL"}
-
-
-@dataclass(frozen=True)
-class CollectConfig:
-    teacher: str  # provider:model — openai:gpt-4o-mini, anthropic:claude-haiku-4-5, hf:./path (see imitate.collect.teachers)
-    out: Path = dataclasses.field(metadata={PATH_MARK: True})  # records JSONL; also the resume journal
-    prompts: Path | None = path_field(None)  # input: JSONL rows (prompt | messages | template fields) or .txt lines
-    template: str | None = path_field(None)  # built-in name in prompts/ or a .j2 path; None: rows give prompt/messages
-    system: str | None = None  # system turn added to every request that has none
-    n: int = 1  # samples per prompt (each sample is its own record, id includes its index)
-    temperature: float = 0.7  # 0 means greedy decoding for every teacher
-    top_p: float | None = None  # nucleus sampling; None leaves the provider's default
-    max_tokens: int = 1024  # answer length cap; answers cut by it are kept with finish_reason "length"
-    logprobs: int | None = None  # store the top-K log-probabilities of each answer token (openai-compatible, hf)
-    concurrency: int = 16  # requests in flight at once (API teachers)
-    rpm: float | None = None  # our own requests/minute ceiling; None: unlimited
-    tpm: float | None = None  # our own tokens/minute ceiling (input estimated as chars/4 + max_tokens); None: unlimited
-    retries: int = 6  # extra attempts on 429/5xx/timeouts/connection errors before a request goes to failures
-    timeout: float = 120.0  # seconds per HTTP request
-    base_url: str | None = None  # OpenAI-compatible server (vLLM, Ollama, llama.cpp); default: $OPENAI_BASE_URL
-    api_key_env: str | None = None  # env var holding the key; default OPENAI_API_KEY / ANTHROPIC_API_KEY
-    failures: Path | None = path_field(None)  # where failed requests go; default OUT with .failures.jsonl
-    price_in: float | None = None  # USD per million input tokens (default: built-in table for known models)
-    price_out: float | None = None  # USD per million output tokens
-    dry_run: bool = False  # count requests and estimate input tokens; send nothing
-    self_instruct: int = 0  # > 0: first have the teacher write this many new instructions, then answer them
-    seed_tasks: Path | None = path_field(None)  # self-instruct seeds (default: --prompts, else data/seed_tasks.jsonl)
-    seed: int = 0  # RNG seed for self-instruct example sampling and retry jitter
-    batch_size: int = 8  # requests per generate() call for hf teachers
-    trust_remote_code: bool = False  # hf teachers: allow the model repo's own code
-    progress: bool = True  # progress bar on stderr
 
 
 @dataclass(frozen=True)
@@ -186,10 +154,6 @@ def make_teacher(cfg: CollectConfig) -> tuple[Any, str | None]:
         return LocalTeacher(
             model, device=None, batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code
         ), None
-    if provider == "anthropic" and cfg.logprobs:
-        raise UsageError(
-            "--logprobs is not available from anthropic teachers", hint="use an openai-compatible or hf teacher"
-        )
     base_url = cfg.base_url or os.environ.get(BASE_URL_ENV[provider]) or None
     key = api_key(cfg, provider, base_url)
     opts = {"api_key": key, "base_url": base_url, "timeout": cfg.timeout, "concurrency": cfg.concurrency}
@@ -202,25 +166,6 @@ def make_teacher(cfg: CollectConfig) -> tuple[Any, str | None]:
     return AnthropicTeacher(model, **opts), key
 
 
-def check_cfg(cfg: CollectConfig) -> None:
-    for name in ("n", "concurrency", "max_tokens", "batch_size"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.temperature < 0:
-        raise UsageError(f"--temperature must be >= 0, got {cfg.temperature}")
-    if cfg.retries < 0:
-        raise UsageError(f"--retries must be >= 0, got {cfg.retries}")
-    for name in ("rpm", "tpm"):  # optional ceilings: leave them out for none, never 0 or negative
-        if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
-            raise UsageError(f"--{name} must be > 0, got {getattr(cfg, name)}", hint=f"leave --{name} out for no limit")
-    if cfg.timeout <= 0:
-        raise UsageError(f"--timeout must be > 0 seconds, got {cfg.timeout}")
-    if cfg.logprobs is not None and cfg.logprobs < 0:
-        raise UsageError(f"--logprobs must be >= 0, got {cfg.logprobs}")
-    if cfg.prompts is None and not cfg.self_instruct:
-        raise UsageError("no input: give --prompts FILE (or --self-instruct N)")
-
-
 # --- run --------------------------------------------------------------------------------------------------------
 
 
@@ -231,8 +176,6 @@ def run(cfg: CollectConfig) -> dict:
     from imitate.collect.engine import Engine
     from imitate.collect.journal import finished_ids
 
-    check_cfg(cfg)
-    parse_spec(cfg.teacher)
     # cheap checks first: the key (named by its env var) and a local model's path, before reading any input
     teacher, secret = (None, None) if cfg.dry_run else make_teacher(cfg)
     template = prompts.load(cfg.template) if cfg.template else None

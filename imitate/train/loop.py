@@ -16,17 +16,15 @@ place of `backward`.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imitate.config import PATH_MARK, path_field
 from imitate.errors import ImitateError, InputError, UsageError
 from imitate.train import checkpoint, distill
+from imitate.train.config import TrainConfig
 from imitate.train.data import (
     IGNORE,
     Example,
@@ -39,61 +37,6 @@ from imitate.train.data import (
     windows,
 )
 from imitate.train.outputs import ProgressBar, append_metrics, peak_memory_mb, read_metrics, save_outputs, write_metrics
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    data: list[Path] = dataclasses.field(metadata={PATH_MARK: True})  # record files (the output of `imitate clean`)
-    student: str  # local model directory or hub id; its tokenizer and chat template format the records
-    out: Path = dataclasses.field(metadata={PATH_MARK: True})  # output directory: model, metrics, checkpoints
-    # --- what trains
-    full: bool = False  # train every weight instead of a LoRA adapter (small students are often fully fine-tuned)
-    lora_r: int = 16  # LoRA rank
-    lora_alpha: int = 32  # LoRA scale numerator (update scale = alpha / r)
-    lora_dropout: float = 0.05  # dropout on the LoRA input
-    target_modules: str = "all-linear"  # peft target modules: "all-linear" or comma-separated names (q_proj,v_proj)
-    loss_on: str = "final"  # "final": the last assistant turn (the teacher's answer); "all": every assistant turn
-    # --- how long and how fast
-    epochs: int = 1  # passes over the training records (ignored when max_steps is given)
-    max_steps: int | None = None  # optimizer steps to run; overrides epochs
-    batch_size: int = 4  # examples per micro-batch per process (with packing: rows of max_length tokens)
-    grad_accum: int = 1  # micro-batches per optimizer step per process
-    lr: float | None = None  # peak learning rate; default 2e-4 with LoRA, 2e-5 with --full
-    weight_decay: float = 0.0  # AdamW weight decay
-    warmup: float = 0.03  # linear warm-up: a fraction of all steps if < 1, else a number of steps; then cosine decay
-    max_grad_norm: float = 1.0  # gradient clipping (0 = off)
-    max_length: int = 2048  # tokens per example; longer records follow `overlong`
-    overlong: str = "truncate"  # "truncate" (cut the end; counted) or "drop" (skip the record; counted)
-    packing: bool = False  # pack whole examples into padding-free rows instead of padded, length-grouped batches
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
-    precision: str = "auto"  # "auto" (bf16 on CUDA when supported, else fp32), "bf16", "fp16", "no"
-    # --- evaluation, checkpoints, output
-    eval_split: float = 0.05  # fraction of records held out for eval loss (0 = none)
-    eval_every: int = 100  # optimizer steps between eval losses (0 = only at the end)
-    save_every: int = 200  # optimizer steps between checkpoints (0 = none)
-    keep_checkpoints: int = 2  # newest checkpoints kept on disk
-    resume: bool = False  # continue from the newest checkpoint in out/checkpoints
-    merge: bool = False  # LoRA only: write merged full weights to out (the adapter goes to out/adapter)
-    seed: int = 0  # seeds LoRA init, the eval split, batch order and dropout
-    chat_template: Path | None = path_field(None)  # Jinja file used instead of (or for lack of) the student's template
-    trust_remote_code: bool = False  # allow model code from the student's repository to run
-    progress: bool = True  # rich progress bar on stderr (rank 0 only)
-    # --- distillation (see imitate/distill.py). Loss = (1 - kd_weight) * CE + kd_weight * T^2 * D(teacher_T, student_T)
-    teacher: str | None = None  # "hf:PATH_OR_ID": a local teacher with the student's tokenizer, run frozen on each batch
-    kd: str = "forward-kl"  # divergence D: "forward-kl" KL(teacher||student), "reverse-kl", or "jsd" (generalized, beta)
-    jsd_beta: float = 0.5  # beta of --kd jsd, in (0, 1): mixture m = beta*p_teacher + (1-beta)*q_student
-    kd_weight: float = 0.5  # w in [0, 1]: weight of the KD term; CE gets 1 - w (also weighs the gray-box term)
-    temperature: float = 2.0  # LOSS temperature T softening both distributions (not collect's sampling temperature)
-    t2: bool = True  # multiply the KD term by T^2 (Hinton et al.) so its gradient scale does not shrink as 1/T^2
-    feature_kd: str | None = None  # FitNets pairs: "auto" or "S:T,S:T" (1-based student:teacher layers); None = off
-    feature_weight: float = 1.0  # weight of each feature-pair MSE term
-    sckd: bool = False  # SCKD: gate each KD term per optimizer step on cos(grad CE, grad term) > sckd_threshold
-    sckd_threshold: float = 0.0  # SCKD cosine threshold phi
-    teacher_dtype: str = "auto"  # "auto" (bf16 on CUDA when supported, else float32), float32, bfloat16, float16
-    teacher_device: str | None = None  # where the teacher sits, e.g. "cuda:1"; default: the student's device
-    kd_chunk_size: int = 256  # target tokens per chunk of the logit losses: peak memory is one chunk's [tokens x vocab]
-    graybox: bool = True  # without --teacher: train on records' collected top-K `logprobs` (sparse KD) when they align
-
 
 DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
 
@@ -112,21 +55,7 @@ def fingerprint(cfg: TrainConfig, n_train: int) -> dict:
 
 
 def check_options(cfg: TrainConfig) -> None:
-    for name, value, lo in (("batch-size", cfg.batch_size, 1), ("grad-accum", cfg.grad_accum, 1),
-                            ("max-length", cfg.max_length, 2), ("epochs", cfg.epochs, 1), ("lora-r", cfg.lora_r, 1)):
-        if value < lo:
-            raise UsageError(f"--{name} must be at least {lo}, got {value}")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise UsageError(f"--max-steps must be at least 1, got {cfg.max_steps}")
-    if not 0 <= cfg.eval_split < 1:
-        raise UsageError(f"--eval-split must be in [0, 1), got {cfg.eval_split}")
-    choices = {"overlong": ("truncate", "drop"), "loss_on": ("final", "all"),
-               "precision": ("auto", "bf16", "fp16", "no")}
-    for name, allowed in choices.items():
-        if (value := getattr(cfg, name)) not in allowed:
-            raise UsageError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {value!r}")
-    if cfg.merge and cfg.full:
-        raise UsageError("--merge merges a LoRA adapter; with --full the saved model already holds all weights")
+    """What TrainConfig cannot check when it is built: the files it names (its values were checked then)."""
     if not cfg.data:
         raise UsageError("no --data file given", hint="e.g. --data clean.jsonl (the output of `imitate clean`)")
     if cfg.chat_template is not None and not Path(cfg.chat_template).is_file():

@@ -1,0 +1,139 @@
+"""CleanConfig: every option of `imitate clean` (the flag, the [clean] TOML key and the README row come from here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from imitate.errors import UsageError
+from imitate.options import Checked, opt
+
+LENGTH_ROLES = ("system", "user", "assistant", "prompt")
+GOPHER_TOP_NGRAM = (0.20, 0.18, 0.16)  # n = 2, 3, 4 (Rae et al. 2021, Gopher)
+GOPHER_DUP_NGRAM = (0.15, 0.14, 0.13, 0.12, 0.11, 0.10)  # n = 5 .. 10
+
+
+def role_bounds(values: list[str], flag: str) -> dict[str, int]:
+    """`--min-words assistant=3 --min-words prompt=2` -> {"assistant": 3, "prompt": 2}."""
+    out: dict[str, int] = {}
+    for v in values:
+        role, sep, num = v.partition("=")
+        if not sep or not num.strip().isdigit():
+            raise UsageError(f"{flag} {v!r}: expected ROLE=NUMBER", hint=f"e.g. {flag} assistant=20")
+        out[role.strip()] = int(num)
+    return out
+
+
+def _bounds(what: str, example: str) -> object:
+    return opt({}, f"{what} per role (assistant = the answer, prompt = every turn before it, user, system); "
+               "repeat the flag for more roles; in TOML a table.", example=example, parse=role_bounds,
+               metavar="ROLE=N")
+
+
+@dataclass(frozen=True)
+class CleanConfig(Checked):
+    # --- inputs and outputs
+    inputs: list[Path] = opt([], "Record files written by `imitate collect`, read in this order.",
+                             example="records.jsonl more.jsonl", argument=True, metavar="IN.jsonl", input=True,
+                             required=True)
+    out: Path | None = opt(None, "Kept records (verbatim, input order).", example="clean.jsonl", short="-o",
+                           path=True, default_text="required")
+    removed: Path | None = opt(None, "Removed records, each with a `removed` key: filter, detail, duplicate_of.",
+                               example="removed.jsonl", path=True)
+    report: Path | None = opt(None, "The report as JSON: counts, clusters, timing, examples.",
+                              example="clean_report.json", path=True)
+    on_bad_line: Literal["error", "skip"] = opt("error", "A malformed line stops the run (error) or is counted and "
+                                                "reported (skip).", example="skip")
+    workers: int = opt(1, "Processes for parsing, filters and MinHash; 1 runs in-process.", example="4", ge=1)
+    chunk_size: int = opt(4000, "Lines per worker task: bigger amortizes numpy calls, smaller balances workers.",
+                          example="1000", ge=1)
+    examples: int = opt(3, "Removed examples kept per filter in the report.", example="5", ge=0)
+    # --- failed and truncated answers
+    drop_failed: bool = opt(True, "Drop records with an `error` field, no final assistant turn or an empty answer.",
+                            example="--keep-failed", flag="--drop-failed/--keep-failed")
+    drop_truncated: bool = opt(True, "Drop answers with finish_reason length (the teacher hit max_tokens).",
+                               example="--keep-truncated", flag="--drop-truncated/--keep-truncated")
+    # --- length bounds, per role: "assistant" = the answer, "prompt" = all turns before it, "user", "system"
+    min_chars: dict[str, int] = _bounds("Min characters", "assistant=20")
+    max_chars: dict[str, int] = _bounds("Max characters", "prompt=8000")
+    min_words: dict[str, int] = _bounds("Min words", "assistant=3")
+    max_words: dict[str, int] = _bounds("Max words", "assistant=2000")
+    min_ratio: float | None = opt(None, "Min answer words / prompt words.", example="0.1", ge=0)
+    max_ratio: float | None = opt(None, "Max answer words / prompt words.", example="50", ge=0)
+    # --- refusals and boilerplate in the answer (patterns: data/refusals.txt)
+    drop_refusals: bool = opt(True, "Drop refusals and boilerplate in the answer.", example="--keep-refusals",
+                              flag="--drop-refusals/--keep-refusals")
+    default_refusals: bool = opt(True, "Use the shipped refusal list (data/refusals.txt); off: only --refusals files.",
+                                 example="--no-default-refusals", flag="--default-refusals/--no-default-refusals")
+    refusals: list[Path] = opt([], "Extra phrase/regex files, in the format of data/refusals.txt (repeat).",
+                               example="my_refusals.txt", input=True)
+    # --- repetition in the answer (Gopher thresholds, see imitate/clean/filters.py)
+    drop_repetitive: bool = opt(True, "Gopher repetition filter on the answer.", example="--keep-repetitive",
+                                flag="--drop-repetitive/--keep-repetitive")
+    repetition_min_words: int = opt(50, "Only answers with at least this many words are checked (the ratios are noise "
+                                    "on a few sentences).", example="100", ge=0)
+    max_dup_line_frac: float = opt(0.30, "Duplicated lines (and paragraphs) / all lines.", example="0.2",
+                                   ge=0, le=1)
+    max_dup_line_char_frac: float = opt(0.20, "Characters in duplicated lines (and paragraphs) / all characters.",
+                                        example="0.1", ge=0, le=1)
+    max_top_ngram_frac: list[float] = opt(list(GOPHER_TOP_NGRAM), "Top 2-, 3-, 4-gram character fractions: give it 3 "
+                                          "times.", example="--max-top-ngram-frac 0.2 --max-top-ngram-frac 0.18 "
+                                          "--max-top-ngram-frac 0.16")
+    max_dup_ngram_frac: list[float] = opt(list(GOPHER_DUP_NGRAM), "Repeated 5- to 10-gram character fractions: give it "
+                                          "6 times.", example="--max-dup-ngram-frac 0.15 (6 times)")
+    # --- language (only where a light detector, langid or langdetect, is importable; else skipped with a note)
+    language: list[str] = opt([], "Keep answers in these ISO 639-1 languages (needs langid or langdetect; repeat).",
+                              example="en")
+    # --- decontamination against eval sets
+    decontaminate: list[Path] = opt([], "Drop records sharing a word n-gram with these eval sets (JSONL rows with "
+                                    "prompt/answer/reference fields; repeat).", example="gsm8k_test.jsonl",
+                                    input=True)
+    decontaminate_ngram: int = opt(13, "Decontamination word n-gram.", example="8", ge=1)
+    decontaminate_min_words: int = opt(8, "Eval texts shorter than the n-gram count whole if they have this many "
+                                       "words; shorter ones are ignored.", example="5", ge=1)
+    # --- exact duplicates (after folding case, whitespace, punctuation and digits)
+    exact_dedup: bool = opt(True, "Normalized exact dedup of the whole conversation.", example="--no-exact-dedup",
+                            flag="--exact-dedup/--no-exact-dedup")
+    one_per_prompt: bool = opt(False, "Keep one answer per (normalized) prompt, e.g. after collect --n 4.",
+                               example="--one-per-prompt", flag="--one-per-prompt/--all-per-prompt")
+    # --- near duplicates (MinHash LSH; clusters = connected components of LSH candidates)
+    near_dedup: bool = opt(True, "MinHash LSH near-dedup.", example="--no-near-dedup",
+                           flag="--near-dedup/--no-near-dedup")
+    near_on: Literal["both", "prompt", "answer"] = opt("both", "What near-dedup compares: both = prompt AND answer "
+                                                       "similar (Jaccard product).", example="answer")
+    threshold: float = opt(0.8, "Near-dup Jaccard similarity above which two records are duplicates.",
+                           example="0.85", gt=0, le=1)
+    num_perm: int = opt(128, "MinHash permutations (signature length).", example="256", ge=1)
+    bands: int | None = opt(None, "LSH bands.", example="16", ge=1,
+                            default_text="the fewest false positives + negatives at --threshold")
+    ngram: int = opt(5, "Word shingle size.", example="3", ge=1)
+    char_ngram: int = opt(5, "Character shingle size for texts under --near-min-words words.", example="4", ge=1)
+    near_min_words: int = opt(20, "Texts with fewer words use character shingles (one-sentence answers).",
+                              example="10", ge=0)
+    near_min_chars: int = opt(10, "Texts with fewer characters are one shingle: exact match only.", example="5",
+                              ge=0)
+    verify: bool = opt(False, "Check each candidate pair's exact Jaccard (re-reads candidate texts) before "
+                       "clustering.", example="--verify", flag="--verify/--no-verify")
+    seed: int = opt(1, "MinHash permutation seed.", example="2")
+    # --- survivor of a duplicate cluster
+    priority: str | None = opt(None, "Dotted record field choosing a cluster's survivor: higher wins, '-field': lower "
+                               "wins; ties and records without it fall back to input order.",
+                               example="usage.output_tokens", default_text="input order")
+
+    def check(self) -> None:
+        if self.out is None:
+            raise UsageError("no output file", hint="give --out CLEAN.jsonl (or out = ... in the [clean] config section)")
+        for name in ("min_chars", "max_chars", "min_words", "max_words"):
+            for role, v in getattr(self, name).items():
+                if role not in LENGTH_ROLES:
+                    raise UsageError(f"--{name.replace('_', '-')}: unknown role {role!r}",
+                                     hint=f"roles: {', '.join(LENGTH_ROLES)}")
+                if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                    raise UsageError(f"--{name.replace('_', '-')} {role} must be a non-negative integer, got {v!r}")
+        for name, n in (("max_top_ngram_frac", 3), ("max_dup_ngram_frac", 6)):
+            if len(getattr(self, name)) != n:
+                raise UsageError(f"--{name.replace('_', '-')} takes {n} values, got {getattr(self, name)}",
+                                 hint=f"give the flag {n} times (or a list of {n} in TOML)")
+        if self.bands is not None and self.bands > self.num_perm:
+            raise UsageError(f"--bands must be between 1 and --num-perm ({self.num_perm}), got {self.bands}")

@@ -1,0 +1,74 @@
+"""CollectConfig: every option of `imitate collect` (the flag, the [collect] TOML key and the README row come from here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from imitate.collect.teachers import parse_spec
+from imitate.errors import UsageError
+from imitate.options import Checked, opt
+
+
+@dataclass(frozen=True)
+class CollectConfig(Checked):
+    teacher: str = opt(
+        help="Teacher as provider:model: openai:MODEL (any OpenAI-compatible server with --base-url), "
+        "anthropic:MODEL, hf:PATH_OR_ID (a local transformers model).",
+        example="openai:gpt-4o-mini",
+    )
+    out: Path = opt(help="Records JSONL; also the resume journal (finished requests are not sent again).",
+                    example="out/records.jsonl", path=True)
+    prompts: Path | None = opt(
+        None, "Input rows: JSONL with prompt / messages / template fields, or .txt with one prompt a line.",
+        example="data/prompts.jsonl", input=True)
+    template: str | None = opt(
+        None, "Jinja2 template rendering each row into a prompt: a built-in name (default, chat, instruction) or a "
+        ".j2 path; none: rows give prompt or messages.", example="chat", path=True)
+    system: str | None = opt(None, "System turn added to every request that has none.",
+                             example="'You are concise.'")
+    n: int = opt(1, "Samples per prompt (each is its own record; the id includes its index).", example="4", ge=1)
+    temperature: float = opt(0.7, "Sampling temperature; 0 = greedy for every teacher.", example="0", ge=0)
+    top_p: float | None = opt(None, "Nucleus sampling; none leaves the provider's default.", example="0.95",
+                              gt=0, le=1)
+    max_tokens: int = opt(1024, "Answer length cap in tokens; answers cut by it are kept with finish_reason length.",
+                          example="256", ge=1)
+    logprobs: int | None = opt(None, "Store the top-K log-probabilities of each answer token (openai-compatible "
+                               "and hf teachers; for gray-box KD in train).", example="5", ge=0)
+    concurrency: int = opt(16, "Requests in flight at once (API teachers).", example="64", ge=1)
+    rpm: float | None = opt(None, "Our own requests/minute ceiling; none: unlimited.", example="500", gt=0)
+    tpm: float | None = opt(None, "Our own tokens/minute ceiling (input as chars/4 + max-tokens); none: unlimited.",
+                            example="200000", gt=0)
+    retries: int = opt(6, "Extra attempts on 429/5xx/timeouts/connection errors before a request goes to the "
+                       "failures file.", example="3", ge=0)
+    timeout: float = opt(120.0, "Seconds per HTTP request.", example="60", gt=0)
+    base_url: str | None = opt(None, "OpenAI-compatible server (vLLM, Ollama, llama.cpp).",
+                               example="http://localhost:8000/v1", default_text="$OPENAI_BASE_URL")
+    api_key_env: str | None = opt(None, "Environment variable holding the API key (its value is never printed).",
+                                  example="MY_OPENAI_KEY", default_text="OPENAI_API_KEY / ANTHROPIC_API_KEY")
+    failures: Path | None = opt(None, "Where failed requests go, with their error.", example="out/failed.jsonl",
+                                path=True, default_text="OUT with .failures.jsonl")
+    price_in: float | None = opt(None, "USD per million input tokens, for the cost estimate.", example="0.15",
+                                 ge=0, default_text="built-in table for known models")
+    price_out: float | None = opt(None, "USD per million output tokens.", example="0.60", ge=0,
+                                  default_text="built-in table for known models")
+    dry_run: bool = opt(False, "Count requests and estimate input tokens (chars/4); send nothing, need no key.",
+                        example="--dry-run", flag="--dry-run")
+    self_instruct: int = opt(0, "First have the teacher write this many new instructions from seed tasks, then "
+                             "answer them.", example="200", ge=0)
+    seed_tasks: Path | None = opt(None, "Seed tasks for --self-instruct (JSONL rows with prompt or instruction).",
+                                  example="my_seeds.jsonl", input=True,
+                                  default_text="--prompts, else the built-in seed tasks")
+    seed: int = opt(0, "RNG seed for self-instruct example sampling and retry jitter.", example="1")
+    batch_size: int = opt(8, "hf teachers: prompts per generate() call.", example="16", ge=1)
+    trust_remote_code: bool = opt(False, "hf teachers: run the model repository's own code.",
+                                  example="--trust-remote-code", flag="--trust-remote-code")
+    progress: bool = opt(True, "Progress bar on stderr.", example="--no-progress", flag="--progress/--no-progress")
+
+    def check(self) -> None:
+        provider, _ = parse_spec(self.teacher)
+        if provider == "anthropic" and self.logprobs:
+            raise UsageError("--logprobs is not available from anthropic teachers",
+                             hint="use an openai-compatible or hf teacher")
+        if self.prompts is None and not self.self_instruct:
+            raise UsageError("no input: give --prompts FILE (or --self-instruct N)")

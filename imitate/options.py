@@ -1,0 +1,366 @@
+"""One definition per option: a stage config field declared with `opt(...)` is the flag, the TOML key and the docs.
+
+    max_tokens: int = opt(1024, "Answer length cap in tokens.", example="256", ge=1)
+
+From that one line come
+  - the typer option of the stage's command (`--max-tokens`, from the field name; `flag=` for other spellings),
+  - its `--help` text: the help, "Example: --max-tokens 256" and "[default: 1024]" (never written by hand),
+  - the TOML key of the stage's section (`max-tokens` or `max_tokens`) and its type (checked by imitate.config),
+  - the check run when the config is built (`ge`/`gt`/`le`/`lt` bounds; `Literal[...]` choices from the annotation),
+  - the README's option table of the stage (`python -m imitate.options README.md` rewrites it; a test keeps it true).
+
+Porting an option written the older way (a field + a `typer.Option` in cli.py + an entry in its flags dict):
+  1. write the field as `name: T = opt(default, "help.", example="VALUE", ...)`: `flag="--x/--no-x"` for a boolean
+     pair or another spelling, `short="-o"`, `metavar=`, `cli=False` for a TOML-only key; bounds as `ge=`, `gt=`, ...;
+     choices as `Literal[...]`; cross-field rules in the config's `check()`;
+  2. delete the `typer.Option` parameter and the flags-dict entry in cli.py (the command is generated from the fields);
+  3. run `python -m imitate.options README.md` and commit the regenerated tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import sys
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+MISSING = dataclasses.MISSING
+META = "imitate"  # key of the field metadata this module writes
+PATH_MARK = "path"  # metadata flag: a path (or list of paths), resolved relative to the config file
+INPUT_MARK = "input"  # metadata flag: a file that must exist before the stage runs (checked before a pipeline starts)
+REQUIRED_MARK = "required"  # metadata flag: built from flags or a file, the value must be given (not None or empty)
+
+
+def opt(
+    default: Any = MISSING,
+    help: str = "",
+    *,
+    example: str | None = None,
+    flag: str | None = None,
+    short: str | None = None,
+    metavar: str | None = None,
+    argument: bool = False,
+    cli: bool = True,
+    path: bool = False,
+    input: bool = False,
+    required: bool = False,
+    parse: Callable[[list[str], str], Any] | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    hint: str | None = None,
+    default_text: str | None = None,
+) -> Any:
+    """A config field carrying its flag, help, example and bounds (see the module docstring).
+
+    example: the value part ("256"), or a whole command fragment when it starts with "-" ("--max-tokens 256 --n 2").
+    required: a None/empty default that must be given when built from flags or a config file (a unit test may leave
+        it out); path: resolved relative to the config file; input: a path that must exist before the run.
+    parse: turns the strings given on the command line into the field's value (e.g. ROLE=N pairs into a dict).
+    hint: the Hint: line shown when a value is out of bounds.
+    default_text: how the default reads in --help and the README when the value alone says too little.
+    """
+    meta = {
+        META: dict(help=help, example=example, flag=flag, short=short, metavar=metavar, argument=argument, cli=cli,
+                   parse=parse, bounds={k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt))
+                                        if v is not None}, hint=hint, default_text=default_text),
+        PATH_MARK: path or input,
+        INPUT_MARK: input,
+        REQUIRED_MARK: required,
+    }
+    if isinstance(default, (list, dict)):
+        value = default
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def spec(f: dataclasses.Field) -> dict:
+    """The opt() metadata of a field ({} for a plain field)."""
+    return f.metadata.get(META, {})
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def default_of(f: dataclasses.Field) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return MISSING
+
+
+def default_text(f: dataclasses.Field) -> str:
+    """The default as --help and the README show it ('' for a required option)."""
+    s = spec(f)
+    if s.get("default_text"):
+        return s["default_text"]
+    d = default_of(f)
+    if d is MISSING:
+        return "required"
+    if d is None or d == [] or d == {}:
+        return "none"
+    if isinstance(d, bool):
+        return "on" if d else "off"
+    if isinstance(d, list):
+        return " ".join(map(str, d))
+    return str(d)
+
+
+def example_text(f: dataclasses.Field) -> str:
+    ex = spec(f).get("example")
+    if ex is None:
+        return ""
+    if ex.startswith("-") or spec(f).get("argument"):
+        return ex
+    return f"{primary_flag(f)} {ex}".rstrip()
+
+
+def primary_flag(f: dataclasses.Field) -> str:
+    s = spec(f)
+    if s.get("argument"):
+        return s.get("metavar") or f.name.upper()
+    if s.get("flag"):
+        return s["flag"].split("/")[0]
+    return flag_name(f.name)
+
+
+def help_text(f: dataclasses.Field) -> str:
+    """help + choices + example + default: the --help text of the option and the README cell."""
+    s = spec(f)
+    text = s.get("help", "").strip()
+    choices = literal_choices(f.type)
+    if choices and "|" not in text:
+        text += f" One of: {', '.join(map(str, choices))}."
+    ex = example_text(f)
+    if ex:
+        text += f" Example: {ex}"
+    return text
+
+
+def literal_choices(tp: Any) -> tuple:
+    """The values of a Literal annotation (inside Optional too); () otherwise."""
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        for a in typing.get_args(tp):
+            if typing.get_origin(a) is Literal:
+                return typing.get_args(a)
+    return ()
+
+
+def fields(cls: type) -> list[dataclasses.Field]:
+    """The fields of a config class with their annotations resolved."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        f.type = hints.get(f.name, f.type)
+        out.append(f)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# checks run when a config is built
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def check_bounds(cfg: Any) -> None:
+    """Each field's ge/gt/le/lt bounds (None passes: an optional option left out)."""
+    from imitate.errors import UsageError
+
+    tests = {"ge": (float.__ge__, ">="), "gt": (float.__gt__, ">"), "le": (float.__le__, "<="), "lt": (float.__lt__, "<")}
+    for f in dataclasses.fields(cfg):
+        bounds = spec(f).get("bounds") or {}
+        value = getattr(cfg, f.name)
+        if not bounds or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if all(tests[k][0](float(value), float(b)) for k, b in bounds.items()):
+            continue
+        if list(bounds) == ["ge"]:
+            rule = f"at least {_num(bounds['ge'])}"
+        else:
+            rule = " and ".join(f"{tests[k][1]} {_num(b)}" for k, b in bounds.items())
+        hint = spec(f).get("hint") or (f"leave {flag_name(f.name)} out for no limit" if f.default is None else None)
+        raise UsageError(f"{flag_name(f.name)} must be {rule}, got {value}", hint=hint)
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+class Checked:
+    """Base of the stage configs: building one coerces and checks every field, then runs the class's `check()`.
+
+    So a config that exists is a valid one: `imitate run` builds every stage's config before the first stage runs,
+    and a bad value in a late section stops it before anything is spent.
+    """
+
+    def __post_init__(self) -> None:
+        from imitate.config import coerce
+
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            fixed = coerce(value, hints.get(f.name, Any), flag_name(f.name), "options")
+            if fixed is not value:
+                object.__setattr__(self, f.name, fixed)
+        check_bounds(self)
+        self.check()
+
+    def check(self) -> None:
+        """Cross-field rules of the stage (override)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the typer command of a stage, generated from its config's fields
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _cli_type(f: dataclasses.Field) -> Any:
+    """The type typer parses a flag into: choices as str (the config checks them), dicts as repeated strings."""
+    tp = f.type
+    if spec(f).get("parse"):
+        return list[str]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if typing.get_origin(tp) is Literal:
+        return str
+    return tp
+
+
+def parameters(cls: type) -> list[inspect.Parameter]:
+    """One typer parameter per CLI field of a config class; every default is None (a flag not given)."""
+    import typer
+
+    params = []
+    for f in fields(cls):
+        s = spec(f)
+        if not s.get("cli", True):
+            continue
+        help_ = help_text(f)
+        d = default_text(f)
+        if d != "required" and s:
+            help_ += f" [default: {d}]"
+        if s.get("argument"):
+            info = typer.Argument(None, help=help_, metavar=s.get("metavar"), show_default=False)
+        else:
+            decls = [s.get("flag") or flag_name(f.name)] + ([s["short"]] if s.get("short") else [])
+            info = typer.Option(None, *decls, help=help_, metavar=s.get("metavar"), show_default=False)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info,
+                                        annotation=Optional[_cli_type(f)]))
+    return params
+
+
+def flags_from(cls: type, given: dict[str, Any]) -> dict[str, Any]:
+    """The values typer parsed, as a config layer: empty lists are 'not given'; parse= fields converted."""
+    out: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name not in given:
+            continue
+        value = given[f.name]
+        if isinstance(value, (list, tuple)) and not value:
+            value = None
+        if value is not None and spec(f).get("parse"):
+            value = spec(f)["parse"](list(value), primary_flag(f))
+        out[f.name] = value
+    return out
+
+
+def command(cls: type, extra: list[inspect.Parameter], body: Callable[..., None]) -> Callable[..., None]:
+    """A function typer turns into a command: the config's options + `extra`, calling body(given, **extra values);
+    `given` holds what typer parsed for the config's options (turn it into a config layer with `flags_from`)."""
+    names = {p.name for p in extra}
+
+    def cmd(**kwargs: Any) -> None:
+        given = {k: v for k, v in kwargs.items() if k not in names}
+        body(given, **{k: v for k, v in kwargs.items() if k in names})
+
+    params = parameters(cls) + extra
+    args = [p for p in params if isinstance(p.default, _argument_info())]
+    params = args + [p for p in params if p not in args]
+    cmd.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    cmd.__doc__ = body.__doc__
+    cmd.__name__ = body.__name__
+    return cmd
+
+
+def _argument_info() -> type:
+    from typer.models import ArgumentInfo
+
+    return ArgumentInfo
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the README's option tables
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def table(cls: type) -> str:
+    """A markdown table of a config's options: flag (and TOML key), default, what it does."""
+    rows = ["| option (TOML key) | default | what it does |", "| --- | --- | --- |"]
+    for f in fields(cls):
+        s = spec(f)
+        if not s:
+            continue
+        if s.get("argument"):
+            name = f"`{s.get('metavar') or f.name.upper()}` (`{f.name.replace('_', '-')}`)"
+        elif s.get("cli", True):
+            name = f"`{s.get('flag') or flag_name(f.name)}`"
+        else:
+            name = f"`{f.name.replace('_', '-')}` (TOML only)"
+        cell = help_text(f).replace("|", "\\|")
+        rows.append(f"| {name} | {default_text(f).replace('|', chr(92) + '|')} | {cell} |")
+    return "\n".join(rows)
+
+
+def stage_classes() -> dict[str, type]:
+    """Stage name -> its config class, in pipeline order (the config modules are light: no torch)."""
+    from imitate.clean.config import CleanConfig
+    from imitate.collect.config import CollectConfig
+    from imitate.evaluate import EvalConfig
+    from imitate.train.config import TrainConfig
+
+    return {"collect": CollectConfig, "clean": CleanConfig, "train": TrainConfig, "eval": EvalConfig}
+
+
+def begin(stage: str) -> str:
+    return f"<!-- options:{stage} (generated by `python -m imitate.options README.md`; edit the config fields) -->"
+
+
+def end(stage: str) -> str:
+    return f"<!-- /options:{stage} -->"
+
+
+def render_readme(text: str) -> str:
+    """The README text with every options block regenerated from the config fields."""
+    for stage, cls in stage_classes().items():
+        a, b = begin(stage), end(stage)
+        if a not in text:
+            continue
+        head, rest = text.split(a, 1)
+        _, tail = rest.split(b, 1)
+        text = f"{head}{a}\n{table(cls)}\n{b}{tail}"
+    return text
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m imitate.options README.md", file=sys.stderr)
+        return 2
+    path = Path(argv[0])
+    old = path.read_text(encoding="utf-8")
+    new = render_readme(old)
+    if new != old:
+        path.write_text(new, encoding="utf-8")
+        print(f"{path}: option tables updated", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

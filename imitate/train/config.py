@@ -1,0 +1,126 @@
+"""TrainConfig: every option of `imitate train` (the flag, the [train] TOML key and the README row come from here).
+
+Distillation options (teacher ... graybox) are read by imitate/train/distill.py. The objective without SCKD is
+(1 - kd_weight) * CE + kd_weight * T^2 * D(teacher_T, student_T) + feature_weight * sum of feature terms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from imitate.errors import UsageError
+from imitate.options import Checked, opt
+
+KD_CHOICES = ("forward-kl", "reverse-kl", "jsd")
+
+
+@dataclass(frozen=True)
+class TrainConfig(Checked):
+    data: list[Path] = opt(help="Record files to train on (the output of `imitate clean`); repeat the flag.",
+                           example="clean.jsonl", input=True, required=True)
+    student: str = opt(help="Student: a local model directory or a hub id; its tokenizer and chat template format "
+                       "the records.", example="./qwen0.5b")
+    out: Path = opt(help="Output directory: model or adapter, metrics, checkpoints.", example="runs/student1",
+                    path=True)
+    # --- what trains
+    full: bool = opt(False, "Train every weight instead of a LoRA adapter (small students often train fully).",
+                     example="--full", flag="--full/--lora")
+    lora_r: int = opt(16, "LoRA rank.", example="8", ge=1)
+    lora_alpha: int = opt(32, "LoRA scale numerator (update scale = alpha / r).", example="16", ge=1)
+    lora_dropout: float = opt(0.05, "Dropout on the LoRA input.", example="0.1", ge=0, lt=1)
+    target_modules: str = opt("all-linear", "LoRA target modules: all-linear or comma-separated module names.",
+                              example="q_proj,v_proj")
+    loss_on: Literal["final", "all"] = opt("final", "Assistant turns with loss: final (the teacher's answer) or all.",
+                                           example="all")
+    # --- how long and how fast
+    epochs: int = opt(1, "Passes over the training records (ignored when --max-steps is given).", example="3", ge=1)
+    max_steps: int | None = opt(None, "Optimizer steps to run; overrides --epochs.", example="500", ge=1)
+    batch_size: int = opt(4, "Examples per micro-batch per process (with --packing: rows of max-length tokens).",
+                          example="8", ge=1)
+    grad_accum: int = opt(1, "Micro-batches per optimizer step per process.", example="4", ge=1)
+    lr: float | None = opt(None, "Peak learning rate.", example="1e-4", gt=0, default_text="2e-4 LoRA, 2e-5 --full")
+    weight_decay: float = opt(0.0, "AdamW weight decay.", example="0.01", ge=0)
+    warmup: float = opt(0.03, "Linear warm-up: a fraction of all steps if < 1, else a number of steps; then cosine "
+                        "decay.", example="0.05", ge=0)
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 = off).", example="0.5", ge=0)
+    max_length: int = opt(2048, "Tokens per example; longer records follow --overlong.", example="1024", ge=2)
+    overlong: Literal["truncate", "drop"] = opt("truncate", "Longer records: truncate (cut the end) or drop; both "
+                                                "are counted.", example="drop")
+    packing: bool = opt(False, "Pack whole examples into padding-free rows instead of padded, length-grouped batches.",
+                        example="--packing", flag="--packing/--no-packing")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward: less memory, ~30% more time.",
+                                       example="--gradient-checkpointing",
+                                       flag="--gradient-checkpointing/--no-gradient-checkpointing")
+    precision: Literal["auto", "bf16", "fp16", "no"] = opt(
+        "auto", "Mixed precision: auto = bf16 on CUDA when supported, else fp32 (a precision in your accelerate "
+        "config wins over auto).", example="bf16")
+    # --- evaluation, checkpoints, output
+    eval_split: float = opt(0.05, "Fraction of records held out for the eval loss (0 = none).", example="0.1",
+                            ge=0, lt=1)
+    eval_every: int = opt(100, "Optimizer steps between eval losses (0 = only at the end).", example="50", ge=0)
+    save_every: int = opt(200, "Optimizer steps between checkpoints (0 = none).", example="100", ge=0)
+    keep_checkpoints: int = opt(2, "Newest checkpoints kept on disk.", example="3", ge=1)
+    resume: bool = opt(False, "Continue from the newest checkpoint in OUT/checkpoints.", example="--resume",
+                       flag="--resume/--no-resume")
+    merge: bool = opt(False, "LoRA only: also write merged full weights to OUT (the adapter goes to OUT/adapter).",
+                      example="--merge", flag="--merge/--no-merge")
+    seed: int = opt(0, "Seeds LoRA init, the eval split, batch order and dropout.", example="1")
+    chat_template: Path | None = opt(None, "Jinja chat template file, used instead of (or for lack of) the student's.",
+                                     example="chatml.jinja", input=True)
+    trust_remote_code: bool = opt(False, "Run model code from the student's (and teacher's) repository.",
+                                  example="--trust-remote-code", flag="--trust-remote-code/--no-trust-remote-code")
+    progress: bool = opt(True, "Progress bar on stderr (rank 0 only).", example="--no-progress",
+                         flag="--progress/--no-progress")
+    # --- distillation (see imitate/train/distill.py)
+    teacher: str | None = opt(None, "Local teacher for logit/feature KD (hf:PATH_OR_ID, same tokenizer as the "
+                              "student), run frozen on each batch.", example="hf:./teacher")
+    kd: Literal["forward-kl", "reverse-kl", "jsd"] = opt(
+        "forward-kl", "KD divergence D: forward-kl = KL(teacher||student), reverse-kl, or jsd (generalized, "
+        "--jsd-beta).", example="jsd")
+    jsd_beta: float = opt(0.5, "Beta of --kd jsd: mixture m = beta*p_teacher + (1-beta)*q_student.", example="0.3",
+                          gt=0, lt=1, hint="beta 0 / 1 are --kd forward-kl / reverse-kl")
+    kd_weight: float = opt(0.5, "Weight w of the KD term (also of the gray-box term); CE gets 1 - w.", example="0.7",
+                           ge=0, le=1, hint="CE gets 1 - w; e.g. 0.5")
+    temperature: float = opt(2.0, "LOSS temperature T softening both distributions (not collect's sampling "
+                             "temperature).", example="1.5", gt=0, hint="the KD loss temperature, e.g. 2.0")
+    t2: bool = opt(True, "Multiply the KD term by T^2 (Hinton et al.), so its gradient scale does not shrink as "
+                   "1/T^2.", example="--no-t2", flag="--t2/--no-t2")
+    feature_kd: str | None = opt(None, "FitNets feature KD: layer pairs STUDENT:TEACHER (1-based) or auto; none = off.",
+                                 example="1:2,2:4")
+    feature_weight: float = opt(1.0, "Weight of each feature-pair MSE term.", example="0.5", ge=0)
+    sckd: bool = opt(False, "SCKD: gate each KD term per optimizer step on cos(grad CE, grad term) > "
+                     "--sckd-threshold.", example="--sckd", flag="--sckd/--no-sckd")
+    sckd_threshold: float = opt(0.0, "SCKD cosine threshold phi: a term counts when its cosine is above it.",
+                                example="0.1", ge=-1, le=1)
+    teacher_dtype: Literal["auto", "float32", "float16", "bfloat16"] = opt(
+        "auto", "Teacher weights: auto = bf16 on CUDA when supported, else float32.", example="bfloat16")
+    teacher_device: str | None = opt(None, "Device of the teacher.", example="cuda:1", default_text="the student's")
+    kd_chunk_size: int = opt(256, "Target tokens per chunk of the logit losses: peak memory is one chunk's "
+                             "[tokens x vocab].", example="128", ge=1)
+    graybox: bool = opt(True, "Without --teacher, train on records' collected top-K logprobs (sparse KD) when they "
+                        "align.", example="--no-graybox", flag="--graybox/--no-graybox")
+
+    def check(self) -> None:
+        if self.merge and self.full:
+            raise UsageError("--merge merges a LoRA adapter; with --full the saved model already holds all weights")
+        if self.feature_kd and not self.teacher:
+            raise UsageError("--feature-kd needs a local teacher's hidden states", hint="add --teacher hf:PATH")
+        if self.sckd and self.kd_weight >= 1.0:
+            raise UsageError("--sckd compares each KD term with the CE gradient, which --kd-weight 1 switches off",
+                             hint="use a --kd-weight below 1, e.g. 0.5")
+        if self.sckd and self.precision == "fp16":
+            raise UsageError("--sckd writes gradients itself and cannot use fp16 loss scaling",
+                             hint="use --precision bf16 or no")
+        if self.teacher:
+            from imitate.collect.teachers import parse_spec
+
+            provider, _ = parse_spec(self.teacher)
+            if provider != "hf":
+                raise UsageError(
+                    f"--teacher {self.teacher}: white-box distillation needs the teacher's weights (an hf:PATH_OR_ID "
+                    "model)",
+                    hint=f"for an API teacher collect its answers (`imitate collect --teacher {self.teacher}`, add "
+                    "--logprobs K for gray-box KD where the API gives them) and train on the records without --teacher",
+                )
