@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from imitate.errors import ConfigError, UsageError
+from imitate.models import split_ref
 from imitate.options import PATH_MARK, REQUIRED_MARK
 
 T = TypeVar("T")
@@ -132,13 +133,13 @@ def resolve_spec(value: Any, base: Path, *, bare: bool = False) -> Any:
     """
     if not isinstance(value, str):
         return value
-    prefix = "hf:" if value.startswith("hf:") else ""
-    if not prefix and (not bare or ":" in value.split("/")[0]):
+    provider, rest = split_ref(value)
+    if provider not in (None, "hf") or (provider is None and not bare):
         return value
-    p = Path(value[len(prefix):]).expanduser()
+    p = Path(rest).expanduser()
     if p.is_absolute() or not (base / p).exists():
         return value
-    return prefix + os.path.normpath(base / p)
+    return ("hf:" if provider else "") + os.path.normpath(base / p)
 
 
 def resolve_paths(cls: type, data: dict[str, Any], base: Path) -> dict[str, Any]:
@@ -156,7 +157,7 @@ def resolve_paths(cls: type, data: dict[str, Any], base: Path) -> dict[str, Any]
 
         def fix(v: Any) -> Any:
             s = str(v)
-            if ":" in s.split("/")[0] and not Path(s).exists():  # a spec such as "hf:./model" or "openai:gpt-4o"
+            if split_ref(s)[0] is not None:  # a spec such as "hf:./model" or "openai:gpt-4o"
                 return resolve_spec(s, base)
             p = Path(s).expanduser()
             return p if p.is_absolute() else Path(os.path.normpath(base / p))

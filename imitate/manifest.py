@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from imitate.config import MODEL_FIELDS, PATH_MARK, to_dict
+from imitate.models import split_ref
 
 # Path fields a stage WRITES. Every other path (and every local model directory) a run names is one of its inputs.
 OUTPUT_FIELDS = {"out", "removed", "report", "failures"}
@@ -60,12 +61,15 @@ def path_values(cfg: Any) -> dict[str, list[Path]]:
         values = value if isinstance(value, (list, tuple)) else [value]
         paths = []
         for v in values:
-            if isinstance(v, str) and v.startswith("hf:") and Path(v[3:]).exists():
-                paths.append(Path(v[3:]))
-            elif f.name in MODEL_FIELDS and isinstance(v, (str, Path)) and Path(v).exists():
-                paths.append(Path(v))  # a local model directory named without hf: (train's `student`)
-            elif f.metadata.get(PATH_MARK) and isinstance(v, (str, Path)) and ":" not in str(v).split("/")[0]:
+            if not isinstance(v, (str, Path)):
+                continue
+            provider, rest = split_ref(str(v))
+            if provider == "hf" and Path(rest).exists():
+                paths.append(Path(rest))
+            elif provider is None and f.metadata.get(PATH_MARK):
                 paths.append(Path(v))
+            elif provider is None and f.name in MODEL_FIELDS and Path(v).exists():
+                paths.append(Path(v))  # a local model directory named without hf: (train's `student`)
         if paths:
             found[f.name] = paths
     return found

@@ -31,6 +31,39 @@ from imitate.errors import ImitateError, UsageError
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
+def split_ref(value: str) -> tuple[str | None, str]:
+    """The one answer to "is this a provider spec or a model path?".
+
+    'provider:rest' when the text before the first '/' holds a ':' ('hf:./m', 'openai:gpt-4o', 'anthropic:claude-x');
+    otherwise (None, value): a bare model reference, a directory or a hub id ('runs/s1', 'Qwen/Qwen2.5-0.5B').
+    """
+    head = value.split("/")[0]
+    if ":" in head and not Path(value).exists():
+        provider, _, rest = value.partition(":")
+        return provider, rest
+    return None, value
+
+
+def looks_local(model: str) -> bool:
+    """A bare model reference that can only be a local path (never a hub id 'org/name')."""
+    parts = model.split("/")
+    if model.startswith((".", "/", "~")) or len(parts) > 2 or not all(parts) or "\\" in model:
+        return True
+    return "/" in model and Path(parts[0]).is_dir()  # 'runs/student' beside a local runs/: a path typo, not a hub id
+
+
+def local_path(value: str, *, bare: bool) -> Path | None:
+    """The local path a model reference names ('hf:PATH', or with `bare` a plain PATH), existing or not; None for
+    API models and hub ids. bare: the field holds a model without a provider (train's student, eval's model)."""
+    provider, rest = split_ref(value)
+    if provider is None and not bare:
+        return None
+    if provider not in (None, "hf") or not rest:
+        return None
+    p = Path(rest).expanduser()
+    return p if p.exists() or looks_local(rest) else None
+
+
 def resolve_model(model: str) -> str:
     """Check a model reference cheaply: an existing directory (model or peft adapter) or a hub id.
 
@@ -49,11 +82,7 @@ def resolve_model(model: str) -> str:
                 hint="point at a directory saved with save_pretrained (a model or a peft adapter)",
             )
         return str(p)
-    parts = model.split("/")
-    looks_local = model.startswith((".", "/", "~")) or len(parts) > 2 or not all(parts) or "\\" in model
-    # 'runs/student' with a local runs/ directory is a path typo, not a hub id (asking the hub would only retry)
-    in_local_dir = "/" in model and Path(model.split("/")[0]).is_dir()
-    if looks_local or in_local_dir:
+    if looks_local(model):
         raise ImitateError(
             f"model directory {model} does not exist",
             hint="check the path (relative paths start from the current directory), or give a hub id like org/name",

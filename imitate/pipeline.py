@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import difflib
 import importlib
+import os
 import re
 import sys
 import time
@@ -192,7 +193,44 @@ def load_pipeline(path: str | Path) -> list[Run]:
             cfg = build(cls, layer, where=where)
             outs.setdefault(stage, {})[vname] = getattr(cfg, "out", None)
             runs.append(Run(stage=stage, name=name, cfg=cfg, module=module))
+    check_inputs(runs, path)
     return runs
+
+
+def input_paths(cfg: Any) -> dict[str, list[Path]]:
+    """Field -> the local files a run reads: its input fields (opt(input=True)) and local model references."""
+    from imitate.config import MODEL_FIELDS
+    from imitate.models import local_path
+    from imitate.options import INPUT_MARK
+
+    found: dict[str, list[Path]] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if f.metadata.get(INPUT_MARK):
+            found[f.name] = [Path(v) for v in values if v is not None]
+        elif f.name in MODEL_FIELDS:
+            found[f.name] = [p for v in values if v and (p := local_path(str(v), bare=f.name != "teacher"))]
+    return found
+
+
+def check_inputs(runs: list[Run], file: Path) -> None:
+    """Every file a run reads exists now or is written by an earlier run of the file: checked before anything runs,
+    so a missing eval set or refusal list stops the pipeline before collect spends anything."""
+    written: set[str] = set()
+    for r in runs:
+        for name, paths in input_paths(r.cfg).items():
+            for p in paths:
+                if p.exists() or os.path.normpath(p) in written:
+                    continue
+                raise ConfigError(
+                    f"{file} [{r.name}]: {name.replace('_', '-')}: {p} does not exist",
+                    hint="fix the path (relative paths start from the pipeline file's directory), or add the stage "
+                    "that writes it",
+                )
+        for name in mf.OUTPUT_FIELDS:
+            if getattr(r.cfg, name, None) is not None:
+                written.add(os.path.normpath(getattr(r.cfg, name)))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

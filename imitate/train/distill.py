@@ -135,7 +135,9 @@ def _teacher_tokenizer_ok(spec: str | None, tokenizer: Any, cache: dict) -> str 
     if spec in cache:
         return cache[spec]
     why = None
-    provider, _, model = (spec or "").partition(":")
+    from imitate.models import split_ref
+
+    provider, model = split_ref(spec or "")
     if provider == "hf" and model:
         from transformers import AutoTokenizer
 
