@@ -131,16 +131,20 @@ def primary_flag(f: dataclasses.Field) -> str:
     return flag_name(f.name)
 
 
-def help_text(f: dataclasses.Field) -> str:
-    """help + choices + example + default: the --help text of the option and the README cell."""
+def help_text(f: dataclasses.Field, code: str = "") -> str:
+    """help + choices + range + example: the --help text of the option and its README cell (code="`")."""
     s = spec(f)
     text = s.get("help", "").strip()
     choices = literal_choices(f.type)
-    if choices and "|" not in text:
+    if choices:
         text += f" One of: {', '.join(map(str, choices))}."
+    bounds = s.get("bounds") or {}
+    if bounds:
+        signs = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+        text += " Range: " + ", ".join(f"{signs[k]} {_num(b)}" for k, b in bounds.items()) + "."
     ex = example_text(f)
     if ex:
-        text += f" Example: {ex}"
+        text += f" Example: {code}{ex}{code}"
     return text
 
 
@@ -234,6 +238,18 @@ def _cli_type(f: dataclasses.Field) -> Any:
     return tp
 
 
+def _metavar(f: dataclasses.Field) -> str | None:
+    """What --help shows after the flag: the opt's metavar, the choices, or the kind of value."""
+    if spec(f).get("metavar"):
+        return spec(f)["metavar"]
+    choices = literal_choices(f.type)
+    if choices:
+        return "|".join(map(str, choices))
+    tp = _cli_type(f)
+    inner = typing.get_args(tp)[0] if typing.get_origin(tp) is list else tp
+    return {Path: "PATH", int: "INT", float: "NUMBER", str: "TEXT"}.get(inner)
+
+
 def parameters(cls: type) -> list[inspect.Parameter]:
     """One typer parameter per CLI field of a config class; every default is None (a flag not given)."""
     import typer
@@ -248,10 +264,10 @@ def parameters(cls: type) -> list[inspect.Parameter]:
         if d != "required" and s:
             help_ += f" [default: {d}]"
         if s.get("argument"):
-            info = typer.Argument(None, help=help_, metavar=s.get("metavar"), show_default=False)
+            info = typer.Argument(None, help=help_, metavar=_metavar(f), show_default=False)
         else:
             decls = [s.get("flag") or flag_name(f.name)] + ([s["short"]] if s.get("short") else [])
-            info = typer.Option(None, *decls, help=help_, metavar=s.get("metavar"), show_default=False)
+            info = typer.Option(None, *decls, help=help_, metavar=_metavar(f), show_default=False)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info,
                                         annotation=Optional[_cli_type(f)]))
     return params
@@ -303,7 +319,7 @@ def _argument_info() -> type:
 
 def table(cls: type) -> str:
     """A markdown table of a config's options: flag (and TOML key), default, what it does."""
-    rows = ["| option (TOML key) | default | what it does |", "| --- | --- | --- |"]
+    rows = ["| flag | default | what it does |", "| --- | --- | --- |"]
     for f in fields(cls):
         s = spec(f)
         if not s:
@@ -314,7 +330,7 @@ def table(cls: type) -> str:
             name = f"`{s.get('flag') or flag_name(f.name)}`"
         else:
             name = f"`{f.name.replace('_', '-')}` (TOML only)"
-        cell = help_text(f).replace("|", "\\|")
+        cell = help_text(f, code="`").replace("|", "\\|")
         rows.append(f"| {name} | {default_text(f).replace('|', chr(92) + '|')} | {cell} |")
     return "\n".join(rows)
 

@@ -13,8 +13,9 @@ are relative to the file. A section may hold named sub-tables, each one more run
 
 Chained defaults keep the file short (an explicit value always wins): clean.inputs = the collect outputs,
 train.data = the clean output (or the collect output when there is no [clean]), eval.model = the train output of the
-same name (or the only train output). Every section is checked (unknown keys and sections are errors with a "did you
-mean") before anything runs.
+same name (or the only train output). Before anything runs, every section is checked (unknown keys and sections are
+errors with a "did you mean"), every run's config is built, which checks its values (types, ranges, choices and
+cross-field rules, see imitate/options.py), and every file a run reads must exist or be written by an earlier run.
 
 Skipping: after a run succeeds, `OUT.manifest.json` is written beside its output with the options, the content hashes
 (sha256) of every input file or directory, the hashes of the outputs, and the stage summary. Next time the run is
@@ -162,7 +163,8 @@ def _chain(stage: str, name: str, opts: dict, outs: dict[str, dict[str, Any]], f
 
 
 def load_pipeline(path: str | Path) -> list[Run]:
-    """Parse and check the whole pipeline file; returns its runs in order. Nothing runs and no weights load here."""
+    """Parse and check the whole pipeline file (every section builds its checked config); returns its runs in order.
+    Nothing runs and no weights load here; `check_inputs` then checks the files the runs read."""
     path = Path(path)
     data = load_toml(path)
     base = path.resolve().parent
@@ -193,7 +195,6 @@ def load_pipeline(path: str | Path) -> list[Run]:
             cfg = build(cls, layer, where=where)
             outs.setdefault(stage, {})[vname] = getattr(cfg, "out", None)
             runs.append(Run(stage=stage, name=name, cfg=cfg, module=module))
-    check_inputs(runs, path)
     return runs
 
 
@@ -340,6 +341,7 @@ def run_pipeline(
     quiet_stdout: send whatever the stages print to stderr, so stdout carries only the caller's JSON.
     """
     runs = load_pipeline(path)
+    check_inputs(runs, Path(path))  # a missing eval set or refusal list fails now, not after collect has spent
     chosen = select(runs, only, from_)
     chosen_ids = {id(r) for r in chosen}
     for r in runs:

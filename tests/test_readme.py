@@ -78,3 +78,70 @@ def test_every_option_has_help_with_an_example(command):
         if not ("e.g." in text or "xample" in text or any(o in text for o in p.opts)):
             bare.append(p.opts[0] if p.opts else p.name)
     assert not bare, f"imitate {command}: options without an example in their help: {bare}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# one definition per option: the CLI, --help, the TOML keys and the README tables all come from the config fields
+# ---------------------------------------------------------------------------------------------------------------------
+
+STAGES = ("collect", "clean", "train", "eval")
+
+
+def test_readme_option_tables_match_the_config_fields():
+    """Regenerate with `python -m imitate.options README.md` after changing an option."""
+    from imitate import options
+
+    for stage in STAGES:
+        assert options.begin(stage) in README and options.end(stage) in README, f"README lacks the {stage} table"
+    assert options.render_readme(README) == README, "README option tables are stale: python -m imitate.options README.md"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_cli_options_are_the_config_fields(stage):
+    """Every config field is a flag (and nothing else is, but --config/--json), with the field's help and default."""
+    import typer
+
+    from imitate import options
+
+    cls = options.stage_classes()[stage]
+    sub = typer.main.get_command(app).commands[stage]
+    params = {p.name: p for p in sub.params if p.name not in ("help", "config", "json_")}
+    fields = {f.name: f for f in options.fields(cls) if options.spec(f).get("cli", True)}
+    assert set(params) == set(fields), set(params) ^ set(fields)
+    for name, f in fields.items():
+        p = params[name]
+        assert p.help.startswith(options.spec(f)["help"]), name
+        if options.default_text(f) != "required":
+            assert p.help.endswith(f"[default: {options.default_text(f)}]"), (name, p.help)
+        if not options.spec(f).get("argument"):
+            flag = options.spec(f).get("flag") or options.flag_name(name)
+            assert p.opts[0] == flag.split("/")[0] and list(p.secondary_opts) == flag.split("/")[1:], (name, p.opts)
+        assert p.default is None  # a flag not given never overrides the config file
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_option_has_help_an_example_and_no_handwritten_default(stage):
+    from imitate import options
+
+    for f in options.fields(options.stage_classes()[stage]):
+        s = options.spec(f)
+        assert s.get("help") and s.get("example"), f"{stage}.{f.name}: opt() needs help= and example="
+        handwritten = re.search(r"\(default|\bdefaults?\s*(:|=|is\b|to\b|of\b)", s["help"], flags=re.I)
+        assert not handwritten, f"{stage}.{f.name}: the help repeats a default (--help adds it from the field)"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_flag_is_a_toml_key_of_its_section(stage, tmp_path):
+    """The dashed flag name is the TOML key: check_keys accepts every one (and rejects a near miss)."""
+    from imitate import options
+    from imitate.config import check_keys
+    from imitate.errors import ConfigError
+
+    cls = options.stage_classes()[stage]
+    keys = {f.name.replace("_", "-"): 1 for f in options.fields(cls)}
+    assert set(check_keys(cls, keys, "t.toml")) == {f.name for f in options.fields(cls)}
+    typo, meant = {"collect": ("max-tokenz", "max-tokens"), "clean": ("treshold", "threshold"),
+                   "train": ("kd-wieght", "kd-weight"), "eval": ("min-scor", "min-score")}[stage]
+    with pytest.raises(ConfigError) as ei:
+        check_keys(cls, {typo: 1}, "t.toml")
+    assert f"did you mean '{meant}'" in ei.value.hint

@@ -23,10 +23,11 @@ import numpy as np
 from imitate.clean.dedup import WORD_RE, ngram_hashes, word_tokens
 from imitate.errors import InputError
 from imitate.records import assistant_text, iter_jsonl, prompt_messages
+from imitate.resources import data_file
 
 Predicate = Callable[[dict], "str | None"]
 
-DEFAULT_REFUSALS = Path(__file__).resolve().parents[2] / "data" / "refusals.txt"
+DEFAULT_REFUSALS = data_file("refusals.txt")  # the repository's data/refusals.txt
 TRUNCATED_REASONS = ("length", "max_tokens", "max_output_tokens")
 _ALNUM = re.compile(r"\w")
 

@@ -23,7 +23,7 @@ class CollectConfig(Checked):
         None, "Input rows: JSONL with prompt / messages / template fields, or .txt with one prompt a line.",
         example="data/prompts.jsonl", input=True)
     template: str | None = opt(
-        None, "Jinja2 template rendering each row into a prompt: a built-in name (default, chat, instruction) or a "
+        None, "Jinja2 template rendering each row into a prompt: a built-in name (chat, instruction, default) or a "
         ".j2 path; none: rows give prompt or messages.", example="chat", path=True)
     system: str | None = opt(None, "System turn added to every request that has none.",
                              example="'You are concise.'")

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from imitate.errors import InputError
+from imitate.resources import data_file
 
 PER_CALL = 5  # tasks asked for per request
 SIMILAR = 0.7  # word-set Jaccard at or above which a task counts as a duplicate
 MAX_STALE = 3  # stop after this many rounds in a row that add nothing
 GEN_TEMPERATURE = 1.0  # generation wants diversity, whatever the answer temperature
-DEFAULT_SEEDS = Path(__file__).resolve().parents[2] / "data" / "seed_tasks.jsonl"
+DEFAULT_SEEDS = data_file("seed_tasks.jsonl")  # the repository's data/seed_tasks.jsonl
 ITEM = re.compile(r"^\s*(?:\d+[.)]|[-*]|Task \d+:)\s*(.+?)\s*$")
 
 

@@ -1,4 +1,4 @@
-"""Prompt templates: Jinja2 in a sandbox with StrictUndefined, from `prompts/` or a path; render(template, row) -> messages.
+"""Prompt templates: Jinja2 in a sandbox with StrictUndefined, built-in (`prompts/`) or from a path; render(template, row) -> messages.
 
 A template turns one input row (a dict) into the chat messages sent to the teacher. Two forms:
 
@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from imitate.errors import InputError, UsageError
+from imitate.resources import prompts_dir
 
-BUILTIN_DIR = Path(__file__).resolve().parents[2] / "prompts"
 SUFFIX = ".j2"
 BLOCKS = ("system", "user")
 
 
 def builtin_names() -> list[str]:
-    return sorted(p.name[: -len(SUFFIX)] for p in BUILTIN_DIR.glob(f"*{SUFFIX}"))
+    return sorted(p.name[: -len(SUFFIX)] for p in prompts_dir().glob(f"*{SUFFIX}"))
 
 
 @dataclass
@@ -91,7 +91,7 @@ def load(name_or_path: str | Path) -> Template:
     if p.is_file():
         return from_string(p.read_text(encoding="utf-8"), str(p))
     name = p.name.removesuffix(SUFFIX)
-    builtin = BUILTIN_DIR / f"{name}{SUFFIX}"
+    builtin = prompts_dir() / f"{name}{SUFFIX}"
     if builtin.is_file():
         return from_string(builtin.read_text(encoding="utf-8"), name)
     raise UsageError(

@@ -174,7 +174,7 @@ def _head_params(head: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     if hasattr(head, "base_layer"):
         raise ImitateError(
             "the output head (lm_head) is wrapped by an adapter; the chunked loss needs a plain linear head",
-            hint="leave lm_head out of the LoRA target modules (--lora-target), or train it fully",
+            hint="leave lm_head out of --target-modules, or train it fully (--full)",
         )
     return head.weight, getattr(head, "bias", None)
 
