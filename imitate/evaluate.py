@@ -25,7 +25,6 @@ import sys
 import time
 import unicodedata
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +32,7 @@ from typing import Any, Literal
 from imitate.config import to_dict
 from imitate.errors import GateFailed, ImitateError, InputError, UsageError
 from imitate.options import Checked, opt
+from imitate.progress import Bar
 
 MATCH_MODES = ("exact", "contains", "regex")
 
@@ -174,25 +174,6 @@ def read_items(path: Path, reference_field: str | None, match: str) -> list[Item
 # ------------------------------------------------------------------------------------------------ model work
 
 
-@contextmanager
-def progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
-    """A progress bar on stderr; yields advance(k)."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    cols = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*cols, console=Console(stderr=True)) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda k: bar.advance(task, k)
-
-
 def _chunks(n: int, size: int) -> Iterator[slice]:
     for s in range(0, n, max(1, size)):
         yield slice(s, min(n, s + max(1, size)))
@@ -210,11 +191,11 @@ def ask_teacher(spec: str, items: list[Item], cfg: EvalConfig) -> None:
     teacher = LocalTeacher(name, device=cfg.device, batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code)
     params = {"temperature": 0, "max_tokens": cfg.max_tokens}
     requests = [Request(id=str(i), messages=it.messages, params=params) for i, it in enumerate(items)]
-    with progress(len(items), "teacher") as advance:
+    with Bar("teacher", len(items), elapsed=True) as bar:
         for sl in _chunks(len(items), cfg.batch_size):
             for it, c in zip(items[sl], teacher.complete_sync(requests[sl])):
                 it.teacher = c.text
-            advance(sl.stop - sl.start)
+            bar.update(advance=sl.stop - sl.start)
     asyncio.run(teacher.aclose())
 
 
@@ -351,10 +332,10 @@ def run(cfg: EvalConfig) -> dict:
 
     model, tokenizer = load_model(str(cfg.model), device=cfg.device, trust_remote_code=cfg.trust_remote_code)
     answers = []
-    with progress(len(items), "student") as advance:
+    with Bar("student", len(items), elapsed=True) as bar:
         for sl in _chunks(len(items), cfg.batch_size):
             answers += generate_batch(model, tokenizer, [it.messages for it in items[sl]], max_tokens=cfg.max_tokens)
-            advance(sl.stop - sl.start)
+            bar.update(advance=sl.stop - sl.start)
     losses: dict[int, tuple[float, int]] = {}
     if with_teacher:
         idx = [i for i, it in enumerate(items) if it.teacher is not None]

@@ -187,3 +187,23 @@ def test_gate_over_lora_student_with_feature_terms(tiny_model_dir, tiny_teacher_
                 torch.testing.assert_close(p.grad, weights[k] * g_terms[k][len(params) + j], rtol=1e-4, atol=1e-7)
             else:
                 assert p.grad is None
+
+
+def test_one_on_rate_counter_for_gate_metrics_and_summary():
+    """The gate's own rates, the running metrics rates and the summary (read back from metrics rows) agree."""
+    from imitate.train.distill import on_rates
+    from imitate.train.sckd import OnRates
+
+    steps = [{"a": True, "b": False}, {"a": False, "b": False}, {"a": True, "b": True}, {"a": True, "b": False}]
+    live = OnRates(["a", "b"])
+    rows = []
+    for gates in steps:
+        rows.append({**{f"on/{n}": on for n, on in gates.items()},
+                     **{f"on_rate/{n}": live.add(n, on) for n, on in gates.items()}})
+    assert live.rates() == {"a": 0.75, "b": 0.25} == on_rates(rows, ["a", "b"])
+    assert rows[1]["on_rate/a"] == 0.5 and rows[2]["on_rate/b"] == 1 / 3
+    resumed = OnRates.from_rows(rows[:2], ["a", "b"])  # a run resumed after step 2 continues the same counts
+    for gates in steps[2:]:
+        for n, on in gates.items():
+            resumed.add(n, on)
+    assert resumed.rates() == live.rates()

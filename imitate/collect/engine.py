@@ -82,7 +82,7 @@ class Engine:
         journal = Journal(out)
         units = self.units(todo)
         workers = 1 if self.batch > 1 else self.cfg.concurrency
-        progress = Progress(label, len(todo), self.cfg.progress)
+        progress = Progress(label, len(todo), self.cfg.progress)  # closed below, also on errors
         try:
             await asyncio.gather(
                 *(self._worker(units, journal, stats, progress) for _ in range(min(workers, len(units))))
@@ -198,38 +198,19 @@ def record(teacher: str, job: Any, comp: Any) -> dict:
 
 
 class Progress:
-    """A rich progress bar on stderr: done/total, rate, ETA, failures. Silent when disabled or nothing to do."""
+    """The collect bar (imitate.progress.Bar): done/total, requests per second, failures, time left."""
 
     def __init__(self, label: str, total: int, enabled: bool):
-        self.bar = None
-        if not enabled or total == 0:
-            return
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-        from rich.progress import Progress as RichProgress
+        from imitate.progress import Bar
 
-        self.bar = RichProgress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]:.1f} req/s"),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[failed]} failed"),
-            console=Console(stderr=True),
-            transient=False,
-        )
+        self.bar = Bar(label, total, enabled=enabled, fields={"rate": 0.0, "failed": 0},
+                       columns=["{rate:.1f} req/s", "{failed} failed"])
         self.t0 = time.monotonic()
         self.done = 0
-        self.task = self.bar.add_task(label, total=total, rate=0.0, failed=0)
-        self.bar.start()
 
     def advance(self, k: int, failed: int) -> None:
-        if self.bar is None:
-            return
         self.done += k
-        rate = self.done / max(time.monotonic() - self.t0, 1e-9)
-        self.bar.update(self.task, advance=k, rate=rate, failed=failed)
+        self.bar.update(advance=k, rate=self.done / max(time.monotonic() - self.t0, 1e-9), failed=failed)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+        self.bar.close()

@@ -262,7 +262,7 @@ class Distiller:
 
         self.cfg, self.plan, self.teacher, self.regressors = cfg, plan, teacher, regressors
         self.gate = None  # an `SCKDGate` with --sckd (see `setup`)
-        self._counts: dict | None = None
+        self._counts: Any = None  # sckd.OnRates, made on the first logged step
         self.beta = cfg.jsd_beta if cfg.kd == "jsd" else DIVERGENCES[cfg.kd]
         self.w = cfg.kd_weight
 
@@ -319,13 +319,12 @@ class Distiller:
         row.update(zip(self.terms, per_token))
         for name, g in gates.items():
             row[f"cos/{name}"], row[f"on/{name}"] = g["cos"], g["on"]
-        if self._counts is None:  # [steps on, steps] per term, from the rows a resumed run restored
-            self._counts = {n: [sum(bool(r[f"on/{n}"]) for r in rows if f"on/{n}" in r),
-                                sum(f"on/{n}" in r for r in rows)] for n in self.terms}
+        if self._counts is None:  # from the rows a resumed run restored
+            from imitate.train.sckd import OnRates
+
+            self._counts = OnRates.from_rows(rows, self.terms)
         for name, g in gates.items():
-            c = self._counts[name]
-            c[0], c[1] = c[0] + int(g["on"]), c[1] + 1
-            row[f"on_rate/{name}"] = c[0] / c[1]
+            row[f"on_rate/{name}"] = self._counts.add(name, g["on"])
 
     def summary(self, rows: list[dict]) -> dict:
         """The distillation part of the run summary; on-rates from the logged gates (whole run, resumed ones too)."""
@@ -370,11 +369,9 @@ def setup(cfg: Any, plan: Plan, accelerator: Any, params: list) -> Distiller:
 
 def on_rates(rows: list[dict], names: list[str]) -> dict[str, float]:
     """Fraction of logged optimizer steps in which each term's gate was on."""
-    out = {}
-    for name in names:
-        seen = [r[f"on/{name}"] for r in rows if f"on/{name}" in r]
-        out[name] = sum(map(bool, seen)) / len(seen) if seen else 0.0
-    return out
+    from imitate.train.sckd import OnRates
+
+    return OnRates.from_rows(rows, names).rates()
 
 
 def average_grads(accelerator: Any, params: list) -> None:

@@ -78,28 +78,16 @@ def append_metrics(path: Path, row: dict) -> None:
 
 
 class ProgressBar:
-    """Steps, loss, tokens/s and ETA on stderr (rich); a no-op on other ranks or when disabled."""
+    """The train bar (imitate.progress.Bar): steps, loss, tokens/s and time left; a no-op on other ranks or disabled."""
 
     def __init__(self, total: int, start: int, enabled: bool):
-        self.progress = None
-        if not enabled:
-            return
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from imitate.progress import Bar
 
-        self.progress = Progress(
-            TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-            TextColumn("{task.fields[tps]} tok/s"), TextColumn("ETA"), TimeRemainingColumn(),
-            console=Console(stderr=True), transient=False,
-        )
-        self.task = self.progress.add_task("train", total=total, completed=start, loss="-", tps="-")
-        self.progress.start()
+        self.bar = Bar("train", total, enabled=enabled, completed=start, fields={"loss": "-", "tps": "-"},
+                       columns=["loss {loss}", "{tps} tok/s"])
 
     def update(self, done: int, loss: float, tokens_per_s: float) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, completed=done, loss=f"{loss:.4f}", tps=f"{tokens_per_s:,.0f}")
+        self.bar.update(completed=done, loss=f"{loss:.4f}", tps=f"{tokens_per_s:,.0f}")
 
     def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
+        self.bar.close()

@@ -63,6 +63,33 @@ def _grads(loss: torch.Tensor, params: Sequence[torch.Tensor], retain: bool) -> 
     return [g if g is not None else torch.zeros_like(p) for g, p in zip(got, params)]
 
 
+class OnRates:
+    """How often each gated term was on: [steps on, steps] per term, the one counter behind the gate's, the metrics'
+    running `on_rate/<term>` and the run summary's `distill.on_rate`. `from_rows` resumes from logged metrics rows."""
+
+    def __init__(self, names: Sequence[str]):
+        self.counts = {name: [0, 0] for name in names}
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[dict], names: Sequence[str]) -> OnRates:
+        """The counts of metrics rows that logged `on/<term>` (an earlier run's, when resuming)."""
+        rates = cls(names)
+        for row in rows:
+            for name in names:
+                if f"on/{name}" in row:
+                    rates.add(name, bool(row[f"on/{name}"]))
+        return rates
+
+    def add(self, name: str, on: bool) -> float:
+        """Count one step of `name`; returns its running on-rate."""
+        c = self.counts.setdefault(name, [0, 0])
+        c[0], c[1] = c[0] + int(on), c[1] + 1
+        return c[0] / c[1]
+
+    def rates(self) -> dict[str, float]:
+        return {name: (on / steps if steps else 0.0) for name, (on, steps) in self.counts.items()}
+
+
 class SCKDGate:
     """Gate the distillation terms of one student; see the module docstring for the rule and its costs.
 
@@ -87,7 +114,7 @@ class SCKDGate:
         self.threshold = threshold
         self.term_params = {name: list((term_params or {}).get(name, [])) for name in self.weights}
         self.reducer = reducer
-        self.on_counts = dict.fromkeys(self.weights, 0)
+        self.counter = OnRates(list(self.weights))
         self.steps = 0
         self._sup: list[torch.Tensor] | None = None
         self._terms: dict[str, list[torch.Tensor]] = {}
@@ -138,7 +165,7 @@ class SCKDGate:
             cos = float(dot / denom) if float(denom) > 0 else 0.0
             on = cos > self.threshold
             report[name] = {"cos": cos, "on": on}
-            self.on_counts[name] += int(on)
+            self.counter.add(name, on)
             if on:
                 lam = self.weights[name]
                 grads = self._terms[name]
@@ -151,7 +178,7 @@ class SCKDGate:
 
     def on_rates(self) -> dict[str, float]:
         """Fraction of optimizer steps each term was on (for the run summary)."""
-        return {name: (self.on_counts[name] / self.steps if self.steps else 0.0) for name in self.weights}
+        return self.counter.rates()
 
 
 def _add_to_grad(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
