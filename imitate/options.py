@@ -9,12 +9,19 @@ From that one line come
   - the check run when the config is built (`ge`/`gt`/`le`/`lt` bounds; `Literal[...]` choices from the annotation),
   - the README's option table of the stage (`python -m imitate.options README.md` rewrites it; a test keeps it true).
 
-Porting an option written the older way (a field + a `typer.Option` in cli.py + an entry in its flags dict):
-  1. write the field as `name: T = opt(default, "help.", example="VALUE", ...)`: `flag="--x/--no-x"` for a boolean
-     pair or another spelling, `short="-o"`, `metavar=`, `cli=False` for a TOML-only key; bounds as `ge=`, `gt=`, ...;
-     choices as `Literal[...]`; cross-field rules in the config's `check()`;
-  2. delete the `typer.Option` parameter and the flags-dict entry in cli.py (the command is generated from the fields);
-  3. run `python -m imitate.options README.md` and commit the regenerated tables.
+The configs: CollectConfig in imitate/collect/config.py, CleanConfig in imitate/clean/config.py, TrainConfig in
+imitate/train/config.py, EvalConfig in imitate/evaluate.py. Each subclasses `Checked`: building one coerces every field
+to its annotation, applies the bounds and choices, then runs the class's `check()` (cross-field rules), so a config that
+exists is valid and `imitate run` can build all of them before the first stage runs.
+
+Porting an option written the older way (a field in the stage module's config class, a `typer.Option` in cli.py, an
+entry in the command's flags dict, a range check in the stage's check function):
+  1. move the field into the config module as `name: T = opt(default, "Help.", example="VALUE", ...)`: the help says
+     what it does, never its default; `flag="--x/--no-x"` for a boolean pair or another spelling, `short="-o"`,
+     `metavar=`, `cli=False` for a TOML-only key, `path=True` / `input=True` for a path written / read;
+     bounds as `ge=`, `gt=`, `le=`, `lt=` (+ `hint=`); choices as `Literal[...]`; cross-field rules in `check()`;
+  2. drop the `typer.Option` parameter and the flags-dict entry (the command is generated from the fields);
+  3. run `python -m imitate.options README.md` and commit the regenerated tables (tests/test_readme.py checks them).
 """
 
 from __future__ import annotations
@@ -97,7 +104,7 @@ def default_of(f: dataclasses.Field) -> Any:
 
 
 def default_text(f: dataclasses.Field) -> str:
-    """The default as --help and the README show it ('' for a required option)."""
+    """The default as --help and the README show it ('required' when there is none)."""
     s = spec(f)
     if s.get("default_text"):
         return s["default_text"]
