@@ -149,6 +149,31 @@ def collect(
         None, "--trust-remote-code", help="hf teachers: run the model repo's own code, e.g. --trust-remote-code."
     ),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar on stderr, e.g. --no-progress."),
+    max_cost: Optional[float] = typer.Option(
+        None, "--max-cost", help="USD this command may spend; refused up front (exit 4) if the worst case is over it, e.g. 5."
+    ),
+    batch: Optional[bool] = typer.Option(
+        None, "--batch", help="Use the provider's batch API (openai:, anthropic:): half the price, results within 24 h, e.g. --batch."
+    ),
+    wait: Optional[bool] = typer.Option(
+        None, "--wait/--no-wait", help="--batch: wait for the batches (default), or submit and exit; re-run to collect."
+    ),
+    cancel: Optional[bool] = typer.Option(
+        None, "--cancel", help="Cancel the open batches of --out, e.g. imitate collect --out out/records.jsonl --cancel."
+    ),
+    batch_fallback: Optional[str] = typer.Option(
+        None, "--batch-fallback", help="Errored/expired batch rows: retried in a new 'batch' (default) or 'live'."
+    ),
+    batch_max_requests: Optional[int] = typer.Option(
+        None, "--batch-max-requests", help="Requests per batch, e.g. 10000 (default: the provider's limit)."
+    ),
+    batch_max_bytes: Optional[int] = typer.Option(
+        None, "--batch-max-bytes", help="Bytes of requests per batch, e.g. 100000000 (default: the provider's limit)."
+    ),
+    poll_interval: Optional[float] = typer.Option(
+        None, "--poll-interval", help="Seconds between batch polls at first; doubles while nothing ends, e.g. 15."
+    ),
+    poll_max: Optional[float] = typer.Option(None, "--poll-max", help="Longest wait between batch polls, e.g. 300."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file; its [collect] section, e.g. pipeline.toml."),
     json_: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout, e.g. --json."),
 ) -> None:
@@ -163,11 +188,25 @@ def collect(
         top_p=top_p, max_tokens=max_tokens, logprobs=logprobs, concurrency=concurrency, rpm=rpm, tpm=tpm,
         retries=retries, timeout=timeout, base_url=base_url, api_key_env=api_key_env, failures=failures,
         price_in=price_in, price_out=price_out, dry_run=dry_run, self_instruct=self_instruct, seed_tasks=seed_tasks,
-        seed=seed, batch_size=batch_size, trust_remote_code=trust_remote_code, progress=progress,
+        seed=seed, batch_size=batch_size, trust_remote_code=trust_remote_code, progress=progress, max_cost=max_cost,
+        batch=batch, wait=wait, cancel=cancel, batch_fallback=batch_fallback, batch_max_requests=batch_max_requests,
+        batch_max_bytes=batch_max_bytes, poll_interval=poll_interval, poll_max=poll_max,
     )
+    from imitate.errors import BudgetExceeded
+
     with handle_errors():
+        if cancel and out is not None and teacher is None and config is None:  # `--out OUT --cancel` alone
+            from imitate.collect.batch import journaled_teacher
+
+            flags["teacher"], logged_url = journaled_teacher(out)
+            flags["base_url"] = base_url or logged_url
         cfg = stage_config(stage.CollectConfig, config, "collect", flags)
-        summary = stage.run(cfg)
+        try:
+            summary = stage.run(cfg)
+        except BudgetExceeded as exc:  # the numbers still go to stdout before exit code 4
+            if getattr(exc, "summary", None) is not None:
+                emit(exc.summary, json_)
+            raise
     emit(summary, json_)
 
 

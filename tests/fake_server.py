@@ -7,6 +7,7 @@ loop) is exercised. Faults are injectable:
     server.enqueue("429", "500", "hang", "malformed") # the next requests get these faults, in order
     server.fail_when["POISON"] = "500"              # any request whose text contains POISON gets a 500, always
     server.history                                  # one dict per request: path, body, status, fault
+    server.batch                                    # the batch APIs' state and counters (tests/fake_batch.py)
     server.stop()
 
 Random faults for throughput runs: `rate_429=0.1` answers 10 % of requests with 429 + `Retry-After: retry_after`.
@@ -29,6 +30,15 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import parse_qsl
+
+from fake_batch import BatchBackend
+
+BATCH_ROUTES = ("/v1/files", "/v1/batches", "/v1/messages/batches")
+
+
+def parse_qs(qs: str) -> dict[str, str]:
+    return dict(parse_qsl(qs))
 
 WORDS = (
     "river planet recipe budget poem circuit garden ladder violin glacier market comet lantern tunnel orchard "
@@ -61,6 +71,9 @@ class FakeServer:
         self.responder = responder or default_answer
         self.faults: collections.deque[str] = collections.deque()
         self.fail_when: dict[str, str] = {}
+        self.batch = BatchBackend(self)  # the batch APIs (tests/fake_batch.py)
+        self.batch_faults: dict[str, list] = {}  # needle -> [fault, times] for batch rows (see fake_batch)
+        self.on_batch_event: Callable[[str, Any], None] | None = None
         self.history: list[dict] = []
         self._rng = random.Random(seed)
         self._tasks_written = 0
@@ -133,7 +146,11 @@ class FakeServer:
                 method, path, _ = lines[0].split(" ", 2)
                 headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
                 body = await reader.readexactly(int(headers.get("content-length", "0")))
-                status, extra, payload = await self._respond(method, path.split("?")[0], body)
+                route, _, qs = path.partition("?")
+                if route.startswith(BATCH_ROUTES):
+                    status, extra, payload = await self.batch.respond(method, route, parse_qs(qs), body, headers)
+                else:
+                    status, extra, payload = await self._respond(method, route, body)
                 if status is None:  # 'drop': close without answering
                     break
                 data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
@@ -164,7 +181,12 @@ class FakeServer:
     async def _respond(self, method: str, path: str, raw: bytes) -> tuple[int | None, dict, Any]:
         if method == "GET" and path == "/_stats":
             by_status = collections.Counter(h["status"] for h in self.history)
-            return 200, {}, {"requests": len(self.history), "by_status": dict(by_status)}
+            return 200, {}, {
+                "requests": len(self.history),
+                "by_status": dict(by_status),
+                "batch_requests": self.batch.batch_requests,
+                "batches": len(self.batch.batches),
+            }
         try:
             body = json.loads(raw or b"{}")
         except json.JSONDecodeError:

@@ -60,6 +60,16 @@ class CollectConfig:
     batch_size: int = 8  # requests per generate() call for hf teachers
     trust_remote_code: bool = False  # hf teachers: allow the model repo's own code
     progress: bool = True  # progress bar on stderr
+    max_cost: float | None = None  # USD this command may spend: refused up front (exit 4) if the worst case is over it,
+    # and nothing new is sent once spent + in flight could pass it (needs known prices or --price-in/--price-out)
+    batch: bool = False  # send through the provider's batch API (openai:, anthropic:): half the price, results <= 24 h
+    wait: bool = True  # --no-wait: submit the batches and exit; running the same command later collects them
+    cancel: bool = False  # cancel the open batches of --out (a later run collects what they finished, resubmits the rest)
+    batch_fallback: str = "batch"  # errored/expired batch rows are retried in a new "batch", or "live" right away
+    batch_max_requests: int | None = None  # requests per batch; default the provider's limit (openai 50k, anthropic 100k)
+    batch_max_bytes: int | None = None  # bytes of requests per batch; default the provider's (200 MB / 256 MB)
+    poll_interval: float = 15.0  # seconds before the first re-poll of running batches; doubles while nothing ends
+    poll_max: float = 300.0  # longest wait between polls
 
 
 @dataclass(frozen=True)
@@ -217,8 +227,23 @@ def check_cfg(cfg: CollectConfig) -> None:
         raise UsageError(f"--timeout must be > 0 seconds, got {cfg.timeout}")
     if cfg.logprobs is not None and cfg.logprobs < 0:
         raise UsageError(f"--logprobs must be >= 0, got {cfg.logprobs}")
-    if cfg.prompts is None and not cfg.self_instruct:
+    if cfg.prompts is None and not cfg.self_instruct and not cfg.cancel:
         raise UsageError("no input: give --prompts FILE (or --self-instruct N)")
+    if cfg.batch or cfg.cancel:
+        provider = parse_spec(cfg.teacher)[0]
+        if provider not in ("openai", "anthropic"):
+            raise UsageError(f"--batch needs an openai: or anthropic: teacher, not {cfg.teacher!r}",
+                             hint="hf teachers run locally: leave out --batch")
+        if cfg.self_instruct:
+            raise UsageError("--batch cannot be combined with --self-instruct (it generates tasks round by round)",
+                             hint="run --self-instruct live, then collect its rows with --batch --prompts")
+    if cfg.batch_fallback not in ("batch", "live"):
+        raise UsageError(f"--batch-fallback must be 'batch' or 'live', got {cfg.batch_fallback!r}")
+    for name in ("batch_max_requests", "batch_max_bytes"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.poll_interval <= 0 or cfg.poll_max < cfg.poll_interval:
+        raise UsageError(f"--poll-interval must be > 0 and <= --poll-max, got {cfg.poll_interval} and {cfg.poll_max}")
 
 
 # --- run --------------------------------------------------------------------------------------------------------
@@ -227,9 +252,10 @@ def check_cfg(cfg: CollectConfig) -> None:
 def run(cfg: CollectConfig) -> dict:
     """Collect the teacher's answers for every input row; returns the accounting summary."""
     from imitate.collect import templates as prompts
-    from imitate.collect.accounting import dry_run_summary, print_summary, summary
+    from imitate.collect.accounting import Budget, check_estimate, dry_run_summary, print_summary, summary
     from imitate.collect.engine import Engine
     from imitate.collect.journal import finished_ids
+    from imitate.collect.pricing import prices_for
 
     check_cfg(cfg)
     parse_spec(cfg.teacher)
@@ -246,17 +272,34 @@ def run(cfg: CollectConfig) -> dict:
 
         seeds = load_seeds(Path(cfg.seed_tasks or cfg.prompts or DEFAULT_SEEDS))
         plan(cfg, [("self-instruct task", {"prompt": "a task", "origin": "self-instruct"})], template)
+    estimate = dry_run_summary(cfg, jobs, finished_ids(out), seeds)
     if cfg.dry_run:
-        result = dry_run_summary(cfg, jobs, finished_ids(out), seeds)
-        print_summary(result)
-        return result
+        print_summary(estimate)
+        return estimate
+    if not cfg.cancel:
+        check_estimate(cfg, estimate)  # --max-cost: refuse before anything is sent
     t0 = time.monotonic()
-    engine = Engine(cfg, teacher, secret, out, failures)
-    extra = asyncio.run(_collect(cfg, engine, jobs, template, seeds))
+    budget = Budget(cfg.max_cost, prices_for(cfg.teacher, cfg.price_in, cfg.price_out, batch=cfg.batch))
+    engine = Engine(cfg, teacher, secret, out, failures, budget)
+    if cfg.batch or cfg.cancel:
+        from imitate.collect.batch import BatchRun
+
+        provider = parse_spec(cfg.teacher)[0]
+        base_url = cfg.base_url or os.environ.get(BASE_URL_ENV[provider]) or None
+        extra = asyncio.run(_collect_batch(engine, BatchRun(cfg, engine, base_url), jobs))
+    else:
+        extra = asyncio.run(_collect(cfg, engine, jobs, template, seeds))
     result = summary(cfg, engine.stats, out, failures, time.monotonic() - t0)
     if extra:
         result["self_instruct"] = extra
     print_summary(result)
+    stop_if_over_budget(cfg, engine.stats, budget, result)
+    if engine.stats.pending:
+        print(
+            f"{engine.stats.pending} request(s) are in provider batches that have not ended; run the same command "
+            "again to collect them (they are not sent twice), or add --cancel to stop them.",
+            file=sys.stderr,
+        )
     if engine.stats.failed:
         print(
             f"{engine.stats.failed} request(s) failed after retries; they are listed with their errors in {failures}. "
@@ -275,6 +318,29 @@ def run(cfg: CollectConfig) -> dict:
             file=sys.stderr,
         )
     return result
+
+
+def stop_if_over_budget(cfg: CollectConfig, stats: Any, budget: Any, result: dict) -> None:
+    """Exit 4 when --max-cost held requests back; everything collected is kept."""
+    from imitate.errors import BudgetExceeded
+
+    if not stats.unsent:
+        return
+    exc = BudgetExceeded(
+        f"--max-cost ${cfg.max_cost:g} reached: spent ${budget.spent:.4f}, {stats.unsent} request(s) not sent "
+        f"(their worst case would pass the limit); {stats.completed} record(s) collected in this run are kept",
+        hint="raise --max-cost (or lower --max-tokens) and run the same command again: only the requests left are sent",
+    )
+    exc.summary = result
+    raise exc
+
+
+async def _collect_batch(engine: Any, batch_run: Any, jobs: list[Job]) -> dict:
+    try:
+        await batch_run.run(jobs)
+        return {}
+    finally:
+        await engine.aclose()
 
 
 async def _collect(cfg: CollectConfig, engine: Any, jobs: list[Job], template: Any, seeds: list[str] | None) -> dict:
