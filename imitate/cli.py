@@ -630,7 +630,8 @@ def run_cmd(
 
     Example: imitate run examples/demo.toml --json
 
-    Exit codes: 0 done, 1 a stage failed, 2 a bad pipeline file, 3 an eval gate (min-score) failed.
+    Exit codes: 0 done, 1 a stage failed, 2 a bad pipeline file, 3 an eval gate (min-score) failed, 4 collect stopped
+    at its budget (max-cost).
     """
     from imitate import pipeline as pl
 

@@ -12,7 +12,8 @@ in_progress -> in_progress -> ended), so clients must poll. Answers are the live
 `anthropic_reply`). Row faults: `server.batch_faults[needle] = [fault, times]` — a request whose text holds `needle`
 ends as `fault` ("500" or any status: an errored row; "expired": an expired row) for the next `times` batches that
 hold it (None: always). `server.on_batch_event(event, info)` is called before answering "upload", "create",
-"retrieve", "results" and "list" — tests kill the client there to crash it at an exact moment.
+"retrieve", "results" and "list" — tests kill the client there to crash it at an exact moment; a hook that returns
+"drop" on "upload" makes the server close the connection without storing anything (an upload cut off).
 
 Counters: `batch_requests` (request lines in all created batches, per provider), `batches` (id -> batch state).
 """
@@ -57,10 +58,9 @@ class BatchBackend:
     def new_id(self, prefix: str) -> str:
         return f"{prefix}{next(self._ids):06d}"
 
-    def event(self, name: str, info: Any = None) -> None:
+    def event(self, name: str, info: Any = None) -> Any:
         hook = getattr(self.server, "on_batch_event", None)
-        if hook is not None:
-            hook(name, info)
+        return hook(name, info) if hook is not None else None
 
     # --- routing ------------------------------------------------------------------------------------------------
     async def respond(self, method: str, path: str, query: dict, raw: bytes, headers: dict) -> tuple[int, dict, Any]:
@@ -103,7 +103,8 @@ class BatchBackend:
     def upload(self, raw: bytes, content_type: str) -> tuple[int, dict, Any]:
         fields = parse_multipart(raw, content_type)
         fid = self.new_id("file-")
-        self.event("upload", fid)
+        if self.event("upload", fid) == "drop":  # the upload broke off: nothing stored
+            return None, {}, b""
         self.files[fid] = fields["file"]
         body = {
             "id": fid,
@@ -125,6 +126,8 @@ class BatchBackend:
             lines = [json.loads(ln) for ln in data.decode().splitlines() if ln.strip()]
             requests = [(ln["custom_id"], ln["body"]) for ln in lines]
         else:
+            if self.event("upload", None) == "drop":  # anthropic sends the requests inline: this is its upload
+                return None, {}, b""
             requests = [(r["custom_id"], r["params"]) for r in body["requests"]]
         bid = self.new_id("batch_" if kind == "openai" else "msgbatch_")
         b = {

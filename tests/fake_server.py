@@ -71,6 +71,7 @@ class FakeServer:
         self.responder = responder or default_answer
         self.faults: collections.deque[str] = collections.deque()
         self.fail_when: dict[str, str] = {}
+        self.extra_input_tokens = 0  # added to every reported input usage: a tokenizer that counts more than chars/4
         self.batch = BatchBackend(self)  # the batch APIs (tests/fake_batch.py)
         self.batch_faults: dict[str, list] = {}  # needle -> [fault, times] for batch rows (see fake_batch)
         self.on_batch_event: Callable[[str, Any], None] | None = None
@@ -298,7 +299,7 @@ def openai_reply(server: FakeServer, body: dict) -> dict:
                 content.append({"token": w, "logprob": lp, "bytes": list(w.encode()), "top_logprobs": tops[:k]})
             choice["logprobs"] = {"content": content, "refusal": None}
         choices.append(choice)
-    prompt_tokens = _words_in(body)
+    prompt_tokens = _words_in(body) + server.extra_input_tokens
     return {
         "id": f"chatcmpl-{len(server.history)}",
         "object": "chat.completion",
@@ -323,7 +324,7 @@ def anthropic_reply(server: FakeServer, body: dict) -> dict:
         "content": [{"type": "text", "text": text}],
         "stop_reason": "max_tokens" if cut else "end_turn",
         "stop_sequence": None,
-        "usage": {"input_tokens": _words_in(body), "output_tokens": len(text.split(" "))},
+        "usage": {"input_tokens": _words_in(body) + server.extra_input_tokens, "output_tokens": len(text.split(" "))},
     }
 
 

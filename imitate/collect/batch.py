@@ -161,7 +161,9 @@ class BatchRun:
                 self.stats.retries += len(retry)
                 free = [job for job, _ in retry]
                 if self.cfg.batch_fallback == "live":
+                    planned = self.stats.requests, self.stats.cached  # already counted once
                     await self.engine.collect(free, label="live fallback")
+                    self.stats.requests, self.stats.cached = planned
                     break
         finally:
             self.progress.close()
