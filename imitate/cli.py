@@ -156,13 +156,13 @@ def collect(
         None, "--batch", help="Use the provider's batch API (openai:, anthropic:): half the price, results within 24 h, e.g. --batch."
     ),
     wait: Optional[bool] = typer.Option(
-        None, "--wait/--no-wait", help="--batch: wait for the batches (default), or submit and exit; re-run to collect."
+        None, "--wait/--no-wait", help="--batch: wait for the batches (default), or submit and exit and re-run to collect, e.g. --no-wait."
     ),
     cancel: Optional[bool] = typer.Option(
         None, "--cancel", help="Cancel the open batches of --out, e.g. imitate collect --out out/records.jsonl --cancel."
     ),
     batch_fallback: Optional[str] = typer.Option(
-        None, "--batch-fallback", help="Errored/expired batch rows: retried in a new 'batch' (default) or 'live'."
+        None, "--batch-fallback", help="Errored/expired batch rows: retried in a new 'batch' (default) or 'live', e.g. --batch-fallback live."
     ),
     batch_max_requests: Optional[int] = typer.Option(
         None, "--batch-max-requests", help="Requests per batch, e.g. 10000 (default: the provider's limit)."
