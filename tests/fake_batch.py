@@ -13,7 +13,8 @@ in_progress -> in_progress -> ended), so clients must poll. Answers are the live
 ends as `fault` ("500" or any status: an errored row; "expired": an expired row) for the next `times` batches that
 hold it (None: always). `server.on_batch_event(event, info)` is called before answering "upload", "create",
 "retrieve", "results" and "list" — tests kill the client there to crash it at an exact moment; a hook that returns
-"drop" on "upload" makes the server close the connection without storing anything (an upload cut off).
+"drop" on "upload" makes the server close the connection without storing anything (an upload cut off); one that
+returns a status ("500") on "retrieve" fails that poll, on "create" fails the answer to a batch it did create.
 
 Counters: `batch_requests` (request lines in all created batches, per provider), `batches` (id -> batch state).
 """
@@ -87,7 +88,9 @@ class BatchBackend:
         if b is None or b["kind"] != kind:
             return 404, {}, {"error": {"type": "not_found_error", "message": f"no batch {rest[0]}"}}
         if len(rest) == 1 and method == "GET":
-            self.event("retrieve", b["id"])
+            fault = self.event("retrieve", b["id"])
+            if fault is not None and fault.isdigit():  # a failed poll: the batch does not move
+                return int(fault), {}, {"error": {"type": "api_error", "message": f"fake poll error {fault}"}}
             self.advance(b)
             return 200, {}, self.view(b)
         if len(rest) == 2 and rest[1] == "cancel" and method == "POST":
@@ -145,7 +148,9 @@ class BatchBackend:
         }
         self.batches[bid] = b  # created (and paid) even if the client never hears back
         self.batch_requests[kind] += len(requests)
-        self.event("create", bid)
+        fault = self.event("create", bid)
+        if fault is not None and fault.isdigit():  # created, but the client is told it failed (e.g. a gateway 502)
+            return int(fault), {}, {"error": {"type": "api_error", "message": f"fake create error {fault}"}}
         return 200, {}, self.view(b)
 
     def advance(self, b: dict) -> None:

@@ -208,7 +208,7 @@ def test_batch_refused_by_server_is_an_error_and_not_retried_twice(tmp_path):
 
     with FakeServer() as server:
         server.batch = Refusing(server)
-        with pytest.raises(ImitateError, match="refused the batch"):
+        with pytest.raises(ImitateError, match="creating a batch failed: BadRequestError.*batches are off"):
             run(cfg(server, tmp_path, "openai", n=3))
         log = BatchLog(tmp_path / "out.batches.jsonl")
         assert [i["state"] for i in log.intents.values()] == ["void"]
@@ -301,3 +301,19 @@ def test_kill_9_then_rerun_pays_each_request_once(tmp_path, provider, moment):
     assert summary["cached"] == killed_with
     if moment == "while downloading":
         assert killed_with == 5  # the first batch was collected before the kill
+
+
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def test_transient_errors_on_create_and_polls_neither_stop_nor_pay_twice(server, tmp_path, monkeypatch, provider):
+    """A create answered 502 after the batch was made must be found, not created again; failed polls are retried."""
+    import functools
+
+    from imitate.collect.limiter import RetryPolicy
+
+    monkeypatch.setattr("imitate.collect.engine.RetryPolicy", functools.partial(RetryPolicy, base=0.001))
+    faults = {"create": ["502"], "retrieve": ["500", "503"]}
+    server.on_batch_event = lambda name, info: faults.get(name, []).pop(0) if faults.get(name) else None
+    summary = run(cfg(server, tmp_path, provider, n=6))
+    assert summary["completed"] == 6 and len(read(tmp_path / "out.jsonl")) == 6
+    assert len(server.batch.batches) == 1 and server.batch.batch_requests[provider] == 6
+    assert faults == {"create": [], "retrieve": []}  # every fault was met

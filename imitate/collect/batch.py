@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from imitate.collect.journal import Journal, finished_ids
-from imitate.collect.limiter import est_tokens
+from imitate.collect.limiter import classify, est_tokens
 from imitate.errors import ImitateError
 from imitate.records import dumps, iter_jsonl, repair_torn_tail
 
@@ -174,7 +174,8 @@ class BatchRun:
         known = {i["batch"] for i in self.log.intents.values() if i["batch"]}
         for intent in self.log.open_intents():
             if intent["batch"] is None:
-                found = await self.api.find(intent["key"], intent["t"], len(intent["ids"]), known)
+                found = await self.call("looking up a batch", self.api.find, intent["key"], intent["t"],
+                                        len(intent["ids"]), known)
                 if found is None:
                     self.log.write("void", intent["key"])
                     continue
@@ -200,24 +201,54 @@ class BatchRun:
             key = uuid.uuid4().hex
             self.log.write("intent", key, ids=ids, t=time.time(), teacher=self.cfg.teacher, base_url=self.base_url)
             self.reserved[key] = worst
-            try:
-                batch_id = await self.api.create([ln for _, ln in chunk], key)
-            except Exception as exc:
-                known = {i["batch"] for i in self.log.intents.values() if i["batch"]}
-                found = await self.api.find(key, self.log.intents[key]["t"], len(ids), known)
-                if found is None:  # refused: never created, nothing billed
-                    self.log.write("void", key)
-                    self.budget.settle(self.reserved.pop(key), 0, 0)
-                    raise ImitateError(
-                        f"the provider refused the batch: {self.engine.scrub(f'{type(exc).__name__}: {exc}')}",
-                        hint="check --teacher, the API key and --base-url (the server must implement the batch API); "
-                        "finished records are kept, re-run the same command to go on",
-                    ) from None
-                batch_id = found
+            batch_id = await self.create(key, [ln for _, ln in chunk])
             self.log.write("created", key, batch=batch_id)
             self.stats.batches += 1
             self.stats.sent += len(ids)
             self.stats.calls += 1
+
+    async def create(self, key: str, lines: list[bytes]) -> str:
+        """Create the batch of intent `key`. After an error the batch may exist all the same (a timeout, a gateway
+        error after the provider accepted it): look it up by its key before trying again, never create it twice."""
+
+        async def once() -> str:
+            try:
+                return await self.api.create(lines, key)
+            except Exception:
+                known = {i["batch"] for i in self.log.intents.values() if i["batch"]}
+                found = await self.api.find(key, self.log.intents[key]["t"], len(lines), known)
+                if found is None:
+                    raise
+                return found
+
+        try:
+            return await self.call("creating a batch", once)
+        except ImitateError:
+            self.log.write("void", key)  # not created: nothing billed, its requests are free again
+            self.budget.settle(self.reserved.pop(key), 0, 0)
+            raise
+
+    async def call(self, what: str, fn: Any, *args: Any) -> Any:
+        """A provider call other than create, retried on 429/5xx/timeouts like live requests; any other error stops
+        the run (the batch journal keeps every batch, so the next run re-attaches)."""
+        attempt = 0
+        while True:
+            try:
+                return await fn(*args)
+            except ImitateError:
+                raise
+            except Exception as exc:
+                kind, after = classify(exc)
+                if kind == "retry" and attempt < self.engine.policy.retries:
+                    await asyncio.sleep(self.engine.policy.delay(attempt, after, self.engine.rng))
+                    attempt += 1
+                    continue
+                raise ImitateError(
+                    f"{what} failed: {self.engine.scrub(f'{type(exc).__name__}: {exc}')}",
+                    hint="check --teacher, the API key and --base-url (the server must implement the batch API); "
+                    f"finished records are kept, the batches already created are in {self.log.path}, and the same "
+                    "command re-attaches to them",
+                ) from None
 
     async def wait(self) -> None:
         """Poll the open batches with backoff until all have ended (with --no-wait: one pass), collecting each."""
@@ -225,7 +256,7 @@ class BatchRun:
         while True:
             changed = False
             for intent in self.log.open_intents():
-                status = await self.api.status(intent["batch"])
+                status = await self.call("polling a batch", self.api.status, intent["batch"])
                 self.stats.calls += 1
                 self.progress.show(intent, status)
                 if status.ended:
@@ -238,7 +269,7 @@ class BatchRun:
 
     async def collect(self, intent: dict) -> None:
         """The results of an ended batch: records to OUT, failed rows to the retry list or failures; then 'done'."""
-        results = await self.api.results(intent["batch"])
+        results = await self.call("downloading batch results", self.api.results, intent["batch"])
         self.stats.calls += 1
         held = set(intent["ids"])
         done = finished_ids(self.engine.out)  # rows already written before a crash in the middle of this
@@ -284,7 +315,7 @@ class BatchRun:
         """--cancel: ask the provider to stop every open batch of OUT; a later run collects what they finished."""
         opened = [i for i in self.log.open_intents() if i["batch"]]
         for intent in opened:
-            await self.api.cancel(intent["batch"])
+            await self.call("cancelling a batch", self.api.cancel, intent["batch"])
             self.log.write("cancel", intent["key"])
             print(f"cancel requested: batch {intent['batch']} ({len(intent['ids'])} requests)", file=sys.stderr)
         if not opened:
