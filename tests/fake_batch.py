@@ -16,6 +16,8 @@ hold it (None: always). `server.on_batch_event(event, info)` is called before an
 "drop" on "upload" makes the server close the connection without storing anything (an upload cut off); one that
 returns a status ("500") on "retrieve" fails that poll, on "create" fails the answer to a batch it did create.
 
+`server.batch_invalid = "message"` makes OpenAI batches end "failed" (input validation) with that error and no files.
+
 Counters: `batch_requests` (request lines in all created batches, per provider), `batches` (id -> batch state).
 """
 
@@ -175,6 +177,9 @@ class BatchBackend:
         from fake_server import anthropic_reply, openai_reply
 
         counts = {"succeeded": 0, "errored": 0, "expired": 0, "canceled": 0}
+        if b["kind"] == "openai" and self.server.batch_invalid:  # the whole batch fails validation: no files
+            b["ended"], b["counts"], b["ended_at"], b["invalid"] = True, counts, time.time(), self.server.batch_invalid
+            return
         used: set[str] = set()
         out, err = [], []
         for cid, body in b["requests"]:
@@ -224,7 +229,9 @@ class BatchBackend:
     def view(self, b: dict) -> dict:
         n, c = len(b["requests"]), b["counts"]
         if b["kind"] == "openai":
-            if b["ended"]:
+            if b.get("invalid"):
+                status = "failed"
+            elif b["ended"]:
                 status = "cancelled" if b["cancelled"] else ("expired" if c["expired"] else "completed")
             else:
                 status = "cancelling" if b["cancelled"] else OPENAI_STEPS[b["step"]]
@@ -238,6 +245,9 @@ class BatchBackend:
                 "input_file_id": b["input_file_id"],
                 "status": status,
                 "metadata": b["metadata"],
+                "errors": {"object": "list", "data": [{"code": "invalid", "message": b["invalid"]}]}
+                if b.get("invalid")
+                else None,
                 "output_file_id": b.get("output_file_id"),
                 "error_file_id": b.get("error_file_id"),
                 "request_counts": {

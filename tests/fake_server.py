@@ -74,6 +74,7 @@ class FakeServer:
         self.extra_input_tokens = 0  # added to every reported input usage: a tokenizer that counts more than chars/4
         self.batch = BatchBackend(self)  # the batch APIs (tests/fake_batch.py)
         self.batch_faults: dict[str, list] = {}  # needle -> [fault, times] for batch rows (see fake_batch)
+        self.batch_invalid: str | None = None  # OpenAI batches fail validation with this message
         self.on_batch_event: Callable[[str, Any], None] | None = None
         self.history: list[dict] = []
         self._rng = random.Random(seed)

@@ -317,3 +317,12 @@ def test_transient_errors_on_create_and_polls_neither_stop_nor_pay_twice(server,
     assert summary["completed"] == 6 and len(read(tmp_path / "out.jsonl")) == 6
     assert len(server.batch.batches) == 1 and server.batch.batch_requests[provider] == 6
     assert faults == {"create": [], "retrieve": []}  # every fault was met
+
+
+def test_batch_that_fails_validation_lists_its_requests_with_the_error(server, tmp_path):
+    server.batch_invalid = "model 'fake-model' is not available for batch"
+    with pytest.raises(ImitateError, match="no request succeeded.*not available for batch"):
+        run(cfg(server, tmp_path, "openai", n=4))
+    failures = read(tmp_path / "out.failures.jsonl")
+    assert len(failures) == 4 and all("batch failed: model 'fake-model' is not available" in f["error"] for f in failures)
+    assert len(server.batch.batches) == 1  # not resubmitted: it would fail the same way

@@ -260,14 +260,14 @@ class BatchRun:
                 self.stats.calls += 1
                 self.progress.show(intent, status)
                 if status.ended:
-                    await self.collect(intent)
+                    await self.collect(intent, status)
                     changed = True
             if not self.log.open_intents() or not self.cfg.wait:
                 return
             await asyncio.sleep(delay)
             delay = self.cfg.poll_interval if changed else min(delay * 2, self.cfg.poll_max)
 
-    async def collect(self, intent: dict) -> None:
+    async def collect(self, intent: dict, status: Any) -> None:
         """The results of an ended batch: records to OUT, failed rows to the retry list or failures; then 'done'."""
         results = await self.call("downloading batch results", self.api.results, intent["batch"])
         self.stats.calls += 1
@@ -300,9 +300,13 @@ class BatchRun:
                     self.retry.append((job, r.error))
                 else:
                     self.engine._fail(job, r.error, 1, self.stats)
-            for rid in held - seen - done:  # a row the provider never reported: free it for another batch
-                if rid in self.jobs:
-                    self.retry.append((self.jobs[rid], "missing from the batch results"))
+            for rid in held - seen - done:  # a row the provider never reported
+                if rid not in self.jobs:
+                    continue
+                if status.error:  # the whole batch failed (e.g. validation): another batch would fail the same way
+                    self.engine._fail(self.jobs[rid], f"batch {status.status}: {status.error}", 1, self.stats)
+                else:
+                    self.retry.append((self.jobs[rid], f"missing from the results of batch {intent['batch']}"))
         finally:
             await journal.close()
         self.stats.tokens_in += billed_in

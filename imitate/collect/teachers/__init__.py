@@ -44,6 +44,7 @@ class BatchStatus:
     status: str
     ended: bool
     counts: dict[str, int]
+    error: str | None = None  # why the whole batch failed (e.g. OpenAI's input validation), if it did
 
 
 @dataclass

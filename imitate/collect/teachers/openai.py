@@ -136,7 +136,8 @@ class OpenAIBatches:
         b = await self.client.batches.retrieve(batch_id)
         c = b.request_counts
         counts = {"done": c.completed, "failed": c.failed, "total": c.total} if c else {}
-        return BatchStatus(b.status, b.status in ENDED, counts)
+        errors = "; ".join(e.message or e.code or "" for e in (b.errors.data or [])) if b.errors else ""
+        return BatchStatus(b.status, b.status in ENDED, counts, errors or None)
 
     async def results(self, batch_id: str) -> list[BatchResult]:
         b = await self.client.batches.retrieve(batch_id)
