@@ -176,7 +176,7 @@ def test_no_wait_then_collect_then_cancel_via_cli(server, tmp_path):
     assert first.exit_code == 0, first.output
     s = json.loads(first.stdout)
     assert s["batches"] == 2 and s["pending"] == 9 and s["completed"] == 0 and not read(out)
-    assert "run the same command again" in first.stderr
+    assert "with --batch again to collect them" in first.stderr
     # cancel with nothing but --out: the teacher and server come from the batch log
     cancel = invoke("--out", str(out), "--cancel", "--json")
     assert cancel.exit_code == 0, cancel.output
@@ -326,3 +326,14 @@ def test_batch_that_fails_validation_lists_its_requests_with_the_error(server, t
     failures = read(tmp_path / "out.failures.jsonl")
     assert len(failures) == 4 and all("batch failed: model 'fake-model' is not available" in f["error"] for f in failures)
     assert len(server.batch.batches) == 1  # not resubmitted: it would fail the same way
+
+
+def test_live_run_never_sends_what_open_batches_hold(server, tmp_path):
+    c = cfg(server, tmp_path, "openai", n=6, wait=False, batch_max_requests=4)
+    assert run(c)["pending"] == 6
+    more = write_prompts(tmp_path / "more.jsonl", 8)  # the same 6 prompts and 2 new ones
+    live = run(replace(c, batch=False, prompts=more))
+    assert live["sent"] == 2 and live["pending"] == 6 and server.count("/v1/chat/completions") == 2
+    done = run(replace(c, wait=True, prompts=more))
+    assert done["sent"] == 0 and done["completed"] == 6 and len(read(c.out)) == 8
+    assert server.batch.batch_requests["openai"] == 6

@@ -95,6 +95,7 @@ def summary(cfg: Any, stats: Any, out: Path, failures: Path, wall_s: float, budg
         live = prices_for(cfg.teacher, cfg.price_in, cfg.price_out)
         result["live_cost_usd"] = cost(stats.tokens_in, stats.tokens_out, live)
         result["batches"] = stats.batches
+    if cfg.batch or stats.pending:
         result["pending"] = stats.pending
     if cfg.max_cost is not None:
         result["max_cost_usd"] = cfg.max_cost

@@ -87,6 +87,14 @@ class BatchLog:
         return {rid for i in self.open_intents() for rid in i["ids"]}
 
 
+def held_ids(out: Path) -> set[str]:
+    """Ids of OUT's requests that open batches hold (a live run must not send them too)."""
+    from imitate.collect.stage import sidecar
+
+    path = sidecar(Path(out), "batches")
+    return BatchLog(path).held() if path.exists() else set()
+
+
 def journaled_teacher(out: Path) -> tuple[str | None, str | None]:
     """(teacher, base_url) of the last batch logged for OUT, so `--out OUT --cancel` needs nothing else."""
     from imitate.collect.stage import sidecar

@@ -272,6 +272,13 @@ def run(cfg: CollectConfig) -> dict:
 
         seeds = load_seeds(Path(cfg.seed_tasks or cfg.prompts or DEFAULT_SEEDS))
         plan(cfg, [("self-instruct task", {"prompt": "a task", "origin": "self-instruct"})], template)
+    in_batches = 0
+    if not (cfg.batch or cfg.cancel):  # requests that open provider batches hold are never also sent live
+        from imitate.collect.batch import held_ids
+
+        held = held_ids(out)
+        in_batches = sum(j.request.id in held for j in jobs)
+        jobs = [j for j in jobs if j.request.id not in held]
     estimate = dry_run_summary(cfg, jobs, finished_ids(out), seeds)
     if cfg.dry_run:
         print_summary(estimate)
@@ -289,6 +296,7 @@ def run(cfg: CollectConfig) -> dict:
         extra = asyncio.run(_collect_batch(engine, BatchRun(cfg, engine, base_url), jobs))
     else:
         extra = asyncio.run(_collect(cfg, engine, jobs, template, seeds))
+        engine.stats.pending = in_batches
     result = summary(cfg, engine.stats, out, failures, time.monotonic() - t0)
     if extra:
         result["self_instruct"] = extra
@@ -297,7 +305,7 @@ def run(cfg: CollectConfig) -> dict:
     if engine.stats.pending:
         print(
             f"{engine.stats.pending} request(s) are in provider batches that have not ended; run the same command "
-            "again to collect them (they are not sent twice), or add --cancel to stop them.",
+            "with --batch again to collect them (they are never sent twice, nor live), or add --cancel to stop them.",
             file=sys.stderr,
         )
     if engine.stats.failed:
