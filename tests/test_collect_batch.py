@@ -337,3 +337,13 @@ def test_live_run_never_sends_what_open_batches_hold(server, tmp_path):
     done = run(replace(c, wait=True, prompts=more))
     assert done["sent"] == 0 and done["completed"] == 6 and len(read(c.out)) == 8
     assert server.batch.batch_requests["openai"] == 6
+
+
+def test_progress_shows_each_batch(server, tmp_path):
+    r = invoke("--teacher", "openai:fake", "--prompts", str(write_prompts(tmp_path / "p.jsonl", 7)), "--out",
+               str(tmp_path / "out.jsonl"), "--base-url", url(server, "openai"), "--batch", "--batch-max-requests", "4",
+               "--poll-interval", "0.001", "--poll-max", "0.01")
+    assert r.exit_code == 0, r.output
+    ids = list(server.batch.batches)
+    assert len(ids) == 2 and all(f"batch {b}" in r.stderr for b in ids)
+    assert "4/4" in r.stderr and "3/3" in r.stderr and r.stderr.count("collected") == 2
