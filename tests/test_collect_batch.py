@@ -17,7 +17,8 @@ from fake_server import FakeServer
 from typer.testing import CliRunner
 
 from imitate.cli import app
-from imitate.collect.batch import BatchLog, split
+from imitate.collect.batch import split
+from imitate.collect.journal import BatchLog
 from imitate.collect.stage import CollectConfig, run
 from imitate.errors import ImitateError
 

@@ -22,17 +22,15 @@ rounds), or live with --batch-fallback live; what still fails goes to the failur
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from imitate.collect.journal import Journal, finished_ids
+from imitate.collect.journal import BatchLog, Journal, finished_ids
 from imitate.collect.limiter import classify, est_tokens
 from imitate.errors import ImitateError
-from imitate.records import dumps, iter_jsonl, repair_torn_tail
 
 
 def batch_api(teacher: Any) -> Any:
@@ -45,46 +43,6 @@ def batch_api(teacher: Any) -> Any:
     if isinstance(teacher, AnthropicTeacher):
         return AnthropicBatches(teacher)
     raise ImitateError(f"--batch needs an openai: or anthropic: teacher, not {teacher.spec!r}")
-
-
-class BatchLog:
-    """The batch journal: append-only, one fsynced JSON line per event; read back into `intents` on open."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.intents: dict[str, dict] = {}  # key -> {ids, t, teacher, base_url, batch, state}
-        repair_torn_tail(self.path)
-        if self.path.exists():
-            for line in iter_jsonl(self.path):
-                self._apply(line.data)
-
-    def _apply(self, ev: dict) -> None:
-        kind, key = ev["event"], ev["key"]
-        if kind == "intent":
-            self.intents[key] = {**ev, "batch": None, "state": "open"}
-        elif kind == "created":
-            self.intents[key]["batch"] = ev["batch"]
-        elif kind in ("done", "void"):
-            self.intents[key]["state"] = kind
-        elif kind == "cancel":
-            self.intents[key]["cancelled"] = True
-
-    def write(self, event: str, key: str, **fields: Any) -> None:
-        ev = {"event": event, "key": key, **fields}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            os.write(fd, (dumps(ev) + "\n").encode("utf-8"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        self._apply(ev)
-
-    def open_intents(self) -> list[dict]:
-        return [i for i in self.intents.values() if i["state"] == "open"]
-
-    def held(self) -> set[str]:
-        return {rid for i in self.open_intents() for rid in i["ids"]}
 
 
 def held_ids(out: Path) -> set[str]:
