@@ -62,8 +62,8 @@ def url(server: FakeServer, provider: str) -> str:
 def cfg(server, tmp_path, provider="openai", n=10, **kw) -> CollectConfig:
     kw.setdefault("prompts", write_prompts(tmp_path / "p.jsonl", n))
     kw.setdefault("out", tmp_path / "out.jsonl")
+    kw.setdefault("teacher", f"{provider}:fake-model")
     return CollectConfig(
-        teacher=f"{provider}:fake-model",
         base_url=url(server, provider),
         batch=kw.pop("batch", True),
         poll_interval=0.001,
@@ -136,11 +136,17 @@ def test_errored_and_expired_rows_are_retried_in_a_new_batch(server, tmp_path, p
 
 def test_batch_fallback_live_retries_rows_live(server, tmp_path):
     server.batch_faults["ok 7"] = ["expired", None]
-    c = cfg(server, tmp_path, "openai", n=8, batch_fallback="live")
+    c = cfg(server, tmp_path, "openai", n=8, batch_fallback="live", teacher="openai:gpt-4o-mini")
     summary = run(c)
     assert len(read(c.out)) == 8 and summary["failed"] == 0 and summary["requests"] == 8
     assert server.count("/v1/chat/completions") == 1 and server.batch.batch_requests["openai"] == 8
     assert server.history[0]["body"]["messages"][-1]["content"] == "ok 7"
+    # the 7 batch answers at batch prices, the live one at live prices
+    usage = {r["source"].get("prompt"): r["usage"] for r in read(c.out)}
+    live = usage.pop("ok 7")
+    batch_in, batch_out = sum(u["input_tokens"] for u in usage.values()), sum(u["output_tokens"] for u in usage.values())
+    expected = (batch_in * 0.075 + batch_out * 0.30 + live["input_tokens"] * 0.15 + live["output_tokens"] * 0.60) / 1e6
+    assert summary["cost_usd"] == pytest.approx(expected)
 
 
 def test_split_by_request_and_byte_limits(server, tmp_path):

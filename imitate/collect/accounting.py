@@ -88,7 +88,8 @@ def summary(cfg: Any, stats: Any, out: Path, failures: Path, wall_s: float, budg
         "wall_s": round(wall_s, 3),
         "requests_per_s": round(stats.completed / wall_s, 2) if wall_s > 0 else None,
         "price_per_mtok": list(prices) if prices else None,
-        "cost_usd": cost(stats.tokens_in, stats.tokens_out, prices),
+        # what the budget charged, each answer at the price it was billed at (a batch's live fallback at live prices)
+        "cost_usd": round(budget.spent, 9) if budget and prices else cost(stats.tokens_in, stats.tokens_out, prices),
     }
     if cfg.batch:  # the live price of the same tokens, to show what batching saved
         result["mode"] = "batch"

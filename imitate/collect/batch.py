@@ -127,8 +127,11 @@ class BatchRun:
                 self.stats.retries += len(retry)
                 free = [job for job, _ in retry]
                 if self.cfg.batch_fallback == "live":
+                    from imitate.collect.pricing import prices_for
+
                     planned = self.stats.requests, self.stats.cached  # already counted once
-                    await self.engine.collect(free, label="live fallback")
+                    self.budget.prices = prices_for(self.cfg.teacher, self.cfg.price_in, self.cfg.price_out) or (0, 0)
+                    await self.engine.collect(free, label="live fallback")  # billed at live prices
                     self.stats.requests, self.stats.cached = planned
                     break
         finally:
@@ -195,8 +198,8 @@ class BatchRun:
             raise
 
     async def call(self, what: str, fn: Any, *args: Any) -> Any:
-        """A provider call other than create, retried on 429/5xx/timeouts like live requests; any other error stops
-        the run (the batch journal keeps every batch, so the next run re-attaches)."""
+        """A provider call, retried on 429/5xx/timeouts like live requests; any other error stops the run (the batch
+        journal keeps every batch, so the next run re-attaches)."""
         attempt = 0
         while True:
             try:

@@ -297,7 +297,7 @@ def run(cfg: CollectConfig) -> dict:
     else:
         extra = asyncio.run(_collect(cfg, engine, jobs, template, seeds))
         engine.stats.pending = in_batches
-    result = summary(cfg, engine.stats, out, failures, time.monotonic() - t0)
+    result = summary(cfg, engine.stats, out, failures, time.monotonic() - t0, budget)
     if extra:
         result["self_instruct"] = extra
     print_summary(result)
