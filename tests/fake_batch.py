@@ -192,7 +192,8 @@ class BatchBackend:
                     row["response"] = {"status_code": 200, "request_id": cid, "body": openai_reply(self.server, body)}
                     out.append(row)
                 elif fault in ("expired", "canceled"):
-                    row["error"] = {"code": f"batch_{fault}", "message": f"request {fault} before it ran"}
+                    code = {"expired": "batch_expired", "canceled": "batch_cancelled"}[fault]
+                    row["error"] = {"code": code, "message": f"request {fault} before it ran"}
                     err.append(row)
                 else:
                     error = {"type": "server_error", "message": f"fake batch error {fault}", "code": None}

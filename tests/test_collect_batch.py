@@ -174,10 +174,12 @@ def invoke(*args: str, env: dict | None = None):
     return CliRunner().invoke(app, ["collect", *args], env=env)
 
 
-def test_no_wait_then_collect_then_cancel_via_cli(server, tmp_path):
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def test_no_wait_then_collect_then_cancel_via_cli(server, tmp_path, provider):
     prompts = write_prompts(tmp_path / "p.jsonl", 9)
     out = tmp_path / "out.jsonl"
-    base = ["--teacher", "anthropic:fake", "--prompts", str(prompts), "--out", str(out), "--base-url", server.base_url,
+    base = ["--teacher", f"{provider}:fake", "--prompts", str(prompts), "--out", str(out), "--base-url",
+            url(server, provider),
             "--batch", "--batch-max-requests", "5", "--poll-interval", "0.001", "--poll-max", "0.01", "--no-progress"]
     first = invoke(*base, "--no-wait", "--json")
     assert first.exit_code == 0, first.output
@@ -192,7 +194,7 @@ def test_no_wait_then_collect_then_cancel_via_cli(server, tmp_path):
     again = invoke(*base, "--json")
     assert again.exit_code == 0, again.output
     assert len(read(out)) == 9 and len({r["id"] for r in read(out)}) == 9
-    assert json.loads(again.stdout)["pending"] == 0
+    assert json.loads(again.stdout)["pending"] == 0 and server.batch.batch_requests[provider] == 18
 
 
 def test_no_wait_then_later_run_collects_without_resubmitting(server, tmp_path):
@@ -228,6 +230,8 @@ def test_batch_usage_errors(server, tmp_path):
     bad = invoke("--teacher", "openai:m", "--prompts", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o.jsonl"),
                  "--batch", "--batch-fallback", "never", "--base-url", url(server, "openai"))
     assert bad.exit_code == 2 and "--batch-fallback" in bad.stderr
+    bad = invoke("--out", str(tmp_path / "o.jsonl"), "--cancel")
+    assert bad.exit_code == 2 and "no batches to cancel" in bad.stderr and "Traceback" not in bad.output
 
 
 # --- kill -9 at every moment, then a re-run ------------------------------------------------------------------------

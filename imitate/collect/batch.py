@@ -30,7 +30,7 @@ from typing import Any
 
 from imitate.collect.journal import BatchLog, Journal, finished_ids
 from imitate.collect.limiter import classify, est_tokens
-from imitate.errors import ImitateError
+from imitate.errors import ImitateError, UsageError
 
 
 def batch_api(teacher: Any) -> Any:
@@ -58,8 +58,11 @@ def journaled_teacher(out: Path) -> tuple[str | None, str | None]:
     from imitate.collect.stage import sidecar
 
     log = BatchLog(sidecar(Path(out), "batches"))
-    last = list(log.intents.values())[-1] if log.intents else {}
-    return last.get("teacher"), last.get("base_url")
+    if not log.intents:
+        raise UsageError(f"{out}: no batches to cancel ({log.path} does not list any)",
+                         hint="give the --out of an `imitate collect --batch` run")
+    last = list(log.intents.values())[-1]
+    return last["teacher"], last.get("base_url")
 
 
 def split(lines: list[tuple[Any, bytes]], max_requests: int, max_bytes: int) -> list[list[tuple[Any, bytes]]]:

@@ -14,7 +14,7 @@ from imitate.collect.teachers import CLOCK_SKEW_S, BatchResult, BatchStatus, Com
 from imitate.collect.teachers.http import SDKTeacher
 
 ENDED = {"completed", "failed", "expired", "cancelled"}  # batch statuses after which nothing more will run
-RETRYABLE_CODES = {"batch_expired", "batch_cancelled"}  # rows not run: worth another batch
+RETRYABLE_CODES = {"batch_expired", "batch_cancelled", "batch_canceled"}  # rows not run: worth another batch
 
 
 class OpenAITeacher(SDKTeacher):
