@@ -119,13 +119,21 @@ def _common(stage: str) -> list[inspect.Parameter]:
     ]
 
 
-def stage_command(name: str, cls: type) -> Callable[[Callable[[Any, bool], None]], Callable[[Any, bool], None]]:
-    """Register `imitate NAME`: its options are generated from `cls`'s fields; `body(cfg, as_json)` runs the stage."""
+def stage_command(
+    name: str, cls: type, prepare: Callable[[dict[str, Any], Optional[Path]], None] | None = None
+) -> Callable[[Callable[[Any, bool], None]], Callable[[Any, bool], None]]:
+    """Register `imitate NAME`: its options are generated from `cls`'s fields; `body(cfg, as_json)` runs the stage.
+
+    prepare(flags, config): fills flags that can be read from earlier work before the config is built (see collect).
+    """
 
     def register(body: Callable[[Any, bool], None]) -> Callable[[Any, bool], None]:
         def call(given: dict[str, Any], config: Optional[Path] = None, json_: bool = False) -> None:
             with handle_errors():
-                cfg = stage_config(cls, config, name, options.flags_from(cls, given))
+                flags = options.flags_from(cls, given)
+                if prepare is not None:
+                    prepare(flags, config)
+                cfg = stage_config(cls, config, name, flags)
                 body(cfg, json_)
 
         call.__doc__, call.__name__ = body.__doc__, body.__name__
@@ -135,15 +143,33 @@ def stage_command(name: str, cls: type) -> Callable[[Callable[[Any, bool], None]
     return register
 
 
-@stage_command("collect", CollectConfig)
+def _teacher_from_batches(flags: dict[str, Any], config: Optional[Path]) -> None:
+    """`imitate collect --out OUT --cancel` alone: the teacher and base URL come from OUT's batch journal."""
+    if flags.get("cancel") and flags.get("out") is not None and flags.get("teacher") is None and config is None:
+        from imitate.collect.batch import journaled_teacher
+
+        flags["teacher"], logged_url = journaled_teacher(Path(flags["out"]))
+        flags["base_url"] = flags.get("base_url") or logged_url
+
+
+@stage_command("collect", CollectConfig, prepare=_teacher_from_batches)
 def collect(cfg: CollectConfig, as_json: bool) -> None:
     """Ask a teacher model for answers and keep each one as a JSONL record (resumable).
 
     Example: imitate collect --teacher openai:gpt-4o-mini --prompts prompts.jsonl --out out/records.jsonl
+
+    Exit codes: 0 done, 1 an error, 2 bad options, 4 stopped at the --max-cost budget (what was collected is kept).
     """
     from imitate.collect import stage
+    from imitate.errors import BudgetExceeded
 
-    emit(stage.run(cfg), as_json)
+    try:
+        summary = stage.run(cfg)
+    except BudgetExceeded as exc:  # the numbers still go to stdout before exit code 4
+        if getattr(exc, "summary", None) is not None:
+            emit(exc.summary, as_json)
+        raise
+    emit(summary, as_json)
 
 
 @stage_command("clean", CleanConfig)
@@ -223,7 +249,8 @@ def run_cmd(
 
     Example: imitate run examples/demo.toml --json
 
-    Exit codes: 0 done, 1 a stage failed, 2 a bad pipeline file, 3 an eval gate (min-score) failed.
+    Exit codes: 0 done, 1 a stage failed, 2 a bad pipeline file, 3 an eval gate (min-score) failed, 4 collect stopped
+    at its budget (max-cost).
     """
     from imitate import pipeline as pl
 

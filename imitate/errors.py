@@ -32,3 +32,10 @@ class GateFailed(ImitateError):
     """An evaluation gate (--min-score) was not met (exit code 3)."""
 
     exit_code = 3
+
+
+class BudgetExceeded(ImitateError):
+    """--max-cost would be (or was about to be) passed: nothing more is sent, finished records are kept (exit code 4).
+    `summary` holds the run's accounting when the run stopped part way."""
+
+    exit_code = 4

@@ -21,7 +21,7 @@ from imitate.models import split_ref
 # Path fields a stage WRITES. Every other path (and every local model directory) a run names is one of its inputs.
 OUTPUT_FIELDS = {"out", "removed", "report", "failures"}
 # Options that change only speed, display or retry behaviour, never what a run writes: changing them re-runs nothing.
-SPEED_OPTIONS = {"progress", "workers", "concurrency", "rpm", "tpm", "retries", "timeout", "resume"}
+SPEED_OPTIONS = {"progress", "workers", "concurrency", "rpm", "tpm", "retries", "timeout", "resume", "poll_interval", "poll_max"}
 SUFFIX = ".manifest.json"
 VERSION = 1
 

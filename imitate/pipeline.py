@@ -25,7 +25,8 @@ Options that only change speed or display (SPEED_OPTIONS: progress, workers, con
 without an output path (an eval without `out`) always runs; so does a collect run that had failed requests.
 
 Exit codes: 0 all selected runs succeeded or were up to date; 1 a run failed (the pipeline stops there); 2 the file is
-wrong; 3 an eval gate (`min-score`) failed (the remaining evals still run, so every score gets reported).
+wrong; 3 an eval gate (`min-score`) failed (the remaining evals still run, so every score gets reported); 4 a collect
+run stopped at its budget (`max-cost`; the pipeline stops there, what was collected is kept).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from typing import Any
 
 from imitate import manifest as mf
 from imitate.config import build, check_keys, load_toml, resolve_paths
-from imitate.errors import ConfigError, GateFailed, ImitateError, UsageError
+from imitate.errors import BudgetExceeded, ConfigError, GateFailed, ImitateError, UsageError
 
 # stage name -> (module, config class), in the order the stages run.
 STAGES: dict[str, tuple[str, str]] = {
@@ -73,7 +74,7 @@ class Run:
     name: str
     cfg: Any
     module: Any
-    status: str = "pending"  # pending | ran | skipped | failed | gate_failed | not_run | not_selected
+    status: str = "pending"  # pending | ran | skipped | failed | gate_failed | over_budget | not_run | not_selected
     reason: str = ""
     seconds: float = 0.0
     summary: dict | None = None
@@ -271,6 +272,9 @@ def _unfinished(summary: Any) -> str | None:
     failed = summary.get("failed")
     if isinstance(failed, int) and not isinstance(failed, bool) and failed > 0:
         return f"{failed} request(s) failed; the next run retries them"
+    pending = summary.get("pending")
+    if isinstance(pending, int) and not isinstance(pending, bool) and pending > 0:
+        return f"{pending} request(s) still in provider batches; the next run collects them"
     return None
 
 
@@ -300,6 +304,9 @@ def execute(run: Run, force: bool, quiet_stdout: bool) -> None:
             run.summary = run.module.run(run.cfg)
     except GateFailed as exc:
         run.status, run.error = "gate_failed", exc.message
+        run.summary = getattr(exc, "summary", None)
+    except BudgetExceeded as exc:  # collect's --max-cost: stop the pipeline, keep what was collected
+        run.status, run.error = "over_budget", exc.message + (f" (hint: {exc.hint})" if exc.hint else "")
         run.summary = getattr(exc, "summary", None)
     except ImitateError as exc:
         run.status, run.error = "failed", exc.message + (f" (hint: {exc.hint})" if exc.hint else "")
@@ -354,9 +361,11 @@ def run_pipeline(
             r.status = "not_run"
             continue
         execute(r, force, quiet_stdout)
-        stopped = r.status == "failed"
+        stopped = r.status in ("failed", "over_budget")
     if any(r.status == "failed" for r in runs):
         code = 1
+    elif any(r.status == "over_budget" for r in runs):
+        code = BudgetExceeded.exit_code
     elif any(r.status == "gate_failed" for r in runs):
         code = 3
     else:

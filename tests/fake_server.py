@@ -7,6 +7,7 @@ loop) is exercised. Faults are injectable:
     server.enqueue("429", "500", "hang", "malformed") # the next requests get these faults, in order
     server.fail_when["POISON"] = "500"              # any request whose text contains POISON gets a 500, always
     server.history                                  # one dict per request: path, body, status, fault
+    server.batch                                    # the batch APIs' state and counters (tests/fake_batch.py)
     server.stop()
 
 Random faults for throughput runs: `rate_429=0.1` answers 10 % of requests with 429 + `Retry-After: retry_after`.
@@ -29,6 +30,15 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import parse_qsl
+
+from fake_batch import BatchBackend
+
+BATCH_ROUTES = ("/v1/files", "/v1/batches", "/v1/messages/batches")
+
+
+def parse_qs(qs: str) -> dict[str, str]:
+    return dict(parse_qsl(qs))
 
 WORDS = (
     "river planet recipe budget poem circuit garden ladder violin glacier market comet lantern tunnel orchard "
@@ -61,6 +71,11 @@ class FakeServer:
         self.responder = responder or default_answer
         self.faults: collections.deque[str] = collections.deque()
         self.fail_when: dict[str, str] = {}
+        self.extra_input_tokens = 0  # added to every reported input usage: a tokenizer that counts more than chars/4
+        self.batch = BatchBackend(self)  # the batch APIs (tests/fake_batch.py)
+        self.batch_faults: dict[str, list] = {}  # needle -> [fault, times] for batch rows (see fake_batch)
+        self.batch_invalid: str | None = None  # OpenAI batches fail validation with this message
+        self.on_batch_event: Callable[[str, Any], None] | None = None
         self.history: list[dict] = []
         self._rng = random.Random(seed)
         self._tasks_written = 0
@@ -133,7 +148,11 @@ class FakeServer:
                 method, path, _ = lines[0].split(" ", 2)
                 headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
                 body = await reader.readexactly(int(headers.get("content-length", "0")))
-                status, extra, payload = await self._respond(method, path.split("?")[0], body)
+                route, _, qs = path.partition("?")
+                if route.startswith(BATCH_ROUTES):
+                    status, extra, payload = await self.batch.respond(method, route, parse_qs(qs), body, headers)
+                else:
+                    status, extra, payload = await self._respond(method, route, body)
                 if status is None:  # 'drop': close without answering
                     break
                 data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
@@ -164,7 +183,12 @@ class FakeServer:
     async def _respond(self, method: str, path: str, raw: bytes) -> tuple[int | None, dict, Any]:
         if method == "GET" and path == "/_stats":
             by_status = collections.Counter(h["status"] for h in self.history)
-            return 200, {}, {"requests": len(self.history), "by_status": dict(by_status)}
+            return 200, {}, {
+                "requests": len(self.history),
+                "by_status": dict(by_status),
+                "batch_requests": self.batch.batch_requests,
+                "batches": len(self.batch.batches),
+            }
         try:
             body = json.loads(raw or b"{}")
         except json.JSONDecodeError:
@@ -276,7 +300,7 @@ def openai_reply(server: FakeServer, body: dict) -> dict:
                 content.append({"token": w, "logprob": lp, "bytes": list(w.encode()), "top_logprobs": tops[:k]})
             choice["logprobs"] = {"content": content, "refusal": None}
         choices.append(choice)
-    prompt_tokens = _words_in(body)
+    prompt_tokens = _words_in(body) + server.extra_input_tokens
     return {
         "id": f"chatcmpl-{len(server.history)}",
         "object": "chat.completion",
@@ -301,7 +325,7 @@ def anthropic_reply(server: FakeServer, body: dict) -> dict:
         "content": [{"type": "text", "text": text}],
         "stop_reason": "max_tokens" if cut else "end_turn",
         "stop_sequence": None,
-        "usage": {"input_tokens": _words_in(body), "output_tokens": len(text.split(" "))},
+        "usage": {"input_tokens": _words_in(body) + server.extra_input_tokens, "output_tokens": len(text.split(" "))},
     }
 
 

@@ -1,4 +1,4 @@
-"""Accounting for `imitate collect`: the summary dict (--json prints it) and its table on stderr."""
+"""Accounting for `imitate collect`: the summary dict (--json prints it), its table on stderr, and the budget."""
 
 from __future__ import annotations
 
@@ -8,9 +8,70 @@ from typing import Any
 from imitate.collect.pricing import cost, prices_for
 
 
-def summary(cfg: Any, stats: Any, out: Path, failures: Path, wall_s: float) -> dict:
-    prices = prices_for(cfg.teacher, cfg.price_in, cfg.price_out)
-    return {
+class Budget:
+    """`--max-cost USD`: what one collect command may spend (None: no limit, costs are still counted).
+
+    Before a request or a batch is sent it reserves its worst case: the estimated input tokens (chars/4) plus every
+    answer at --max-tokens. Nothing new is sent once spent + reserved (in flight) + its worst case would pass the limit.
+    When its answers arrive the reservation is replaced by what was billed (the usage the provider reports)."""
+
+    def __init__(self, limit: float | None, prices: tuple[float, float] | None):
+        self.limit, self.prices = limit, prices or (0.0, 0.0)
+        self.spent = 0.0  # billed so far in this command
+        self.reserved = 0.0  # worst cases of what is in flight
+
+    def worst(self, tokens_in: int, tokens_out: int) -> float:
+        return cost(tokens_in, tokens_out, self.prices) or 0.0
+
+    def fits(self, amount: float) -> bool:
+        return self.limit is None or self.spent + self.reserved + amount <= self.limit + 1e-12
+
+    def reserve(self, amount: float, force: bool = False) -> bool:
+        """Hold `amount` for a request about to be sent; False (nothing held) when it could pass the limit.
+        force: already sent (a batch from an earlier run), count it anyway."""
+        if not force and not self.fits(amount):
+            return False
+        self.reserved += amount
+        return True
+
+    def settle(self, amount: float, tokens_in: int, tokens_out: int) -> None:
+        """The reservation `amount` is over; charge what was billed."""
+        self.reserved = max(0.0, self.reserved - amount)
+        self.spent += cost(tokens_in, tokens_out, self.prices) or 0.0
+
+    @property
+    def left(self) -> float | None:
+        return None if self.limit is None else max(0.0, self.limit - self.spent)
+
+
+def check_estimate(cfg: Any, estimate: dict) -> None:
+    """Refuse (exit 4) before anything is sent when the run's worst case is over --max-cost."""
+    from imitate.errors import BudgetExceeded, UsageError
+
+    if cfg.max_cost is None:
+        return
+    if cfg.max_cost <= 0:
+        raise UsageError(f"--max-cost must be > 0 USD, got {cfg.max_cost}", hint="leave --max-cost out for no limit")
+    prices = prices_for(cfg.teacher, cfg.price_in, cfg.price_out, batch=cfg.batch)
+    if prices is None:
+        raise UsageError(
+            f"--max-cost needs prices, and none are known for teacher {cfg.teacher!r}",
+            hint="give --price-in and --price-out (USD per million tokens, live prices; --batch halves them)",
+        )
+    worst = cost(estimate["est_tokens_in"], estimate["max_tokens_out"], prices) or 0.0
+    if worst > cfg.max_cost:
+        raise BudgetExceeded(
+            f"this run could cost up to ${worst:.4f} ({estimate['would_send']} request(s): ~{estimate['est_tokens_in']} "
+            f"input tokens estimated as chars/4, every answer at --max-tokens {cfg.max_tokens}"
+            f"{', batch prices' if cfg.batch else ''}), more than --max-cost ${cfg.max_cost:g}; nothing was sent",
+            hint="raise --max-cost, lower --max-tokens, or collect fewer prompts"
+            + ("" if cfg.batch else " (--batch costs half)"),
+        )
+
+
+def summary(cfg: Any, stats: Any, out: Path, failures: Path, wall_s: float, budget: Budget | None = None) -> dict:
+    prices = prices_for(cfg.teacher, cfg.price_in, cfg.price_out, batch=cfg.batch)
+    result = {
         "out": str(out),
         "failures": str(failures) if stats.failed else None,
         "teacher": cfg.teacher,
@@ -27,8 +88,20 @@ def summary(cfg: Any, stats: Any, out: Path, failures: Path, wall_s: float) -> d
         "wall_s": round(wall_s, 3),
         "requests_per_s": round(stats.completed / wall_s, 2) if wall_s > 0 else None,
         "price_per_mtok": list(prices) if prices else None,
-        "cost_usd": cost(stats.tokens_in, stats.tokens_out, prices),
+        # what the budget charged, each answer at the price it was billed at (a batch's live fallback at live prices)
+        "cost_usd": round(budget.spent, 9) if budget and prices else cost(stats.tokens_in, stats.tokens_out, prices),
     }
+    if cfg.batch:  # the live price of the same tokens, to show what batching saved
+        result["mode"] = "batch"
+        live = prices_for(cfg.teacher, cfg.price_in, cfg.price_out)
+        result["live_cost_usd"] = cost(stats.tokens_in, stats.tokens_out, live)
+        result["batches"] = stats.batches
+    if cfg.batch or stats.pending:
+        result["pending"] = stats.pending
+    if cfg.max_cost is not None:
+        result["max_cost_usd"] = cfg.max_cost
+        result["not_sent"] = stats.unsent
+    return result
 
 
 def dry_run_summary(cfg: Any, jobs: list, done: set[str], seeds: list[str] | None = None) -> dict:
@@ -53,7 +126,7 @@ def dry_run_summary(cfg: Any, jobs: list, done: set[str], seeds: list[str] | Non
         answers = cfg.self_instruct * cfg.n
         result["self_instruct_calls"] = calls
         would_send, tokens = calls + answers, calls * (150 + 5 * task) + answers * (task + 8)
-    prices = prices_for(cfg.teacher, cfg.price_in, cfg.price_out)
+    prices = prices_for(cfg.teacher, cfg.price_in, cfg.price_out, batch=cfg.batch)
     result |= {
         "would_send": would_send,
         "est_tokens_in": tokens,
@@ -62,6 +135,7 @@ def dry_run_summary(cfg: Any, jobs: list, done: set[str], seeds: list[str] | Non
         "max_tokens_out": would_send * cfg.max_tokens,
         "price_per_mtok": list(prices) if prices else None,
         "est_cost_in_usd": cost(tokens, 0, prices),
+        "est_cost_max_usd": cost(tokens, would_send * cfg.max_tokens, prices),  # every answer at --max-tokens
     }
     return result
 
@@ -79,7 +153,7 @@ def print_summary(result: dict) -> None:
     for key, value in result.items():
         if key == "dry_run" or value is None:
             continue
-        if key in ("cost_usd", "est_cost_in_usd"):
+        if key in ("cost_usd", "est_cost_in_usd", "live_cost_usd", "max_cost_usd", "est_cost_max_usd"):
             value = f"${value:.6f}" if value < 0.01 else f"${value:.2f}"
         table.add_row(key.replace("_", " "), str(value))
     Console(stderr=True).print(table)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from imitate.collect.teachers import parse_spec
 from imitate.errors import UsageError
@@ -64,11 +65,41 @@ class CollectConfig(Checked):
     trust_remote_code: bool = opt(False, "hf teachers: run the model repository's own code.",
                                   example="--trust-remote-code", flag="--trust-remote-code")
     progress: bool = opt(True, "Progress bar on stderr.", example="--no-progress", flag="--progress/--no-progress")
+    # --- budget and provider batch APIs
+    max_cost: float | None = opt(
+        None, "USD this command may spend: refused up front (exit 4) when the worst case (every answer at max-tokens) "
+        "is over it, and nothing new is sent once spent + in flight could pass it; needs known prices or "
+        "--price-in/--price-out.", example="5", gt=0)
+    batch: bool = opt(False, "Send through the provider's batch API (openai:, anthropic:): half the price, results "
+                      "within 24 h; re-runs re-attach to batches already created, never submit twice.",
+                      example="--batch", flag="--batch")
+    wait: bool = opt(True, "With --batch: wait for the batches, or submit and exit (run the same command later to "
+                     "collect).", example="--no-wait", flag="--wait/--no-wait")
+    cancel: bool = opt(False, "Cancel the open batches of --out (a later run collects what they finished and "
+                       "resubmits the rest).", example="--out out/records.jsonl --cancel", flag="--cancel")
+    batch_fallback: Literal["batch", "live"] = opt(
+        "batch", "Errored or expired batch rows are retried in a new batch, or live right away.", example="live")
+    batch_max_requests: int | None = opt(None, "Requests per batch.", example="10000", ge=1,
+                                         default_text="the provider's limit (openai 50k, anthropic 100k)")
+    batch_max_bytes: int | None = opt(None, "Bytes of requests per batch.", example="100000000", ge=1,
+                                      default_text="the provider's limit (200 MB / 256 MB)")
+    poll_interval: float = opt(15.0, "Seconds before the first re-poll of running batches; doubles while nothing "
+                               "ends.", example="5", gt=0)
+    poll_max: float = opt(300.0, "Longest wait between batch polls, in seconds.", example="60", gt=0)
 
     def check(self) -> None:
         provider, _ = parse_spec(self.teacher)
         if provider == "anthropic" and self.logprobs:
             raise UsageError("--logprobs is not available from anthropic teachers",
                              hint="use an openai-compatible or hf teacher")
-        if self.prompts is None and not self.self_instruct:
+        if self.prompts is None and not self.self_instruct and not self.cancel:
             raise UsageError("no input: give --prompts FILE (or --self-instruct N)")
+        if self.batch or self.cancel:
+            if provider not in ("openai", "anthropic"):
+                raise UsageError(f"--batch needs an openai: or anthropic: teacher, not {self.teacher!r}",
+                                 hint="hf teachers run locally: leave out --batch")
+            if self.self_instruct:
+                raise UsageError("--batch cannot be combined with --self-instruct (it generates tasks round by round)",
+                                 hint="run --self-instruct live, then collect its rows with --batch --prompts")
+        if self.poll_max < self.poll_interval:
+            raise UsageError(f"--poll-max ({self.poll_max}) must be at least --poll-interval ({self.poll_interval})")

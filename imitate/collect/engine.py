@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from imitate.collect.accounting import Budget
 from imitate.collect.journal import Journal, finished_ids
 from imitate.collect.limiter import RateLimiter, RetryPolicy, classify, est_tokens
 from imitate.errors import ImitateError
@@ -35,11 +36,18 @@ class Stats:
     length: int = 0  # answers cut by max_tokens (finish_reason "length")
     tokens_in: int = 0
     tokens_out: int = 0
+    unsent: int = 0  # held back by --max-cost
+    batches: int = 0  # provider batches created in this run (--batch)
+    pending: int = 0  # requests in batches still running when the run exits (--batch --no-wait)
 
 
 class Engine:
-    def __init__(self, cfg: Any, teacher: Any, secret: str | None, out: Path, failures: Path):
+    def __init__(
+        self, cfg: Any, teacher: Any, secret: str | None, out: Path, failures: Path, budget: Budget | None = None
+    ):
         self.cfg, self.teacher, self.secret = cfg, teacher, secret
+        self.budget = budget or Budget(None, None)
+        self.settled: asyncio.Condition | None = None  # signalled whenever a reservation is settled
         self.out, self.failures_path = Path(out), Path(failures)
         self.stats = Stats()
         self.limiter = RateLimiter(cfg.rpm, cfg.tpm)
@@ -48,7 +56,8 @@ class Engine:
         self.failures: Journal | None = None
         self.fatal: str | None = None
         self.fatal_error: ImitateError | None = None  # a user error from the teacher itself (hf: model won't load)
-        self.failures_path.unlink(missing_ok=True)  # last run's failures are retried now; this run writes its own
+        if not getattr(cfg, "cancel", False):  # last run's failures are retried now; this run writes its own
+            self.failures_path.unlink(missing_ok=True)
         self.batch = getattr(teacher, "batch_size", 1) or 1  # >1: a local teacher generating in batches
         self.supports_n = getattr(teacher, "supports_n", False)  # several samples of one prompt in one call
 
@@ -83,6 +92,7 @@ class Engine:
         units = self.units(todo)
         workers = 1 if self.batch > 1 else self.cfg.concurrency
         progress = Progress(label, len(todo), self.cfg.progress)  # closed below, also on errors
+        self.settled = asyncio.Condition()
         try:
             await asyncio.gather(
                 *(self._worker(units, journal, stats, progress) for _ in range(min(workers, len(units))))
@@ -90,6 +100,8 @@ class Engine:
         finally:
             progress.close()
             await journal.close()
+        if not self.fatal:
+            stats.unsent += sum(len(u) for u in units)  # what the budget held back
         if self.fatal_error is not None:  # e.g. a local model without a chat template: same for every request
             raise self.fatal_error
         if self.fatal:
@@ -102,14 +114,36 @@ class Engine:
     async def _worker(self, units: deque, journal: Journal, stats: Stats, progress: Progress) -> None:
         while units and not self.fatal:
             unit = units.popleft()
+            calls = 1 if (self.supports_n or self.batch > 1) else len(unit)  # HTTP calls / generate() batches
+            tokens_in, tokens_out = est_tokens(unit[0].request.messages) * calls, self.cfg.max_tokens * len(unit)
+            worst = self.budget.worst(tokens_in, tokens_out)
+            if not await self._admit(worst):
+                units.appendleft(unit)  # over budget: this and every later unit stay unsent
+                return
             stats.sent += len(unit)
-            await self._send(unit, journal, stats, progress)
+            billed = (0, 0)
+            try:
+                billed = await self._send(unit, calls, tokens_in + tokens_out, journal, stats, progress)
+            finally:
+                async with self.settled:
+                    self.budget.settle(worst, *billed)
+                    self.settled.notify_all()
 
-    async def _send(self, unit: list, journal: Journal, stats: Stats, progress: Progress) -> None:
+    async def _admit(self, worst: float) -> bool:
+        """Reserve the unit's worst cost; while it does not fit but something is in flight, wait for that to settle
+        (it usually costs less than its worst case). False once it cannot fit even with nothing in flight."""
+        async with self.settled:
+            while not self.budget.reserve(worst):
+                if self.budget.reserved <= 0:
+                    return False
+                await self.settled.wait()
+        return True
+
+    async def _send(
+        self, unit: list, calls: int, estimate: int, journal: Journal, stats: Stats, progress: Progress
+    ) -> tuple[int, int]:
+        """Send one unit (with retries); returns the (input, output) tokens billed for it."""
         requests = [j.request for j in unit]
-        batched = self.supports_n or self.batch > 1
-        calls = 1 if batched else len(unit)  # one HTTP call / generate() batch, or one call per request
-        estimate = est_tokens(requests[0].messages) * calls + self.cfg.max_tokens * len(unit)
         attempt = 0
         while True:
             await self.limiter.acquire(calls, estimate)
@@ -122,10 +156,10 @@ class Engine:
                 error = self.scrub(f"{type(exc).__name__}: {exc}")
                 if isinstance(exc, ImitateError):  # raised by our own teacher code: a setup error, not a bad request
                     self.fatal, self.fatal_error = error, exc
-                    return
+                    return 0, 0
                 if kind == "fatal":
                     self.fatal = error
-                    return
+                    return 0, 0
                 if kind == "retry" and attempt < self.policy.retries:
                     stats.retries += 1
                     await asyncio.sleep(self.policy.delay(attempt, retry_after, self.rng))
@@ -134,7 +168,7 @@ class Engine:
                 for job in unit:
                     self._fail(job, error, attempt + 1, stats)
                 progress.advance(len(unit), stats.failed)
-                return
+                return 0, 0
         billed_in = billed_out = 0
         for job, comp in zip(unit, completions):
             b_in, b_out = comp.extra.get("billed", (comp.input_tokens or 0, comp.output_tokens or 0))
@@ -151,6 +185,7 @@ class Engine:
         stats.tokens_out += billed_out
         self.limiter.settle(estimate, billed_in + billed_out)
         progress.advance(len(unit), stats.failed)
+        return billed_in, billed_out
 
     def _fail(self, job: Any, error: str, attempts: int, stats: Stats) -> None:
         if self.failures is None:

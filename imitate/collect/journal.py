@@ -4,6 +4,9 @@ The output file itself is the journal. Records are appended by one writer task w
 ready at that moment goes out in one `os.write` on an O_APPEND descriptor (so a crash leaves at most one torn last
 line), then the file is fsynced off the event loop. A record is counted as finished only once its line is written.
 On start, a torn last line is cut (`records.repair_torn_tail`) and the ids already present are skipped.
+
+`BatchLog` is the second journal of `collect --batch` (OUT.batches.jsonl): what each provider batch holds, written
+before the batch is created, and its id right after (see imitate.collect.batch).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from imitate.errors import InputError
 from imitate.records import dumps, iter_jsonl, repair_torn_tail
@@ -88,3 +92,43 @@ class Journal:
             await self._task
             self._task = None
         os.close(self.fd)
+
+
+class BatchLog:
+    """The batch journal: append-only, one fsynced JSON line per event; read back into `intents` on open."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.intents: dict[str, dict] = {}  # key -> {ids, t, teacher, base_url, batch, state}
+        repair_torn_tail(self.path)
+        if self.path.exists():
+            for line in iter_jsonl(self.path):
+                self._apply(line.data)
+
+    def _apply(self, ev: dict) -> None:
+        kind, key = ev["event"], ev["key"]
+        if kind == "intent":
+            self.intents[key] = {**ev, "batch": None, "state": "open"}
+        elif kind == "created":
+            self.intents[key]["batch"] = ev["batch"]
+        elif kind in ("done", "void"):
+            self.intents[key]["state"] = kind
+        elif kind == "cancel":
+            self.intents[key]["cancelled"] = True
+
+    def write(self, event: str, key: str, **fields: Any) -> None:
+        ev = {"event": event, "key": key, **fields}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, (dumps(ev) + "\n").encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._apply(ev)
+
+    def open_intents(self) -> list[dict]:
+        return [i for i in self.intents.values() if i["state"] == "open"]
+
+    def held(self) -> set[str]:
+        return {rid for i in self.open_intents() for rid in i["ids"]}

@@ -23,11 +23,22 @@ PRICES: dict[str, tuple[float, float]] = {
     "anthropic:claude-opus-4": (15.00, 75.00),
 }
 
+BATCH_FACTOR = {"openai": 0.5, "anthropic": 0.5}  # batch price / live price
+
 
 def prices_for(
-    teacher: str, price_in: float | None = None, price_out: float | None = None
+    teacher: str, price_in: float | None = None, price_out: float | None = None, batch: bool = False
 ) -> tuple[float, float] | None:
-    """(input, output) USD per million tokens for `teacher`, or None when unknown. Flags override the table."""
+    """(input, output) USD per million tokens for `teacher`, or None when unknown. Flags override the table.
+    batch: the provider's batch price (BATCH_FACTOR of the live one)."""
+    live = _live_prices(teacher, price_in, price_out)
+    if live is None or not batch:
+        return live
+    factor = BATCH_FACTOR.get(teacher.partition(":")[0], 1.0)
+    return (live[0] * factor, live[1] * factor)
+
+
+def _live_prices(teacher: str, price_in: float | None, price_out: float | None) -> tuple[float, float] | None:
     if teacher.startswith("hf:"):
         known: tuple[float, float] | None = (0.0, 0.0)
     else:

@@ -172,9 +172,10 @@ def make_teacher(cfg: CollectConfig) -> tuple[Any, str | None]:
 def run(cfg: CollectConfig) -> dict:
     """Collect the teacher's answers for every input row; returns the accounting summary."""
     from imitate.collect import templates as prompts
-    from imitate.collect.accounting import dry_run_summary, print_summary, summary
+    from imitate.collect.accounting import Budget, check_estimate, dry_run_summary, print_summary, summary
     from imitate.collect.engine import Engine
     from imitate.collect.journal import finished_ids
+    from imitate.collect.pricing import prices_for
 
     # cheap checks first: the key (named by its env var) and a local model's path, before reading any input
     teacher, secret = (None, None) if cfg.dry_run else make_teacher(cfg)
@@ -189,17 +190,42 @@ def run(cfg: CollectConfig) -> dict:
 
         seeds = load_seeds(Path(cfg.seed_tasks or cfg.prompts or DEFAULT_SEEDS))
         plan(cfg, [("self-instruct task", {"prompt": "a task", "origin": "self-instruct"})], template)
+    in_batches = 0
+    if not (cfg.batch or cfg.cancel):  # requests that open provider batches hold are never also sent live
+        from imitate.collect.batch import held_ids
+
+        held = held_ids(out)
+        in_batches = sum(j.request.id in held for j in jobs)
+        jobs = [j for j in jobs if j.request.id not in held]
+    estimate = dry_run_summary(cfg, jobs, finished_ids(out), seeds)
     if cfg.dry_run:
-        result = dry_run_summary(cfg, jobs, finished_ids(out), seeds)
-        print_summary(result)
-        return result
+        print_summary(estimate)
+        return estimate
+    if not cfg.cancel:
+        check_estimate(cfg, estimate)  # --max-cost: refuse before anything is sent
     t0 = time.monotonic()
-    engine = Engine(cfg, teacher, secret, out, failures)
-    extra = asyncio.run(_collect(cfg, engine, jobs, template, seeds))
-    result = summary(cfg, engine.stats, out, failures, time.monotonic() - t0)
+    budget = Budget(cfg.max_cost, prices_for(cfg.teacher, cfg.price_in, cfg.price_out, batch=cfg.batch))
+    engine = Engine(cfg, teacher, secret, out, failures, budget)
+    if cfg.batch or cfg.cancel:
+        from imitate.collect.batch import BatchRun
+
+        provider = parse_spec(cfg.teacher)[0]
+        base_url = cfg.base_url or os.environ.get(BASE_URL_ENV[provider]) or None
+        extra = asyncio.run(_collect_batch(engine, BatchRun(cfg, engine, base_url), jobs))
+    else:
+        extra = asyncio.run(_collect(cfg, engine, jobs, template, seeds))
+        engine.stats.pending = in_batches
+    result = summary(cfg, engine.stats, out, failures, time.monotonic() - t0, budget)
     if extra:
         result["self_instruct"] = extra
     print_summary(result)
+    stop_if_over_budget(cfg, engine.stats, budget, result)
+    if engine.stats.pending:
+        print(
+            f"{engine.stats.pending} request(s) are in provider batches that have not ended; run the same command "
+            "with --batch again to collect them (they are never sent twice, nor live), or add --cancel to stop them.",
+            file=sys.stderr,
+        )
     if engine.stats.failed:
         print(
             f"{engine.stats.failed} request(s) failed after retries; they are listed with their errors in {failures}. "
@@ -218,6 +244,29 @@ def run(cfg: CollectConfig) -> dict:
             file=sys.stderr,
         )
     return result
+
+
+def stop_if_over_budget(cfg: CollectConfig, stats: Any, budget: Any, result: dict) -> None:
+    """Exit 4 when --max-cost held requests back; everything collected is kept."""
+    from imitate.errors import BudgetExceeded
+
+    if not stats.unsent:
+        return
+    exc = BudgetExceeded(
+        f"--max-cost ${cfg.max_cost:g} reached: spent ${budget.spent:.4f}, {stats.unsent} request(s) not sent "
+        f"(their worst case would pass the limit); {stats.completed} record(s) collected in this run are kept",
+        hint="raise --max-cost (or lower --max-tokens) and run the same command again: only the requests left are sent",
+    )
+    exc.summary = result
+    raise exc
+
+
+async def _collect_batch(engine: Any, batch_run: Any, jobs: list[Job]) -> dict:
+    try:
+        await batch_run.run(jobs)
+        return {}
+    finally:
+        await engine.aclose()
 
 
 async def _collect(cfg: CollectConfig, engine: Any, jobs: list[Job], template: Any, seeds: list[str] | None) -> dict:

@@ -6,6 +6,9 @@
 
 A teacher takes `Request`s and returns one `Completion` per request, in order. API teachers may raise the SDK's
 errors; the collect engine decides what is retried. Teachers accept an injected client for tests.
+
+The API teachers also have a batch side (`OpenAIBatches`, `AnthropicBatches`, used by imitate.collect.batch): the
+same requests as JSON lines, created as one provider batch, polled, and read back as `BatchResult`s.
 """
 
 from __future__ import annotations
@@ -32,6 +35,30 @@ class Completion:
     output_tokens: int | None = None
     logprobs: list[dict] | None = None  # see imitate.records LOGPROBS
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BatchStatus:
+    """Where a provider batch stands: the provider's own status word, whether it has ended, and its counts."""
+
+    status: str
+    ended: bool
+    counts: dict[str, int]
+    error: str | None = None  # why the whole batch failed (e.g. OpenAI's input validation), if it did
+
+
+@dataclass
+class BatchResult:
+    """One row of a finished batch: a completion, or the error and whether another batch may succeed."""
+
+    id: str
+    completion: Completion | None
+    error: str | None = None
+    retryable: bool = False
+
+
+# Batches found again by listing must have been created after their journal entry; allow for the server's clock.
+CLOCK_SKEW_S = 300.0
 
 
 class Teacher(Protocol):

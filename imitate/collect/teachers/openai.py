@@ -6,11 +6,15 @@ engine retries, paces and journals, so it must see every failure.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from imitate.collect.limiter import MalformedResponse
-from imitate.collect.teachers import Completion, Request
+from imitate.collect.teachers import CLOCK_SKEW_S, BatchResult, BatchStatus, Completion, Request
 from imitate.collect.teachers.http import SDKTeacher
+
+ENDED = {"completed", "failed", "expired", "cancelled"}  # batch statuses after which nothing more will run
+RETRYABLE_CODES = {"batch_expired", "batch_cancelled", "batch_canceled"}  # rows not run: worth another batch
 
 
 class OpenAITeacher(SDKTeacher):
@@ -87,3 +91,84 @@ class OpenAITeacher(SDKTeacher):
             # what the call cost, counted once per call (on its first choice) for the run's accounting
             extra={"billed": (tokens_in or 0, tokens_out or 0) if i == 0 else (0, 0)},
         )
+
+
+class OpenAIBatches:
+    """The Batch API for an OpenAITeacher's requests: one JSONL file uploaded (Files API), one `/v1/batches` job over
+    it, results downloaded from the output and error files. Any server that implements Files + Batches works through
+    --base-url. The batch is tagged with metadata {"imitate_key": key} so a run that crashed before it could journal
+    the batch id finds it again by listing batches."""
+
+    max_requests = 50_000  # OpenAI's limits per batch
+    max_bytes = 200 * 2**20
+
+    def __init__(self, teacher: OpenAITeacher):
+        self.teacher, self.client = teacher, teacher.client
+
+    def line(self, request: Request) -> bytes:
+        body = self.teacher._body(request, 1)
+        return json.dumps(
+            {"custom_id": request.id, "method": "POST", "url": "/v1/chat/completions", "body": body},
+            ensure_ascii=False,
+        ).encode("utf-8")
+
+    async def create(self, lines: list[bytes], key: str) -> str:
+        data = b"\n".join(lines) + b"\n"
+        uploaded = await self.client.files.create(file=("imitate-batch.jsonl", data), purpose="batch")
+        batch = await self.client.batches.create(
+            input_file_id=uploaded.id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            metadata={"imitate_key": key},
+        )
+        return batch.id
+
+    async def find(self, key: str, since: float, size: int, known: set[str]) -> str | None:
+        """The id of the batch tagged `key`, created at or after `since` (epoch seconds), or None."""
+        async for batch in self.client.batches.list(limit=100):
+            if (batch.metadata or {}).get("imitate_key") == key:
+                return batch.id
+            if batch.created_at < since - CLOCK_SKEW_S:  # newest first: older batches cannot be this one
+                return None
+        return None
+
+    async def status(self, batch_id: str) -> BatchStatus:
+        b = await self.client.batches.retrieve(batch_id)
+        c = b.request_counts
+        counts = {"done": c.completed, "failed": c.failed, "total": c.total} if c else {}
+        errors = "; ".join(e.message or e.code or "" for e in (b.errors.data or [])) if b.errors else ""
+        return BatchStatus(b.status, b.status in ENDED, counts, errors or None)
+
+    async def results(self, batch_id: str) -> list[BatchResult]:
+        b = await self.client.batches.retrieve(batch_id)
+        out: list[BatchResult] = []
+        for file_id in (b.output_file_id, b.error_file_id):
+            if not file_id:
+                continue
+            content = await self.client.files.content(file_id)
+            for raw in content.content.splitlines():
+                if raw.strip():
+                    out.append(self._result(json.loads(raw)))
+        return out
+
+    def _result(self, row: dict) -> BatchResult:
+        cid, resp, err = row.get("custom_id"), row.get("response") or {}, row.get("error")
+        status = resp.get("status_code")
+        if status == 200:
+            try:
+                body = resp["body"]
+                usage = body.get("usage") or {}
+                comp = self.teacher._completion(
+                    body["choices"][0], 0, 1, usage.get("prompt_tokens"), usage.get("completion_tokens")
+                )
+                return BatchResult(cid, comp)
+            except (KeyError, IndexError, TypeError, AttributeError) as exc:
+                return BatchResult(cid, None, f"unreadable batch result: {type(exc).__name__}: {exc}", True)
+        if err:  # not run: expired / cancelled / failed validation
+            code = str(err.get("code") or "error")
+            return BatchResult(cid, None, f"{code}: {err.get('message', '')}", code in RETRYABLE_CODES)
+        error = ((resp.get("body") or {}).get("error") or {}).get("message", "")
+        return BatchResult(cid, None, f"HTTP {status}: {error}", status is None or status == 429 or status >= 500)
+
+    async def cancel(self, batch_id: str) -> None:
+        await self.client.batches.cancel(batch_id)
