@@ -209,6 +209,11 @@ def clean_cmd(
     examples: Optional[int] = typer.Option(
         None, help="Removed examples per filter in the report. Example: --examples 5"
     ),
+    max_removed: Optional[float] = typer.Option(
+        None,
+        help="Stop (exit 1, write nothing) when one filter removes more than this share of the records "
+        "(default 0.5; 1 allows anything). Example: --max-removed 0.8",
+    ),
     drop_failed: Optional[bool] = typer.Option(
         None, "--drop-failed/--keep-failed", help="Errors and empty answers (default: drop). Example: --keep-failed"
     ),
@@ -270,28 +275,40 @@ def clean_cmd(
         None, help="Shorter eval texts are ignored. Example: --decontaminate-min-words 8"
     ),
     exact_dedup: Optional[bool] = typer.Option(
-        None, "--exact-dedup/--no-exact-dedup", help="Normalized exact dedup (default: on). Example: --no-exact-dedup"
+        None,
+        "--exact-dedup/--no-exact-dedup",
+        help="Drop records equal to an earlier one after folding case, whitespace and Unicode forms (NFKC); digits "
+        "and punctuation count (default: on). Example: --no-exact-dedup",
     ),
     one_per_prompt: Optional[bool] = typer.Option(
-        None, "--one-per-prompt/--all-per-prompt", help="Keep one answer per prompt. Example: --one-per-prompt"
+        None,
+        "--one-per-prompt/--all-per-prompt",
+        help="Keep one answer per prompt (prompts compared as --exact-dedup does). Example: --one-per-prompt",
     ),
     near_dedup: Optional[bool] = typer.Option(
         None, "--near-dedup/--no-near-dedup", help="MinHash LSH near-dedup (default: on). Example: --no-near-dedup"
     ),
-    near_on: Optional[str] = typer.Option(None, help="both | prompt | answer. Example: --near-on answer"),
-    threshold: Optional[float] = typer.Option(None, help="Near-dup Jaccard threshold. Example: --threshold 0.8"),
+    near_on: Optional[str] = typer.Option(
+        None,
+        help="Turns near-dedup compares: both (every non-system turn, default), prompt, answer. Example: --near-on answer",
+    ),
+    threshold: Optional[float] = typer.Option(
+        None,
+        help="Near-duplicates: records with the same turns whose every turn has a Jaccard similarity >= this with its "
+        "counterpart, over sets of character n-grams (--ngram) of the normalized text (case, whitespace, NFKC folded); "
+        "prompts must also have the same numbers, identifiers and code. A one-word edit in a 20-word answer is ~0.86. "
+        "Example: --threshold 0.8",
+    ),
     num_perm: Optional[int] = typer.Option(None, help="MinHash permutations. Example: --num-perm 128"),
-    bands: Optional[int] = typer.Option(None, help="LSH bands (default: optimal for threshold). Example: --bands 16"),
-    ngram: Optional[int] = typer.Option(None, help="Word shingle size. Example: --ngram 5"),
-    char_ngram: Optional[int] = typer.Option(None, help="Char shingle size for short texts. Example: --char-ngram 5"),
-    near_min_words: Optional[int] = typer.Option(
-        None, help="Texts with fewer words use char shingles. Example: --near-min-words 20"
+    bands: Optional[int] = typer.Option(
+        None, help="LSH bands (default: 99 percent of pairs at the threshold become candidates). Example: --bands 21"
     ),
-    near_min_chars: Optional[int] = typer.Option(
-        None, help="Shorter texts match exactly. Example: --near-min-chars 10"
-    ),
+    ngram: Optional[int] = typer.Option(None, help="Character n-gram size of near-dup shingles. Example: --ngram 5"),
     verify: Optional[bool] = typer.Option(
-        None, "--verify/--no-verify", help="Exact Jaccard check of candidate pairs. Example: --verify"
+        None,
+        "--verify/--no-verify",
+        help="Check each LSH candidate pair's exact similarity (default: on; off: LSH alone decides, approximate). "
+        "Example: --no-verify",
     ),
     seed: Optional[int] = typer.Option(None, help="MinHash seed. Example: --seed 1"),
     priority: Optional[str] = typer.Option(
@@ -312,7 +329,7 @@ def clean_cmd(
     with handle_errors():
         flags = {
             "inputs": inputs or None, "out": out, "removed": removed, "report": report, "workers": workers,
-            "on_bad_line": on_bad_line, "chunk_size": chunk_size, "examples": examples,
+            "on_bad_line": on_bad_line, "chunk_size": chunk_size, "examples": examples, "max_removed": max_removed,
             "drop_failed": drop_failed, "drop_truncated": drop_truncated,
             "min_chars": _role_bounds(min_chars, "--min-chars"), "max_chars": _role_bounds(max_chars, "--max-chars"),
             "min_words": _role_bounds(min_words, "--min-words"), "max_words": _role_bounds(max_words, "--max-words"),
@@ -325,7 +342,6 @@ def clean_cmd(
             "decontaminate_ngram": decontaminate_ngram, "decontaminate_min_words": decontaminate_min_words,
             "exact_dedup": exact_dedup, "one_per_prompt": one_per_prompt, "near_dedup": near_dedup,
             "near_on": near_on, "threshold": threshold, "num_perm": num_perm, "bands": bands, "ngram": ngram,
-            "char_ngram": char_ngram, "near_min_words": near_min_words, "near_min_chars": near_min_chars,
             "verify": verify, "seed": seed, "priority": priority,
         }  # fmt: skip
         cfg = stage_config(stage.CleanConfig, config, "clean", flags)

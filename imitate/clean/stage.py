@@ -1,10 +1,12 @@
 """`imitate clean`: records -> filters (cheap first) -> exact and near dedup -> kept + removed (with reason) + report.
 
-Two streaming passes over the inputs, so memory holds per-record keys, never the records:
+Streaming passes over the inputs, so memory holds per-record keys, never the records:
   1. map: chunks of raw lines (in `--workers` processes) are parsed, filtered, and turned into dedup keys
-     (a normalized hash of the conversation and of the prompt, and MinHash LSH band keys);
-  2. group + cluster in this process: records sharing a key form components; each keeps its best-ranked member;
-  3. write: the inputs are read again and each line goes to CLEAN (verbatim, input order) or REMOVED (with `removed`).
+     (a hash of the normalized conversation and of the prompt, and MinHash LSH band keys mixed with a prompt guard);
+  2. group + cluster in this process: records sharing an exact key are duplicates; records sharing an LSH band are
+     candidates, and the inputs are read again for the candidates only, to check each pair's exact similarity;
+  3. stop if one filter removed more than `max_removed` of the records (nothing is written);
+  4. write: the inputs are read again and each line goes to CLEAN (verbatim, input order) or REMOVED (with `removed`).
 Same inputs and options give byte-identical CLEAN and REMOVED files; only the report's `timing` section varies.
 """
 
@@ -24,10 +26,12 @@ from typing import Any, Literal
 
 import numpy as np
 
-from imitate.clean.dedup import NearDup, cluster, exact_key
+from imitate.clean.dedup import NearDup, cluster, exact_key, stable_hash64
 from imitate.clean.filters import GOPHER_DUP_NGRAM, GOPHER_TOP_NGRAM, Predicate, apply, build_filters
+from imitate.clean.keys import conversation_text, near_turns, prompt_guard
+from imitate.clean.verify import pair_similarity
 from imitate.config import path_field, to_dict
-from imitate.errors import InputError, UsageError
+from imitate.errors import ImitateError, InputError, UsageError
 from imitate.records import assistant_text, dumps, prompt_messages, record_problem
 
 LENGTH_ROLES = ("system", "user", "assistant", "prompt")
@@ -44,6 +48,8 @@ class CleanConfig:
     workers: int = 1  # processes for the map step (parse, filter, MinHash); 1 runs in-process
     chunk_size: int = 4000  # lines per map task: bigger amortizes numpy calls, smaller balances workers
     examples: int = 3  # removed examples kept per filter in the report
+    max_removed: float = 0.5  # stop (exit 1, nothing written) when one filter removes more than this share of the
+    #                           records: a cleaner that eats most of a dataset is far more often wrong than right
     # --- failed and truncated answers
     drop_failed: bool = True  # an `error` field, no final assistant turn, or an empty answer
     drop_truncated: bool = True  # finish_reason "length" (the teacher hit max_tokens: the answer is cut off)
@@ -71,20 +77,18 @@ class CleanConfig:
     decontaminate: list[Path] = path_field([])  # eval JSONL files: records or rows with prompt/answer/reference fields
     decontaminate_ngram: int = 13  # a record sharing one word n-gram of this size with an eval text is removed
     decontaminate_min_words: int = 8  # eval texts shorter than the n-gram count whole if they have this many words
-    # --- exact duplicates (after folding case, whitespace, punctuation and digits)
-    exact_dedup: bool = True  # on the whole conversation
+    # --- exact duplicates: equal after folding case, whitespace and Unicode forms (NFKC); digits and punctuation count
+    exact_dedup: bool = True  # on the whole conversation, every turn with its role
     one_per_prompt: bool = False  # also keep one answer per (normalized) prompt, e.g. after collect --n 4
-    # --- near duplicates (MinHash LSH; clusters = connected components of LSH candidates)
+    # --- near duplicates (imitate/clean/dedup.py): same turns, each turn's character n-gram Jaccard >= threshold,
+    #     and prompts with the same numbers, identifiers and code; LSH finds candidates, each pair is checked exactly
     near_dedup: bool = True
-    near_on: Literal["both", "prompt", "answer"] = "both"  # "both": prompt AND answer similar (Jaccard product)
-    threshold: float = 0.8  # Jaccard similarity of shingle sets above which two records are duplicates
+    near_on: Literal["both", "prompt", "answer"] = "both"  # turns compared: every non-system turn, or one side
+    threshold: float = 0.8  # smallest per-turn Jaccard of character n-gram sets for two records to be duplicates
     num_perm: int = 128  # MinHash permutations (signature length)
-    bands: int | None = None  # LSH bands; default: the choice minimizing false positives + negatives at threshold
-    ngram: int = 5  # word n-gram shingle size
-    char_ngram: int = 5  # character n-gram size for texts with fewer than near_min_words words
-    near_min_words: int = 20  # texts with fewer words use character n-grams (one-sentence answers)
-    near_min_chars: int = 10  # texts with fewer characters are one shingle: exact match only
-    verify: bool = False  # check each candidate pair's exact Jaccard (re-reads candidate texts) before clustering
+    bands: int | None = None  # LSH bands; default: P(candidate | Jaccard = threshold) >= 0.99 (21 x 6 at 0.8)
+    ngram: int = 5  # character n-gram size of the shingles (of the normalized text)
+    verify: bool = True  # check each candidate pair's exact similarity; off: LSH alone decides (approximate)
     seed: int = 1  # MinHash permutation seed
     # --- survivor of a duplicate cluster
     priority: str | None = None  # dotted record field, higher wins (e.g. "usage.output_tokens"); "-field": lower wins;
@@ -117,21 +121,6 @@ def _field(record: dict, dotted: str) -> Any:
     for part in dotted.split("."):
         v = v.get(part) if isinstance(v, dict) else None
     return v
-
-
-def _conversation(msgs: list[dict]) -> str:
-    return "\n".join(f"{m.get('role')}: {m.get('content') or ''}" for m in msgs)
-
-
-def dedup_parts(record: dict, on: str) -> tuple[str, ...]:
-    """The texts near-dedup compares: (prompt,), (answer,) or (prompt, answer). The prompt leaves out system turns:
-    one system prompt is usually shared by a whole collect run and would make every record look alike."""
-    prompt = "\n".join(m.get("content") or "" for m in prompt_messages(record) if m.get("role") != "system")
-    if on == "prompt":
-        return (prompt,)
-    if on == "answer":
-        return (assistant_text(record),)
-    return prompt, assistant_text(record)
 
 
 def _snippet(record: dict) -> dict:
@@ -185,20 +174,24 @@ class Mapper:
         out.prompt = np.zeros(n, np.uint64)
         if cfg.exact_dedup:
             t = time.perf_counter()
-            out.exact[ix] = np.fromiter((exact_key(_conversation(r["messages"])) for r in kept), np.uint64, len(kept))
+            keys = (exact_key(conversation_text(r["messages"])) for r in kept)
+            out.exact[ix] = np.fromiter(keys, np.uint64, len(kept))
             secs["exact_dup"] = time.perf_counter() - t
         if cfg.one_per_prompt:
             t = time.perf_counter()
-            out.prompt[ix] = np.fromiter(
-                (exact_key(_conversation(prompt_messages(r))) for r in kept), np.uint64, len(kept)
-            )
+            keys = (exact_key(conversation_text(prompt_messages(r))) for r in kept)
+            out.prompt[ix] = np.fromiter(keys, np.uint64, len(kept))
             secs["prompt_dup"] = time.perf_counter() - t
         if self.near is not None:
             t = time.perf_counter()
             out.bands = np.zeros((n, self.near.bands), np.uint64)
             if kept:
-                parts = list(zip(*(dedup_parts(r, cfg.near_on) for r in kept)))
-                out.bands[ix] = self.near.keys(parts[0], parts[1] if len(parts) > 1 else None)
+                turns, guards = [], np.zeros(len(kept), np.uint64)
+                for k, r in enumerate(kept):
+                    roles, texts = near_turns(r, cfg.near_on)
+                    turns.append(texts)
+                    guards[k] = stable_hash64(prompt_guard(r, roles))
+                out.bands[ix] = self.near.keys(turns, guards)
             secs["near_dup"] = time.perf_counter() - t
         out.priority = np.full(n, -math.inf)
         if cfg.priority:
@@ -266,21 +259,6 @@ def _bounded_map(pool: ProcessPoolExecutor, jobs: Iterator, in_flight: int) -> I
         yield pending.popleft().result()
 
 
-# --- exact-Jaccard verification of candidate pairs (grouping and clustering: dedup.cluster) ---------------------
-
-
-def _read_texts(paths: list[Path], want: dict[tuple[int, int], int], on: str) -> dict[int, tuple[str, ...]]:
-    """Re-read the records at (file index, line) in `want` -> node; returns node -> its near-dedup texts."""
-    out: dict[int, tuple[str, ...]] = {}
-    for fi, path in enumerate(paths):
-        with open(path, "rb") as fh:
-            for lineno, raw in enumerate(fh, 1):
-                node = want.get((fi, lineno))
-                if node is not None:
-                    out[node] = dedup_parts(json.loads(raw), on)
-    return out
-
-
 # --- run --------------------------------------------------------------------------------------------------------------
 
 
@@ -304,6 +282,10 @@ def _check(cfg: CleanConfig) -> None:
         raise UsageError(f"bands must be between 1 and num_perm ({cfg.num_perm}), got {cfg.bands}")
     if cfg.workers < 1 or cfg.chunk_size < 1:
         raise UsageError("workers and chunk-size must be at least 1")
+    if cfg.ngram < 1:
+        raise UsageError(f"ngram must be at least 1, got {cfg.ngram}", hint="e.g. --ngram 5")
+    if not 0.0 <= cfg.max_removed <= 1.0:
+        raise UsageError(f"max_removed must be in [0, 1], got {cfg.max_removed}", hint="e.g. --max-removed 0.5")
 
 
 def run(cfg: CleanConfig) -> dict:
@@ -314,16 +296,20 @@ def run(cfg: CleanConfig) -> dict:
     filters = build_filters(cfg, notes)
     near = None
     if cfg.near_dedup:
-        near = NearDup(
-            cfg.num_perm, cfg.threshold, cfg.ngram, cfg.char_ngram, cfg.near_min_words, cfg.near_min_chars,
-            cfg.bands, cfg.seed,
-        )  # fmt: skip
+        near = NearDup(cfg.num_perm, cfg.threshold, cfg.ngram, cfg.bands, cfg.seed, verify=cfg.verify)
     paths = [Path(p) for p in cfg.inputs]
     chunks, bad = _map_step(cfg, Mapper(cfg, filters, near), paths)
     t1 = time.perf_counter()
     table = _Table(chunks, paths)
     clusters, cluster_s, stages = _cluster_step(cfg, table, near, paths)
     t2 = time.perf_counter()
+    removed = {name: table.status.count(name) for name in [*filters, *stages]}
+    too_many = [name for name, count in removed.items() if count > cfg.max_removed * len(table.ids)]
+    if too_many:
+        kept = len(table.ids) - sum(removed.values())
+        print_report({"in": len(table.ids), "out": kept, "removed": removed, "bad_lines": len(bad), "clusters": clusters,
+                      "notes": notes, "timing": {"cpu_s_per_step": {}, "cluster_s": {}}})  # fmt: skip
+        raise _mass_removal(cfg, table, too_many[0], removed[too_many[0]], chunks)
     kept = _write(cfg, paths, table)
     t3 = time.perf_counter()
 
@@ -348,14 +334,16 @@ def run(cfg: CleanConfig) -> dict:
     summary = {
         "in": len(table.ids),
         "out": kept,
-        "removed": {name: table.status.count(name) for name in [*filters, *stages]},
+        "removed": removed,
+        "removed_share": {name: round(count / len(table.ids), 4) if table.ids else 0.0 for name, count in removed.items()},
         "removed_total": len(table.ids) - kept,
         "bad_lines": len(bad),
         "bad_line_examples": [f"{p}:{ln}: {why}" for p, ln, why in bad[:10]],
         "clusters": clusters,
-        "lsh": {"bands": near.bands, "rows": near.rows, "num_perm": cfg.num_perm, "threshold": cfg.threshold}
-        if near
-        else None,
+        "lsh": {
+            "bands": near.bands, "rows": near.rows, "num_perm": cfg.num_perm, "threshold": cfg.threshold,
+            "ngram": cfg.ngram, "verify": cfg.verify,
+        } if near else None,  # fmt: skip
         "notes": notes,
         "examples": _examples(cfg, chunks, table, stages),
         "outputs": {"clean": str(cfg.out), "removed": str(cfg.removed) if cfg.removed else None},
@@ -412,6 +400,7 @@ class _Table:
         self.status = [s for c in chunks for s in c.status]  # "" = kept, else the filter or dedup stage
         self.details: dict[int, str] = {}
         self.dup_of: dict[int, int] = {}  # removed duplicate -> its survivor
+        self.similarity: dict[tuple[int, int], float] = {}  # verified near-duplicate pairs, both ways
         offset = 0
         for c in chunks:
             self.details.update({offset + k: v for k, v in c.details.items()})
@@ -442,8 +431,14 @@ def _cluster_step(
         if cfg.verify:
 
             def verify(idx: np.ndarray, edges: np.ndarray) -> np.ndarray:
-                want = {(table.files[idx[k]], table.linenos[idx[k]]): int(k) for k in np.unique(edges).tolist()}
-                return near.verify(edges, _read_texts(paths, want, cfg.near_on))
+                def locate(k: int) -> tuple[int, int]:
+                    return table.files[idx[k]], table.linenos[idx[k]]
+
+                sims = pair_similarity(paths, locate, edges, near, cfg.near_on)
+                keep = sims >= cfg.threshold
+                for (a, b), sim in zip(idx[edges[keep]].tolist(), sims[keep].tolist()):
+                    table.similarity[(a, b)] = table.similarity[(b, a)] = sim
+                return edges[keep]
 
         stages.append(("near_dup", table.keys["bands"], verify))
     clusters: dict[str, dict] = {}
@@ -457,10 +452,54 @@ def _cluster_step(
         for r, s in zip(removed_ix.tolist(), surv_ix.tolist()):
             table.status[r] = name
             table.dup_of[r] = s
-            table.details[r] = f"duplicate of {table.ids[s]}"
+            sim = table.similarity.get((r, s))
+            table.details[r] = f"duplicate of {table.ids[s]}" + (f" (similarity {sim:.3f})" if sim else "")
         alive[removed_ix] = False
         seconds[name] = time.perf_counter() - t
     return clusters, seconds, [s[0] for s in stages]
+
+
+_FLAG_OFF = {
+    "failed": "--keep-failed", "truncated": "--keep-truncated", "refusal": "--keep-refusals",
+    "repetition": "--keep-repetitive", "exact_dup": "--no-exact-dedup", "prompt_dup": "--all-per-prompt",
+    "near_dup": "--no-near-dedup",
+}  # fmt: skip
+
+
+def _mass_removal(cfg: CleanConfig, table: _Table, name: str, count: int, chunks: list[Chunk]) -> ImitateError:
+    """The error for a filter that removed more than `max_removed` of the records: its share and three examples
+    (kept <-> removed pairs for dedup stages, removed records with their reason for the other filters)."""
+    n = len(table.ids)
+    lines = []
+    if table.dup_of and any(table.status[r] == name for r in table.dup_of):
+        pairs = [(s, r) for r, s in table.dup_of.items() if table.status[r] == name][:3]
+        for s, r in pairs:
+            sim = table.similarity.get((r, s))
+            lines.append(f"  kept    {table.ids[s]}: {_text(cfg, table, s)}")
+            lines.append(f"  removed {table.ids[r]}: {_text(cfg, table, r)}" + (f" (similarity {sim:.3f})" if sim else ""))
+    else:
+        shown = [ex for c in chunks for ex in c.examples.get(name, [])][:3]
+        lines += [f"  removed {ex['id']}: {ex['detail']}: {ex['answer'][:100]!r}" for ex in shown]
+    share = count / n
+    allow = min(1.0, math.ceil(share * 100) / 100)
+    off = f", or turn the filter off ({_FLAG_OFF[name]})" if name in _FLAG_OFF else ""
+    return ImitateError(
+        f"the {name} filter removed {count} of {n} records ({share:.1%}), more than --max-removed "
+        f"{cfg.max_removed:g}; nothing was written. Examples:\n" + "\n".join(lines),
+        hint=f"check the examples; if this is right, allow it with --max-removed {allow:g} (max-removed = {allow:g} "
+        f"in [clean]){off}",
+    )
+
+
+def _text(cfg: CleanConfig, table: _Table, k: int) -> str:
+    """A short view of record k (re-read from its file): its last prompt turn and its answer."""
+    path = Path(cfg.inputs[table.files[k]])
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if lineno == table.linenos[k]:
+                snip = _snippet(json.loads(raw))
+                return f"{snip['prompt'][:70]!r} -> {snip['answer'][:70]!r}"
+    return "?"
 
 
 def _examples(cfg: CleanConfig, chunks: list[Chunk], table: _Table, stages: list[str]) -> dict[str, list[dict]]:
