@@ -290,7 +290,8 @@ def clean_cmd(
     ),
     near_on: Optional[str] = typer.Option(
         None,
-        help="Turns near-dedup compares: both (every non-system turn, default), prompt, answer. Example: --near-on answer",
+        help="Turns near-dedup compares: both (every non-system turn, default), prompt (the turns before the answer), "
+        "answer. Example: --near-on answer",
     ),
     threshold: Optional[float] = typer.Option(
         None,

@@ -132,6 +132,15 @@ def test_similarity_is_the_exact_char_ngram_jaccard_of_the_worst_turn():
     assert nd.similarity(one, two) == 0.0  # another number of turns: never alike
 
 
+def test_jaccard_of_sorted_sets_matches_python_sets():
+    rnd = random.Random(9)
+    for _ in range(50):
+        a = sorted(set(rnd.sample(range(100), rnd.randint(0, 30))))
+        b = sorted(set(rnd.sample(range(100), rnd.randint(0, 30))))
+        ref = len(set(a) & set(b)) / len(set(a) | set(b)) if a or b else 1.0
+        assert jaccard(np.array(a, np.uint32), np.array(b, np.uint32)) == pytest.approx(ref)
+
+
 def test_signature_agreement_estimates_jaccard():
     rnd = random.Random(2)
     nd = NearDup(num_perm=256, threshold=0.8)

@@ -71,8 +71,9 @@ def exact_key(text: str) -> int:
 def ngram_hashes(tokens: np.ndarray, lengths: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Polynomial hashes of every n-gram inside each segment of a flat uint64 token array.
 
-    tokens: [T] uint64, the segments back to back; lengths: [S] int64, each segment's length, in order. Returns (hashes [G] uint64, owner [G] int64: the segment of each n-gram,
-    pos [G] int64: its first token); n-grams never cross segments.
+    tokens: [T] uint64, the segments back to back; lengths: [S] int64, each segment's length, in order. Returns
+    (hashes [G] uint64, owner [G] int64: the segment of each n-gram, pos [G] int64: its first token); n-grams never
+    cross segments.
     """
     total = len(tokens)
     lengths = np.asarray(lengths, np.int64)

@@ -307,8 +307,9 @@ def run(cfg: CleanConfig) -> dict:
     too_many = [name for name, count in removed.items() if count > cfg.max_removed * len(table.ids)]
     if too_many:
         kept = len(table.ids) - sum(removed.values())
-        print_report({"in": len(table.ids), "out": kept, "removed": removed, "bad_lines": len(bad), "clusters": clusters,
-                      "notes": notes, "timing": {"cpu_s_per_step": {}, "cluster_s": {}}})  # fmt: skip
+        no_timing = {"cpu_s_per_step": {}, "cluster_s": {}}
+        print_report({"in": len(table.ids), "out": kept, "removed": removed, "bad_lines": len(bad),
+                      "clusters": clusters, "notes": notes, "timing": no_timing})  # fmt: skip
         raise _mass_removal(cfg, table, too_many[0], removed[too_many[0]], chunks)
     kept = _write(cfg, paths, table)
     t3 = time.perf_counter()
@@ -335,7 +336,7 @@ def run(cfg: CleanConfig) -> dict:
         "in": len(table.ids),
         "out": kept,
         "removed": removed,
-        "removed_share": {name: round(count / len(table.ids), 4) if table.ids else 0.0 for name, count in removed.items()},
+        "removed_share": {name: round(count / max(1, len(table.ids)), 4) for name, count in removed.items()},
         "removed_total": len(table.ids) - kept,
         "bad_lines": len(bad),
         "bad_line_examples": [f"{p}:{ln}: {why}" for p, ln, why in bad[:10]],
@@ -476,7 +477,8 @@ def _mass_removal(cfg: CleanConfig, table: _Table, name: str, count: int, chunks
         for s, r in pairs:
             sim = table.similarity.get((r, s))
             lines.append(f"  kept    {table.ids[s]}: {_text(cfg, table, s)}")
-            lines.append(f"  removed {table.ids[r]}: {_text(cfg, table, r)}" + (f" (similarity {sim:.3f})" if sim else ""))
+            sim_note = f" (similarity {sim:.3f})" if sim else ""
+            lines.append(f"  removed {table.ids[r]}: {_text(cfg, table, r)}{sim_note}")
     else:
         shown = [ex for c in chunks for ex in c.examples.get(name, [])][:3]
         lines += [f"  removed {ex['id']}: {ex['detail']}: {ex['answer'][:100]!r}" for ex in shown]
