@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
-from imitate.records import assistant_text, prompt_messages
+from imitate.records import prompt_messages
 
 # --- normal form -------------------------------------------------------------------------------------------------
 
@@ -62,9 +62,20 @@ def normalize(text: str) -> str:
     return "\n".join(out)
 
 
-def conversation_text(messages: list[dict]) -> str:
-    """Every turn, role-tagged and normalized, as one string: the text of the exact-duplicate key."""
-    return "\x1e".join(f"{m.get('role')}\x1f{normalize(m.get('content') or '')}" for m in messages)
+def normalized_messages(record: dict) -> list[tuple[str, str]]:
+    """(role, normalized content) of every message: computed once per record, shared by every dedup key."""
+    return [(str(m.get("role")), normalize(m.get("content") or "")) for m in record.get("messages") or []]
+
+
+def split_turns(norm: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], str]:
+    """(the turns before the final answer, the final answer) -- as `records.prompt_messages` and `assistant_text`."""
+    end = len(norm) - 1 if norm and norm[-1][0] == "assistant" else len(norm)
+    return norm[:end], next((c for r, c in reversed(norm) if r == "assistant"), "")
+
+
+def conversation_text(norm: list[tuple[str, str]]) -> str:
+    """Normalized turns, role-tagged, as one string: the text of an exact-duplicate key."""
+    return "\x1e".join(f"{role}\x1f{content}" for role, content in norm)
 
 
 # --- what near-dedup compares ------------------------------------------------------------------------------------
@@ -72,17 +83,20 @@ def conversation_text(messages: list[dict]) -> str:
 NEAR_ON = ("both", "prompt", "answer")
 
 
-def near_turns(record: dict, on: str = "both") -> tuple[list[str], list[str]]:
+Turns = list[tuple[str, str]]  # (role, normalized content)
+
+
+def near_turns(record: dict, on: str = "both", norm: Turns | None = None) -> tuple[list[str], list[str]]:
     """(roles, normalized contents) of the turns near-dedup compares: "both" = every turn of the conversation,
     "prompt" = the turns before the final answer, "answer" = the final answer. System turns are left out: one system
-    prompt usually serves a whole collect run and says nothing about whether two records are alike."""
-    prompt = [m for m in prompt_messages(record) if m.get("role") != "system"]
-    turns = [(str(m.get("role")), m.get("content") or "") for m in prompt]
+    prompt usually serves a whole collect run and says nothing about whether two records are alike.
+    norm: the record's `normalized_messages`, if already at hand."""
+    prompt, answer = split_turns(normalized_messages(record) if norm is None else norm)
+    turns = [(r, c) for r, c in prompt if r != "system"]
     if on != "prompt":
-        answer = [("assistant", assistant_text(record))]
-        turns = answer if on == "answer" else turns + answer
+        turns = [("assistant", answer)] if on == "answer" else turns + [("assistant", answer)]
     turns = turns or [("", "")]  # a record always has a turn to compare (an empty one: matches only empty ones)
-    return [r for r, _ in turns], [normalize(c) for _, c in turns]
+    return [r for r, _ in turns], [c for _, c in turns]
 
 
 _NUMBER_WORDS = (

@@ -28,7 +28,7 @@ import numpy as np
 
 from imitate.clean.dedup import NearDup, cluster, exact_key, stable_hash64
 from imitate.clean.filters import GOPHER_DUP_NGRAM, GOPHER_TOP_NGRAM, Predicate, apply, build_filters
-from imitate.clean.keys import conversation_text, near_turns, prompt_guard
+from imitate.clean.keys import conversation_text, near_turns, normalized_messages, prompt_guard, split_turns
 from imitate.clean.verify import pair_similarity
 from imitate.config import path_field, to_dict
 from imitate.errors import ImitateError, InputError, UsageError
@@ -172,14 +172,16 @@ class Mapper:
         ix = np.asarray(alive, np.int64)
         out.exact = np.zeros(n, np.uint64)
         out.prompt = np.zeros(n, np.uint64)
+        t = time.perf_counter()
+        norm = [normalized_messages(r) for r in kept]  # once per record, for every key below
+        secs["normalize"] = time.perf_counter() - t
         if cfg.exact_dedup:
             t = time.perf_counter()
-            keys = (exact_key(conversation_text(r["messages"])) for r in kept)
-            out.exact[ix] = np.fromiter(keys, np.uint64, len(kept))
+            out.exact[ix] = np.fromiter((exact_key(conversation_text(m)) for m in norm), np.uint64, len(kept))
             secs["exact_dup"] = time.perf_counter() - t
         if cfg.one_per_prompt:
             t = time.perf_counter()
-            keys = (exact_key(conversation_text(prompt_messages(r))) for r in kept)
+            keys = (exact_key(conversation_text(split_turns(m)[0])) for m in norm)
             out.prompt[ix] = np.fromiter(keys, np.uint64, len(kept))
             secs["prompt_dup"] = time.perf_counter() - t
         if self.near is not None:
@@ -188,7 +190,7 @@ class Mapper:
             if kept:
                 turns, guards = [], np.zeros(len(kept), np.uint64)
                 for k, r in enumerate(kept):
-                    roles, texts = near_turns(r, cfg.near_on)
+                    roles, texts = near_turns(r, cfg.near_on, norm[k])
                     turns.append(texts)
                     guards[k] = stable_hash64(prompt_guard(r, roles))
                 out.bands[ix] = self.near.keys(turns, guards)
