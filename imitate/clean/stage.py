@@ -476,11 +476,12 @@ def _mass_removal(cfg: CleanConfig, table: _Table, name: str, count: int, chunks
     lines = []
     if table.dup_of and any(table.status[r] == name for r in table.dup_of):
         pairs = [(s, r) for r, s in table.dup_of.items() if table.status[r] == name][:3]
+        texts = _texts(cfg, table, {k for pair in pairs for k in pair})
         for s, r in pairs:
             sim = table.similarity.get((r, s))
-            lines.append(f"  kept    {table.ids[s]}: {_text(cfg, table, s)}")
+            lines.append(f"  kept    {table.ids[s]}: {texts[s]}")
             sim_note = f" (similarity {sim:.3f})" if sim else ""
-            lines.append(f"  removed {table.ids[r]}: {_text(cfg, table, r)}{sim_note}")
+            lines.append(f"  removed {table.ids[r]}: {texts[r]}{sim_note}")
     else:
         shown = [ex for c in chunks for ex in c.examples.get(name, [])][:3]
         lines += [f"  removed {ex['id']}: {ex['detail']}: {ex['answer'][:100]!r}" for ex in shown]
@@ -495,15 +496,18 @@ def _mass_removal(cfg: CleanConfig, table: _Table, name: str, count: int, chunks
     )
 
 
-def _text(cfg: CleanConfig, table: _Table, k: int) -> str:
-    """A short view of record k (re-read from its file): its last prompt turn and its answer."""
-    path = Path(cfg.inputs[table.files[k]])
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            if lineno == table.linenos[k]:
-                snip = _snippet(json.loads(raw))
-                return f"{snip['prompt'][:70]!r} -> {snip['answer'][:70]!r}"
-    return "?"
+def _texts(cfg: CleanConfig, table: _Table, ks: set[int]) -> dict[int, str]:
+    """A short view of each record in `ks` (re-read from its file): its last prompt turn and its answer."""
+    want = {(table.files[k], table.linenos[k]): k for k in ks}
+    out: dict[int, str] = {}
+    for fi, path in enumerate(cfg.inputs):
+        with open(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                k = want.get((fi, lineno))
+                if k is not None:
+                    snip = _snippet(json.loads(raw))
+                    out[k] = f"{snip['prompt'][:70]!r} -> {snip['answer'][:70]!r}"
+    return out
 
 
 def _examples(cfg: CleanConfig, chunks: list[Chunk], table: _Table, stages: list[str]) -> dict[str, list[dict]]:
