@@ -124,10 +124,13 @@ def true_jaccard(a: str, b: str) -> float:
 
 
 def imitate_dedup(texts: list[str], nd: NearDup, chunk: int = 4000) -> dict[int, int]:
-    """map (chunks, as `imitate clean` does) -> group by band -> exact check -> select. removed -> its survivor."""
+    """As `imitate clean` does: map (chunks) -> group by band -> sketch prefilter -> exact check -> select.
+    Returns removed -> its survivor."""
     recs = [[normalize(t)] for t in texts]
-    keys = np.concatenate([nd.keys(recs[i : i + chunk]) for i in range(0, len(recs), chunk)])
+    mapped = [nd.keys_and_sketch(recs[i : i + chunk]) for i in range(0, len(recs), chunk)]
+    keys, sketch = np.concatenate([k for k, _ in mapped]), np.concatenate([s for _, s in mapped])
     edges = candidate_edges(keys, max_pairs_bucket=50)
+    edges = edges[nd.plausible(sketch[edges[:, 0]], sketch[edges[:, 1]])] if len(edges) else edges
     if len(edges):
         nodes = np.unique(edges)
         sets = dict(zip(nodes.tolist(), nd.turn_sets([recs[k] for k in nodes.tolist()])))

@@ -300,3 +300,19 @@ def test_one_word_edit_in_short_and_long_answers_reaches_the_threshold():
 def test_very_short_texts_match_exactly():
     nd = NearDup()
     assert near_survivors(nd, ["Yes.", "yes.", "No.", "Yes!"]).tolist() == [0, 0, 2, 3]
+
+
+def test_sketch_prefilter_keeps_alike_pairs_and_drops_far_ones():
+    rnd = random.Random(10)
+    nd = NearDup()
+    base = [" ".join(doc(rnd, rnd.randint(20, 120))) for _ in range(60)]
+    near = [" ".join(edit(t.split(), rnd, 1)) for t in base]
+    far = [" ".join(edit(t.split(), rnd, len(t.split()) // 2)) for t in base]
+    _, sk = nd.keys_and_sketch(records(base + near + far))
+    sets = nd.turn_sets(records(base + near + far))
+    n = len(base)
+    alike = nd.plausible(sk[:n], sk[n : 2 * n])
+    assert all(alike[i] for i in range(n) if nd.similarity(sets[i], sets[n + i]) >= 0.8)
+    dropped = ~nd.plausible(sk[:n], sk[2 * n :])
+    assert all(dropped[i] for i in range(n) if nd.similarity(sets[i], sets[2 * n + i]) < 0.5)
+    assert dropped.sum() > n // 2

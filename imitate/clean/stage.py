@@ -112,6 +112,7 @@ class Chunk:
     exact: np.ndarray | None = None  # [n] uint64
     prompt: np.ndarray | None = None  # [n] uint64
     bands: np.ndarray | None = None  # [n, bands] uint64
+    sketch: np.ndarray | None = None  # [n, num_perm] uint8: b-bit MinHash, to drop hopeless candidates cheaply
     priority: np.ndarray | None = None  # [n] float64
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -187,13 +188,14 @@ class Mapper:
         if self.near is not None:
             t = time.perf_counter()
             out.bands = np.zeros((n, self.near.bands), np.uint64)
+            out.sketch = np.zeros((n, self.near.hasher.num_perm), np.uint8)
             if kept:
                 turns, guards = [], np.zeros(len(kept), np.uint64)
                 for k, r in enumerate(kept):
                     roles, texts = near_turns(r, cfg.near_on, norm[k])
                     turns.append(texts)
                     guards[k] = stable_hash64(prompt_guard(r, roles))
-                out.bands[ix] = self.near.keys(turns, guards)
+                out.bands[ix], out.sketch[ix] = self.near.keys_and_sketch(turns, guards)
             secs["near_dup"] = time.perf_counter() - t
         out.priority = np.full(n, -math.inf)
         if cfg.priority:
@@ -411,7 +413,7 @@ class _Table:
         self.keys = {
             name: np.concatenate([getattr(c, name) for c in chunks]) if chunks and getattr(chunks[0], name) is not None
             else None
-            for name in ("exact", "prompt", "bands")
+            for name in ("exact", "prompt", "bands", "sketch")
         }  # fmt: skip
         prio = np.concatenate([c.priority for c in chunks]) if chunks else np.zeros(0)
         order = np.lexsort((np.arange(n), -prio))  # best priority first, then input order
@@ -437,6 +439,10 @@ def _cluster_step(
                 def locate(k: int) -> tuple[int, int]:
                     return table.files[idx[k]], table.linenos[idx[k]]
 
+                sketch = table.keys["sketch"]
+                edges = edges[near.plausible(sketch[idx[edges[:, 0]]], sketch[idx[edges[:, 1]]])]
+                if not len(edges):
+                    return edges
                 sims = pair_similarity(paths, locate, edges, near, cfg.near_on)
                 keep = sims >= cfg.threshold
                 for (a, b), sim in zip(idx[edges[keep]].tolist(), sims[keep].tolist()):
