@@ -50,11 +50,17 @@ def nfkc(text: str) -> str:
     return "".join(p if k % 2 else unicodedata.normalize("NFKC", p) for k, p in enumerate(parts))
 
 
+_LINE_BREAK = re.compile("[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")  # what str.splitlines splits on
+
+
 def normalize(text: str) -> str:
     """The normal form both dedups compare: NFKC (digit-making characters kept), case folded, whitespace folded
     (leading indentation of each line kept). Digits and punctuation are never touched."""
+    text = nfkc(text).casefold()
+    if not _LINE_BREAK.search(text):  # one line (most answers): the same result as below, 3x faster
+        return " ".join(text.split())
     out = []
-    for line in nfkc(text).casefold().strip().splitlines():
+    for line in text.strip().splitlines():
         body = line.split()
         if body:
             indent = line[: len(line) - len(line.lstrip())]
