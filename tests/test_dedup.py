@@ -22,7 +22,7 @@ from imitate.clean.dedup import (
     select,
     word_tokens,
 )
-from imitate.clean.keys import guard_tokens, normalize
+from imitate.clean.keys import guard_tokens, nfkc, normalize
 
 WORDS = [f"w{i}" for i in range(3000)]
 
@@ -51,6 +51,19 @@ def test_normalize_folds_case_whitespace_and_unicode_forms_only():
     ]:
         assert normalize(a) != normalize(b), (a, b)
     assert exact_key(normalize("The answer is 7.")) != exact_key(normalize("The answer is 1."))
+
+
+def test_normalize_one_line_fast_path_equals_the_line_by_line_form():
+    rnd = random.Random(11)
+    chars = " \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f\x85\u2028\u2029\u00a0abcXYZ12ﬁ²ß"
+
+    def by_lines(text: str) -> str:
+        lines = nfkc(text).casefold().strip().splitlines()
+        return "\n".join(ln[: len(ln) - len(ln.lstrip())] + " ".join(ln.split()) for ln in lines if ln.split())
+
+    for _ in range(5000):
+        t = "".join(rnd.choice(chars) for _ in range(rnd.randint(0, 12)))
+        assert normalize(t) == by_lines(t), repr(t)
 
 
 def test_guard_tokens_are_numbers_identifiers_and_code():
