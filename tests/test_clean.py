@@ -55,9 +55,9 @@ def make_corpus(rnd: random.Random) -> tuple[list[dict], dict[str, str]]:
         words = originals[i]["messages"][-1]["content"].split()
         words[-1] = ["alpha", "beta", "gamma", "delta"][k]
         add(record(f"Question number {i}?", " ".join(words), n=10 + k), "near_dup")
-    # exact duplicate after normalization (case, punctuation, digits)
+    # exact duplicate after normalization (case and whitespace)
     src = originals[5]["messages"][-1]["content"]
-    add(record("QUESTION NUMBER 5!", src.upper() + "!!", n=20), "exact_dup")
+    add(record("QUESTION  number 5? ", src.upper().replace(" ", "  ") + "\n", n=20), "exact_dup")
     add(record("Broken?", "", n=30, error="HTTP 500: upstream"), "failed")
     add(record("Cut?", "This answer stops in the mid", n=31, finish_reason="length"), "truncated")
     add(record("Who are you?", "As an AI language model, I cannot browse.", n=32), "refusal")
@@ -157,7 +157,7 @@ def test_one_per_prompt_and_switches(tmp_path):
     src = write(tmp_path / "r.jsonl", recs)
     s = run(clean_cfg(tmp_path, [src]))
     assert s["out"] == 3
-    s = run(clean_cfg(tmp_path, [src], one_per_prompt=True))
+    s = run(clean_cfg(tmp_path, [src], one_per_prompt=True, max_removed=1))
     assert s["out"] == 1 and s["removed"]["prompt_dup"] == 2
     assert [r["id"] for r in read(tmp_path / "clean.jsonl")] == [recs[0]["id"]]
     s = run(clean_cfg(tmp_path, [src], exact_dedup=False, near_dedup=False, drop_refusals=False))
@@ -168,13 +168,13 @@ def test_verify_drops_candidates_below_threshold(tmp_path):
     rnd = random.Random(1)
     base = rnd.choices(VOCAB, k=200)
     far = list(base)
-    for i in range(0, 200, 12):  # ~17 substitutions spread out: Jaccard ~0.4
+    for i in range(0, 200, 4):  # 50 substitutions spread out: character 5-gram Jaccard ~0.5
         far[i] = "zzz"
     recs = [record("p", " ".join(base), n=0), record("p", " ".join(far), n=1)]
     src = write(tmp_path / "r.jsonl", recs)
-    loose = {"bands": 64, "near_on": "answer"}  # 64 bands of 2 rows: almost any overlap is a candidate
-    assert run(clean_cfg(tmp_path, [src], **loose))["removed"]["near_dup"] == 1
-    assert run(clean_cfg(tmp_path, [src], verify=True, **loose))["removed"]["near_dup"] == 0
+    loose = {"bands": 64, "near_on": "answer", "max_removed": 1}  # 64 bands of 2 rows: any overlap is a candidate
+    assert run(clean_cfg(tmp_path, [src], verify=False, **loose))["removed"]["near_dup"] == 1
+    assert run(clean_cfg(tmp_path, [src], **loose))["removed"]["near_dup"] == 0
 
 
 def test_decontamination_end_to_end(tmp_path, corpus):
@@ -269,7 +269,7 @@ def test_cli_config_file_and_errors(tmp_path, corpus):
 def test_nothing_kept_or_nothing_in_is_noted(tmp_path):
     answer = "As an AI language model, I cannot help."
     refusals = write(tmp_path / "r.jsonl", [record(f"q {i}", answer) for i in range(3)])
-    s = run(clean_cfg(tmp_path, [refusals]))
+    s = run(clean_cfg(tmp_path, [refusals], max_removed=1))
     assert s["out"] == 0 and any("every record was removed" in n for n in s["notes"])
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
@@ -289,10 +289,11 @@ def test_near_dup_on_both_needs_prompt_and_answer_alike(tmp_path):
         r["messages"].insert(0, {"role": "system", "content": system})
     src = write(tmp_path / "r.jsonl", recs)
     assert run(clean_cfg(tmp_path, [src]))["out"] == 4  # different answers: kept, however long the shared prompt
-    assert run(clean_cfg(tmp_path, [src], near_on="prompt", exact_dedup=False))["removed"]["near_dup"] == 3
+    prompt_only = clean_cfg(tmp_path, [src], near_on="prompt", exact_dedup=False, max_removed=1)
+    assert run(prompt_only)["removed"]["near_dup"] == 3
     words = answers[0].split()
     words[-1] = "other"  # same prompt, answer Jaccard ~0.96: a near duplicate on both sides
     # (no system turn on this one: system prompts are left out of near-dedup)
     src = write(tmp_path / "r2.jsonl", [*recs, record(context, " ".join(words), n=9)])
-    s = run(clean_cfg(tmp_path, [src], verify=True))
+    s = run(clean_cfg(tmp_path, [src]))
     assert s["removed"]["near_dup"] == 1

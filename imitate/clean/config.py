@@ -49,6 +49,9 @@ class CleanConfig(Checked):
     chunk_size: int = opt(4000, "Lines per worker task: bigger amortizes numpy calls, smaller balances workers.",
                           example="1000", ge=1)
     examples: int = opt(3, "Removed examples kept per filter in the report.", example="5", ge=0)
+    max_removed: float = opt(0.5, "Stop (exit 1, write nothing) when one filter removes more than this share of the "
+                             "records: a cleaner that eats most of a dataset is far more often wrong than right; 1 "
+                             "allows anything.", example="0.8", ge=0, le=1)
     # --- failed and truncated answers
     drop_failed: bool = opt(True, "Drop records with an `error` field, no final assistant turn or an empty answer.",
                             example="--keep-failed", flag="--drop-failed/--keep-failed")
@@ -92,29 +95,30 @@ class CleanConfig(Checked):
     decontaminate_ngram: int = opt(13, "Decontamination word n-gram.", example="8", ge=1)
     decontaminate_min_words: int = opt(8, "Eval texts shorter than the n-gram count whole if they have this many "
                                        "words; shorter ones are ignored.", example="5", ge=1)
-    # --- exact duplicates (after folding case, whitespace, punctuation and digits)
-    exact_dedup: bool = opt(True, "Normalized exact dedup of the whole conversation.", example="--no-exact-dedup",
-                            flag="--exact-dedup/--no-exact-dedup")
-    one_per_prompt: bool = opt(False, "Keep one answer per (normalized) prompt, e.g. after collect --n 4.",
-                               example="--one-per-prompt", flag="--one-per-prompt/--all-per-prompt")
-    # --- near duplicates (MinHash LSH; clusters = connected components of LSH candidates)
-    near_dedup: bool = opt(True, "MinHash LSH near-dedup.", example="--no-near-dedup",
-                           flag="--near-dedup/--no-near-dedup")
-    near_on: Literal["both", "prompt", "answer"] = opt("both", "What near-dedup compares: both = prompt AND answer "
-                                                       "similar (Jaccard product).", example="answer")
-    threshold: float = opt(0.8, "Near-dup Jaccard similarity above which two records are duplicates.",
-                           example="0.85", gt=0, le=1)
+    # --- exact duplicates: equal after folding case, whitespace and Unicode forms (NFKC); digits and punctuation count
+    exact_dedup: bool = opt(True, "Drop records equal to an earlier one, every turn with its role, after folding case, "
+                            "whitespace and Unicode forms (NFKC); digits and punctuation count.",
+                            example="--no-exact-dedup", flag="--exact-dedup/--no-exact-dedup")
+    one_per_prompt: bool = opt(False, "Keep one answer per prompt (prompts compared as --exact-dedup does), e.g. after "
+                               "collect --n 4.", example="--one-per-prompt", flag="--one-per-prompt/--all-per-prompt")
+    # --- near duplicates (imitate/clean/dedup.py): same turns, each turn's character n-gram Jaccard >= threshold,
+    #     and prompts with the same numbers, identifiers and code; LSH finds candidates, each pair is checked exactly
+    near_dedup: bool = opt(True, "Near-dedup: MinHash LSH candidates, each pair checked exactly (see --threshold).",
+                           example="--no-near-dedup", flag="--near-dedup/--no-near-dedup")
+    near_on: Literal["both", "prompt", "answer"] = opt(
+        "both", "Turns near-dedup compares: both (every non-system turn), prompt (the turns before the answer), "
+        "answer.", example="answer")
+    threshold: float = opt(
+        0.8, "Near-duplicates: records with the same turns whose every turn has a Jaccard similarity >= this with its "
+        "counterpart, over sets of character n-grams (--ngram) of the normalized text (case, whitespace, NFKC "
+        "folded); prompts must also have the same numbers, identifiers and code. A one-word edit in a 20-word answer "
+        "is about 0.86.", example="0.85", gt=0, le=1)
     num_perm: int = opt(128, "MinHash permutations (signature length).", example="256", ge=1)
-    bands: int | None = opt(None, "LSH bands.", example="16", ge=1,
-                            default_text="the fewest false positives + negatives at --threshold")
-    ngram: int = opt(5, "Word shingle size.", example="3", ge=1)
-    char_ngram: int = opt(5, "Character shingle size for texts under --near-min-words words.", example="4", ge=1)
-    near_min_words: int = opt(20, "Texts with fewer words use character shingles (one-sentence answers).",
-                              example="10", ge=0)
-    near_min_chars: int = opt(10, "Texts with fewer characters are one shingle: exact match only.", example="5",
-                              ge=0)
-    verify: bool = opt(False, "Check each candidate pair's exact Jaccard (re-reads candidate texts) before "
-                       "clustering.", example="--verify", flag="--verify/--no-verify")
+    bands: int | None = opt(None, "LSH bands.", example="21", ge=1,
+                            default_text="99 percent of pairs at --threshold become candidates (21 x 6 at 0.8)")
+    ngram: int = opt(5, "Character n-gram size of near-dup shingles.", example="4", ge=1)
+    verify: bool = opt(True, "Check each LSH candidate pair's exact similarity; off: LSH alone decides "
+                       "(approximate).", example="--no-verify", flag="--verify/--no-verify")
     seed: int = opt(1, "MinHash permutation seed.", example="2")
     # --- survivor of a duplicate cluster
     priority: str | None = opt(None, "Dotted record field choosing a cluster's survivor: higher wins, '-field': lower "

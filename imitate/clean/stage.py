@@ -1,10 +1,12 @@
 """`imitate clean`: records -> filters (cheap first) -> exact and near dedup -> kept + removed (with reason) + report.
 
-Two streaming passes over the inputs, so memory holds per-record keys, never the records:
+Streaming passes over the inputs, so memory holds per-record keys, never the records:
   1. map: chunks of raw lines (in `--workers` processes) are parsed, filtered, and turned into dedup keys
-     (a normalized hash of the conversation and of the prompt, and MinHash LSH band keys);
-  2. group + cluster in this process: records sharing a key form components; each keeps its best-ranked member;
-  3. write: the inputs are read again and each line goes to CLEAN (verbatim, input order) or REMOVED (with `removed`).
+     (a hash of the normalized conversation and of the prompt, and MinHash LSH band keys mixed with a prompt guard);
+  2. group + cluster in this process: records sharing an exact key are duplicates; records sharing an LSH band are
+     candidates, and the inputs are read again for the candidates only, to check each pair's exact similarity;
+  3. stop if one filter removed more than `max_removed` of the records (nothing is written);
+  4. write: the inputs are read again and each line goes to CLEAN (verbatim, input order) or REMOVED (with `removed`).
 Same inputs and options give byte-identical CLEAN and REMOVED files; only the report's `timing` section varies.
 """
 
@@ -25,10 +27,12 @@ from typing import Any
 import numpy as np
 
 from imitate.clean.config import CleanConfig
-from imitate.clean.dedup import NearDup, cluster, exact_key
+from imitate.clean.dedup import NearDup, cluster, exact_key, stable_hash64
 from imitate.clean.filters import Predicate, apply, build_filters
+from imitate.clean.keys import conversation_text, near_turns, normalized_messages, prompt_guard, split_turns
+from imitate.clean.verify import pair_similarity
 from imitate.config import to_dict
-from imitate.errors import InputError, UsageError
+from imitate.errors import ImitateError, InputError, UsageError
 from imitate.records import assistant_text, dumps, prompt_messages, record_problem
 
 # --- map: raw lines -> statuses and keys ------------------------------------------------------------------------------
@@ -48,6 +52,7 @@ class Chunk:
     exact: np.ndarray | None = None  # [n] uint64
     prompt: np.ndarray | None = None  # [n] uint64
     bands: np.ndarray | None = None  # [n, bands] uint64
+    sketch: np.ndarray | None = None  # [n, num_perm] uint8: b-bit MinHash, to drop hopeless candidates cheaply
     priority: np.ndarray | None = None  # [n] float64
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -57,21 +62,6 @@ def _field(record: dict, dotted: str) -> Any:
     for part in dotted.split("."):
         v = v.get(part) if isinstance(v, dict) else None
     return v
-
-
-def _conversation(msgs: list[dict]) -> str:
-    return "\n".join(f"{m.get('role')}: {m.get('content') or ''}" for m in msgs)
-
-
-def dedup_parts(record: dict, on: str) -> tuple[str, ...]:
-    """The texts near-dedup compares: (prompt,), (answer,) or (prompt, answer). The prompt leaves out system turns:
-    one system prompt is usually shared by a whole collect run and would make every record look alike."""
-    prompt = "\n".join(m.get("content") or "" for m in prompt_messages(record) if m.get("role") != "system")
-    if on == "prompt":
-        return (prompt,)
-    if on == "answer":
-        return (assistant_text(record),)
-    return prompt, assistant_text(record)
 
 
 def _snippet(record: dict) -> dict:
@@ -123,22 +113,29 @@ class Mapper:
         ix = np.asarray(alive, np.int64)
         out.exact = np.zeros(n, np.uint64)
         out.prompt = np.zeros(n, np.uint64)
+        t = time.perf_counter()
+        norm = [normalized_messages(r) for r in kept]  # once per record, for every key below
+        secs["normalize"] = time.perf_counter() - t
         if cfg.exact_dedup:
             t = time.perf_counter()
-            out.exact[ix] = np.fromiter((exact_key(_conversation(r["messages"])) for r in kept), np.uint64, len(kept))
+            out.exact[ix] = np.fromiter((exact_key(conversation_text(m)) for m in norm), np.uint64, len(kept))
             secs["exact_dup"] = time.perf_counter() - t
         if cfg.one_per_prompt:
             t = time.perf_counter()
-            out.prompt[ix] = np.fromiter(
-                (exact_key(_conversation(prompt_messages(r))) for r in kept), np.uint64, len(kept)
-            )
+            keys = (exact_key(conversation_text(split_turns(m)[0])) for m in norm)
+            out.prompt[ix] = np.fromiter(keys, np.uint64, len(kept))
             secs["prompt_dup"] = time.perf_counter() - t
         if self.near is not None:
             t = time.perf_counter()
             out.bands = np.zeros((n, self.near.bands), np.uint64)
+            out.sketch = np.zeros((n, self.near.hasher.num_perm), np.uint8)
             if kept:
-                parts = list(zip(*(dedup_parts(r, cfg.near_on) for r in kept)))
-                out.bands[ix] = self.near.keys(parts[0], parts[1] if len(parts) > 1 else None)
+                turns, guards = [], np.zeros(len(kept), np.uint64)
+                for k, r in enumerate(kept):
+                    roles, texts = near_turns(r, cfg.near_on, norm[k])
+                    turns.append(texts)
+                    guards[k] = stable_hash64(prompt_guard(r, roles))
+                out.bands[ix], out.sketch[ix] = self.near.keys_and_sketch(turns, guards)
             secs["near_dup"] = time.perf_counter() - t
         out.priority = np.full(n, -math.inf)
         if cfg.priority:
@@ -206,21 +203,6 @@ def _bounded_map(pool: ProcessPoolExecutor, jobs: Iterator, in_flight: int) -> I
         yield pending.popleft().result()
 
 
-# --- exact-Jaccard verification of candidate pairs (grouping and clustering: dedup.cluster) ---------------------
-
-
-def _read_texts(paths: list[Path], want: dict[tuple[int, int], int], on: str) -> dict[int, tuple[str, ...]]:
-    """Re-read the records at (file index, line) in `want` -> node; returns node -> its near-dedup texts."""
-    out: dict[int, tuple[str, ...]] = {}
-    for fi, path in enumerate(paths):
-        with open(path, "rb") as fh:
-            for lineno, raw in enumerate(fh, 1):
-                node = want.get((fi, lineno))
-                if node is not None:
-                    out[node] = dedup_parts(json.loads(raw), on)
-    return out
-
-
 # --- run --------------------------------------------------------------------------------------------------------------
 
 
@@ -241,16 +223,21 @@ def run(cfg: CleanConfig) -> dict:
     filters = build_filters(cfg, notes)
     near = None
     if cfg.near_dedup:
-        near = NearDup(
-            cfg.num_perm, cfg.threshold, cfg.ngram, cfg.char_ngram, cfg.near_min_words, cfg.near_min_chars,
-            cfg.bands, cfg.seed,
-        )  # fmt: skip
+        near = NearDup(cfg.num_perm, cfg.threshold, cfg.ngram, cfg.bands, cfg.seed, verify=cfg.verify)
     paths = [Path(p) for p in cfg.inputs]
     chunks, bad = _map_step(cfg, Mapper(cfg, filters, near), paths)
     t1 = time.perf_counter()
     table = _Table(chunks, paths)
     clusters, cluster_s, stages = _cluster_step(cfg, table, near, paths)
     t2 = time.perf_counter()
+    removed = {name: table.status.count(name) for name in [*filters, *stages]}
+    too_many = [name for name, count in removed.items() if count > cfg.max_removed * len(table.ids)]
+    if too_many:
+        kept = len(table.ids) - sum(removed.values())
+        no_timing = {"cpu_s_per_step": {}, "cluster_s": {}}
+        print_report({"in": len(table.ids), "out": kept, "removed": removed, "bad_lines": len(bad),
+                      "clusters": clusters, "notes": notes, "timing": no_timing})  # fmt: skip
+        raise _mass_removal(cfg, table, too_many[0], removed[too_many[0]], chunks)
     kept = _write(cfg, paths, table)
     t3 = time.perf_counter()
 
@@ -275,14 +262,16 @@ def run(cfg: CleanConfig) -> dict:
     summary = {
         "in": len(table.ids),
         "out": kept,
-        "removed": {name: table.status.count(name) for name in [*filters, *stages]},
+        "removed": removed,
+        "removed_share": {name: round(count / max(1, len(table.ids)), 4) for name, count in removed.items()},
         "removed_total": len(table.ids) - kept,
         "bad_lines": len(bad),
         "bad_line_examples": [f"{p}:{ln}: {why}" for p, ln, why in bad[:10]],
         "clusters": clusters,
-        "lsh": {"bands": near.bands, "rows": near.rows, "num_perm": cfg.num_perm, "threshold": cfg.threshold}
-        if near
-        else None,
+        "lsh": {
+            "bands": near.bands, "rows": near.rows, "num_perm": cfg.num_perm, "threshold": cfg.threshold,
+            "ngram": cfg.ngram, "verify": cfg.verify,
+        } if near else None,  # fmt: skip
         "notes": notes,
         "examples": _examples(cfg, chunks, table, stages),
         "outputs": {"clean": str(cfg.out), "removed": str(cfg.removed) if cfg.removed else None},
@@ -339,6 +328,7 @@ class _Table:
         self.status = [s for c in chunks for s in c.status]  # "" = kept, else the filter or dedup stage
         self.details: dict[int, str] = {}
         self.dup_of: dict[int, int] = {}  # removed duplicate -> its survivor
+        self.similarity: dict[tuple[int, int], float] = {}  # verified near-duplicate pairs, both ways
         offset = 0
         for c in chunks:
             self.details.update({offset + k: v for k, v in c.details.items()})
@@ -346,7 +336,7 @@ class _Table:
         self.keys = {
             name: np.concatenate([getattr(c, name) for c in chunks]) if chunks and getattr(chunks[0], name) is not None
             else None
-            for name in ("exact", "prompt", "bands")
+            for name in ("exact", "prompt", "bands", "sketch")
         }  # fmt: skip
         prio = np.concatenate([c.priority for c in chunks]) if chunks else np.zeros(0)
         order = np.lexsort((np.arange(n), -prio))  # best priority first, then input order
@@ -369,8 +359,18 @@ def _cluster_step(
         if cfg.verify:
 
             def verify(idx: np.ndarray, edges: np.ndarray) -> np.ndarray:
-                want = {(table.files[idx[k]], table.linenos[idx[k]]): int(k) for k in np.unique(edges).tolist()}
-                return near.verify(edges, _read_texts(paths, want, cfg.near_on))
+                def locate(k: int) -> tuple[int, int]:
+                    return table.files[idx[k]], table.linenos[idx[k]]
+
+                sketch = table.keys["sketch"]
+                edges = edges[near.plausible(sketch[idx[edges[:, 0]]], sketch[idx[edges[:, 1]]])]
+                if not len(edges):
+                    return edges
+                sims = pair_similarity(paths, locate, edges, near, cfg.near_on)
+                keep = sims >= cfg.threshold
+                for (a, b), sim in zip(idx[edges[keep]].tolist(), sims[keep].tolist()):
+                    table.similarity[(a, b)] = table.similarity[(b, a)] = sim
+                return edges[keep]
 
         stages.append(("near_dup", table.keys["bands"], verify))
     clusters: dict[str, dict] = {}
@@ -384,10 +384,59 @@ def _cluster_step(
         for r, s in zip(removed_ix.tolist(), surv_ix.tolist()):
             table.status[r] = name
             table.dup_of[r] = s
-            table.details[r] = f"duplicate of {table.ids[s]}"
+            sim = table.similarity.get((r, s))
+            table.details[r] = f"duplicate of {table.ids[s]}" + (f" (similarity {sim:.3f})" if sim else "")
         alive[removed_ix] = False
         seconds[name] = time.perf_counter() - t
     return clusters, seconds, [s[0] for s in stages]
+
+
+_FLAG_OFF = {
+    "failed": "--keep-failed", "truncated": "--keep-truncated", "refusal": "--keep-refusals",
+    "repetition": "--keep-repetitive", "exact_dup": "--no-exact-dedup", "prompt_dup": "--all-per-prompt",
+    "near_dup": "--no-near-dedup",
+}  # fmt: skip
+
+
+def _mass_removal(cfg: CleanConfig, table: _Table, name: str, count: int, chunks: list[Chunk]) -> ImitateError:
+    """The error for a filter that removed more than `max_removed` of the records: its share and three examples
+    (kept <-> removed pairs for dedup stages, removed records with their reason for the other filters)."""
+    n = len(table.ids)
+    lines = []
+    if table.dup_of and any(table.status[r] == name for r in table.dup_of):
+        pairs = [(s, r) for r, s in table.dup_of.items() if table.status[r] == name][:3]
+        texts = _texts(cfg, table, {k for pair in pairs for k in pair})
+        for s, r in pairs:
+            sim = table.similarity.get((r, s))
+            lines.append(f"  kept    {table.ids[s]}: {texts[s]}")
+            sim_note = f" (similarity {sim:.3f})" if sim else ""
+            lines.append(f"  removed {table.ids[r]}: {texts[r]}{sim_note}")
+    else:
+        shown = [ex for c in chunks for ex in c.examples.get(name, [])][:3]
+        lines += [f"  removed {ex['id']}: {ex['detail']}: {ex['answer'][:100]!r}" for ex in shown]
+    share = count / n
+    allow = min(1.0, math.ceil(share * 100) / 100)
+    off = f", or turn the filter off ({_FLAG_OFF[name]})" if name in _FLAG_OFF else ""
+    return ImitateError(
+        f"the {name} filter removed {count} of {n} records ({share:.1%}), more than --max-removed "
+        f"{cfg.max_removed:g}; nothing was written. Examples:\n" + "\n".join(lines),
+        hint=f"check the examples; if this is right, allow it with --max-removed {allow:g} (max-removed = {allow:g} "
+        f"in [clean]){off}",
+    )
+
+
+def _texts(cfg: CleanConfig, table: _Table, ks: set[int]) -> dict[int, str]:
+    """A short view of each record in `ks` (re-read from its file): its last prompt turn and its answer."""
+    want = {(table.files[k], table.linenos[k]): k for k in ks}
+    out: dict[int, str] = {}
+    for fi, path in enumerate(cfg.inputs):
+        with open(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                k = want.get((fi, lineno))
+                if k is not None:
+                    snip = _snippet(json.loads(raw))
+                    out[k] = f"{snip['prompt'][:70]!r} -> {snip['answer'][:70]!r}"
+    return out
 
 
 def _examples(cfg: CleanConfig, chunks: list[Chunk], table: _Table, stages: list[str]) -> dict[str, list[dict]]:

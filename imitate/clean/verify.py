@@ -1,0 +1,73 @@
+"""The exact check of near-duplicate candidates: one more streaming read of the inputs, for the candidate records only.
+
+Candidates are numbered in input order, so a pair (u, v), u < v, can be checked as soon as v is read; u's shingle
+sets are kept until its last partner has been read, then freed. Memory holds the shingle sets of the records with
+a partner still ahead (planted or sampled duplicates sit near their originals: a few thousand), not of every
+candidate. Records are shingled in batches, as numpy work; each pair costs a few sorted-array lookups.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from imitate.clean.dedup import NearDup
+from imitate.clean.keys import near_turns
+
+BATCH = 2000  # candidate records shingled together
+
+
+def pair_similarity(
+    paths: list[Path],
+    locate: Callable[[int], tuple[int, int]],
+    edges: np.ndarray,
+    near: NearDup,
+    on: str,
+) -> np.ndarray:
+    """[E] float64: `near.similarity` of each candidate pair. edges: [E, 2] node ids, numbered in input order;
+    locate(node) -> (file index, line number) of its record."""
+    u, v = edges.min(axis=1), edges.max(axis=1)
+    nodes = np.sort(np.concatenate([u, v]))
+    nodes = nodes[np.concatenate(([True], nodes[1:] != nodes[:-1]))].tolist()
+    want = {locate(k): k for k in nodes}
+    last_use = np.full(int(v.max()) + 1, -1, np.int64)  # the last node whose reading still needs this one
+    np.maximum.at(last_use, u, v)
+    np.maximum.at(last_use, v, v)
+    order = np.argsort(v, kind="stable").tolist()
+    u_list, v_list = u.tolist(), v.tolist()
+    sims = np.zeros(len(edges), np.float64)
+    store: dict[int, list[np.ndarray]] = {}
+    batch_nodes: list[int] = []
+    batch_turns: list[list[str]] = []
+    ptr = 0
+
+    def flush() -> None:
+        nonlocal ptr
+        if not batch_nodes:
+            return
+        store.update(zip(batch_nodes, near.turn_sets(batch_turns)))
+        last = batch_nodes[-1]
+        while ptr < len(order) and v_list[order[ptr]] <= last:
+            e = order[ptr]
+            sims[e] = near.similarity(store[u_list[e]], store[v_list[e]])
+            ptr += 1
+        for k in [k for k in store if last_use[k] <= last]:
+            del store[k]
+        batch_nodes.clear()
+        batch_turns.clear()
+
+    for fi, path in enumerate(paths):
+        with open(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                node = want.get((fi, lineno))
+                if node is None:
+                    continue
+                batch_nodes.append(node)
+                batch_turns.append(near_turns(json.loads(raw), on)[1])
+                if len(batch_nodes) >= BATCH:
+                    flush()
+    flush()
+    return sims
