@@ -282,11 +282,13 @@ def generate_batch(
                 entries.append({"token": text_of(tok), "id": tok, "logprob": picked_lp[b][t], "top": top})
         completions.append(
             Completion(
-                text=tokenizer.decode(answer, skip_special_tokens=True),
+                # the text exactly as generated: no stripping, no "clean-up" of spaces around punctuation
+                text=tokenizer.decode(answer, skip_special_tokens=True, clean_up_tokenization_spaces=False),
                 finish_reason="length" if end is None else "stop",  # no EOS: max_tokens cut it
                 input_tokens=len(rows[b]),
                 output_tokens=len(answer) + (0 if end is None else 1),
                 logprobs=entries,
+                extra={"answer_token_ids": answer},  # what train checks its tokenization of the answer against
             )
         )
     return completions
