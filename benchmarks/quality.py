@@ -336,6 +336,9 @@ def build(task: Task, work: Path, quick: bool) -> Built:
     if task.demo:
         teacher, student = ROOT / "data/demo_teacher", ROOT / "data/demo_student"
         tok = AutoTokenizer.from_pretrained(teacher)
+    elif (d / "teacher" / "model.safetensors").exists() and (d / "student" / "model.safetensors").exists():
+        teacher, student = d / "teacher", d / "student"  # built by an earlier run with the same --work
+        tok = AutoTokenizer.from_pretrained(teacher)
     else:
         teacher, student = d / "teacher", d / "student"
         tok = make_tokenizer(teacher, [f"{p} {a}" for p, a in teach[:5000]] + ["system user assistant"],
