@@ -180,10 +180,10 @@ TASKS: dict[str, Task] = {
     # four templates (two of them ask for the same operation), answers of 3..8 digits
     "lists": Task("lists", _lists, _exact, teacher_steps=2000, train={"lr": 3e-3, "batch_size": 16, "epochs": 10}),
     # three date formats in, one out; the template puts a space after the role (answers start with a space)
-    "dates": Task("dates", _dates, _exact, template=SPACE_TEMPLATE, teacher_steps=1500,
+    "dates": Task("dates", _dates, _exact, template=SPACE_TEMPLATE, teacher_steps=500,
                   train={"lr": 3e-3, "batch_size": 16, "epochs": 10}),
     # several valid answers: answers sampled from the teacher (temperature 1, 2 samples per prompt)
-    "choice": Task("choice", _choice, _check_choice, teacher_steps=1500, max_tokens=6,
+    "choice": Task("choice", _choice, _check_choice, teacher_steps=500, max_tokens=6,
                    collect={"temperature": 1.0, "n": 2}, train={"lr": 3e-3, "batch_size": 16, "epochs": 10}),
 }
 
@@ -317,14 +317,21 @@ def cli(*args: object) -> dict:
 
 @dataclass
 class Built:
+    """A task ready to train on; plain data, so it can travel to worker processes (--jobs)."""
+
     task: Task
-    tok: object
     teacher: Path
     student: Path  # the random init every mode starts from
     records: Path
     held: list[tuple[str, object]]
     teacher_acc: float
     train_cfg: dict  # lr, batch_size, epochs -> steps
+
+    @property
+    def tok(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.teacher)
 
 
 def build(task: Task, work: Path, quick: bool) -> Built:
@@ -351,7 +358,7 @@ def build(task: Task, work: Path, quick: bool) -> Built:
         fit(model, answer_batches(tok, teach), steps=steps, batch_size=64, lr=3e-3, seed=1,
             pad_id=tok.pad_token_id, warmup=0.05)
         model.save_pretrained(teacher, safe_serialization=True)
-        print(f"[{task.name}] teacher: {steps} steps in {time.time() - t0:.0f}s", file=sys.stderr)
+        print(f"[{task.name}] teacher: {steps} steps in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
     teacher_acc = score(task, model_dir=teacher, tok=tok, held=held)
     prompt_file = d / "prompts.jsonl"
     prompt_file.parent.mkdir(parents=True, exist_ok=True)
@@ -368,7 +375,7 @@ def build(task: Task, work: Path, quick: bool) -> Built:
     if quick:
         cfg["epochs"] = max(1, cfg["epochs"] // 3)
     cfg["steps"] = math.ceil(n / cfg["batch_size"]) * cfg["epochs"]
-    return Built(task, tok, teacher, student, records, held, teacher_acc, cfg)
+    return Built(task, teacher, student, records, held, teacher_acc, cfg)
 
 
 def score(task: Task, *, model_dir: Path, tok, held: list[tuple[str, object]]) -> float:
@@ -433,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=3, help="training seeds per mode (default 3; --quick: 1)")
     ap.add_argument("--quick", action="store_true", help="a third of the steps, 1 seed: checks that it runs")
     ap.add_argument("--work", type=Path, default=None, help="keep models and records here (default: a temp dir)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: tiny models)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per training (default 1: tiny models)")
+    ap.add_argument("--jobs", type=int, default=1, help="trainings run side by side in separate processes")
     args = ap.parse_args(argv)
     tasks = [TASKS[t] for t in args.tasks.split(",")]
     modes = args.modes.split(",")
@@ -450,27 +458,49 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     work = args.work or Path(tempfile.mkdtemp(prefix="imitate-quality-"))
     t_all = time.time()
+    built = {task.name: build(task, work, args.quick) for task in tasks}
+    units = [(b, m, s, work / name / f"{m}-{s}", args.threads) for name, b in built.items() for m in modes
+             for s in seeds]
+    if args.jobs > 1:  # independent trainings side by side, one process each ("spawn": no forked torch state)
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(run_unit, units))
+    else:
+        results = [run_unit(u) for u in units]
     table: list[dict] = []
-    for task in tasks:
-        b = build(task, work, args.quick)
-        row = {"task": task.name, "records": sum(1 for _ in b.records.open()), "steps": b.train_cfg["steps"],
+    for name, b in built.items():
+        row = {"task": name, "records": sum(1 for _ in b.records.open()), "steps": b.train_cfg["steps"],
                "teacher": b.teacher_acc}
         for m in modes:
-            accs, t0 = [], time.time()
-            for s in seeds:
-                out = MODES[m](b, s, work / task.name / f"{m}-{s}")
-                accs.append(score(task, model_dir=out, tok=b.tok, held=b.held))
+            got = [r for u, r in zip(units, results) if u[0] is b and u[1] == m]
+            accs = [a for a, _ in got]
             row[m] = (statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                      (time.time() - t0) / len(seeds))
-            print(f"[{task.name}] {m}: {' '.join(f'{a:.3f}' for a in accs)}", file=sys.stderr)
+                      statistics.mean(t for _, t in got))
+            print(f"[{name}] {m}: {' '.join(f'{a:.3f}' for a in accs)}", file=sys.stderr)
         table.append(row)
     print_table(table, modes, seeds, time.time() - t_all, args)
     return 0
 
 
+def run_unit(unit: tuple) -> tuple[float, float]:
+    """Train one (task, mode, seed) and score it: (held-out accuracy, seconds)."""
+    b, mode, seed, out, threads = unit
+    import torch
+
+    torch.set_num_threads(threads)
+    t0 = time.time()
+    MODES[mode](b, seed, out)
+    seconds = time.time() - t0
+    acc = score(b.task, model_dir=out, tok=b.tok, held=b.held)
+    print(f"[{b.task.name}] {mode} seed {seed}: {acc:.3f} ({seconds:.0f}s)", file=sys.stderr, flush=True)
+    return acc, seconds
+
+
 def print_table(table: list[dict], modes: list[str], seeds: list[int], elapsed: float, args) -> None:
-    print(f"\nheld-out accuracy, mean ± std over {len(seeds)} seed(s) (seconds per run); "
-          f"torch threads {args.threads}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
+    print(f"\nheld-out accuracy, mean ± std over {len(seeds)} seed(s) (seconds per run); torch threads {args.threads}, "
+          f"{args.jobs} job(s), {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
     head = "| task | records | steps | teacher | " + " | ".join(modes) + " |"
     print(head)
     print("|" + "---|" * (4 + len(modes)))
