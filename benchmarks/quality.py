@@ -184,11 +184,11 @@ TASKS: dict[str, Task] = {
                   train={"lr": 3e-3, "batch_size": 16, "epochs": 10}),
     # several valid answers: answers sampled from the teacher (temperature 1, 2 samples per prompt)
     "choice": Task("choice", _choice, _check_choice, teacher_steps=500, max_tokens=6,
-                   collect={"temperature": 1.0, "n": 2}, train={"lr": 3e-3, "batch_size": 16, "epochs": 10}),
+                   collect={"temperature": 1.0, "n": 2}, train={"lr": 3e-3, "batch_size": 16, "epochs": 15}),
 }
 
 TEACHER_SHAPE = {"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 3, "num_attention_heads": 4}
-STUDENT_SHAPE = {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4}
+STUDENT_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}  # the demo student's
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -343,22 +343,23 @@ def build(task: Task, work: Path, quick: bool) -> Built:
     if task.demo:
         teacher, student = ROOT / "data/demo_teacher", ROOT / "data/demo_student"
         tok = AutoTokenizer.from_pretrained(teacher)
-    elif (d / "teacher" / "model.safetensors").exists() and (d / "student" / "model.safetensors").exists():
-        teacher, student = d / "teacher", d / "student"  # built by an earlier run with the same --work
-        tok = AutoTokenizer.from_pretrained(teacher)
     else:
         teacher, student = d / "teacher", d / "student"
-        tok = make_tokenizer(teacher, [f"{p} {a}" for p, a in teach[:5000]] + ["system user assistant"],
-                             task.template)
-        tok.save_pretrained(student)
-        new_model(tok, STUDENT_SHAPE, seed=7).save_pretrained(student, safe_serialization=True)
-        model = new_model(tok, TEACHER_SHAPE, seed=1)
-        t0 = time.time()
-        steps = task.teacher_steps // (3 if quick else 1)
-        fit(model, answer_batches(tok, teach), steps=steps, batch_size=64, lr=3e-3, seed=1,
-            pad_id=tok.pad_token_id, warmup=0.05)
-        model.save_pretrained(teacher, safe_serialization=True)
-        print(f"[{task.name}] teacher: {steps} steps in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+        if (teacher / "model.safetensors").exists():  # built by an earlier run with the same --work
+            tok = AutoTokenizer.from_pretrained(teacher)
+        else:
+            tok = make_tokenizer(teacher, [f"{p} {a}" for p, a in teach[:5000]] + ["system user assistant"],
+                                 task.template)
+            model = new_model(tok, TEACHER_SHAPE, seed=1)
+            t0 = time.time()
+            steps = task.teacher_steps // (3 if quick else 1)
+            fit(model, answer_batches(tok, teach), steps=steps, batch_size=64, lr=3e-3, seed=1,
+                pad_id=tok.pad_token_id, warmup=0.05)
+            model.save_pretrained(teacher, safe_serialization=True)
+            print(f"[{task.name}] teacher: {steps} steps in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+        if not (student / "model.safetensors").exists():
+            tok.save_pretrained(student)
+            new_model(tok, STUDENT_SHAPE, seed=7).save_pretrained(student, safe_serialization=True)
     teacher_acc = score(task, model_dir=teacher, tok=tok, held=held)
     prompt_file = d / "prompts.jsonl"
     prompt_file.parent.mkdir(parents=True, exist_ok=True)
