@@ -96,7 +96,7 @@ def _lists(rng: random.Random):
     held_lists = lists(200)
     held_keys = {" ".join(map(str, x)) for x in held_lists}
     teach = [(p, a) for p, a in teach if not any(k in p for k in held_keys)]
-    collect = [one(x)[0] for x in lists(800)]
+    collect = [one(x)[0] for x in lists(400)]
     collect = [p for p in collect if not any(k in p for k in held_keys)]
     held = [one(x) for x in held_lists]
     return teach, collect, held
@@ -122,7 +122,7 @@ def _dates(rng: random.Random):
         return _date_prompt(rng, *x), f"{MONTHS[x[1] - 1]} {x[2]}, {x[0]}"
 
     teach = [pair(x) for x in pool[:20000]]
-    collect = [pair(x)[0] for x in pool[20000:20800]]
+    collect = [pair(x)[0] for x in pool[20000:20400]]
     held = [pair(x) for x in sorted(held_dates)]
     return teach, collect, held
 
@@ -151,7 +151,7 @@ def _choice(rng: random.Random):
         if p not in held_p:
             teach.append((p, str(rng.choice(valid(t)))))
     collect = []
-    while len(collect) < 400:
+    while len(collect) < 200:
         p, _ = prompt()
         if p not in held_p:
             collect.append(p)
@@ -175,16 +175,16 @@ def _exact(answer: str, truth: object) -> bool:
 
 
 TASKS: dict[str, Task] = {
-    # the offline demo: one template, mid-length answers in words (examples/demo.toml's settings)
-    "numbers": Task("numbers", _demo, _exact, demo=True, train={"lr": 3e-3, "batch_size": 16, "epochs": 20}),
+    # the offline demo: one template, mid-length answers in words (examples/demo.toml's data, lr and batch size)
+    "numbers": Task("numbers", _demo, _exact, demo=True, train={"lr": 3e-3, "batch_size": 16, "epochs": 12}),
     # four templates (two of them ask for the same operation), answers of 3..8 digits
-    "lists": Task("lists", _lists, _exact, teacher_steps=2000, train={"lr": 3e-3, "batch_size": 16, "epochs": 10}),
+    "lists": Task("lists", _lists, _exact, teacher_steps=1000, train={"lr": 3e-3, "batch_size": 16, "epochs": 12}),
     # three date formats in, one out; the template puts a space after the role (answers start with a space)
     "dates": Task("dates", _dates, _exact, template=SPACE_TEMPLATE, teacher_steps=500,
-                  train={"lr": 3e-3, "batch_size": 16, "epochs": 10}),
+                  train={"lr": 3e-3, "batch_size": 16, "epochs": 12}),
     # several valid answers: answers sampled from the teacher (temperature 1, 2 samples per prompt)
     "choice": Task("choice", _choice, _check_choice, teacher_steps=500, max_tokens=6,
-                   collect={"temperature": 1.0, "n": 2}, train={"lr": 3e-3, "batch_size": 16, "epochs": 15}),
+                   collect={"temperature": 1.0, "n": 2}, train={"lr": 3e-3, "batch_size": 16, "epochs": 12}),
 }
 
 TEACHER_SHAPE = {"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 3, "num_attention_heads": 4}
@@ -459,17 +459,24 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     work = args.work or Path(tempfile.mkdtemp(prefix="imitate-quality-"))
     t_all = time.time()
-    built = {task.name: build(task, work, args.quick) for task in tasks}
-    units = [(b, m, s, work / name / f"{m}-{s}", args.threads) for name, b in built.items() for m in modes
-             for s in seeds]
+    built: dict[str, Built] = {}
+    units: list[tuple] = []
+    futures: list = []
+    pool = None
     if args.jobs > 1:  # independent trainings side by side, one process each ("spawn": no forked torch state)
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = list(pool.map(run_unit, units))
-    else:
-        results = [run_unit(u) for u in units]
+        pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"))
+    for task in tasks:  # a task's trainings start as soon as it is built, while the next task builds
+        b = built[task.name] = build(task, work, args.quick)
+        for m in modes:
+            for s in seeds:
+                units.append(unit := (b, m, s, work / task.name / f"{m}-{s}", args.threads))
+                futures.append(pool.submit(run_unit, unit) if pool is not None else run_unit(unit))
+    results = [f.result() for f in futures] if pool is not None else futures
+    if pool is not None:
+        pool.shutdown()
     table: list[dict] = []
     for name, b in built.items():
         row = {"task": name, "records": sum(1 for _ in b.records.open()), "steps": b.train_cfg["steps"],
