@@ -441,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=3, help="training seeds per mode (default 3; --quick: 1)")
     ap.add_argument("--quick", action="store_true", help="a third of the steps, 1 seed: checks that it runs")
     ap.add_argument("--work", type=Path, default=None, help="keep models and records here (default: a temp dir)")
+    ap.add_argument("--runs", type=Path, default=None, help="trained students go here (default: --work)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per training (default 1: tiny models)")
     ap.add_argument("--jobs", type=int, default=1, help="trainings run side by side in separate processes")
     args = ap.parse_args(argv)
@@ -472,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         b = built[task.name] = build(task, work, args.quick)
         for m in modes:
             for s in seeds:
-                units.append(unit := (b, m, s, work / task.name / f"{m}-{s}", args.threads))
+                units.append(unit := (b, m, s, (args.runs or work) / task.name / f"{m}-{s}", args.threads))
                 futures.append(pool.submit(run_unit, unit) if pool is not None else run_unit(unit))
     results = [f.result() for f in futures] if pool is not None else futures
     if pool is not None:
