@@ -48,7 +48,8 @@ class TrainConfig(Checked):
     max_length: int = opt(2048, "Tokens per example; longer records follow --overlong.", example="1024", ge=2)
     overlong: Literal["truncate", "drop"] = opt("truncate", "Longer records: truncate (cut the end) or drop; both "
                                                 "are counted.", example="drop")
-    packing: bool = opt(False, "Pack whole examples into padding-free rows instead of padded, length-grouped batches.",
+    packing: bool = opt(False, "Pack whole examples into padding-free rows instead of padded random batches (the "
+                        "order stays random).",
                         example="--packing", flag="--packing/--no-packing")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward: less memory, ~30% more time.",
                                        example="--gradient-checkpointing",
@@ -73,6 +74,8 @@ class TrainConfig(Checked):
                                   example="--trust-remote-code", flag="--trust-remote-code/--no-trust-remote-code")
     progress: bool = opt(True, "Progress bar on stderr (rank 0 only).", example="--no-progress",
                          flag="--progress/--no-progress")
+    threads: int | None = opt(None, "torch CPU threads: tiny models train faster on one thread, above all on a shared "
+                              "CPU.", example="4", ge=1, default_text="by model size (1 below 5M parameters)")
     # --- distillation (see imitate/train/distill.py)
     teacher: str | None = opt(None, "Local teacher for logit/feature KD (hf:PATH_OR_ID, same tokenizer as the "
                               "student), run frozen on each batch.", example="hf:./teacher")
@@ -83,8 +86,11 @@ class TrainConfig(Checked):
                           gt=0, lt=1, hint="beta 0 / 1 are --kd forward-kl / reverse-kl")
     kd_weight: float = opt(0.5, "Weight w of the KD term (also of the gray-box term); CE gets 1 - w.", example="0.7",
                            ge=0, le=1, hint="CE gets 1 - w; e.g. 0.5")
-    temperature: float = opt(2.0, "LOSS temperature T softening both distributions (not collect's sampling "
-                             "temperature).", example="1.5", gt=0, hint="the KD loss temperature, e.g. 2.0")
+    # 1 = the teacher's own distribution. At 2 KD lost 6 points to SFT on the demo task (benchmarks/quality.py):
+    # informative teachers need no softening to show their spread, and T^2-scaled soft targets ask small students
+    # for margins they cannot fit.
+    temperature: float = opt(1.0, "LOSS temperature T softening both distributions (not collect's sampling "
+                             "temperature).", example="1.5", gt=0, hint="the KD loss temperature, e.g. 1.0")
     t2: bool = opt(True, "Multiply the KD term by T^2 (Hinton et al.), so its gradient scale does not shrink as "
                    "1/T^2.", example="--no-t2", flag="--t2/--no-t2")
     feature_kd: str | None = opt(None, "FitNets feature KD: layer pairs STUDENT:TEACHER (1-based) or auto; none = off.",
