@@ -455,6 +455,21 @@ def train_cmd(
         None, "--graybox/--no-graybox",
         help="Without --teacher, use records' collected top-K logprobs (default on). Example: --no-graybox",
     ),
+    on_policy: Optional[float] = typer.Option(
+        None, help="On-policy KD: fraction of micro-batches the student answers and the teacher grades (0 = off). "
+        "Example: --on-policy 0.5"
+    ),
+    on_policy_warmup: Optional[float] = typer.Option(
+        None, help="Fraction of steps trained off-policy first (default 0.5; 0 from an SFT'd student). "
+        "Example: --on-policy-warmup 0.3"
+    ),
+    on_policy_temperature: Optional[float] = typer.Option(
+        None, help="Sampling temperature of the student's on-policy answers (default 1, 0 = greedy). "
+        "Example: --on-policy-temperature 0.7"
+    ),
+    on_policy_max_tokens: Optional[int] = typer.Option(
+        None, help="Longest on-policy answer in tokens (default 256). Example: --on-policy-max-tokens 128"
+    ),
     config: Optional[Path] = typer.Option(
         None, help="TOML file; its [train] section sets options. Example: --config run.toml"
     ),
@@ -480,7 +495,9 @@ def train_cmd(
         "teacher": teacher, "kd": kd, "jsd_beta": jsd_beta, "kd_weight": kd_weight, "temperature": temperature,
         "t2": t2, "feature_kd": feature_kd, "feature_weight": feature_weight, "sckd": sckd,
         "sckd_threshold": sckd_threshold, "teacher_dtype": teacher_dtype, "teacher_device": teacher_device,
-        "kd_chunk_size": kd_chunk_size, "graybox": graybox,
+        "kd_chunk_size": kd_chunk_size, "graybox": graybox, "on_policy": on_policy,
+        "on_policy_warmup": on_policy_warmup, "on_policy_temperature": on_policy_temperature,
+        "on_policy_max_tokens": on_policy_max_tokens,
     }
     with handle_errors():
         cfg = stage_config(stage.TrainConfig, config, "train", flags)

@@ -26,7 +26,7 @@ from typing import Any
 
 from imitate.config import PATH_MARK, path_field
 from imitate.errors import ImitateError, InputError, UsageError
-from imitate.train import checkpoint, distill
+from imitate.train import checkpoint, distill, onpolicy
 from imitate.train.data import (
     IGNORE,
     Example,
@@ -93,6 +93,12 @@ class TrainConfig:
     teacher_device: str | None = None  # where the teacher sits, e.g. "cuda:1"; default: the student's device
     kd_chunk_size: int = 256  # target tokens per chunk of the logit losses: peak memory is one chunk's [tokens x vocab]
     graybox: bool = True  # without --teacher: train on records' collected top-K `logprobs` (sparse KD) when they align
+    # --- on-policy distillation (see imitate/train/onpolicy.py): the student answers, the teacher grades its tokens
+    on_policy: float = 0.0  # λ in [0, 1]: fraction of micro-batches the student answers itself (KD only); 0 = off
+    on_policy_warmup: float = 0.5  # fraction of steps before any on-policy batch: a student that cannot answer yet
+    # samples noise, and grading noise teaches nothing (0 when the student is already fine-tuned on the task)
+    on_policy_temperature: float = 1.0  # sampling temperature of the student's answers (0 = greedy)
+    on_policy_max_tokens: int = 256  # longest answer the student may write; one without end-of-turn counts as cap hit
 
 
 DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
@@ -103,6 +109,8 @@ def fingerprint(cfg: TrainConfig, n_train: int) -> dict:
     keys = ("student", "full", "lora_r", "lora_alpha", "target_modules", "batch_size", "grad_accum", "max_length",
             "packing", "seed", "eval_split", "loss_on", "overlong", "epochs", "max_steps",
             "teacher", "feature_kd", "sckd", "graybox")  # the KD ones decide what trains (regressors) and how
+    if cfg.on_policy:  # only then, so checkpoints of runs without --on-policy stay resumable
+        keys += ("on_policy", "on_policy_warmup", "on_policy_temperature", "on_policy_max_tokens")
     return {**{k: str(getattr(cfg, k)) for k in keys}, "train_examples": n_train}
 
 
@@ -132,6 +140,7 @@ def check_options(cfg: TrainConfig) -> None:
     if cfg.chat_template is not None and not Path(cfg.chat_template).is_file():
         raise UsageError(f"--chat-template {cfg.chat_template}: no such file")
     distill.check_options(cfg)
+    onpolicy.check_options(cfg)
 
 
 def resolve_student(spec: str) -> str:
@@ -279,7 +288,8 @@ def accumulate_window(accelerator: Any, model: Any, micro: list[dict], n_targets
             with accelerator.accumulate(model), accelerator.no_sync(model), accelerator.autocast():
                 terms = distiller.losses(model, batch)
                 s = world / max(n_targets, 1)  # mean over ranks below turns this into 1 / n_targets of the sum
-                gate.accumulate(terms["ce"] * ((1.0 - distiller.w) * s), {n: terms[n] * s for n in distiller.terms})
+                gate.accumulate(terms["ce"] * ((1.0 - distiller.w) * s), {n: terms[n] * s for n in distiller.terms},
+                                group="onpolicy" if "onpolicy" in batch else "")  # SCKD pairing: see onpolicy.py
         else:
             with accelerator.accumulate(model), accelerator.autocast():
                 if distiller is None:
@@ -455,6 +465,11 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
     if not cfg.full:
         checkpoint.keep_only_trainable(accelerator)
     gate = distiller.gate if distiller is not None else None
+    policy = None
+    if cfg.on_policy:
+        from imitate.models import eos_ids
+
+        policy = onpolicy.OnPolicy(cfg, tokenizer, total_steps, eos_ids(accelerator.unwrap_model(model), tokenizer))
 
     fp = fingerprint(cfg, len(train_ex))
     start, tokens_seen = 0, 0
@@ -482,12 +497,19 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
         real = [i for b in window if b is not None for i in b]
         n_targets = sum(targets[i] for i in real)  # the whole window, every rank: the loss denominator
         n_tokens = sum(lengths[i] for i in real)
+        kinds = policy.kinds(step, window) if policy is not None else [False] * len(window)  # True: on-policy
         micro = []
-        for b in window[rank * ga : (rank + 1) * ga]:
+        for j, b in enumerate(window[rank * ga : (rank + 1) * ga], start=rank * ga):
             exs = materialize(b, train_ex, stand_in)
+            if kinds[j]:  # the student writes this micro-batch's answers
+                micro.append(policy.batch(accelerator, model, exs, step, j))
+                continue
             micro.append(collate(exs, pad_id=pad_id, packing=cfg.packing))
             if kd_plan is not None and distill.GRAYBOX in kd_plan.terms:
                 micro[-1]["topk_ids"], micro[-1]["topk_logprobs"] = distill.graybox_tensors(exs, micro[-1])
+        denoms = None  # per-term token counts for the logged values when they differ from n_targets
+        if policy is not None:
+            n_targets, denoms = policy.denominators(accelerator, micro, window, targets, distiller.terms)
         sums, gates = accumulate_window(accelerator, model, micro, n_targets, distiller, gate)
         grad_norm = None
         if cfg.max_grad_norm > 0:
@@ -496,8 +518,9 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        sums = (accelerator.reduce(sums, reduction="sum") / max(n_targets, 1)).tolist()
-        last_loss = sums[0]
+        sums = accelerator.reduce(sums, reduction="sum")
+        sums = (sums / max(n_targets, 1) if denoms is None else sums / sums.new_tensor(denoms).clamp(min=1)).tolist()
+        prev_loss, last_loss = last_loss, sums[0]
         dt = time.time() - t0
         tokens_seen += n_tokens
         tokens_loop += n_tokens
@@ -506,7 +529,10 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
         if grad_norm is not None:
             row["grad_norm"] = float(grad_norm)
         if distiller is not None:
-            distiller.log(row, sums[1:], gates, rows)
+            distiller.log(row, sums[1:], policy.present(gates) if policy is not None else gates, rows)
+        if policy is not None:  # drops the values of terms (and CE) no micro-batch of the window had
+            policy.log(row, dt)
+            last_loss = row.get("loss", prev_loss)
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < total_steps:
             last_eval = evaluate(accelerator, model, eval_ex, cfg, pad_id)
@@ -535,6 +561,8 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
         summary["distill"] = distiller.summary(rows)
     elif graybox_report is not None:
         summary["distill"] = {"mode": "none", "graybox": graybox_report}
+    if policy is not None:
+        summary["on_policy"] = policy.summary(rows)
     if stopped:
         summary["stopped_at"] = stop_after
         return summary
@@ -557,7 +585,8 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
         shutil.rmtree(checkpoint.checkpoint_dir(out), ignore_errors=True)
     summary["elapsed_s"] = time.time() - t_start
     summary["peak_memory_mb"] = peak_memory_mb(accelerator)
-    log(accelerator, f"trained {total_steps - start} step(s): train loss {last_loss:.4f}"
+    log(accelerator, f"trained {total_steps - start} step(s)"
+        + (f": train loss {last_loss:.4f}" if last_loss is not None else "")
         + (f", eval loss {last_eval:.4f}" if last_eval is not None else "")
         + f", {summary['tokens_per_s']:.0f} tokens/s -> {out}")
     if distiller is not None and cfg.sckd:

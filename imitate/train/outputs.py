@@ -95,9 +95,10 @@ class ProgressBar:
         self.task = self.progress.add_task("train", total=total, completed=start, loss="-", tps="-")
         self.progress.start()
 
-    def update(self, done: int, loss: float, tokens_per_s: float) -> None:
+    def update(self, done: int, loss: float | None, tokens_per_s: float) -> None:
         if self.progress is not None:
-            self.progress.update(self.task, completed=done, loss=f"{loss:.4f}", tps=f"{tokens_per_s:,.0f}")
+            shown = "-" if loss is None else f"{loss:.4f}"  # None: no CE yet (all on-policy)
+            self.progress.update(self.task, completed=done, loss=shown, tps=f"{tokens_per_s:,.0f}")
 
     def close(self) -> None:
         if self.progress is not None:
