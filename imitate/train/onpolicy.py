@@ -112,9 +112,10 @@ def generate(model: Any, prompts: list[list[int]], *, pad_id: int, stop_ids: Seq
     if context:
         max_tokens = max(1, min(max_tokens, context - input_ids.shape[1]))
     sample = temperature > 0
-    gen = GenerationConfig(  # explicit values so the model's generation_config (top-k, penalties) cannot leak in
-        max_new_tokens=max_tokens, do_sample=sample, temperature=float(temperature) if sample else 1.0, top_k=0,
-        top_p=1.0, repetition_penalty=1.0, eos_token_id=list(stop_ids), pad_token_id=pad_id, use_cache=True)
+    # explicit values so the model's generation_config (top-k, penalties) cannot leak in: the student's own distribution
+    knobs = {"temperature": float(temperature), "top_k": 0, "top_p": 1.0} if sample else {}
+    gen = GenerationConfig(max_new_tokens=max_tokens, do_sample=sample, repetition_penalty=1.0, **knobs,
+                           eos_token_id=list(stop_ids), pad_token_id=pad_id, use_cache=True)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -182,7 +183,9 @@ class OnPolicy:
 
         flags = self._step["flags"]
         data = sum(targets[i] for b, on in zip(window, flags) if b is not None and not on for i in b)
-        if not any(flags):
+        self._terms = list(terms)
+        if not any(flags):  # today's window: the logged values divide by n_targets as without --on-policy
+            self._step["counts"] = [data] + [0 if name == ONPOLICY else data for name in terms]
             return data, None
         ref = sum(targets[i] for b, on in zip(window, flags) if on for i in b) if self.cfg.sckd else 0
         own = [m["onpolicy"] for m in micro if "onpolicy" in m]
@@ -191,7 +194,6 @@ class OnPolicy:
         seqs, gen, capped = (int(x) for x in accelerator.reduce(local, reduction="sum").tolist())
         counts = [data + ref] + [gen if name == ONPOLICY else data for name in terms]
         self._step.update(sequences=seqs, tokens=gen, capped=capped, counts=counts)
-        self._terms = list(terms)
         return data + ref + gen, counts
 
     def present(self, gates: dict) -> dict:
