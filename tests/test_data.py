@@ -134,12 +134,25 @@ def test_plan_covers_every_example_once_and_is_deterministic():
             assert all(sum(lengths[i] for i in b) <= 4 * 60 for b in p1)
         else:
             assert all(len(b) <= 4 for b in p1)
-    # length grouping: far less padding than random batches
-    grouped = plan_batches(lengths, 4, seed=1, epoch=0, packing=False, max_length=60)
-    pad = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in grouped)
-    naive = [list(range(j, min(j + 4, 103))) for j in range(0, 103, 4)]
-    pad_naive = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in naive)
-    assert pad < pad_naive / 3
+
+
+def test_batches_mix_templates_by_default():
+    """Prompts from a few templates: length is the template. Every batch must hold a mix, not one kind of question
+    (length-grouped batches gave the student one template per step; issue #10)."""
+    import random
+
+    rng = random.Random(5)
+    template = [rng.randrange(3) for _ in range(600)]  # three templates with distinct lengths, as users' data has
+    lengths = [(20, 31, 47)[t] + rng.randrange(3) for t in template]
+    for packing, size in ((False, 16), (True, 2)):
+        plans = [plan_batches(lengths, size, seed=0, epoch=e, packing=packing, max_length=64) for e in range(3)]
+        for plan in plans:
+            assert sorted(i for b in plan for i in b) == list(range(600))
+            mixed = [b for b in plan if len({template[i] for i in b}) > 1 and len(b) >= 4]
+            assert len(mixed) >= 0.9 * sum(len(b) >= 4 for b in plan)
+            # and the kinds are spread over the epoch: the first tenth of the batches covers all three templates
+            assert {template[i] for b in plan[: len(plan) // 10] for i in b} == {0, 1, 2}
+        assert plans[0] != plans[1] != plans[2]  # a fresh shuffle each epoch
 
 
 def test_split_eval_is_disjoint_and_seeded():

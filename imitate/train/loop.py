@@ -64,7 +64,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
     max_length: int = 2048  # tokens per example; longer records follow `overlong`
     overlong: str = "truncate"  # "truncate" (cut the end; counted) or "drop" (skip the record; counted)
-    packing: bool = False  # pack whole examples into padding-free rows instead of padded, length-grouped batches
+    packing: bool = False  # pack whole examples into padding-free rows instead of padded random batches (order stays random)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
     precision: str = "auto"  # "auto" (bf16 on CUDA when supported, else fp32), "bf16", "fp16", "no"
     # --- evaluation, checkpoints, output
