@@ -65,17 +65,20 @@ class NaiveKD:
 
     def losses(self, model, batch):
         import torch
+        import torch.nn.functional as F
 
-        from imitate.train.loop import compute_losses
         from imitate.train.losses import divergence
 
-        terms, ctx = compute_losses(model, batch)  # SFT's own CE: student logits at the target columns
+        # unchunked: both models' logits at every column holding a target, full vocabulary width
+        cols = (batch["labels"] != -100).any(0).nonzero().squeeze(-1)
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        targets = batch["labels"][:, cols]
+        keep = targets != -100
+        s = model(**inputs, logits_to_keep=cols, use_cache=False).logits[keep]
+        terms = {"ce": F.cross_entropy(s.float(), targets[keep], reduction="sum")}
         teacher = self.d.teacher
         with torch.no_grad():
-            inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
-            t_logits = teacher(**inputs, logits_to_keep=ctx["cols"]).logits
-        keep = ctx["targets"] != -100
-        s, t = ctx["outputs"].logits[keep], t_logits[keep]
+            t = teacher(**inputs, logits_to_keep=cols).logits[keep]
         cfg = self.d.cfg
         terms["logit_kd"] = divergence(s, t, self.d.beta, cfg.temperature).sum() * cfg.temperature**2
         return terms

@@ -414,6 +414,9 @@ def train_cmd(
     progress: Optional[bool] = typer.Option(
         None, "--progress/--no-progress", help="Progress bar on stderr. Example: --no-progress"
     ),
+    threads: Optional[int] = typer.Option(
+        None, help="torch CPU threads (default: by model size, 1 for tiny models). Example: --threads 4"
+    ),
     teacher: Optional[str] = typer.Option(
         None, help="Local teacher for logit/feature KD, same tokenizer as the student. Example: --teacher hf:./teacher"
     ),
@@ -492,7 +495,7 @@ def train_cmd(
         "precision": precision, "eval_split": eval_split, "eval_every": eval_every, "save_every": save_every,
         "keep_checkpoints": keep_checkpoints, "resume": resume, "merge": merge, "seed": seed,
         "chat_template": chat_template, "trust_remote_code": trust_remote_code, "progress": progress,
-        "teacher": teacher, "kd": kd, "jsd_beta": jsd_beta, "kd_weight": kd_weight, "temperature": temperature,
+        "threads": threads, "teacher": teacher, "kd": kd, "jsd_beta": jsd_beta, "kd_weight": kd_weight, "temperature": temperature,
         "t2": t2, "feature_kd": feature_kd, "feature_weight": feature_weight, "sckd": sckd,
         "sckd_threshold": sckd_threshold, "teacher_dtype": teacher_dtype, "teacher_device": teacher_device,
         "kd_chunk_size": kd_chunk_size, "graybox": graybox, "on_policy": on_policy,

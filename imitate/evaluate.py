@@ -244,35 +244,31 @@ def _collect_answers(spec: str, items: list[Item], cfg: EvalConfig) -> None:
 def answer_nll(model: Any, tokenizer: Any, conversations: list[list[dict]], batch_size: int) -> list[tuple[float, int]]:
     """(summed NLL in nats, number of tokens) of each conversation's final assistant turn under `model`.
 
-    Tokens and targets come from `imitate.train.data.encode` (the training format: the answer and its end-of-turn marker).
-    Logits are computed only at target positions (boolean `logits_to_keep`): the [tokens, vocab] tensor stays small.
+    Tokens and targets come from `imitate.train.data.encode` (the training format: the answer and its end-of-turn
+    marker), the loss from `imitate.train.losses.forward_ce` (the training CE path: logits only at target positions,
+    cut to the real vocabulary), one row at a time inside a padded batch forward.
     """
     import torch
-    import torch.nn.functional as F
 
-    from imitate.train.data import IGNORE, Example, collate, encode, shift_targets
-    from imitate.train.distill import takes_logits_to_keep
+    from imitate.train.data import Example, collate, encode, shift_targets
+    from imitate.train.distill import unwrap
+    from imitate.train.losses import chunked_ce, forward_ce
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows_in_head = unwrap(model).get_output_embeddings().weight.shape[0]
+    vocab_size = len(tokenizer) if len(tokenizer) <= rows_in_head else None
     out: list[tuple[float, int]] = []
     for sl in _chunks(len(conversations), batch_size):
         rows = [encode(tokenizer, conv) for conv in conversations[sl]]
         batch = collate([Example(r, shift_targets(r, m), "") for r, m in rows], pad_id=pad, packing=False)
-        ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
-        keep = labels != IGNORE
+        batch = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}
         with torch.inference_mode():
-            if takes_logits_to_keep(model):
-                logits = model(
-                    input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep.to(device)
-                ).logits
-            else:  # a model class without logits_to_keep: all positions, then pick the targets
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[keep.to(device)]
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[keep].to(device), reduction="none")
-        owner = keep.nonzero()[:, 0].to(device)  # which row each kept position belongs to
-        sums = torch.zeros(len(rows), device=device).index_add_(0, owner, nll)
-        counts = keep.sum(1)
-        out += [(float(s), int(c)) for s, c in zip(sums.tolist(), counts.tolist())]
+            _, outputs = forward_ce(model, batch, vocab_size=vocab_size)
+            hidden, head = outputs.hidden_states[-1], unwrap(model).get_output_embeddings()
+            for r in range(len(rows)):  # per-row sums of the same chunked CE
+                nll, n = chunked_ce(hidden[r : r + 1], head, batch["labels"][r : r + 1], vocab_size=vocab_size)
+                out.append((float(nll), n))
     return out
 
 

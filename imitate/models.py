@@ -108,6 +108,31 @@ def model_refs(model: str) -> tuple[str, str | None, str]:
     return base_ref, ref, tok_ref
 
 
+# CPU threads by model size. Tiny models spend their time in small ops where threads mostly wait for each other, and on
+# a shared machine (a CI runner, a laptop doing two things) every extra thread competes with the other work: the demo
+# (a 0.1M-parameter student) took 34 s alone, 104 s beside one busy process with torch's default threads and 35 s with
+# one thread (issue #10). Large models have matrix multiplies big enough to split.
+THREADS_BY_SIZE = ((5_000_000, 1), (100_000_000, 4))  # (parameters below, at most this many threads); above: all
+
+
+def choose_threads(n_params: int, cpus: int | None = None, requested: int | None = None,
+                   env: dict | None = None) -> int:
+    """torch CPU threads for models of `n_params` parameters in all: `requested` (--threads) if given, else
+    OMP_NUM_THREADS from `env` if set, else by size (THREADS_BY_SIZE), never more than `cpus`."""
+    import os
+
+    cpus = cpus or os.cpu_count() or 1
+    if requested is not None:
+        return max(1, requested)
+    env = os.environ if env is None else env
+    if str(env.get("OMP_NUM_THREADS", "")).isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
+        return int(env["OMP_NUM_THREADS"])
+    for below, threads in THREADS_BY_SIZE:
+        if n_params < below:
+            return min(threads, cpus)
+    return cpus
+
+
 def load_weights(
     model: str, *, device: str | None = None, dtype: str | None = None, trust_remote_code: bool = False
 ) -> Any:
@@ -282,11 +307,13 @@ def generate_batch(
                 entries.append({"token": text_of(tok), "id": tok, "logprob": picked_lp[b][t], "top": top})
         completions.append(
             Completion(
-                text=tokenizer.decode(answer, skip_special_tokens=True),
+                # the text exactly as generated: no stripping, no "clean-up" of spaces around punctuation
+                text=tokenizer.decode(answer, skip_special_tokens=True, clean_up_tokenization_spaces=False),
                 finish_reason="length" if end is None else "stop",  # no EOS: max_tokens cut it
                 input_tokens=len(rows[b]),
                 output_tokens=len(answer) + (0 if end is None else 1),
                 logprobs=entries,
+                extra={"answer_token_ids": answer},  # what train checks its tokenization of the answer against
             )
         )
     return completions

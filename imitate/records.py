@@ -17,8 +17,13 @@ A record is one JSON object on one line of a JSONL file; the file loads unchange
       "usage": {"input_tokens": 21, "output_tokens": 130},
       "source": {...},                      # the input row the request was rendered from
       "created": "2026-11-23T16:20:00Z",
-      "logprobs": [...]                     # only with --logprobs K, see LOGPROBS below
+      "logprobs": [...],                    # only with --logprobs K, see LOGPROBS below
+      "answer_token_ids": [1169, 318, ...]  # hf teachers only: the answer's token ids as generated (no end token)
     }
+
+ANSWER_TOKEN_IDS: the assistant text is the decoded `answer_token_ids`, kept exactly (leading space included).
+`imitate train` re-tokenizes the answer in the student's chat template; when the record's teacher has the student's
+tokenizer it checks that this gives back these ids (see imitate.train.distill.check_teacher_tokens).
 
 LOGPROBS: a list with one entry per generated token,
 `{"token": str, "id": int | None, "logprob": float, "top": [{"token": str, "id": int | None, "logprob": float}, ...]}`;

@@ -194,6 +194,8 @@ def record(teacher: str, job: Any, comp: Any) -> dict:
     }
     if r.params.get("logprobs"):
         rec["logprobs"] = comp.logprobs
+    if comp.extra.get("answer_token_ids") is not None:  # hf teachers: the generated ids (see imitate.records)
+        rec["answer_token_ids"] = comp.extra["answer_token_ids"]
     return rec
 
 

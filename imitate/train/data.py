@@ -35,11 +35,12 @@ class Example:
     input_ids: list[int]
     labels: list[int]  # shifted next-token targets, IGNORE where there is none
     where: str  # "file:line" of the record, for messages
-    # gray-box KD only (see imitate.train.distill): the record's collected top-K `logprobs` and its `teacher` until aligned,
+    # gray-box KD only (see imitate.train.distill): the record's collected top-K `logprobs` until aligned,
     # then `topk` = (first row, ids [n, K], log-probs [n, K]) over the aligned rows of `labels`
     logprobs: list | None = None
     teacher: str | None = None
     topk: Any = None
+    answer_token_ids: list[int] | None = None  # the record's generated ids (hf teachers), for the round-trip check
 
     @property
     def n_targets(self) -> int:
@@ -102,9 +103,48 @@ def assistant_spans(tokenizer: Any, messages: list[dict], loss_on: str = "final"
     return full, spans
 
 
+def template_separator(tokenizer: Any, messages: list[dict], i: int) -> str:
+    """The text the chat template puts between the generation prompt and assistant turn i's content ("" if none or
+    unknown). E.g. a template rendering `<|assistant|> {content}` whose generation prompt ends at `<|assistant|>`: " "."""
+    content = messages[i]["content"]
+    try:
+        before = _render(tokenizer, messages[:i], add_generation_prompt=True) if i > 0 else ""
+        through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+    except Exception:  # noqa: BLE001 - a template that refuses partial conversations: nothing to say
+        return ""
+    if not through.startswith(before):
+        return ""
+    k = through.find(content, len(before))
+    return through[len(before) : k] if k > len(before) else ""
+
+
+def without_doubled_separators(tokenizer: Any, messages: list[dict]) -> list[dict]:
+    """`messages` with each assistant answer's leading separator removed when the template adds that same separator.
+
+    A teacher answering after the generation prompt writes what comes next, e.g. " March 7" after `<|assistant|>`
+    when its template renders `<|assistant|> {content}`; rendering that answer again in the same template would give
+    two spaces, text the teacher never produced. The answer's own text is kept; only the template's copy of the
+    separator is dropped (by rendering the answer without it), so the rendering continues the generation prompt
+    exactly as the teacher did. Answers that do not start with whitespace are never touched.
+    """
+    out = None
+    for i, m in enumerate(messages):
+        content = m["content"]
+        if m["role"] != "assistant" or not isinstance(content, str) or not content[:1].isspace():
+            continue
+        sep = template_separator(tokenizer, messages, i)
+        if sep and content.startswith(sep):
+            out = out or [dict(x) for x in messages]
+            out[i]["content"] = content[len(sep) :]
+    return out or messages
+
+
 def encode(tokenizer: Any, messages: list[dict], loss_on: str = "final") -> tuple[list[int], list[bool]]:
-    """Token ids of the rendered conversation and, per token, whether it is an assistant token to train on."""
-    full, spans = assistant_spans(tokenizer, messages, loss_on)
+    """Token ids of the rendered conversation and, per token, whether it is an assistant token to train on.
+
+    The answer text is trained as the teacher wrote it: a separator the template would add in front of an answer that
+    already starts with it is not doubled (see `without_doubled_separators`)."""
+    full, spans = assistant_spans(tokenizer, without_doubled_separators(tokenizer, messages), loss_on)
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
@@ -171,9 +211,10 @@ def load_examples(
             stats.truncated += 1
             ids, mask = ids[:max_length], mask[:max_length]
         labels = shift_targets(ids, mask)
-        ex = Example(ids, labels, where)
+        ex = Example(ids, labels, where, teacher=line.data.get("teacher"),
+                     answer_token_ids=line.data.get("answer_token_ids"))
         if with_logprobs and line.data.get("logprobs"):
-            ex.logprobs, ex.teacher = line.data["logprobs"], line.data.get("teacher")
+            ex.logprobs = line.data["logprobs"]
         if ex.n_targets == 0:
             stats.dropped_no_target += 1
             continue

@@ -23,7 +23,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
-from imitate.errors import ImitateError, UsageError
+from imitate.errors import ImitateError, InputError, UsageError
 from imitate.train.data import IGNORE, model_inputs
 
 LOGIT = "logit_kd"
@@ -181,6 +181,74 @@ def _teacher_tokenizer_ok(spec: str | None, tokenizer: Any, cache: dict) -> str 
     return why
 
 
+MAX_TOKEN_MISMATCH = 0.03  # KD refuses above this fraction of checked records whose answer tokens differ
+
+
+def check_teacher_tokens(examples: list, tokenizer: Any) -> dict:
+    """Round-trip check: does the student's chat template reproduce the tokens the teacher generated?
+
+    For every example whose record carries `answer_token_ids` (hf teachers) from a teacher with the student's
+    tokenizer, the answer's target tokens (the final assistant turn, end-of-turn marker excluded) must equal those ids.
+    A mismatch means the trained text is not what the teacher wrote (a separator the template adds, a template that
+    rewrites the answer, special tokens dropped from the text, a non-canonical tokenization the teacher sampled); CE
+    can still learn it, but the teacher's logits on a sequence it would never write pull a KD student away from it.
+    Returns {"checked", "mismatched", "unchecked" (other or unavailable tokenizer), "first" ("file:line" ...)}.
+    """
+    report: dict[str, Any] = {"checked": 0, "mismatched": 0, "unchecked": 0, "first": []}
+    cache: dict = {}
+    for ex in examples:
+        if ex.answer_token_ids is None:
+            continue
+        if not _same_tokenizer(ex.teacher, tokenizer, cache):
+            report["unchecked"] += 1
+            continue
+        report["checked"] += 1
+        got = [t for t in _final_run(ex.labels) if t != IGNORE]
+        want = list(ex.answer_token_ids)
+        n = min(len(want), len(got))  # a record truncated by --max-length is compared as far as it goes
+        if got[:n] != want[:n]:
+            report["mismatched"] += 1
+            if len(report["first"]) < 3:
+                report["first"].append(f"{ex.where} (teacher {tokenizer.decode(want[:n])!r}, "
+                                       f"student template {tokenizer.decode(got[:n])!r})")
+    report["mismatch_fraction"] = report["mismatched"] / report["checked"] if report["checked"] else 0.0
+    return report
+
+
+def _same_tokenizer(spec: str | None, tokenizer: Any, cache: dict) -> bool:
+    """Whether the record's teacher is an hf model at hand whose tokenizer is the student's."""
+    if spec not in cache:
+        provider, _, model = (spec or "").partition(":")
+        ok = False
+        if provider == "hf" and model:
+            from transformers import AutoTokenizer
+
+            from imitate.models import model_refs, resolve_model
+            from imitate.train import vocab
+
+            try:
+                t_tok = AutoTokenizer.from_pretrained(model_refs(resolve_model(model))[2])
+                vocab.check_tokenizers(tokenizer, t_tok, teacher=spec)
+                ok = True
+            except (ImitateError, OSError, ValueError):
+                ok = False
+        cache[spec] = ok
+    return cache[spec]
+
+
+def refuse_token_mismatch(report: dict) -> None:
+    """Logit KD on text the teacher did not write: refuse above MAX_TOKEN_MISMATCH, with the fix."""
+    if report["checked"] and report["mismatch_fraction"] > MAX_TOKEN_MISMATCH:
+        raise InputError(
+            f"{report['mismatched']} of {report['checked']} records from an hf teacher do not tokenize back to the "
+            f"tokens the teacher generated ({report['mismatch_fraction']:.0%}; first: {'; '.join(report['first'])}): "
+            "KD would score the teacher on text it never wrote",
+            hint="give the student the teacher's chat template (--chat-template FILE, the teacher's template as a Jinja "
+            "file), or re-collect with a teacher whose template matches the student's; SFT without --teacher is "
+            "less affected",
+        )
+
+
 def prepare_graybox(examples: list, tokenizer: Any) -> dict:
     """Align every example's collected logprobs with its targets (sets `Example.topk`, drops `Example.logprobs`).
 
@@ -315,20 +383,21 @@ class Distiller:
         from imitate.train import losses
 
         labels = batch["labels"]
-        hidden, head = self._student(model, batch)
         chunk, vocab_size = self.cfg.kd_chunk_size, self.plan.vocab_size
-        t_out = self._teacher(batch) if self.teacher is not None else None
         if "onpolicy" in batch:
-            kd = self._logit_kd(hidden, head, t_out, labels)
+            hidden, head = self._student(model, batch)
+            kd = self._logit_kd(hidden, head, self._teacher(batch), labels)
             zero = kd.new_zeros(())
             terms = {"ce": zero, **{name: zero for name in self.terms}, ONPOLICY: kd}
-            if "reference" in batch:
-                ref_hidden, _ = self._student(model, batch["reference"])
-                terms["ce"] = losses.chunked_ce(ref_hidden[-1], head, batch["reference"]["labels"], chunk_size=chunk,
-                                                vocab_size=vocab_size)[0]
+            if "reference" in batch:  # SCKD's paired CE: the same prompts' collected answers (onpolicy.py)
+                terms["ce"] = losses.forward_ce(model, batch["reference"], vocab_size=vocab_size, chunk_size=chunk)[0]
             return terms
-        terms = {"ce": losses.chunked_ce(hidden[-1], head, labels, chunk_size=chunk, vocab_size=vocab_size)[0]}
-        if t_out is not None:
+        ce, out = losses.forward_ce(model, batch, vocab_size=vocab_size, chunk_size=chunk)  # the same CE as SFT's
+        terms = {"ce": ce}
+        hidden = out.hidden_states
+        head = unwrap(model).get_output_embeddings()
+        if self.teacher is not None:
+            t_out = self._teacher(batch)
             terms[LOGIT] = self._logit_kd(hidden, head, t_out, labels)
             if self.regressors is not None:
                 for name, (s, _) in self.regressors.terms(hidden, t_out.hidden_states, labels != IGNORE).items():

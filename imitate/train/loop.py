@@ -33,7 +33,6 @@ from imitate.train.data import (
     check_chat_template,
     collate,
     load_examples,
-    model_inputs,
     plan_batches,
     split_eval,
     windows,
@@ -78,6 +77,7 @@ class TrainConfig:
     chat_template: Path | None = path_field(None)  # Jinja file used instead of (or for lack of) the student's template
     trust_remote_code: bool = False  # allow model code from the student's repository to run
     progress: bool = True  # rich progress bar on stderr (rank 0 only)
+    threads: int | None = None  # torch CPU threads; None: by model size (1 for tiny models, see models.choose_threads)
     # --- distillation (see imitate/distill.py). Loss = (1 - kd_weight) * CE + kd_weight * T^2 * D(teacher_T, student_T)
     teacher: str | None = None  # "hf:PATH_OR_ID": a local teacher with the student's tokenizer, run frozen on each batch
     kd: str = "forward-kl"  # divergence D: "forward-kl" KL(teacher||student), "reverse-kl", or "jsd" (generalized, beta)
@@ -120,6 +120,8 @@ def fingerprint(cfg: TrainConfig, n_train: int) -> dict:
 
 
 def check_options(cfg: TrainConfig) -> None:
+    if cfg.threads is not None and cfg.threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {cfg.threads}")
     for name, value, lo in (("batch-size", cfg.batch_size, 1), ("grad-accum", cfg.grad_accum, 1),
                             ("max-length", cfg.max_length, 2), ("epochs", cfg.epochs, 1), ("lora-r", cfg.lora_r, 1)):
         if value < lo:
@@ -227,29 +229,22 @@ def load_student(cfg: TrainConfig, student: str, mixed: str | None) -> Any:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def compute_losses(model: Any, batch: dict) -> tuple[dict, dict]:
-    """Forward one micro-batch; return ({term: token-SUM loss}, context).
+def compute_losses(model: Any, batch: dict, vocab_size: int | None = None, chunk_size: int = 256) -> tuple[dict, Any]:
+    """Forward one micro-batch; return ({"ce": token-SUM cross-entropy}, the model outputs).
 
-    Logits are computed only at columns where some row has a target (`logits_to_keep`), so prompt positions cost no
-    [vocab]-wide rows. context = {"outputs", "cols" (kept columns, [K]), "targets" ([B, K])}: the loop ignores it;
-    benchmarks/kd_cost.py uses it to time an unchunked KD loss on the same positions.
-    """
-    import torch.nn.functional as F
+    The one CE path (`losses.forward_ce`, shared with KD and evaluation): logits only at target positions, chunk by
+    chunk, cut to the real vocabulary `vocab_size` (see `student_vocab`)."""
+    from imitate.train.losses import forward_ce
 
-    labels = batch["labels"]
-    cols = (labels != IGNORE).any(0).nonzero().squeeze(-1)
-    if cols.numel() == 0:  # a padding micro-batch (see `window_batches`): keep one column, it weighs nothing
-        cols = cols.new_zeros(1)
-    inputs = model_inputs(batch)
-    if distill.takes_logits_to_keep(model):
-        inputs["logits_to_keep"] = cols
-    outputs = model(**inputs, use_cache=False)
-    logits = outputs.logits
-    if logits.shape[1] != cols.numel():  # a model without logits_to_keep support returned every column
-        logits = logits[:, cols]
-    targets = labels[:, cols]
-    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
-    return {"ce": ce}, {"outputs": outputs, "cols": cols, "targets": targets}
+    ce, outputs = forward_ce(model, batch, vocab_size=vocab_size, chunk_size=chunk_size)
+    return {"ce": ce}, outputs
+
+
+def student_vocab(model: Any, tokenizer: Any) -> int | None:
+    """The real vocabulary of the student: len(tokenizer) when its output head has at least that many rows (rows past
+    it are padding no token maps to), else None (the whole head)."""
+    rows = distill.unwrap(model).get_output_embeddings().weight.shape[0]
+    return len(tokenizer) if len(tokenizer) <= rows else None
 
 
 def combine(terms: dict) -> Any:
@@ -264,7 +259,7 @@ def backward(accelerator: Any, loss: Any, scale: float) -> None:
 
 
 def accumulate_window(accelerator: Any, model: Any, micro: list[dict], n_targets: int, distiller: Any = None,
-                      gate: Any = None) -> tuple[Any, dict]:
+                      gate: Any = None, vocab_size: int | None = None) -> tuple[Any, dict]:
     """Forward + backward this process's micro-batches of one window; the gradients sum up in `.grad` (synchronised
     across processes on the last one). Returns (this process's token sums [CE, then each KD term] as a detached
     float64 vector, the SCKD gate report {term: {"cos", "on"}} or {}).
@@ -293,7 +288,7 @@ def accumulate_window(accelerator: Any, model: Any, micro: list[dict], n_targets
         else:
             with accelerator.accumulate(model), accelerator.autocast():
                 if distiller is None:
-                    terms, _ = compute_losses(model, batch)
+                    terms, _ = compute_losses(model, batch, vocab_size)
                     loss = combine(terms)
                 else:
                     terms = distiller.losses(model, batch)
@@ -331,8 +326,9 @@ def to_device(batch: dict, device: Any) -> dict:
     return {k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}
 
 
-def evaluate(accelerator: Any, model: Any, examples: list[Example], cfg: TrainConfig, pad_id: int) -> float | None:
-    """Mean loss per target token over the held-out examples (all ranks)."""
+def evaluate(accelerator: Any, model: Any, examples: list[Example], cfg: TrainConfig, pad_id: int,
+             vocab_size: int | None = None) -> float | None:
+    """Mean CE per target token over the held-out examples (all ranks), through the training CE path."""
     import torch
 
     if not examples:
@@ -348,7 +344,7 @@ def evaluate(accelerator: Any, model: Any, examples: list[Example], cfg: TrainCo
             batch = collate(materialize(b, examples, order), pad_id=pad_id, packing=False)
             batch = to_device(batch, accelerator.device)
             with accelerator.autocast():
-                terms, _ = compute_losses(model, batch)
+                terms, _ = compute_losses(model, batch, vocab_size, cfg.kd_chunk_size)
             total += torch.tensor([float(terms["ce"]), batch["n_targets"]], device=total.device, dtype=total.dtype)
     model.train()
     total = accelerator.reduce(total, reduction="sum")
@@ -403,6 +399,9 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
                                     loss_on=cfg.loss_on, with_logprobs=cfg.graybox and not cfg.teacher)
     if not examples:
         raise no_examples_error(cfg, stats)
+    token_check = distill.check_teacher_tokens(examples, tokenizer)  # the trained text is what the teacher wrote?
+    if kd_plan is not None and kd_plan.teacher:  # logit KD (gray-box KD aligns token by token itself)
+        distill.refuse_token_mismatch(token_check)
     graybox_report = None
     if kd_plan is None and any(e.logprobs for e in examples):
         graybox_report = distill.prepare_graybox(examples, tokenizer)
@@ -425,6 +424,9 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed,
                               step_scheduler_with_optimizer=False)
     world, rank, ga = accelerator.num_processes, accelerator.process_index, cfg.grad_accum
+    if token_check["mismatched"]:
+        log(accelerator, f"{token_check['mismatched']} of {token_check['checked']} answers do not tokenize back to the "
+            f"teacher's generated tokens in the student's chat template; first: {'; '.join(token_check['first'])}")
     if stats.truncated or stats.dropped_overlong or stats.dropped_no_target:
         log(accelerator, f"{stats.truncated + stats.dropped_overlong} record(s) longer than --max-length "
             f"{cfg.max_length} (longest {stats.longest} tokens): {stats.truncated} truncated, "
@@ -453,10 +455,18 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
     # --- model, optimizer, schedule
     set_seed(cfg.seed)
     model = load_student(cfg, student, accelerator.mixed_precision)
+    vocab_size = kd_plan.vocab_size if kd_plan is not None else student_vocab(model, tokenizer)  # CE's softmax width
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR["full" if cfg.full else "lora"]
     params = [p for p in model.parameters() if p.requires_grad]
     distiller = distill.setup(cfg, kd_plan, accelerator, params) if kd_plan is not None else None  # teacher, gate
     regressors = distiller.regressors if distiller is not None else None
+    if accelerator.device.type == "cpu":  # tiny models run faster on one thread, above all on a busy machine
+        from imitate.models import choose_threads
+
+        n_params = sum(p.numel() for p in model.parameters())
+        if distiller is not None and distiller.teacher is not None:
+            n_params += sum(p.numel() for p in distiller.teacher.parameters())
+        torch.set_num_threads(choose_threads(n_params, requested=cfg.threads))
     reg_params = list(regressors.parameters()) if regressors is not None else []
     optimizer = torch.optim.AdamW(params + reg_params, lr=lr, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup * total_steps) if cfg.warmup < 1 else int(cfg.warmup)
@@ -510,7 +520,7 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
         denoms = None  # per-term token counts for the logged values when they differ from n_targets
         if policy is not None:
             n_targets, denoms = policy.denominators(accelerator, micro, window, targets, distiller.terms)
-        sums, gates = accumulate_window(accelerator, model, micro, n_targets, distiller, gate)
+        sums, gates = accumulate_window(accelerator, model, micro, n_targets, distiller, gate, vocab_size)
         grad_norm = None
         if cfg.max_grad_norm > 0:
             clip = list(model.parameters()) + reg_params if reg_params else model.parameters()
@@ -535,7 +545,7 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
             last_loss = row.get("loss", prev_loss)
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < total_steps:
-            last_eval = evaluate(accelerator, model, eval_ex, cfg, pad_id)
+            last_eval = evaluate(accelerator, model, eval_ex, cfg, pad_id, vocab_size)
             if last_eval is not None:
                 row["eval_loss"] = last_eval
         rows.append(row)
@@ -554,7 +564,7 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
     summary: dict[str, Any] = {
         "out": str(out), "student": cfg.student, "mode": "full" if cfg.full else "lora",
         "steps": total_steps, "start_step": start, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
-        "data": stats.as_dict(), "train_loss": last_loss, "tokens_per_s": tokens_loop / max(elapsed_loop, 1e-9),
+        "data": {**stats.as_dict(), "teacher_tokens": token_check}, "train_loss": last_loss, "tokens_per_s": tokens_loop / max(elapsed_loop, 1e-9),
         "devices": world, "precision": accelerator.mixed_precision,
     }
     if distiller is not None:
@@ -568,7 +578,7 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
         return summary
 
     # --- final eval and save
-    final_eval = evaluate(accelerator, model, eval_ex, cfg, pad_id)
+    final_eval = evaluate(accelerator, model, eval_ex, cfg, pad_id, vocab_size)
     if final_eval is not None:
         last_eval = final_eval
         row = {"step": total_steps, "eval_loss": final_eval}

@@ -229,6 +229,28 @@ def chunked_ce(
     return _chunked_head_loss(rows, head, chunk_loss, chunk_size, vocab_size), int(idx.numel())
 
 
+def forward_ce(
+    model: Any, batch: dict, *, vocab_size: int | None = None, chunk_size: int = 256
+) -> tuple[torch.Tensor, Any]:
+    """THE cross-entropy of training, evaluation and KD: forward one batch, return (CE summed over target tokens, the
+    model outputs with `hidden_states`).
+
+    batch: `data.collate` output (labels [B, L] already shifted). The model builds no [tokens × vocab] logits
+    (`logits_to_keep=1`); `chunked_ce` projects the final hidden states of the target positions through the output head
+    chunk by chunk, cut to `vocab_size` (the real vocabulary: padded head rows, which no token maps to, never enter the
+    softmax). SFT, KD's CE term, the held-out loss of `imitate train` and `imitate eval`'s answer NLL all come from here,
+    so their numbers compare.
+    """
+    from imitate.train.data import model_inputs
+    from imitate.train.distill import takes_logits_to_keep, unwrap
+
+    extra = {"logits_to_keep": 1} if takes_logits_to_keep(model) else {}
+    out = model(**model_inputs(batch), **extra, output_hidden_states=True, use_cache=False)
+    head = unwrap(model).get_output_embeddings()
+    ce, _ = chunked_ce(out.hidden_states[-1], head, batch["labels"], chunk_size=chunk_size, vocab_size=vocab_size)
+    return ce, out
+
+
 def chunked_kd_loss(
     student_hidden: torch.Tensor,
     student_head: Any,

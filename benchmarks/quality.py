@@ -1,0 +1,521 @@
+"""Does `imitate train` teach a student what a plain training loop would? Held-out accuracy on four tasks.
+
+    python benchmarks/quality.py                          # all tasks, all modes, 3 seeds
+    python benchmarks/quality.py --quick                  # fewer steps and 1 seed: a smoke run
+    python benchmarks/quality.py --tasks lists,choice --seeds 2 --modes reference,sft
+
+Each task looks like users' data: several prompt templates (so length says which kind of question it is), answers of
+its own length, held-out prompts the teacher never trained on. For each task the benchmark
+1. trains a tokenizer (digits as single tokens) and a tiny Llama TEACHER with a plain loop (the demo task uses the
+   shipped data/demo_teacher, see examples/make_demo_teacher.py),
+2. collects the teacher's answers to the training prompts with `imitate collect --teacher hf:DIR`,
+3. trains the same randomly initialised STUDENT on those records in each MODE (table columns), for each seed,
+4. scores the student's greedy answers to the held-out prompts with the task's checker (exact answer, or any valid one).
+
+Modes (MODES below; add a row by adding an entry):
+- reference: a minimal PyTorch loop written here: random batches, AdamW, warm-up + cosine LR, CE on answer tokens.
+- sft:       `imitate train --full` with the same lr / batch size / steps.
+- kd:        the same plus `--teacher hf:DIR` (imitate's KD defaults).
+- sckd:      kd plus `--sckd`.
+Targets (issue #10): sft within 0.02 of reference on every task; kd >= sft where the teacher's distribution carries more
+than its argmax (the `choice` task: several valid answers, sampled at collect time); sckd not below kd by more than the
+seed spread. The table prints mean ± standard deviation over seeds and the wall time per mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples"))
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+# Like many real templates, this one writes a space between the role and the content, while its generation prompt
+# stops at the role: a teacher trained on its renderings answers with a leading space (" March 7, 2024").
+SPACE_TEMPLATE = (
+    "{% for m in messages %}"
+    "<|{{ m['role'] }}|> {{ m['content'] }}<|end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+SPECIAL = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>"]
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# tasks: prompts, the answers the teacher learns from, a checker for held-out answers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Task:
+    name: str
+    make: Callable[[random.Random], tuple[list[tuple[str, str]], list[str], list[tuple[str, object]]]]
+    # make(rng) -> (teacher's training pairs (prompt, answer), collect prompts, held-out (prompt, truth))
+    check: Callable[[str, object], bool]  # (student answer, truth) -> correct
+    template: str = CHAT_TEMPLATE
+    teacher_steps: int = 1500
+    collect: dict = field(default_factory=lambda: {"temperature": 0})  # imitate collect options
+    train: dict = field(default_factory=dict)  # lr, batch_size, epochs for every mode
+    max_tokens: int = 24
+    demo: bool = False  # the shipped demo teacher / student / prompt files
+
+
+def _lists(rng: random.Random):
+    def one(nums: list[int]) -> tuple[str, str]:
+        kind = rng.randrange(4)
+        s, c = " ".join(map(str, nums)), ", ".join(map(str, nums))
+        if kind == 0:
+            return f"Sort: {s}", " ".join(map(str, sorted(nums)))
+        if kind == 1:
+            return f"Put these numbers in ascending order: {c}.", " ".join(map(str, sorted(nums)))
+        if kind == 2:
+            return f"Reverse: {s}", " ".join(map(str, nums[::-1]))
+        return f"Write the list {c} backwards, please.", " ".join(map(str, nums[::-1]))
+
+    def lists(n: int) -> list[list[int]]:
+        return [[rng.randrange(10) for _ in range(rng.randint(3, 8))] for _ in range(n)]
+
+    teach = [one(x) for x in lists(20000)]
+    held_lists = lists(200)
+    held_keys = {" ".join(map(str, x)) for x in held_lists}
+    teach = [(p, a) for p, a in teach if not any(k in p for k in held_keys)]
+    collect = [one(x)[0] for x in lists(800)]
+    collect = [p for p in collect if not any(k in p for k in held_keys)]
+    held = [one(x) for x in held_lists]
+    return teach, collect, held
+
+
+def _date_prompt(rng: random.Random, y: int, m: int, d: int) -> str:
+    kind = rng.randrange(3)
+    if kind == 0:
+        return f"Convert {y}-{m:02d}-{d:02d} to words."
+    if kind == 1:
+        return f"Write the date {d:02d}/{m:02d}/{y} (day/month/year) in full."
+    return f"Which date is {m}/{d}/{y}? Answer with month, day and year."
+
+
+def _dates(rng: random.Random):
+    def date() -> tuple[int, int, int]:
+        return rng.randint(1950, 2049), rng.randint(1, 12), rng.randint(1, 28)
+
+    held_dates = {date() for _ in range(200)}
+    pool = [x for x in (date() for _ in range(30000)) if x not in held_dates]
+
+    def pair(x):
+        return _date_prompt(rng, *x), f"{MONTHS[x[1] - 1]} {x[2]}, {x[0]}"
+
+    teach = [pair(x) for x in pool[:20000]]
+    collect = [pair(x)[0] for x in pool[20000:20800]]
+    held = [pair(x) for x in sorted(held_dates)]
+    return teach, collect, held
+
+
+def _choice(rng: random.Random):
+    """Several valid answers per prompt: the teacher learns a spread over them and collect samples from it."""
+
+    def prompt() -> tuple[str, tuple[int, int, str]]:
+        a = rng.randint(0, 80)
+        b = a + rng.randint(3, 15)
+        kind = rng.randrange(3)
+        if kind == 0:
+            return f"Name a number between {a} and {b}.", (a + 1, b - 1, "any")
+        if kind == 1:
+            return f"Give me any integer greater than {a} and less than {b}, nothing else.", (a + 1, b - 1, "any")
+        return f"Pick an even number from {a} to {b}.", (a, b, "even")
+
+    def valid(t: tuple[int, int, str]) -> list[int]:
+        return [n for n in range(t[0], t[1] + 1) if t[2] == "any" or n % 2 == 0]
+
+    held = [prompt() for _ in range(200)]
+    held_p = {p for p, _ in held}
+    teach = []
+    while len(teach) < 20000:
+        p, t = prompt()
+        if p not in held_p:
+            teach.append((p, str(rng.choice(valid(t)))))
+    collect = []
+    while len(collect) < 400:
+        p, _ = prompt()
+        if p not in held_p:
+            collect.append(p)
+    return teach, collect, held
+
+
+def _check_choice(answer: str, truth: object) -> bool:
+    lo, hi, kind = truth  # type: ignore[misc]
+    a = answer.strip()
+    return a.isdigit() and lo <= int(a) <= hi and (kind == "any" or int(a) % 2 == 0)
+
+
+def _demo(rng: random.Random):
+    rows = [json.loads(x) for x in (ROOT / "data/numbers_train.jsonl").read_text().splitlines()]
+    held = [json.loads(x) for x in (ROOT / "data/numbers_eval.jsonl").read_text().splitlines()]
+    return [], [r["prompt"] for r in rows], [(r["prompt"], r["reference"]) for r in held]
+
+
+def _exact(answer: str, truth: object) -> bool:
+    return answer.strip() == str(truth).strip()
+
+
+TASKS: dict[str, Task] = {
+    # the offline demo: one template, mid-length answers in words (examples/demo.toml's settings)
+    "numbers": Task("numbers", _demo, _exact, demo=True, train={"lr": 3e-3, "batch_size": 16, "epochs": 20}),
+    # four templates (two of them ask for the same operation), answers of 3..8 digits
+    "lists": Task("lists", _lists, _exact, teacher_steps=2000, train={"lr": 3e-3, "batch_size": 16, "epochs": 10}),
+    # three date formats in, one out; the template puts a space after the role (answers start with a space)
+    "dates": Task("dates", _dates, _exact, template=SPACE_TEMPLATE, teacher_steps=500,
+                  train={"lr": 3e-3, "batch_size": 16, "epochs": 10}),
+    # several valid answers: answers sampled from the teacher (temperature 1, 2 samples per prompt)
+    "choice": Task("choice", _choice, _check_choice, teacher_steps=500, max_tokens=6,
+                   collect={"temperature": 1.0, "n": 2}, train={"lr": 3e-3, "batch_size": 16, "epochs": 10}),
+}
+
+TEACHER_SHAPE = {"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 3, "num_attention_heads": 4}
+STUDENT_SHAPE = {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# building a task: tokenizer, teacher, student init, collected records
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def make_tokenizer(out: Path, corpus: list[str], template: str):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>",
+                                   eos_token="<|end|>", unk_token=None)
+    fast.chat_template = template
+    out.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out)
+    return fast
+
+
+def new_model(tok, shape: dict, seed: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), num_key_value_heads=shape["num_attention_heads"],
+                      max_position_embeddings=128, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, tie_word_embeddings=False, **shape)
+    model = LlamaForCausalLM(cfg)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.do_sample = False
+    return model
+
+
+def answer_batches(tok, pairs: list[tuple[str, str]]) -> list[tuple[list[int], int]]:
+    """(ids, number of prompt ids) per pair: the prompt as the chat template's generation prompt, then the answer
+    text exactly as the rendered conversation continues it, then the end token."""
+    out = []
+    for p, a in pairs:
+        msgs = [{"role": "user", "content": p}]
+        prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": a}], tokenize=False)
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        f_ids = tok(full, add_special_tokens=False)["input_ids"]
+        n = f_ids.index(tok.eos_token_id, len(p_ids)) + 1  # through the answer's end token
+        out.append((f_ids[:n], len(p_ids)))
+    return out
+
+
+def fit(model, encoded: list[tuple[list[int], int]], *, steps: int, batch_size: int, lr: float, seed: int,
+        pad_id: int, warmup: float = 0.03) -> None:
+    """THE REFERENCE LOOP (also trains the teachers): random batches, AdamW, linear warm-up then cosine decay to 0,
+    mean CE over the answer tokens of the batch, gradient clipping at 1."""
+    import torch
+    import torch.nn.functional as F
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    n_warm = int(warmup * steps)
+
+    def lr_at(step: int) -> float:
+        if step < n_warm:
+            return lr * step / max(1, n_warm)
+        return lr * 0.5 * (1 + math.cos(math.pi * (step - n_warm) / max(1, steps - n_warm)))
+
+    order: list[int] = []
+    model.train()
+    for step in range(steps):
+        if len(order) < batch_size:  # a fresh shuffle each epoch
+            order += rng.sample(range(len(encoded)), len(encoded))
+        batch, order = [encoded[i] for i in order[:batch_size]], order[batch_size:]
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.full((len(batch), width), pad_id)
+        labels = torch.full((len(batch), width), -100)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, (x, n_prompt) in enumerate(batch):
+            ids[r, : len(x)] = torch.tensor(x)
+            labels[r, n_prompt : len(x)] = torch.tensor(x[n_prompt:])
+            mask[r, : len(x)] = 1
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        loss = F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    model.eval()
+
+
+def greedy(model_dir: Path | object, tok, prompts: list[str], max_tokens: int) -> list[str]:
+    from imitate.models import generate_batch
+
+    model = model_dir
+    if isinstance(model_dir, Path):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.eval()
+    out = []
+    for i in range(0, len(prompts), 100):
+        msgs = [[{"role": "user", "content": p}] for p in prompts[i : i + 100]]
+        out += [c.text for c in generate_batch(model, tok, msgs, max_tokens=max_tokens, temperature=0.0)]
+    return out
+
+
+def cli(*args: object) -> dict:
+    """Run an `imitate` command in this process (as the CLI parses it) and return its --json summary."""
+    from typer.testing import CliRunner
+
+    from imitate.cli import app
+
+    res = CliRunner().invoke(app, [str(a) for a in args] + ["--json"], catch_exceptions=False)
+    if res.exit_code != 0:
+        raise SystemExit(f"imitate {' '.join(map(str, args[:1]))} failed ({res.exit_code}):\n{res.output[-3000:]}")
+    return json.loads(res.stdout)
+
+
+@dataclass
+class Built:
+    """A task ready to train on; plain data, so it can travel to worker processes (--jobs)."""
+
+    task: Task
+    teacher: Path
+    student: Path  # the random init every mode starts from
+    records: Path
+    held: list[tuple[str, object]]
+    teacher_acc: float
+    train_cfg: dict  # lr, batch_size, epochs -> steps
+
+    @property
+    def tok(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.teacher)
+
+
+def build(task: Task, work: Path, quick: bool) -> Built:
+    from transformers import AutoTokenizer
+
+    rng = random.Random(1234)
+    teach, prompts, held = task.make(rng)
+    d = work / task.name
+    if task.demo:
+        teacher, student = ROOT / "data/demo_teacher", ROOT / "data/demo_student"
+        tok = AutoTokenizer.from_pretrained(teacher)
+    elif (d / "teacher" / "model.safetensors").exists() and (d / "student" / "model.safetensors").exists():
+        teacher, student = d / "teacher", d / "student"  # built by an earlier run with the same --work
+        tok = AutoTokenizer.from_pretrained(teacher)
+    else:
+        teacher, student = d / "teacher", d / "student"
+        tok = make_tokenizer(teacher, [f"{p} {a}" for p, a in teach[:5000]] + ["system user assistant"],
+                             task.template)
+        tok.save_pretrained(student)
+        new_model(tok, STUDENT_SHAPE, seed=7).save_pretrained(student, safe_serialization=True)
+        model = new_model(tok, TEACHER_SHAPE, seed=1)
+        t0 = time.time()
+        steps = task.teacher_steps // (3 if quick else 1)
+        fit(model, answer_batches(tok, teach), steps=steps, batch_size=64, lr=3e-3, seed=1,
+            pad_id=tok.pad_token_id, warmup=0.05)
+        model.save_pretrained(teacher, safe_serialization=True)
+        print(f"[{task.name}] teacher: {steps} steps in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+    teacher_acc = score(task, model_dir=teacher, tok=tok, held=held)
+    prompt_file = d / "prompts.jsonl"
+    prompt_file.parent.mkdir(parents=True, exist_ok=True)
+    prompt_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    records = d / "collected.jsonl"
+    t0 = time.time()
+    flags = [f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')}={v}" for k, v in task.collect.items()]
+    cli("collect", "--teacher", f"hf:{teacher}", "--prompts", prompt_file, "--out", records, "--max-tokens",
+        task.max_tokens, "--batch-size", 100, "--no-progress", *flags)
+    n = sum(1 for _ in records.open())
+    print(f"[{task.name}] collected {n} records in {time.time() - t0:.0f}s; teacher held-out {teacher_acc:.3f}",
+          file=sys.stderr)
+    cfg = dict(task.train)
+    if quick:
+        cfg["epochs"] = max(1, cfg["epochs"] // 3)
+    cfg["steps"] = math.ceil(n / cfg["batch_size"]) * cfg["epochs"]
+    return Built(task, teacher, student, records, held, teacher_acc, cfg)
+
+
+def score(task: Task, *, model_dir: Path, tok, held: list[tuple[str, object]]) -> float:
+    answers = greedy(model_dir, tok, [p for p, _ in held], task.max_tokens)
+    return sum(task.check(a, t) for a, (_, t) in zip(answers, held)) / len(held)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# modes: (built task, seed, output dir) -> trained student directory
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def reference(b: Built, seed: int, out: Path) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    from imitate.records import read_records
+
+    pairs = []
+    for ln in read_records([b.records], need_assistant=True):
+        msgs = ln.data["messages"]
+        pairs.append((msgs[-2]["content"], msgs[-1]["content"]))
+    tok = b.tok
+    encoded = []
+    for p, a in pairs:  # the prompt as generation prompt, then the teacher's answer text as written, then end token
+        p_ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
+                                        return_dict=True)["input_ids"]
+        a_ids = tok(a, add_special_tokens=False)["input_ids"]
+        encoded.append((list(p_ids) + a_ids + [tok.eos_token_id], len(p_ids)))
+    model = AutoModelForCausalLM.from_pretrained(b.student)
+    fit(model, encoded, steps=b.train_cfg["steps"], batch_size=b.train_cfg["batch_size"], lr=b.train_cfg["lr"],
+        seed=seed, pad_id=tok.pad_token_id)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def imitate_train(*extra: object) -> Callable[[Built, int, Path], Path]:
+    def train(b: Built, seed: int, out: Path) -> Path:
+        cfg = b.train_cfg
+        cli("train", "--data", b.records, "--student", b.student, "--out", out, "--full", "--lr", cfg["lr"],
+            "--batch-size", cfg["batch_size"], "--epochs", cfg["epochs"], "--eval-split", 0, "--save-every", 0,
+            "--seed", seed, "--no-progress", *[f"hf:{b.teacher}" if x == "TEACHER" else x for x in extra])
+        return out
+
+    return train
+
+
+MODES: dict[str, Callable[[Built, int, Path], Path]] = {
+    "reference": reference,
+    "sft": imitate_train(),
+    "kd": imitate_train("--teacher", "TEACHER"),
+    "sckd": imitate_train("--teacher", "TEACHER", "--sckd"),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)}")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
+    ap.add_argument("--seeds", type=int, default=3, help="training seeds per mode (default 3; --quick: 1)")
+    ap.add_argument("--quick", action="store_true", help="a third of the steps, 1 seed: checks that it runs")
+    ap.add_argument("--work", type=Path, default=None, help="keep models and records here (default: a temp dir)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per training (default 1: tiny models)")
+    ap.add_argument("--jobs", type=int, default=1, help="trainings run side by side in separate processes")
+    args = ap.parse_args(argv)
+    tasks = [TASKS[t] for t in args.tasks.split(",")]
+    modes = args.modes.split(",")
+    for m in modes:
+        if m not in MODES:
+            ap.error(f"unknown mode {m!r}; modes: {', '.join(MODES)}")
+    seeds = list(range(1 if args.quick and args.seeds == 3 else args.seeds))
+
+    import tempfile
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    work = args.work or Path(tempfile.mkdtemp(prefix="imitate-quality-"))
+    t_all = time.time()
+    built = {task.name: build(task, work, args.quick) for task in tasks}
+    units = [(b, m, s, work / name / f"{m}-{s}", args.threads) for name, b in built.items() for m in modes
+             for s in seeds]
+    if args.jobs > 1:  # independent trainings side by side, one process each ("spawn": no forked torch state)
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(run_unit, units))
+    else:
+        results = [run_unit(u) for u in units]
+    table: list[dict] = []
+    for name, b in built.items():
+        row = {"task": name, "records": sum(1 for _ in b.records.open()), "steps": b.train_cfg["steps"],
+               "teacher": b.teacher_acc}
+        for m in modes:
+            got = [r for u, r in zip(units, results) if u[0] is b and u[1] == m]
+            accs = [a for a, _ in got]
+            row[m] = (statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                      statistics.mean(t for _, t in got))
+            print(f"[{name}] {m}: {' '.join(f'{a:.3f}' for a in accs)}", file=sys.stderr)
+        table.append(row)
+    print_table(table, modes, seeds, time.time() - t_all, args)
+    return 0
+
+
+def run_unit(unit: tuple) -> tuple[float, float]:
+    """Train one (task, mode, seed) and score it: (held-out accuracy, seconds)."""
+    b, mode, seed, out, threads = unit
+    import torch
+
+    torch.set_num_threads(threads)
+    t0 = time.time()
+    MODES[mode](b, seed, out)
+    seconds = time.time() - t0
+    acc = score(b.task, model_dir=out, tok=b.tok, held=b.held)
+    print(f"[{b.task.name}] {mode} seed {seed}: {acc:.3f} ({seconds:.0f}s)", file=sys.stderr, flush=True)
+    return acc, seconds
+
+
+def print_table(table: list[dict], modes: list[str], seeds: list[int], elapsed: float, args) -> None:
+    print(f"\nheld-out accuracy, mean ± std over {len(seeds)} seed(s) (seconds per run); torch threads {args.threads}, "
+          f"{args.jobs} job(s), {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
+    head = "| task | records | steps | teacher | " + " | ".join(modes) + " |"
+    print(head)
+    print("|" + "---|" * (4 + len(modes)))
+    for r in table:
+        cells = [f"{r[m][0]:.3f} ± {r[m][1]:.3f} ({r[m][2]:.0f}s)" for m in modes]
+        print(f"| {r['task']} | {r['records']} | {r['steps']} | {r['teacher']:.3f} | " + " | ".join(cells) + " |")
+    if "reference" in modes and "sft" in modes:
+        gaps = ", ".join(f"{r['task']} {r['sft'][0] - r['reference'][0]:+.3f}" for r in table)
+        print(f"sft - reference: {gaps}  (target: within 0.02)")
+    if "kd" in modes and "sft" in modes:
+        print("kd - sft: " + ", ".join(f"{r['task']} {r['kd'][0] - r['sft'][0]:+.3f}" for r in table))
+    if "sckd" in modes and "kd" in modes:
+        print("sckd - kd: " + ", ".join(f"{r['task']} {r['sckd'][0] - r['kd'][0]:+.3f}" for r in table))
+    print(f"total {elapsed:.0f}s")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
