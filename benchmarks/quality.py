@@ -17,6 +17,11 @@ Modes (MODES below; add a row by adding an entry):
 - sft:       `imitate train --full` with the same lr / batch size / steps.
 - kd:        the same plus `--teacher hf:DIR` (imitate's KD defaults).
 - sckd:      kd plus `--sckd`.
+- op50, op100: kd plus `--on-policy 0.5` / `1.0` (issue #12): after the default warm-up (the first half of the steps
+  off-policy) that fraction of micro-batches is answered by the student and graded by the teacher; answers capped at
+  the task's max_tokens. op50_sckd: op50 plus `--sckd`. Also printed: the step-time ratio on-policy / off-policy,
+  measured inside each on-policy run (its on-policy steps against its own warm-up steps, same load), the share of an
+  on-policy step spent generating, and how often generation hit the cap.
 Targets (issue #10): sft within 0.02 of reference on every task; kd >= sft where the teacher's distribution carries more
 than its argmax (the `choice` task: several valid answers, sampled at collect time); sckd not below kd by more than the
 seed spread. The table prints mean ± standard deviation over seeds and the wall time per mode.
@@ -417,7 +422,8 @@ def imitate_train(*extra: object) -> Callable[[Built, int, Path], Path]:
         cfg = b.train_cfg
         cli("train", "--data", b.records, "--student", b.student, "--out", out, "--full", "--lr", cfg["lr"],
             "--batch-size", cfg["batch_size"], "--epochs", cfg["epochs"], "--eval-split", 0, "--save-every", 0,
-            "--seed", seed, "--no-progress", *[f"hf:{b.teacher}" if x == "TEACHER" else x for x in extra])
+            "--seed", seed, "--no-progress",
+            *[f"hf:{b.teacher}" if x == "TEACHER" else b.task.max_tokens if x == "MAXTOK" else x for x in extra])
         return out
 
     return train
@@ -428,7 +434,25 @@ MODES: dict[str, Callable[[Built, int, Path], Path]] = {
     "sft": imitate_train(),
     "kd": imitate_train("--teacher", "TEACHER"),
     "sckd": imitate_train("--teacher", "TEACHER", "--sckd"),
+    "op50": imitate_train("--teacher", "TEACHER", "--on-policy", 0.5, "--on-policy-max-tokens", "MAXTOK"),
+    "op100": imitate_train("--teacher", "TEACHER", "--on-policy", 1.0, "--on-policy-max-tokens", "MAXTOK"),
+    "op50_sckd": imitate_train("--teacher", "TEACHER", "--on-policy", 0.5, "--on-policy-max-tokens", "MAXTOK",
+                               "--sckd"),
 }
+
+
+def onpolicy_costs(out: Path) -> dict | None:
+    """From an on-policy run's metrics.jsonl: mean step time of its on-policy steps / of its off-policy (warm-up)
+    steps, the generation share of on-policy steps, the cap-hit rate; None for a run without on-policy steps."""
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    on = [r for r in rows if r.get("onpolicy/share", 0) > 0]
+    off = [r for r in rows if r.get("onpolicy/share") == 0]
+    if not on or not off:
+        return None
+    on_s, off_s = statistics.mean(r["step_s"] for r in on), statistics.mean(r["step_s"] for r in off)
+    return {"ratio": on_s / off_s, "gen": sum(r["gen_s"] for r in on) / sum(r["step_s"] for r in on),
+            "cap": statistics.mean(r["onpolicy/cap_hit"] for r in on),
+            "len": statistics.mean(r["onpolicy/gen_tokens"] for r in on)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -484,17 +508,20 @@ def main(argv: list[str] | None = None) -> int:
                "teacher": b.teacher_acc}
         for m in modes:
             got = [r for u, r in zip(units, results) if u[0] is b and u[1] == m]
-            accs = [a for a, _ in got]
+            accs = [r[0] for r in got]
             row[m] = (statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                      statistics.mean(t for _, t in got))
+                      statistics.mean(r[1] for r in got))
+            costs = [r[2] for r in got if r[2] is not None]
+            if costs:
+                row[f"cost/{m}"] = {k: statistics.mean(c[k] for c in costs) for k in costs[0]}
             print(f"[{name}] {m}: {' '.join(f'{a:.3f}' for a in accs)}", file=sys.stderr)
         table.append(row)
     print_table(table, modes, seeds, time.time() - t_all, args)
     return 0
 
 
-def run_unit(unit: tuple) -> tuple[float, float]:
-    """Train one (task, mode, seed) and score it: (held-out accuracy, seconds)."""
+def run_unit(unit: tuple) -> tuple[float, float, dict | None]:
+    """Train one (task, mode, seed) and score it: (held-out accuracy, seconds, on-policy costs or None)."""
     b, mode, seed, out, threads = unit
     import torch
 
@@ -504,7 +531,7 @@ def run_unit(unit: tuple) -> tuple[float, float]:
     seconds = time.time() - t0
     acc = score(b.task, model_dir=out, tok=b.tok, held=b.held)
     print(f"[{b.task.name}] {mode} seed {seed}: {acc:.3f} ({seconds:.0f}s)", file=sys.stderr, flush=True)
-    return acc, seconds
+    return acc, seconds, onpolicy_costs(out) if mode.startswith("op") else None
 
 
 def print_table(table: list[dict], modes: list[str], seeds: list[int], elapsed: float, args) -> None:
@@ -523,6 +550,14 @@ def print_table(table: list[dict], modes: list[str], seeds: list[int], elapsed: 
         print("kd - sft: " + ", ".join(f"{r['task']} {r['kd'][0] - r['sft'][0]:+.3f}" for r in table))
     if "sckd" in modes and "kd" in modes:
         print("sckd - kd: " + ", ".join(f"{r['task']} {r['sckd'][0] - r['kd'][0]:+.3f}" for r in table))
+    for m in (m for m in modes if m.startswith("op")):
+        for base in ("kd", "sft"):
+            if base in modes:
+                print(f"{m} - {base}: " + ", ".join(
+                    f"{r['task']} {r[m][0] - r[base][0]:+.3f} (spread {max(r[m][1], r[base][1]):.3f})" for r in table))
+        print(f"{m} step time on-policy / off-policy (same run): " + ", ".join(
+            f"{r['task']} {c['ratio']:.2f}x (generation {c['gen']:.0%} of an on-policy step, {c['len']:.1f} tokens, "
+            f"cap hit {c['cap']:.0%})" for r in table if (c := r.get(f"cost/{m}"))))
     print(f"total {elapsed:.0f}s")
 
 

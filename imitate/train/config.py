@@ -107,8 +107,28 @@ class TrainConfig(Checked):
                              "[tokens x vocab].", example="128", ge=1)
     graybox: bool = opt(True, "Without --teacher, train on records' collected top-K logprobs (sparse KD) when they "
                         "align.", example="--no-graybox", flag="--graybox/--no-graybox")
+    # --- on-policy distillation (imitate/train/onpolicy.py): the student answers, the teacher grades its tokens
+    on_policy: float = opt(0.0, "Fraction of micro-batches the student answers itself, trained on the teacher's KD of "
+                           "its own tokens (needs --teacher); 0 = off.", example="0.5", ge=0, le=1,
+                           hint="the fraction of micro-batches the student answers itself, e.g. --on-policy 0.5")
+    # A student that cannot answer yet samples noise, and grading noise teaches nothing: from a random-init student
+    # the benchmark's on-policy-from-step-0 run scored far below one with the first half off-policy.
+    on_policy_warmup: float = opt(0.5, "Fraction of the steps trained off-policy before the first on-policy batch "
+                                  "(0 for a student already fine-tuned on the task).", example="0.2", ge=0, lt=1)
+    on_policy_temperature: float = opt(1.0, "Sampling temperature of the student's own answers (0 = greedy).",
+                                       example="0.7", ge=0)
+    on_policy_max_tokens: int = opt(256, "Longest answer the student may write; one without end-of-turn counts as a "
+                                    "cap hit.", example="128", ge=1)
 
     def check(self) -> None:
+        if self.on_policy and not self.teacher:
+            raise UsageError(
+                "--on-policy needs a local teacher to grade the student's own tokens; collected records (gray-box "
+                "log-probs included) only describe the teacher's answers",
+                hint="add --teacher hf:PATH (a model sharing the student's tokenizer), or drop --on-policy")
+        if self.on_policy and self.kd_weight <= 0:
+            raise UsageError("--on-policy micro-batches train the KD term only, which --kd-weight 0 switches off",
+                             hint="use a --kd-weight above 0, e.g. 0.5")
         if self.merge and self.full:
             raise UsageError("--merge merges a LoRA adapter; with --full the saved model already holds all weights")
         if self.feature_kd and not self.teacher:

@@ -28,6 +28,8 @@ from imitate.train.data import IGNORE, model_inputs
 
 LOGIT = "logit_kd"
 GRAYBOX = "graybox_kd"
+ONPOLICY = "onpolicy_kd"  # logit KD on the student's own answers (imitate/train/onpolicy.py)
+KD_CHOICES = ("forward-kl", "reverse-kl", "jsd")
 
 
 def check_options(cfg: Any) -> None:
@@ -95,7 +97,7 @@ def plan_teacher(cfg: Any, tokenizer: Any, student: str) -> Plan:
     plan.vocab_size = vocab.real_vocab_size(tokenizer, s_conf.vocab_size, t_conf.vocab_size)
     if cfg.feature_kd:
         plan.pairs = features.parse_pairs(cfg.feature_kd, s_conf.num_hidden_layers, t_conf.num_hidden_layers)
-    plan.terms = [LOGIT] + [features.term_name(p) for p in plan.pairs]
+    plan.terms = [LOGIT] + [features.term_name(p) for p in plan.pairs] + ([ONPOLICY] if cfg.on_policy else [])
     return plan
 
 
@@ -340,7 +342,8 @@ class Distiller:
 
     def weights(self) -> dict[str, float]:
         """λ of each KD term (CE's weight is 1 − w)."""
-        return {name: (self.w if name in (LOGIT, GRAYBOX) else self.cfg.feature_weight) for name in self.plan.terms}
+        return {name: (self.w if name in (LOGIT, GRAYBOX, ONPOLICY) else self.cfg.feature_weight)
+                for name in self.plan.terms}
 
     def combine(self, terms: dict) -> Any:
         """The objective as token sums: (1 − w)·CE + Σ λ_i·term_i."""
@@ -350,34 +353,63 @@ class Distiller:
         return total
 
     def losses(self, model: Any, batch: dict) -> dict:
-        """{"ce": sum, term: sum, ...} for one micro-batch (labels are already next-token aligned by the collator)."""
-        import torch
+        """{"ce": sum, term: sum, ...} for one micro-batch (labels are already next-token aligned by the collator).
 
+        An on-policy micro-batch (`onpolicy.OnPolicy.batch`) gives only its `onpolicy_kd` term, on the student's own
+        tokens; its "ce" is the CE of the same prompts' collected answers when --sckd pairs them, else 0."""
         from imitate.train import losses
+
         labels = batch["labels"]
-        inputs = model_inputs(batch)
         chunk, vocab_size = self.cfg.kd_chunk_size, self.plan.vocab_size
+        if "onpolicy" in batch:
+            hidden, head = self._student(model, batch)
+            kd = self._logit_kd(hidden, head, self._teacher(batch), labels)
+            zero = kd.new_zeros(())
+            terms = {"ce": zero, **{name: zero for name in self.terms}, ONPOLICY: kd}
+            if "reference" in batch:  # SCKD's paired CE: the same prompts' collected answers (onpolicy.py)
+                terms["ce"] = losses.forward_ce(model, batch["reference"], vocab_size=vocab_size, chunk_size=chunk)[0]
+            return terms
         ce, out = losses.forward_ce(model, batch, vocab_size=vocab_size, chunk_size=chunk)  # the same CE as SFT's
         terms = {"ce": ce}
         hidden = out.hidden_states
         head = unwrap(model).get_output_embeddings()
         if self.teacher is not None:
-            t_dev = self.teacher.device
-            t_extra = {"logits_to_keep": 1} if takes_logits_to_keep(self.teacher) else {}
-            with torch.no_grad():
-                t_out = self.teacher(**{k: v.to(t_dev) for k, v in inputs.items()}, **t_extra,
-                                     output_hidden_states=True, use_cache=False)
-            terms[LOGIT] = losses.chunked_kd_loss(
-                hidden[-1], head, t_out.hidden_states[-1], self.teacher.get_output_embeddings(), labels,
-                beta=self.beta, temperature=self.cfg.temperature, chunk_size=chunk, vocab_size=vocab_size,
-                t2=self.cfg.t2)[0]
+            t_out = self._teacher(batch)
+            terms[LOGIT] = self._logit_kd(hidden, head, t_out, labels)
             if self.regressors is not None:
                 for name, (s, _) in self.regressors.terms(hidden, t_out.hidden_states, labels != IGNORE).items():
                     terms[name] = s
+            if ONPOLICY in self.plan.terms:
+                terms[ONPOLICY] = terms["ce"].new_zeros(())
         elif GRAYBOX in self.plan.terms:
             terms[GRAYBOX] = losses.sparse_topk_kd(hidden[-1], head, batch["topk_ids"], batch["topk_logprobs"],
                                                    chunk_size=chunk, vocab_size=vocab_size)[0]
         return terms
+
+    def _student(self, model: Any, batch: dict) -> tuple[Any, Any]:
+        """(the student's hidden states, its output head) for a micro-batch."""
+        # logits_to_keep=1: the models build no [tokens x vocab] logits; the losses project hidden states in chunks
+        extra = {"logits_to_keep": 1} if takes_logits_to_keep(model) else {}
+        out = model(**model_inputs(batch), **extra, output_hidden_states=True, use_cache=False)
+        return out.hidden_states, unwrap(model).get_output_embeddings()
+
+    def _teacher(self, batch: dict) -> Any:
+        """The frozen teacher's outputs (hidden states) on the same micro-batch, under no_grad."""
+        import torch
+
+        t_dev = self.teacher.device
+        t_extra = {"logits_to_keep": 1} if takes_logits_to_keep(self.teacher) else {}
+        with torch.no_grad():
+            return self.teacher(**{k: v.to(t_dev) for k, v in model_inputs(batch).items()}, **t_extra,
+                                output_hidden_states=True, use_cache=False)
+
+    def _logit_kd(self, hidden: Any, head: Any, t_out: Any, labels: Any) -> Any:
+        from imitate.train import losses
+
+        return losses.chunked_kd_loss(
+            hidden[-1], head, t_out.hidden_states[-1], self.teacher.get_output_embeddings(), labels, beta=self.beta,
+            temperature=self.cfg.temperature, chunk_size=self.cfg.kd_chunk_size, vocab_size=self.plan.vocab_size,
+            t2=self.cfg.t2)[0]
 
     def log(self, row: dict, per_token: list[float], gates: dict, rows: list[dict]) -> None:
         """Add this step's terms (per target token, unweighted) and gates (cosine, on/off, running on-rate since step 1,
@@ -429,7 +461,7 @@ def setup(cfg: Any, plan: Plan, accelerator: Any, params: list) -> Distiller:
         own = {n: list(regressors.maps[n].parameters()) for n in distiller.terms
                if regressors is not None and n in regressors.maps}
         distiller.gate = SCKDGate(params, distiller.weights(), threshold=cfg.sckd_threshold, term_params=own,
-                                  reducer=distributed_sum())
+                                  reducer=distributed_sum(), pairs={ONPOLICY: "onpolicy"})  # see onpolicy.py
     return distiller
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from imitate.errors import ImitateError, InputError, UsageError
-from imitate.train import checkpoint, distill
+from imitate.train import checkpoint, distill, onpolicy
 from imitate.train.config import TrainConfig
 from imitate.train.data import (
     IGNORE,
@@ -48,6 +48,8 @@ def fingerprint(cfg: TrainConfig, n_train: int) -> dict:
     keys = ("student", "full", "lora_r", "lora_alpha", "target_modules", "batch_size", "grad_accum", "max_length",
             "packing", "seed", "eval_split", "loss_on", "overlong", "epochs", "max_steps",
             "teacher", "feature_kd", "sckd", "graybox")  # the KD ones decide what trains (regressors) and how
+    if cfg.on_policy:  # only then, so checkpoints of runs without --on-policy stay resumable
+        keys += ("on_policy", "on_policy_warmup", "on_policy_temperature", "on_policy_max_tokens")
     return {**{k: str(getattr(cfg, k)) for k in keys}, "train_examples": n_train}
 
 
@@ -203,7 +205,8 @@ def accumulate_window(accelerator: Any, model: Any, micro: list[dict], n_targets
             with accelerator.accumulate(model), accelerator.no_sync(model), accelerator.autocast():
                 terms = distiller.losses(model, batch)
                 s = world / max(n_targets, 1)  # mean over ranks below turns this into 1 / n_targets of the sum
-                gate.accumulate(terms["ce"] * ((1.0 - distiller.w) * s), {n: terms[n] * s for n in distiller.terms})
+                gate.accumulate(terms["ce"] * ((1.0 - distiller.w) * s), {n: terms[n] * s for n in distiller.terms},
+                                group="onpolicy" if "onpolicy" in batch else "")  # SCKD pairing: see onpolicy.py
         else:
             with accelerator.accumulate(model), accelerator.autocast():
                 if distiller is None:
@@ -330,6 +333,7 @@ class Session:
     start: int = 0  # first step to run (a resumed run's checkpoint step)
     tokens_seen: int = 0
     rows: list = dataclasses.field(default_factory=list)  # metrics rows so far
+    policy: Any = None  # onpolicy.OnPolicy when --on-policy > 0: which micro-batches the student answers itself
 
     @property
     def per_window(self) -> int:
@@ -441,6 +445,11 @@ def setup(cfg: TrainConfig, data: Prepared) -> Session:
         checkpoint.keep_only_trainable(accelerator)
     s = Session(accelerator, model, optimizer, scheduler, distiller, vocab_size, plan, total_steps,
                 fingerprint(cfg, len(data.train_ex)))
+    if cfg.on_policy:
+        from imitate.models import eos_ids
+
+        s.policy = onpolicy.OnPolicy(cfg, data.tokenizer, total_steps,
+                                     eos_ids(accelerator.unwrap_model(model), data.tokenizer))
 
     # resume
     out = Path(cfg.out)
@@ -463,7 +472,7 @@ def reg_params_of(distiller: Any) -> list:
 def fit(cfg: TrainConfig, data: Prepared, s: Session, stop_after: int | None = None) -> dict:
     """The loop: one optimizer step per window of micro-batches, metrics, periodic eval and checkpoints.
     Returns {"last_loss", "last_eval", "tokens_per_s", "stopped"}."""
-    accelerator, model, distiller = s.accelerator, s.model, s.distiller
+    accelerator, model, distiller, policy = s.accelerator, s.model, s.distiller, s.policy
     gate = distiller.gate if distiller is not None else None
     reg_params = reg_params_of(distiller)
     rank, ga, per_window = accelerator.process_index, cfg.grad_accum, s.per_window
@@ -484,12 +493,19 @@ def fit(cfg: TrainConfig, data: Prepared, s: Session, stop_after: int | None = N
         real = [i for b in window if b is not None for i in b]
         n_targets = sum(targets[i] for i in real)  # the whole window, every rank: the loss denominator
         n_tokens = sum(lengths[i] for i in real)
+        kinds = policy.kinds(step, window) if policy is not None else [False] * len(window)  # True: on-policy
         micro = []
-        for b in window[rank * ga : (rank + 1) * ga]:
+        for j, b in enumerate(window[rank * ga : (rank + 1) * ga], start=rank * ga):
             exs = materialize(b, data.train_ex, stand_in)
+            if kinds[j]:  # the student writes this micro-batch's answers
+                micro.append(policy.batch(accelerator, model, exs, step, j))
+                continue
             micro.append(collate(exs, pad_id=pad_id, packing=cfg.packing))
             if graybox:
                 micro[-1]["topk_ids"], micro[-1]["topk_logprobs"] = distill.graybox_tensors(exs, micro[-1])
+        denoms = None  # per-term token counts for the logged values when they differ from n_targets
+        if policy is not None:
+            n_targets, denoms = policy.denominators(accelerator, micro, window, targets, distiller.terms)
         sums, gates = accumulate_window(accelerator, model, micro, n_targets, distiller, gate, s.vocab_size)
         grad_norm = None
         if cfg.max_grad_norm > 0:
@@ -498,8 +514,9 @@ def fit(cfg: TrainConfig, data: Prepared, s: Session, stop_after: int | None = N
         s.optimizer.step()
         s.optimizer.zero_grad(set_to_none=True)
         s.scheduler.step()
-        sums = (accelerator.reduce(sums, reduction="sum") / max(n_targets, 1)).tolist()
-        last_loss = sums[0]
+        sums = accelerator.reduce(sums, reduction="sum")
+        sums = (sums / max(n_targets, 1) if denoms is None else sums / sums.new_tensor(denoms).clamp(min=1)).tolist()
+        prev_loss, last_loss = last_loss, sums[0]
         dt = time.time() - t0
         s.tokens_seen += n_tokens
         tokens_loop += n_tokens
@@ -508,7 +525,10 @@ def fit(cfg: TrainConfig, data: Prepared, s: Session, stop_after: int | None = N
         if grad_norm is not None:
             row["grad_norm"] = float(grad_norm)
         if distiller is not None:
-            distiller.log(row, sums[1:], gates, s.rows)
+            distiller.log(row, sums[1:], policy.present(gates) if policy is not None else gates, s.rows)
+        if policy is not None:  # drops the values of terms (and CE) no micro-batch of the window had
+            policy.log(row, dt)
+            last_loss = row.get("loss", prev_loss)
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < s.total_steps:
             last_eval = evaluate(accelerator, model, data.eval_ex, cfg, pad_id, s.vocab_size)
@@ -545,6 +565,8 @@ def save(cfg: TrainConfig, data: Prepared, s: Session, fitted: dict, t_start: fl
         summary["distill"] = distiller.summary(s.rows)
     elif data.graybox_report is not None:
         summary["distill"] = {"mode": "none", "graybox": data.graybox_report}
+    if s.policy is not None:
+        summary["on_policy"] = s.policy.summary(s.rows)
     if fitted["stopped"]:
         summary["stopped_at"] = stop_after
         return summary
@@ -567,7 +589,8 @@ def save(cfg: TrainConfig, data: Prepared, s: Session, fitted: dict, t_start: fl
         shutil.rmtree(checkpoint.checkpoint_dir(out), ignore_errors=True)
     summary["elapsed_s"] = time.time() - t_start
     summary["peak_memory_mb"] = peak_memory_mb(accelerator)
-    log(accelerator, f"trained {s.total_steps - s.start} step(s): train loss {last_loss:.4f}"
+    log(accelerator, f"trained {s.total_steps - s.start} step(s)"
+        + (f": train loss {last_loss:.4f}" if last_loss is not None else "")
         + (f", eval loss {last_eval:.4f}" if last_eval is not None else "")
         + f", {summary['tokens_per_s']:.0f} tokens/s -> {out}")
     if distiller is not None and cfg.sckd:

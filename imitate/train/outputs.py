@@ -86,8 +86,9 @@ class ProgressBar:
         self.bar = Bar("train", total, enabled=enabled, completed=start, fields={"loss": "-", "tps": "-"},
                        columns=["loss {loss}", "{tps} tok/s"])
 
-    def update(self, done: int, loss: float, tokens_per_s: float) -> None:
-        self.bar.update(completed=done, loss=f"{loss:.4f}", tps=f"{tokens_per_s:,.0f}")
+    def update(self, done: int, loss: float | None, tokens_per_s: float) -> None:
+        shown = "-" if loss is None else f"{loss:.4f}"  # None: no CE yet (all on-policy)
+        self.bar.update(completed=done, loss=shown, tps=f"{tokens_per_s:,.0f}")
 
     def close(self) -> None:
         self.bar.close()

@@ -98,6 +98,9 @@ class SCKDGate:
     "feature_s1_t2"). threshold: φ; a term counts when its cosine is strictly greater.
     term_params: {term name: parameters only that term trains} (a feature pair's regressor).
     reducer: sums a 1-D float32 tensor across data-parallel ranks (`distributed_sum()`); None in one process.
+    pairs: {term name: group}: compare that term with the supervised gradient of its group only (the micro-batches
+    accumulated with that `group`) instead of all of them; on-policy KD is paired so (imitate/train/onpolicy.py). Every
+    group's supervised gradient is in the update.
     """
 
     def __init__(
@@ -108,6 +111,7 @@ class SCKDGate:
         threshold: float = 0.0,
         term_params: dict[str, Sequence[torch.Tensor]] | None = None,
         reducer: Reducer | None = None,
+        pairs: dict[str, str] | None = None,
     ):
         self.params = [p for p in params if p.requires_grad]
         self.weights = dict(weights)
@@ -115,21 +119,24 @@ class SCKDGate:
         self.term_params = {name: list((term_params or {}).get(name, [])) for name in self.weights}
         self.reducer = reducer
         self.counter = OnRates(list(self.weights))
+        self.pairs = {name: (pairs or {}).get(name, "") for name in self.weights}
         self.steps = 0
-        self._sup: list[torch.Tensor] | None = None
+        self._sup: dict[str, list[torch.Tensor]] = {}  # group -> summed supervised gradient
         self._terms: dict[str, list[torch.Tensor]] = {}
 
-    def accumulate(self, sup_loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+    def accumulate(self, sup_loss: torch.Tensor, terms: dict[str, torch.Tensor], group: str = "") -> None:
         """Add this micro-batch's separate gradients to the window's buffers (use instead of `loss.backward()`).
 
         sup_loss: the supervised loss as it should enter the update (already normalised, and scaled by (1 − w) if the
-        recipe does so); terms: {name: unweighted KD term}, λ comes from `weights`.
+        recipe does so); terms: {name: unweighted KD term}, λ comes from `weights`. group: which supervised gradient
+        this micro-batch's adds to (see `pairs`).
         """
         if set(terms) != set(self.weights):
             raise ValueError(f"SCKD terms {sorted(terms)} do not match the configured {sorted(self.weights)}")
         names = list(self.weights)
         sup = _grads(sup_loss, self.params, retain=True)
-        self._sup = sup if self._sup is None else [a.add_(b) for a, b in zip(self._sup, sup)]
+        prev_sup = self._sup.get(group)
+        self._sup[group] = sup if prev_sup is None else [a.add_(b) for a, b in zip(prev_sup, sup)]
         for k, name in enumerate(names):
             g = _grads(terms[name], self.params + self.term_params[name], retain=k < len(names) - 1)
             prev = self._terms.get(name)
@@ -142,27 +149,39 @@ class SCKDGate:
         """
         import torch
 
-        if self._sup is None:
+        if not self._sup:
             raise RuntimeError("SCKDGate.step() called before accumulate()")
         names = list(self.weights)
         n_shared = len(self.params)
-        # one vector [‖g_s‖², <g_s, g_1>, ‖g_1‖², <g_s, g_2>, ‖g_2‖², ...] in float32, reduced across ranks in one call
-        stats = [sum((g.float() * g.float()).sum() for g in self._sup)]
+        groups = sorted(set(self.pairs.values()))  # from the configuration: the same on every rank
+
+        def dot(a, b):  # <a, b> over the shared parameters; a missing buffer (no such micro-batch here) counts as zero
+            if a is None or b is None:
+                return 0.0
+            return sum((x.float() * y.float()).sum() for x, y in zip(a, b))
+
+        # one vector [‖g_s‖² of each group, then <g_s, g_1>, ‖g_1‖², <g_s, g_2>, ‖g_2‖², ...] in float32, reduced
+        # across ranks in one call
+        stats = [dot(self._sup.get(g), self._sup.get(g)) for g in groups]
         for name in names:
             shared = self._terms[name][:n_shared]
-            stats.append(sum((a.float() * b.float()).sum() for a, b in zip(self._sup, shared)))
-            stats.append(sum((b.float() * b.float()).sum() for b in shared))
+            stats.append(dot(self._sup.get(self.pairs[name]), shared))
+            stats.append(dot(shared, shared))
         device = self.params[0].device if self.params else None
         vec = torch.stack([torch.as_tensor(s, dtype=torch.float32, device=device) for s in stats])
         if self.reducer is not None:
             vec = self.reducer(vec)
-        sup_norm = vec[0].clamp(min=0).sqrt()
+        norms = {g: vec[k].clamp(min=0).sqrt() for k, g in enumerate(groups)}
         report: dict[str, dict[str, float | bool]] = {}
-        combined = self._sup
+        bufs = list(self._sup.values())  # the update takes every group's supervised gradient
+        combined = bufs[0]
+        for buf in bufs[1:]:
+            combined = [c.add_(g) for c, g in zip(combined, buf)]
+        off = len(groups)
         for k, name in enumerate(names):
-            dot, sq = vec[1 + 2 * k], vec[2 + 2 * k]
-            denom = sup_norm * sq.clamp(min=0).sqrt()
-            cos = float(dot / denom) if float(denom) > 0 else 0.0
+            dot_k, sq = vec[off + 2 * k], vec[off + 1 + 2 * k]
+            denom = norms[self.pairs[name]] * sq.clamp(min=0).sqrt()
+            cos = float(dot_k / denom) if float(denom) > 0 else 0.0
             on = cos > self.threshold
             report[name] = {"cos": cos, "on": on}
             self.counter.add(name, on)
@@ -173,7 +192,7 @@ class SCKDGate:
                 _add_to_grad(self.term_params[name], [g * lam for g in grads[n_shared:]])
         _add_to_grad(self.params, combined)
         self.steps += 1
-        self._sup, self._terms = None, {}
+        self._sup, self._terms = {}, {}
         return report
 
     def on_rates(self) -> dict[str, float]:

@@ -1,0 +1,211 @@
+"""On-policy distillation (`--on-policy λ`): the student writes the answers, the local teacher grades every token.
+
+Off-policy KD trains the student on the teacher's text only; at generation time the student conditions on its own
+tokens and its mistakes compound (exposure bias). Here, for a fraction λ of micro-batches (GKD, Agarwal et al. 2024):
+1. the student generates an answer to each record's prompt (`generate`: batched, left-padded, KV cache, no_grad,
+   `--on-policy-temperature`, at most `--on-policy-max-tokens`, stopping at the student's end-of-turn token);
+2. prompt + the student's tokens become the micro-batch (`onpolicy_example`): targets on the generated tokens only,
+   end-of-turn included, so the teacher also grades when the student stops;
+3. the KD term (`--kd`, any divergence, chunked like the dataset term) is taken on those tokens against the teacher's
+   logits at the same positions. No cross-entropy: the student's own tokens are not a target to imitate.
+Dataset micro-batches keep CE + KD as without --on-policy.
+
+Which micro-batches: a seeded coin per (seed, step, micro-batch index in the window) with P(on-policy) = λ, none before
+`--on-policy-warmup` (a fraction of the steps), so every rank — and a resumed run — takes the same decisions without
+talking. Generation is seeded the same way (in a forked RNG, so dropout and the rest of training draw the same numbers
+as without it).
+
+The loss denominator (loop.py's token-sum convention): the positions that carry a loss in the window, over all ranks —
+dataset targets + generated tokens (+ with --sckd the reference answers of on-policy prompts, see below). Generated
+lengths are known only after generation, so a window with on-policy micro-batches costs one small all-reduce.
+
+SCKD pairing: each KD kind is its own gated term — `logit_kd` on dataset micro-batches, `onpolicy_kd` on on-policy
+ones — and each is compared with the CE gradient of the SAME prompts' collected answers: for `logit_kd` the dataset
+micro-batches' own CE (as without --on-policy), for `onpolicy_kd` the CE of the on-policy micro-batches' records (one
+extra forward + gradient of the collected answers, --sckd only). Why these pairs: the gate's question is "does the
+teacher's signal on these prompts agree with what the data says for these prompts"; against the window's whole CE
+the on-policy decision would depend on unrelated prompts. That reference CE is SCKD's supervised term, so it trains
+like every g_s (an off gate then falls back to SFT on those prompts instead of a wasted step).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from imitate.train.data import IGNORE, Example, collate, shift_targets
+from imitate.train.distill import ONPOLICY
+
+
+def warmup_steps(fraction: float, total_steps: int) -> int:
+    """Optimizer steps trained off-policy before the first on-policy micro-batch."""
+    return int(fraction * total_steps)
+
+
+def choose(seed: int, step: int, window: Sequence[Any], lam: float, first_step: int) -> list[bool]:
+    """Which micro-batches of the window (global order, all ranks) are on-policy at 0-based `step`: a seeded coin with
+    P = lam each; never a padding micro-batch (None) nor a step before `first_step`. Pure: every rank agrees."""
+    if lam <= 0 or step < first_step:
+        return [False] * len(window)
+    return [b is not None and random.Random(f"on-policy {seed} {step} {j}").random() < lam
+            for j, b in enumerate(window)]
+
+
+def prompt_of(ex: Example) -> list[int]:
+    """The prompt an example's final answer was written to: its tokens up to the first token of the last run of
+    targets (the rendering of the earlier turns plus the assistant header, as `data.assistant_spans` found it)."""
+    t = len(ex.labels) - 1
+    while t >= 0 and ex.labels[t] == IGNORE:
+        t -= 1
+    while t >= 0 and ex.labels[t] != IGNORE:
+        t -= 1
+    return list(ex.input_ids[: t + 2])  # labels[t + 1] is the first target: the token at t + 2 is the first answer token
+
+
+def onpolicy_example(prompt: list[int], answer: list[int], where: str, max_length: int) -> Example:
+    """prompt + the student's answer, targets on the answer tokens only, cut to max_length."""
+    ids = (list(prompt) + list(answer))[:max_length]
+    mask = ([False] * len(prompt) + [True] * len(answer))[: len(ids)]
+    return Example(ids, shift_targets(ids, mask), where + " (on-policy)")
+
+
+def generate(model: Any, prompts: list[list[int]], *, pad_id: int, stop_ids: Sequence[int], max_tokens: int,
+             temperature: float, seed: int) -> tuple[list[list[int]], list[bool]]:
+    """The student's answers to `prompts` (token ids), one batched `generate` call: left-padded, KV cache, no_grad, in
+    eval mode (no dropout), seeded in a forked RNG. Returns (answers, hit_cap): each answer ends with its stop token
+    when the model wrote one (everything after it is dropped); hit_cap[i] is True when it wrote none within
+    max_tokens (or the model's context)."""
+    import torch
+    from transformers import GenerationConfig
+
+    from imitate.models import left_pad
+
+    input_ids, mask = left_pad(prompts, pad_id)
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if context:
+        max_tokens = max(1, min(max_tokens, context - input_ids.shape[1]))
+    sample = temperature > 0
+    # explicit values so the model's generation_config (top-k, penalties) cannot leak in: the student's own distribution
+    knobs = {"temperature": float(temperature), "top_k": 0, "top_p": 1.0} if sample else {}
+    gen = GenerationConfig(max_new_tokens=max_tokens, do_sample=sample, repetition_penalty=1.0, **knobs,
+                           eos_token_id=list(stop_ids), pad_token_id=pad_id, use_cache=True)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            torch.manual_seed(seed)
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=gen)
+    finally:
+        model.train(was_training)
+    stop = set(stop_ids)
+    answers, capped = [], []
+    for row in out[:, input_ids.shape[1]:].tolist():
+        end = next((t for t, tok in enumerate(row) if tok in stop), None)
+        answers.append(row if end is None else row[: end + 1])
+        capped.append(end is None)
+    return answers, capped
+
+
+class OnPolicy:
+    """The on-policy side of a training run: picks micro-batches, generates, builds their batches, counts.
+
+    Built by loop.run when --on-policy > 0; `kinds` and `batch` are called per window, `denominators` once the window's
+    micro-batches exist, `log` per step, `summary` at the end.
+    """
+
+    def __init__(self, cfg: Any, tokenizer: Any, total_steps: int, stop_ids: list[int]):
+        self.cfg, self.stop_ids = cfg, stop_ids
+        self.pad_id = tokenizer.pad_token_id
+        self.first_step = warmup_steps(cfg.on_policy_warmup, total_steps)
+        self.totals = {"micro": 0, "onpolicy": 0, "sequences": 0, "tokens": 0, "capped": 0, "gen_s": 0.0,
+                       "step_s": 0.0}
+        self._step: dict = {}
+        self._terms: list[str] = []
+
+    def kinds(self, step: int, window: Sequence[Any]) -> list[bool]:
+        self._step = {"gen_s": 0.0, "flags": choose(self.cfg.seed, step, window, self.cfg.on_policy,
+                                                     self.first_step), "real": sum(b is not None for b in window)}
+        return self._step["flags"]
+
+    def batch(self, accelerator: Any, model: Any, examples: list[Example], step: int, j: int) -> dict:
+        """The on-policy micro-batch for `examples` (micro-batch j of the window at `step`), with the dataset version
+        under "reference" when --sckd pairs it (see the module doc)."""
+        t0 = time.time()
+        prompts = [prompt_of(ex) for ex in examples]
+        with accelerator.autocast():
+            answers, capped = generate(
+                accelerator.unwrap_model(model), prompts, pad_id=self.pad_id, stop_ids=self.stop_ids,
+                max_tokens=self.cfg.on_policy_max_tokens, temperature=self.cfg.on_policy_temperature,
+                seed=(self.cfg.seed * 1_000_003 + step * 1_009 + j) % 2**63)
+        exs = [onpolicy_example(p, a, ex.where, self.cfg.max_length) for p, a, ex in zip(prompts, answers, examples)]
+        out = collate(exs, pad_id=self.pad_id, packing=self.cfg.packing)
+        out["onpolicy"] = {"sequences": len(answers), "tokens": sum(map(len, answers)), "capped": sum(capped)}
+        if self.cfg.sckd:
+            out["reference"] = collate(examples, pad_id=self.pad_id, packing=self.cfg.packing)
+        self._step["gen_s"] += time.time() - t0
+        return out
+
+    def denominators(self, accelerator: Any, micro: list[dict], window: Sequence[Any], targets: Sequence[int],
+                     terms: list[str]) -> tuple[int, list[float] | None]:
+        """(the window's loss denominator, per-term token counts for the logged per-token values: [CE, *terms]).
+
+        Dataset targets come from the batch plan (every rank knows the window); generated tokens are summed over the
+        ranks (one all-reduce, only in windows that hold an on-policy micro-batch)."""
+        import torch
+
+        flags = self._step["flags"]
+        data = sum(targets[i] for b, on in zip(window, flags) if b is not None and not on for i in b)
+        self._terms = list(terms)
+        if not any(flags):  # today's window: the logged values divide by n_targets as without --on-policy
+            self._step["counts"] = [data] + [0 if name == ONPOLICY else data for name in terms]
+            return data, None
+        ref = sum(targets[i] for b, on in zip(window, flags) if on for i in b) if self.cfg.sckd else 0
+        own = [m["onpolicy"] for m in micro if "onpolicy" in m]
+        local = torch.tensor([[s[k] for k in ("sequences", "tokens", "capped")] for s in own] or [[0, 0, 0]],
+                             dtype=torch.float64, device=accelerator.device).sum(0)
+        seqs, gen, capped = (int(x) for x in accelerator.reduce(local, reduction="sum").tolist())
+        counts = [data + ref] + [gen if name == ONPOLICY else data for name in terms]
+        self._step.update(sequences=seqs, tokens=gen, capped=capped, counts=counts)
+        return data + ref + gen, counts
+
+    def present(self, gates: dict) -> dict:
+        """The SCKD gate decisions of the terms this window had micro-batches for (an absent term is no decision)."""
+        flags, real = self._step["flags"], self._step["real"]
+        has_on, has_data = any(flags), sum(flags) < real
+        return {n: g for n, g in gates.items() if (has_on if n == ONPOLICY else has_data)}
+
+    def log(self, row: dict, step_s: float) -> None:
+        """This step's on-policy numbers into the metrics row (generation time is this rank's, rank 0 logs); the
+        per-token values of terms no micro-batch of the window had (and of CE, when there was none) are dropped."""
+        s, t = self._step, self.totals
+        counts = s.get("counts")
+        if counts is not None:
+            for name, n in zip(["loss", *self._terms], counts):
+                if not n:
+                    row.pop(name, None)
+        n_on = sum(s["flags"])
+        t["micro"] += s["real"]
+        t["onpolicy"] += n_on
+        t["gen_s"] += s["gen_s"]
+        t["step_s"] += step_s
+        row["onpolicy/share"] = n_on / max(s["real"], 1)
+        if n_on:
+            for k in ("sequences", "tokens", "capped"):
+                t[k] += s[k]
+            row["onpolicy/gen_tokens"] = s["tokens"] / max(s["sequences"], 1)
+            row["onpolicy/cap_hit"] = s["capped"] / max(s["sequences"], 1)
+        row["gen_s"], row["train_s"] = s["gen_s"], step_s - s["gen_s"]
+
+    def summary(self, rows: list[dict]) -> dict:
+        """Run totals (this process; a resumed run's earlier steps from its metrics rows for the share)."""
+        t = self.totals
+        shares = [r["onpolicy/share"] for r in rows if "onpolicy/share" in r]
+        return {"lambda": self.cfg.on_policy, "warmup_steps": self.first_step,
+                "temperature": self.cfg.on_policy_temperature, "max_tokens": self.cfg.on_policy_max_tokens,
+                "share": sum(shares) / len(shares) if shares else 0.0,
+                "mean_gen_tokens": t["tokens"] / t["sequences"] if t["sequences"] else None,
+                "cap_hit_rate": t["capped"] / t["sequences"] if t["sequences"] else None,
+                "gen_s": t["gen_s"], "train_s": t["step_s"] - t["gen_s"]}

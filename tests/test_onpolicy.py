@@ -1,0 +1,429 @@
+"""On-policy distillation (`imitate train --on-policy λ`): generation, batch building, the loss against a naive
+reference, λ = 0 / λ = 1 identities, SCKD pairing, resume, DDP, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from test_distill import write
+from test_train import adapter_weights as adapter
+from test_train import cfg_for as sft_cfg
+from test_train import invoke, make_records, metrics
+from tiny import run_torchrun
+
+from imitate.train import onpolicy
+from imitate.train.data import IGNORE, Example, collate, encode, shift_targets
+from imitate.train.loop import run
+from imitate.train.sckd import SCKDGate
+
+# shapes the count-to-N records (what the SFT'd student was trained on) do not cover
+OTHER = [
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is 12 + 30?"},
+     {"role": "assistant", "content": "42"}],
+    [{"role": "user", "content": "Écris trois en lettres."}, {"role": "assistant", "content": "trois"},
+     {"role": "user", "content": "Et sept ?"}, {"role": "assistant", "content": "sept, comme les sept jours"}],
+    [{"role": "user", "content": "Translate: the quick brown fox"}, {"role": "assistant", "content": "der schnelle Fuchs"}],
+    [{"role": "user", "content": "def f(x): return x*2  # what is f(21)?"}, {"role": "assistant", "content": "f(21) = 42"}],
+]
+
+
+def cfg_for(data, student, out, **kw):
+    return sft_cfg(data, student, out, **{"eval_split": 0, "lora_dropout": 0.0, **kw})
+
+
+@pytest.fixture(scope="module")
+def sft_student(tiny_model_dir, tmp_path_factory):
+    """The tiny student fully fine-tuned on count-to-N records: it answers and stops with <|end|>, so on-policy
+    batches hold answers of different lengths that end at the end-of-turn token (a random-init one never stops)."""
+    d = tmp_path_factory.mktemp("sft")
+    data = write(d / "d.jsonl", make_records(48, seed=7))
+    run(cfg_for(data, tiny_model_dir, d / "m", full=True, batch_size=8, lr=1e-2, warmup=0.1, max_steps=40))
+    return d / "m"
+
+
+@pytest.fixture(scope="module")
+def mixed_file(tmp_path_factory):
+    return write(tmp_path_factory.mktemp("op") / "mixed.jsonl", make_records(8, seed=11) + [{"messages": m} for m in OTHER])
+
+
+def load(path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def greedy_naive(model, prompt, stop, max_tokens):
+    """Greedy decoding the slow way: one prompt, a full forward per token, no cache, no padding."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            nxt = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            ids.append(nxt)
+            if nxt in stop:
+                break
+    return ids[len(prompt):]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# choosing micro-batches
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_choose_is_seeded_and_follows_lambda_warmup_and_padding():
+    window = [[0], [1], None, [2]]
+    assert onpolicy.choose(3, 10, window, 1.0, 0) == [True, True, False, True]  # never a padding micro-batch
+    assert onpolicy.choose(3, 10, window, 0.0, 0) == [False] * 4
+    assert onpolicy.choose(3, 9, window, 1.0, 10) == [False] * 4  # before the warm-up ends
+    flags = [f for step in range(600) for f in onpolicy.choose(5, step, [[0]] * 4, 0.3, 0)]
+    assert abs(sum(flags) / len(flags) - 0.3) < 0.04
+    again = [f for step in range(600) for f in onpolicy.choose(5, step, [[0]] * 4, 0.3, 0)]
+    other = [f for step in range(600) for f in onpolicy.choose(6, step, [[0]] * 4, 0.3, 0)]
+    assert flags == again and flags != other
+    assert onpolicy.warmup_steps(0.5, 7) == 3 and onpolicy.warmup_steps(0.0, 7) == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# prompts, generation, batches
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss_on", ["final", "all"])
+def test_prompt_is_the_rendered_conversation_before_the_final_answer(tiny_model_dir, loss_on):
+    from imitate.models import prompt_ids
+
+    _, tok = load(tiny_model_dir)
+    for messages in OTHER + [r["messages"] for r in make_records(3, seed=2)]:
+        ids, mask = encode(tok, messages, loss_on)
+        ex = Example(ids, shift_targets(ids, mask), "x")
+        want = prompt_ids(tok, messages[:-1])
+        assert tok.decode(onpolicy.prompt_of(ex)) == tok.decode(want)
+
+
+def test_generation_matches_naive_greedy_per_prompt_and_stops_at_end_of_turn(sft_student):
+    from imitate.models import eos_ids, prompt_ids
+
+    model, tok = load(sft_student)
+    stop = eos_ids(model, tok)
+    convs = [r["messages"][:-1] for r in make_records(5, seed=3)] + [m[:-1] for m in OTHER]
+    prompts = [prompt_ids(tok, m) for m in convs]
+    assert len({len(p) for p in prompts}) > 2  # uneven lengths: left padding matters
+    model.train()
+    answers, capped = onpolicy.generate(model, prompts, pad_id=tok.pad_token_id, stop_ids=stop, max_tokens=14,
+                                        temperature=0.0, seed=0)
+    assert model.training  # restored
+    model.eval()
+    for p, a, c in zip(prompts, answers, capped):
+        assert a == greedy_naive(model, p, set(stop), 14)  # batched + KV cache == one prompt, no cache
+        assert c == (a[-1] not in stop) and (len(a) == 14 or not c)
+        assert not any(t in stop for t in a[:-1])  # nothing kept after the end-of-turn token
+    assert sum(capped) < len(capped)  # some answers end at the end-of-turn token
+    short, capped = onpolicy.generate(model, prompts, pad_id=tok.pad_token_id, stop_ids=stop, max_tokens=3,
+                                      temperature=0.0, seed=0)
+    assert all(capped) and [s for s in short] == [a[:3] for a in answers]
+
+
+def test_sampling_is_seeded_and_leaves_the_global_rng_alone(sft_student):
+    from imitate.models import eos_ids, prompt_ids
+
+    model, tok = load(sft_student)
+    prompts = [prompt_ids(tok, m[:-1]) for m in OTHER] * 3
+    kw = dict(pad_id=tok.pad_token_id, stop_ids=eos_ids(model, tok), max_tokens=10, temperature=1.5)
+    torch.manual_seed(123)
+    a = onpolicy.generate(model, prompts, seed=1, **kw)[0]
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    assert torch.equal(after, expected)
+    assert onpolicy.generate(model, prompts, seed=1, **kw)[0] == a
+    assert onpolicy.generate(model, prompts, seed=2, **kw)[0] != a
+    assert len({len(x) for x in a}) > 1 and len(set(map(tuple, a))) > len(OTHER)  # samples, not one mode
+
+
+def test_onpolicy_batch_masks_prompt_and_padding():
+    prompts, answers = [[5, 6, 7], [8, 9]], [[20, 21, 2], [30]]
+    exs = [onpolicy.onpolicy_example(p, a, "r", max_length=64) for p, a in zip(prompts, answers)]
+    batch = collate(exs, pad_id=0, packing=False)
+    labels = batch["labels"]
+    assert labels[0].tolist() == [IGNORE, IGNORE, 20, 21, 2, IGNORE]  # position t predicts token t + 1
+    assert labels[1].tolist() == [IGNORE, 30, IGNORE, IGNORE, IGNORE, IGNORE]
+    assert batch["attention_mask"][1].tolist() == [1, 1, 1, 0, 0, 0] and batch["n_targets"] == 4
+    cut = onpolicy.onpolicy_example([5, 6, 7], [20, 21, 2], "r", max_length=4)
+    assert cut.input_ids == [5, 6, 7, 20] and cut.n_targets == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the loss in the loop
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_onpolicy_loss_and_sckd_pairing_equal_a_naive_reference(sft_student, tiny_teacher_dir, mixed_file, tmp_path):
+    """λ = 1, greedy, full fine-tuning, --sckd, one window holding every record: step 1's logged on-policy KD equals a
+    full-logit reverse KL on answers generated separately (one prompt at a time, no cache) and decoded to text;
+    its CE is the records' collected answers; the gate's cosine is between those two gradients."""
+    import torch.nn.functional as F
+
+    from imitate.models import eos_ids, prompt_ids
+
+    records = [json.loads(x) for x in mixed_file.read_text().splitlines()]
+    run(cfg_for(mixed_file, sft_student, tmp_path / "o", teacher=f"hf:{tiny_teacher_dir}", full=True, kd="reverse-kl",
+                temperature=1.5, on_policy=1.0, on_policy_warmup=0.0, on_policy_temperature=0.0,
+                on_policy_max_tokens=12, sckd=True, batch_size=6, grad_accum=2, max_steps=1, kd_chunk_size=7))
+    row = metrics(tmp_path / "o")[0]
+
+    student, tok = load(sft_student)
+    teacher, _ = load(tiny_teacher_dir)
+    stop = set(eos_ids(student, tok))
+    texts, lengths = [], []
+    for r in records:
+        answer = greedy_naive(student, prompt_ids(tok, r["messages"][:-1]), stop, 12)
+        lengths.append(len(answer))
+        texts.append(tok.decode(answer))  # the reference continues from text, not from the loop's token ids
+    assert row["onpolicy/share"] == 1.0 and row["onpolicy/gen_tokens"] == pytest.approx(sum(lengths) / len(lengths))
+    T = 1.5
+    params = [p for p in student.parameters()]
+    student.train(False)
+    kd, ce, n_gen, n_ref = 0.0, 0.0, 0, 0
+    for r, text in zip(records, texts):
+        prompt = prompt_ids(tok, r["messages"][:-1])
+        ids = tok(tok.decode(prompt) + text, add_special_tokens=False)["input_ids"]
+        keep = torch.zeros(len(ids), dtype=torch.bool)
+        keep[len(prompt) - 1 : -1] = True  # positions predicting the generated tokens
+        s = student(input_ids=torch.tensor([ids])).logits[0][keep].double()
+        with torch.no_grad():
+            t = teacher(input_ids=torch.tensor([ids])).logits[0][keep].double()
+        ls, lt = F.log_softmax(s / T, -1), F.log_softmax(t / T, -1)
+        kd = kd + F.kl_div(lt, ls, log_target=True, reduction="sum") * T * T  # KL(student || teacher)
+        n_gen += int(keep.sum())
+        ids, mask = encode(tok, r["messages"])
+        lab = torch.tensor(shift_targets(ids, mask))
+        logits = student(input_ids=torch.tensor([ids])).logits[0].double()
+        ce = ce + F.cross_entropy(logits[lab != IGNORE], lab[lab != IGNORE], reduction="sum")
+        n_ref += int((lab != IGNORE).sum())
+    assert n_gen == sum(lengths)
+    assert row["onpolicy_kd"] == pytest.approx(kd.item() / n_gen, rel=1e-4)
+    assert row["loss"] == pytest.approx(ce.item() / n_ref, rel=1e-5)  # the paired CE: the collected answers
+    g_kd = torch.autograd.grad(kd, params, retain_graph=True)
+    g_ce = torch.autograd.grad(ce, params)
+    dot = sum((a * b).sum() for a, b in zip(g_kd, g_ce))
+    cos = dot / (math.sqrt(sum((a * a).sum() for a in g_kd)) * math.sqrt(sum((b * b).sum() for b in g_ce)))
+    assert row["cos/onpolicy_kd"] == pytest.approx(float(cos), abs=2e-3)
+    assert "cos/logit_kd" not in row and "logit_kd" not in row  # no dataset micro-batch in this window
+
+
+def test_lambda_one_never_trains_on_the_records_answers(sft_student, tiny_teacher_dir, tmp_path):
+    """Same prompts, other answers of the same token length: λ = 1 trains to the same weights; λ = 0 does not."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(sft_student)
+    records = make_records(12, seed=5)
+    rng = random.Random(0)
+    other = []
+    for r in records:
+        n = len(tok(r["messages"][-1]["content"], add_special_tokens=False)["input_ids"])
+        other.append({"messages": [r["messages"][0], {"role": "assistant",
+                                                       "content": "".join(rng.choice("0123456789") for _ in range(n))}]})
+    for r, o in zip(records, other):  # precondition: the same token counts, so the same batch plan
+        assert len(encode(tok, r["messages"])[0]) == len(encode(tok, o["messages"])[0])
+    a, b = write(tmp_path / "a.jsonl", records), write(tmp_path / "b.jsonl", other)
+    kw = dict(teacher=f"hf:{tiny_teacher_dir}", max_steps=3, batch_size=3, grad_accum=2, on_policy_max_tokens=8,
+              on_policy_warmup=0.0)
+    for lam in (1.0, 0.0):
+        run(cfg_for(a, sft_student, tmp_path / f"a{lam}", on_policy=lam, **kw))
+        run(cfg_for(b, sft_student, tmp_path / f"b{lam}", on_policy=lam, **kw))
+    wa, wb = adapter(tmp_path / "a1.0"), adapter(tmp_path / "b1.0")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert all("loss" not in r for r in metrics(tmp_path / "a1.0"))  # no CE was ever taken
+    wa, wb = adapter(tmp_path / "a0.0"), adapter(tmp_path / "b0.0")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) > 1e-4  # the comparison can tell
+
+
+@pytest.mark.parametrize("sckd", [False, True])
+def test_steps_before_the_warmup_are_exactly_todays_kd(tiny_model_dir, tiny_teacher_dir, mixed_file, tmp_path, sckd):
+    """--on-policy 0.5 with half the steps as warm-up: steps 1-2 log the very numbers of plain KD (the on-policy
+    term and its SCKD group cost nothing there); later steps do hold on-policy micro-batches."""
+    kw = dict(teacher=f"hf:{tiny_teacher_dir}", max_steps=4, batch_size=2, grad_accum=2, sckd=sckd, kd="jsd")
+    run(cfg_for(mixed_file, tiny_model_dir, tmp_path / "kd", **kw))
+    summary = run(cfg_for(mixed_file, tiny_model_dir, tmp_path / "op", on_policy=0.5, on_policy_warmup=0.5,
+                          on_policy_max_tokens=6, **kw))
+    kd, op = metrics(tmp_path / "kd"), metrics(tmp_path / "op")
+    for x, y in zip(kd[:2], op[:2]):
+        for key in ("loss", "logit_kd", "grad_norm") + (("cos/logit_kd", "on/logit_kd") if sckd else ()):
+            assert x[key] == y[key], key
+        assert y["onpolicy/share"] == 0.0 and "onpolicy_kd" not in y and "cos/onpolicy_kd" not in y
+    flags = [f for s in (2, 3) for f in onpolicy.choose(0, s, [[0]] * 2, 0.5, 2)]
+    assert summary["on_policy"]["warmup_steps"] == 2
+    assert [r["onpolicy/share"] for r in op[2:4]] == [sum(flags[:2]) / 2, sum(flags[2:]) / 2]
+
+
+def test_resume_matches_a_straight_run(sft_student, tiny_teacher_dir, mixed_file, tmp_path):
+    """Generation is seeded per (seed, step, micro-batch): a stopped + resumed run samples the same answers."""
+    kw = dict(teacher=f"hf:{tiny_teacher_dir}", max_steps=4, batch_size=3, on_policy=0.7, on_policy_warmup=0.25,
+              on_policy_max_tokens=6, sckd=True)
+    straight = run(cfg_for(mixed_file, sft_student, tmp_path / "a", **kw))
+    run(cfg_for(mixed_file, sft_student, tmp_path / "b", save_every=2, **kw), stop_after=3)
+    resumed = run(cfg_for(mixed_file, sft_student, tmp_path / "b", save_every=2, resume=True, **kw))
+    assert resumed["start_step"] == 2
+    a, b = adapter(tmp_path / "a"), adapter(tmp_path / "b")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+    assert resumed["on_policy"]["share"] == pytest.approx(straight["on_policy"]["share"])
+    assert resumed["distill"]["on_rate"] == pytest.approx(straight["distill"]["on_rate"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SCKD pairing on constructed gradients
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _lin(theta, direction):
+    return (theta * torch.as_tensor(direction, dtype=theta.dtype)).sum()
+
+
+def test_gate_pairs_a_term_with_its_own_group_and_applies_every_group():
+    """The on-policy term is compared with the CE of its own micro-batches only: against the window's whole CE
+    (1, 1) it would be on (cos > 0), against its group's (0, 1) it is off. Both groups' CE enter the update."""
+    theta = torch.zeros(2, requires_grad=True)
+    gate = SCKDGate([theta], {"kd": 1.0, "op": 0.5}, pairs={"op": "onpolicy"})
+    gate.accumulate(_lin(theta, [1, 0]), {"kd": _lin(theta, [1, 0.1]), "op": _lin(theta, [0, 0])})
+    gate.accumulate(_lin(theta, [0, 1]), {"kd": _lin(theta, [0, 0]), "op": _lin(theta, [1, -0.2])}, group="onpolicy")
+    report = gate.step()
+    assert report["op"]["cos"] == pytest.approx(-0.2 / math.sqrt(1.04)) and not report["op"]["on"]
+    assert report["kd"]["cos"] == pytest.approx(1 / math.sqrt(1.01)) and report["kd"]["on"]
+    torch.testing.assert_close(theta.grad, torch.tensor([2.0, 1.1]))
+
+
+def test_gate_groups_reduce_across_ranks_that_hold_different_kinds():
+    """Rank 0 holds only a dataset micro-batch, rank 1 only an on-policy one: the vectors have the same layout on both
+    ranks, and with the all-reduce's sum both decide from the global gradients of each pair."""
+
+    def ranks(reducer):
+        thetas = [torch.zeros(2, requires_grad=True) for _ in range(2)]
+        gates = [SCKDGate([t], {"kd": 1.0, "op": 1.0}, pairs={"op": "onpolicy"}, reducer=reducer) for t in thetas]
+        gates[0].accumulate(_lin(thetas[0], [1, 0]), {"kd": _lin(thetas[0], [1, 1]), "op": _lin(thetas[0], [0, 0])})
+        gates[1].accumulate(_lin(thetas[1], [0, 1]), {"kd": _lin(thetas[1], [0, 0]), "op": _lin(thetas[1], [-1, 2])},
+                            group="onpolicy")
+        return [g.step() for g in gates], thetas
+
+    local = []
+    ranks(lambda v: (local.append(v.clone()), v)[1])
+    assert local[0].shape == local[1].shape == (2 + 2 * 2,)
+    total = local[0] + local[1]
+    reports, thetas = ranks(lambda v: total.clone())
+    assert reports[0] == reports[1]
+    assert reports[0]["kd"]["cos"] == pytest.approx(1 / math.sqrt(2))  # vs rank 0's dataset CE (1, 0)
+    assert reports[0]["op"]["cos"] == pytest.approx(2 / math.sqrt(5))  # vs rank 1's on-policy CE (0, 1)
+    torch.testing.assert_close(thetas[0].grad, torch.tensor([2.0, 1.0]))  # own CE + own (on) kd term
+    torch.testing.assert_close(thetas[1].grad, torch.tensor([-1.0, 3.0]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# data parallel, CLI
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_two_processes_match_one_process(sft_student, tiny_teacher_dir, mixed_file, tmp_path):
+    """2 CPU ranks (gloo), each generating its own micro-batch == 1 process with grad-accum 2: the same micro-batches
+    are on-policy, the same answers sampled, the same weights (every gate forced on: under DDP the gate's cosine is
+    the ranks' summed dots over summed norms, not the single process's, see sckd.py)."""
+    args = ["--data", mixed_file, "--student", sft_student, "--teacher", f"hf:{tiny_teacher_dir}", "--on-policy",
+            "0.5", "--on-policy-warmup", "0", "--on-policy-max-tokens", "6", "--sckd", "--sckd-threshold", "-1",
+            "--max-steps", "4", "--batch-size", "2", "--lora-dropout", "0", "--eval-split", "0", "--lr", "1e-2",
+            "--no-progress"]
+    ddp = tmp_path / "ddp"
+    proc = run_torchrun(args, ddp)
+    assert json.loads(proc.stdout)["devices"] == 2
+    single = tmp_path / "single"
+    res = invoke(*args, "--grad-accum", "2", "--out", single)
+    assert res.exit_code == 0, res.output
+    a, b = adapter(ddp), adapter(single)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    rows_d, rows_s = metrics(ddp), metrics(single)
+    expected = [sum(onpolicy.choose(0, s, [[0]] * 2, 0.5, 0)) / 2 for s in range(4)]
+    assert [r["onpolicy/share"] for r in rows_d] == [r["onpolicy/share"] for r in rows_s] == expected
+    assert 0 < sum(expected) < 4  # both kinds occur, and in some window one rank holds each
+    for x, y in zip(rows_d, rows_s):
+        assert x.keys() == y.keys()
+        for key in ("loss", "logit_kd", "onpolicy_kd", "onpolicy/gen_tokens", "onpolicy/cap_hit"):
+            if key in x:
+                assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), key
+
+
+GATE_SCRIPT = """
+import json, sys, torch, torch.distributed as dist
+from imitate.train.sckd import SCKDGate, distributed_sum
+from imitate.train.onpolicy import choose
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(rank)
+theta = torch.zeros(16, requires_grad=True)
+lin = lambda: (theta * torch.randn(16)).sum()
+gate = SCKDGate([theta], {"logit_kd": 0.5, "onpolicy_kd": 0.5}, pairs={"onpolicy_kd": "onpolicy"},
+                reducer=distributed_sum())
+reports = []
+for step in range(12):
+    flags = choose(0, step, [[0]] * 2, 0.5, 0)
+    zero = theta.sum() * 0
+    if flags[rank]:  # this rank's micro-batch is on-policy
+        gate.accumulate(lin(), {"logit_kd": zero, "onpolicy_kd": lin()}, group="onpolicy")
+    else:
+        gate.accumulate(lin(), {"logit_kd": lin(), "onpolicy_kd": zero})
+    reports.append({"flags": flags, **{k: v["on"] for k, v in gate.step().items()}})
+    theta.grad = None
+json.dump(reports, open(sys.argv[1] + f"/rank{rank}.json", "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_ranks_holding_different_kinds_take_the_same_gate_decisions(tmp_path):
+    """Real gloo all-reduce, 2 ranks with different gradients and, in some steps, different micro-batch kinds: both
+    ranks log the same on-policy choices and the same gate decisions."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "gate.py").write_text(GATE_SCRIPT)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(tmp_path / "gate.py"), str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0 == r1
+    assert any(f[0] != f[1] for f in (r["flags"] for r in r0))  # steps where the ranks hold different kinds
+    ons = [r[k] for r in r0 for k in ("logit_kd", "onpolicy_kd")]
+    assert any(ons) and not all(ons)  # decisions that could have differed
+
+
+def test_cli_on_policy_end_to_end(sft_student, tiny_teacher_dir, mixed_file, tmp_path):
+    res = invoke("--data", mixed_file, "--student", sft_student, "--teacher", f"hf:{tiny_teacher_dir}",
+                 "--on-policy", "0.5", "--on-policy-warmup", "0.2", "--on-policy-temperature", "0.7",
+                 "--on-policy-max-tokens", "5", "--max-steps", "5", "--eval-split", "0", "--no-progress", "--json",
+                 "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)["on_policy"]
+    rows = metrics(tmp_path / "o")
+    on = [r for r in rows if r.get("onpolicy/share")]
+    assert on and all(0 < r["onpolicy/gen_tokens"] <= 5 and 0 <= r["onpolicy/cap_hit"] <= 1 for r in on)
+    assert all(r["gen_s"] >= 0 and r["train_s"] >= 0 for r in rows)
+    assert summary["lambda"] == 0.5 and summary["warmup_steps"] == 1 and 0 < summary["share"] < 1
+    assert summary["mean_gen_tokens"] <= 5 and summary["gen_s"] > 0
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--on-policy", "1.5"], "--on-policy must be >= 0 and <= 1"),
+    (["--on-policy", "0.5", "--on-policy-warmup", "1"], "--on-policy-warmup must be >= 0 and < 1"),
+    (["--on-policy", "0.5", "--on-policy-max-tokens", "0"], "--on-policy-max-tokens must be at least 1"),
+    (["--on-policy", "0.5"], "--on-policy needs a local teacher"),
+    (["--on-policy", "0.5", "--teacher", "TEACHER", "--kd-weight", "0"], "--kd-weight 0 switches off"),
+])
+def test_usage_errors(args, expect, tiny_model_dir, tiny_teacher_dir, mixed_file, tmp_path):
+    args = [str(tiny_teacher_dir) if a == "TEACHER" else a for a in args]
+    args = [f"hf:{a}" if a == str(tiny_teacher_dir) else a for a in args]
+    res = invoke("--data", mixed_file, "--student", tiny_model_dir, "--out", tmp_path / "o", *args)
+    assert res.exit_code == 2, res.output
+    assert expect in res.output and "Error:" in res.output
