@@ -13,7 +13,7 @@ are relative to the file. A section may hold named sub-tables, each one more run
 
 Chained defaults keep the file short (an explicit value always wins): clean.inputs = the collect outputs,
 train.data = the clean output (or the collect output when there is no [clean]), eval.model = the train output of the
-same name (or the only train output). Every section is checked (unknown keys and sections are errors with a "did you
+same name (or the only train output), train.student = the [init-student] output when there is one. Every section is checked (unknown keys and sections are errors with a "did you
 mean") before anything runs.
 
 Skipping: after a run succeeds, `OUT.manifest.json` is written beside its output with the options, the content hashes
@@ -51,6 +51,7 @@ from imitate.errors import ConfigError, GateFailed, ImitateError, UsageError
 STAGES: dict[str, tuple[str, str]] = {
     "collect": ("imitate.collect.stage", "CollectConfig"),
     "clean": ("imitate.clean.stage", "CleanConfig"),
+    "init-student": ("imitate.students", "InitStudentConfig"),  # a student cut from its teacher (optional)
     "train": ("imitate.train.loop", "TrainConfig"),
     "eval": ("imitate.evaluate", "EvalConfig"),
 }
@@ -150,6 +151,8 @@ def _chain(stage: str, name: str, opts: dict, outs: dict[str, dict[str, Any]], f
         opts["data"] = upstream("clean") if outs.get("clean") else upstream("collect")
     elif stage == "eval" and opts.get("model") is None:
         opts["model"] = upstream("train")
+    if stage == "train" and opts.get("student") is None and upstream("init-student") is not None:
+        opts["student"] = str(upstream("init-student"))  # the student [init-student] cut
     key, source = CHAINED.get(stage, (None, ""))
     if key and not opts.get(key):
         where = f"[{stage}.{name}]" if name != stage else f"[{stage}]"
@@ -337,6 +340,7 @@ def run_pipeline(
 HEADLINE_KEYS = {
     "collect": ("requests", "sent", "cached", "failed"),
     "clean": ("in", "out", "removed_total"),
+    "init-student": ("params", "teacher_params"),
     "train": ("steps", "train_loss", "eval_loss"),
     "eval": ("score", "agreement", "teacher_score", "n"),
 }
@@ -377,5 +381,9 @@ def format_report(result: dict) -> str:
             line = f"  {r['name'].ljust(width)}  score {_num(s.get('score'))}"
             if s.get("agreement") is not None:
                 line += f"  agreement with teacher {_num(s.get('agreement'))}"
+            if s.get("rouge_l") is not None:
+                line += f"  ROUGE-L {_num(s.get('rouge_l'))}"
+            if s.get("loss") is not None:
+                line += f"  NLL of teacher answers {_num(s.get('loss'))}"
             lines.append(line + ("  (gate FAILED)" if r["status"] == "gate_failed" else ""))
     return "\n".join(lines)

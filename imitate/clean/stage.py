@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from imitate.cards import write_dataset_card
 from imitate.clean.dedup import NearDup, cluster, exact_key
 from imitate.clean.filters import GOPHER_DUP_NGRAM, GOPHER_TOP_NGRAM, Predicate, apply, build_filters
 from imitate.config import path_field, to_dict
@@ -365,6 +366,7 @@ def run(cfg: CleanConfig) -> dict:
     if cfg.report:
         Path(cfg.report).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.report).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    summary["outputs"]["card"] = str(write_dataset_card(cfg, summary))  # CLEAN_STEM.README.md (imitate/cards.py)
     print_report(summary)
     return summary
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from imitate.cards import write_model_card
 from imitate.config import PATH_MARK, path_field
 from imitate.errors import ImitateError, InputError, UsageError
 from imitate.train import checkpoint, distill
@@ -561,6 +562,8 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
         shutil.rmtree(checkpoint.checkpoint_dir(out), ignore_errors=True)
     summary["elapsed_s"] = time.time() - t_start
     summary["peak_memory_mb"] = peak_memory_mb(accelerator)
+    if accelerator.is_main_process:  # OUT/README.md: teacher, data hashes, options, the command (imitate/cards.py)
+        summary["files"]["card"] = str(write_model_card(out, cfg, student, summary))
     log(accelerator, f"trained {total_steps - start} step(s): train loss {last_loss:.4f}"
         + (f", eval loss {last_eval:.4f}" if last_eval is not None else "")
         + f", {summary['tokens_per_s']:.0f} tokens/s -> {out}")
