@@ -452,6 +452,10 @@ def train_cmd(
     progress: Optional[bool] = typer.Option(
         None, "--progress/--no-progress", help="Progress bar on stderr. Example: --no-progress"
     ),
+    report_to: Optional[str] = typer.Option(
+        None, help="Experiment trackers: tensorboard, wandb, mlflow, trackio (comma-separated). "
+        "Example: --report-to tensorboard"
+    ),
     teacher: Optional[str] = typer.Option(
         None, help="Local teacher for logit/feature KD, same tokenizer as the student. Example: --teacher hf:./teacher"
     ),
@@ -518,7 +522,7 @@ def train_cmd(
         "teacher": teacher, "kd": kd, "jsd_beta": jsd_beta, "kd_weight": kd_weight, "temperature": temperature,
         "t2": t2, "feature_kd": feature_kd, "feature_weight": feature_weight, "sckd": sckd,
         "sckd_threshold": sckd_threshold, "teacher_dtype": teacher_dtype, "teacher_device": teacher_device,
-        "kd_chunk_size": kd_chunk_size, "graybox": graybox,
+        "kd_chunk_size": kd_chunk_size, "graybox": graybox, "report_to": report_to,
     }
     with handle_errors():
         cfg = stage_config(stage.TrainConfig, config, "train", flags)

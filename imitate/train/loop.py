@@ -27,7 +27,7 @@ from typing import Any
 from imitate.cards import write_model_card
 from imitate.config import PATH_MARK, path_field
 from imitate.errors import ImitateError, InputError, UsageError
-from imitate.train import checkpoint, distill
+from imitate.train import checkpoint, distill, trackers
 from imitate.train.data import (
     IGNORE,
     Example,
@@ -79,6 +79,7 @@ class TrainConfig:
     chat_template: Path | None = path_field(None)  # Jinja file used instead of (or for lack of) the student's template
     trust_remote_code: bool = False  # allow model code from the student's repository to run
     progress: bool = True  # rich progress bar on stderr (rank 0 only)
+    report_to: str | None = None  # experiment trackers: tensorboard, wandb, mlflow, trackio (comma-separated)
     # --- distillation (see imitate/distill.py). Loss = (1 - kd_weight) * CE + kd_weight * T^2 * D(teacher_T, student_T)
     teacher: str | None = None  # "hf:PATH_OR_ID": a local teacher with the student's tokenizer, run frozen on each batch
     kd: str = "forward-kl"  # divergence D: "forward-kl" KL(teacher||student), "reverse-kl", or "jsd" (generalized, beta)
@@ -133,6 +134,7 @@ def check_options(cfg: TrainConfig) -> None:
     if cfg.chat_template is not None and not Path(cfg.chat_template).is_file():
         raise UsageError(f"--chat-template {cfg.chat_template}: no such file")
     distill.check_options(cfg)
+    trackers.names(cfg)  # known tracker names, their packages installed
 
 
 def resolve_student(spec: str) -> str:
@@ -418,7 +420,7 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
 
     mixed = precision(cfg)
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed,
-                              step_scheduler_with_optimizer=False)
+                              step_scheduler_with_optimizer=False, **trackers.accelerator_kwargs(cfg))
     world, rank, ga = accelerator.num_processes, accelerator.process_index, cfg.grad_accum
     if stats.truncated or stats.dropped_overlong or stats.dropped_no_target:
         log(accelerator, f"{stats.truncated + stats.dropped_overlong} record(s) longer than --max-length "
@@ -472,6 +474,7 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_metrics(metrics_path, rows)  # drops rows logged after the checkpoint by a killed run
+    trackers.start(accelerator, cfg)  # --report-to: the options, then every metrics row (imitate/train/trackers.py)
 
     # --- the loop
     bar = ProgressBar(total_steps, start, enabled=cfg.progress and accelerator.is_main_process)
@@ -519,7 +522,7 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
                 row["eval_loss"] = last_eval
         rows.append(row)
         if accelerator.is_main_process:
-            append_metrics(metrics_path, row)
+            append_metrics(metrics_path, row, accelerator)
         bar.update(done, last_loss, tokens_loop / max(time.time() - t_loop, 1e-9))
         if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
             checkpoint.save(accelerator, out, done, {"tokens_seen": tokens_seen, "fingerprint": fp},
@@ -551,7 +554,7 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
         row = {"step": total_steps, "eval_loss": final_eval}
         rows.append(row)
         if accelerator.is_main_process:
-            append_metrics(metrics_path, row)
+            append_metrics(metrics_path, row, accelerator)
     summary["eval_loss"] = last_eval
     summary["files"] = save_outputs(accelerator, model, tokenizer, cfg, student, rows)
     if regressors is not None and accelerator.is_main_process:
@@ -562,6 +565,7 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
         shutil.rmtree(checkpoint.checkpoint_dir(out), ignore_errors=True)
     summary["elapsed_s"] = time.time() - t_start
     summary["peak_memory_mb"] = peak_memory_mb(accelerator)
+    trackers.end(accelerator)
     if accelerator.is_main_process:  # OUT/README.md: teacher, data hashes, options, the command (imitate/cards.py)
         summary["files"]["card"] = str(write_model_card(out, cfg, student, summary))
     log(accelerator, f"trained {total_steps - start} step(s): train loss {last_loss:.4f}"
