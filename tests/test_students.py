@@ -148,3 +148,37 @@ def test_cli_layers_out_of_range_and_missing_teacher(tmp_path, tiny_tokenizer_di
                               "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["kept_layers"] == [0, 3]
+
+
+def test_pipeline_init_student_stage_feeds_train(tmp_path, tiny_tokenizer_dir):
+    """[init-student] runs before [train], whose student defaults to its output; a second run skips both."""
+    from imitate.pipeline import run_pipeline
+
+    teacher = _llama(tiny_tokenizer_dir, tmp_path / "teacher", layers=4)
+    data = tmp_path / "clean.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Write {n} in words."},
+                                                     {"role": "assistant", "content": w}]}) + "\n"
+                            for n, w in [(1, "one"), (2, "two"), (3, "three"), (12, "twelve")]))
+    (tmp_path / "p.toml").write_text(f"""
+[init-student]
+teacher = "hf:teacher"
+layers = 2
+out = "students/cut"
+
+[train]
+data = ["clean.jsonl"]
+teacher = "hf:{teacher}"
+out = "runs/kd"
+max-steps = 1
+batch-size = 2
+eval-split = 0
+save-every = 0
+progress = false
+""")
+    result = run_pipeline(tmp_path / "p.toml")
+    assert result["exit_code"] == 0, result
+    runs = {r["name"]: r for r in result["runs"]}
+    assert runs["init-student"]["summary"]["kept_layers"] == [0, 3]
+    assert runs["train"]["summary"]["student"] == str(tmp_path / "students" / "cut")
+    again = run_pipeline(tmp_path / "p.toml")
+    assert [r["status"] for r in again["runs"]] == ["skipped", "skipped"]
