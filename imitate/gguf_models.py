@@ -226,8 +226,10 @@ def to_directory(path: str | Path, log: Any = None) -> str:
 
 def _dequantized(name: str) -> Any:
     """Ask transformers to unpack every GGUF block at load time (a kept-packed model cannot be saved or trained)."""
-    from transformers import GgufConfig
-
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # older transformers: GGUF weights are always dequantized at load time
+        return None
     return GgufConfig(gguf_file=name, dequantize=True)
 
 

@@ -51,7 +51,7 @@ def test_smollm2_gguf_collect_cut_distill_eval_card(tmp_path):
 
     # --- the GGUF teacher collects (batched) == one prompt at a time, plain transformers greedy generate
     _cli(["collect", "--teacher", TEACHER, "--prompts", prompts, "--out", records, "--temperature", "0",
-          "--max-tokens", "24", "--batch-size", "4", "--no-progress"], env)
+          "--max-tokens", "16", "--batch-size", "4", "--no-progress"], env)
     rows = [json.loads(line) for line in records.read_text().splitlines()]
     assert len(rows) == 4 and all(r["teacher"] == TEACHER for r in rows)
     import os
@@ -65,7 +65,7 @@ def test_smollm2_gguf_collect_cut_distill_eval_card(tmp_path):
     for r in rows:
         ids = torch.tensor([prompt_ids(tok, r["messages"][:-1])])
         with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         alone = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         assert r["messages"][-1]["content"] == alone
@@ -88,7 +88,7 @@ def test_smollm2_gguf_collect_cut_distill_eval_card(tmp_path):
     assert [m["step"] for m in metrics] == [1, 2]
 
     # --- eval against the teacher's answers in the records: ROUGE-L and NLL
-    res = _cli(["eval", "--model", run, "--prompts", records, "--max-tokens", "12", "--out", tmp_path / "e.jsonl",
+    res = _cli(["eval", "--model", run, "--prompts", records, "--max-tokens", "8", "--out", tmp_path / "e.jsonl",
                 "--json"], env)
     ev = json.loads(res.stdout)
     assert ev["n"] == 4 and 0 <= ev["rouge_l"] <= 1 and ev["loss"] > 0
