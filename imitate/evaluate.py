@@ -107,6 +107,28 @@ def _regex(answer: str, ref: str) -> bool:
     return re.search(ref, answer) is not None
 
 
+def rouge_l(answer: str, reference: str) -> float:
+    """ROUGE-L F1 over words: the longest common subsequence of the two word lists (normalised, punctuation
+    split off), 2PR / (P + R). 1.0 for equal texts, 0.0 when no word is shared; two empty texts score 1.0."""
+    a, b = _WORD.findall(normalize(answer)), _WORD.findall(normalize(reference))
+    if not a or not b:
+        return float(a == b)
+    prev = [0] * (len(b) + 1)
+    for x in a:  # one row of the LCS table at a time: O(len(b)) memory
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(a), lcs / len(b)
+    return 2 * p * r / (p + r)
+
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
 MATCHERS: dict[str, Callable[[str, str], bool]] = {"exact": _exact, "contains": _contains, "regex": _regex}
 
 
@@ -290,6 +312,7 @@ def score_items(
         for m, hits in by_mode.items():
             hits.append(score(ans.text, refs, m))
         row["score"] = by_mode[match][-1]
+        row["rouge_l"] = max(rouge_l(ans.text, r) for r in refs) if match != "regex" else None
         if it.teacher is not None:
             row["teacher_answer"] = it.teacher
             row["agreement"] = score(ans.text, [it.teacher], agree_match)
@@ -350,6 +373,8 @@ def run(cfg: EvalConfig) -> dict:
         "teacher_score": _mean(tally["teacher"]),  # the teacher against the reference field, when both exist
         "loss": tok_sum / tok_n if tok_n else None,  # mean NLL per teacher-answer token (nats)
         "perplexity": math.exp(tok_sum / tok_n) if tok_n and tok_sum / tok_n < 50 else None,
+        # ROUGE-L F1 of the answer against its reference (the teacher's answer without --reference-field)
+        "rouge_l": _mean([r["rouge_l"] for r in results]) if cfg.match != "regex" else None,
         "scores_by_match": {m: _mean(v) for m, v in tally["by_mode"].items()},
         "truncated": sum(1 for a in answers if a.finish_reason == "length"),
         "min_score": cfg.min_score,
@@ -362,6 +387,9 @@ def run(cfg: EvalConfig) -> dict:
         from imitate.records import write_jsonl
 
         write_jsonl(cfg.out, results)
+    from imitate.cards import add_eval
+
+    add_eval(cfg.model, summary)  # an imitate-trained model: its card (README.md) gets these scores
     _print_summary(summary)
     if summary["passed"] is False:
         exc = GateFailed(
@@ -384,6 +412,8 @@ def _print_summary(s: dict) -> None:
         lines.append(
             f"  agreement with teacher {fmt(s['agreement'])}, loss on teacher answers {fmt(s['loss'])} nats/token"
         )
+    if s.get("rouge_l") is not None:
+        lines.append(f"  ROUGE-L vs {s['reference']} {fmt(s['rouge_l'])}")
     if s["teacher_score"] is not None:
         lines.append(f"  teacher score {fmt(s['teacher_score'])}")
     if s["truncated"]:

@@ -23,6 +23,7 @@ OUTPUT_FIELDS = {"out", "removed", "report", "failures"}
 # Options that change only speed, display or retry behaviour, never what a run writes: changing them re-runs nothing.
 SPEED_OPTIONS = {"progress", "workers", "concurrency", "rpm", "tpm", "retries", "timeout", "resume", "poll_interval", "poll_max"}
 SUFFIX = ".manifest.json"
+CARD = "README.md"  # a model card: documentation that eval updates, not part of what a run read or wrote
 VERSION = 1
 
 
@@ -30,7 +31,8 @@ def hash_path(path: str | Path) -> str | None:
     """sha256 of a file's bytes, or of a directory's (relative path, file hash) list; None if it does not exist.
 
     Contents are read, not sizes or times: a file rewritten with the same size in the same second still changes the
-    hash, and a file touched without a change does not. Manifests and temp files inside a directory are left out.
+    hash, and a file touched without a change does not. Manifests and temp files inside a directory are left out, and
+    so is a model directory's card (README.md): `imitate eval` adds its scores there (imitate/cards.py).
     """
     p = Path(path)
     if p.is_file():
@@ -44,7 +46,7 @@ def hash_path(path: str | Path) -> str | None:
         for root, dirs, files in os.walk(p):
             dirs.sort()
             for f in sorted(files):
-                if f.endswith((SUFFIX, ".tmp")):
+                if f.endswith((SUFFIX, ".tmp")) or (f == CARD and root == str(p)):
                     continue
                 fp = Path(root) / f
                 rel = fp.relative_to(p).as_posix()

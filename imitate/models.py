@@ -22,9 +22,11 @@ usage: input_tokens = the rendered prompt; output_tokens = the generated tokens 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
+from imitate import gguf_models
 from imitate.collect.teachers import Completion
 from imitate.errors import ImitateError, UsageError
 
@@ -65,10 +67,18 @@ def local_path(value: str, *, bare: bool) -> Path | None:
 
 
 def resolve_model(model: str) -> str:
-    """Check a model reference cheaply: an existing directory (model or peft adapter) or a hub id.
+    """Check a model reference cheaply: an existing directory (model or peft adapter), a GGUF file (`x.gguf`, or
+    `pkg:DIST` for the one an installed package ships; see imitate/gguf_models.py) or a hub id. An `hf:` prefix is
+    allowed (as in teacher specs).
 
     Something that looks like a path but does not exist is an error here, before any heavy import.
     """
+    model = model[3:] if model.startswith("hf:") else model
+    if model.startswith(gguf_models.PKG_PREFIX):
+        model = str(gguf_models.package_file(model))
+    if gguf_models.is_gguf(model):
+        gguf_models.check(model)  # header, architecture and the gguf package: before any weights
+        return str(Path(model).expanduser().resolve())
     p = Path(model).expanduser()
     if p.exists():
         if not p.is_dir():
@@ -122,7 +132,7 @@ def model_refs(model: str) -> tuple[str, str | None, str]:
     An adapter directory (adapter_config.json) names its base in `base_model_name_or_path`; its tokenizer is the
     adapter's own when it saved one, else the base's.
     """
-    ref = resolve_model(model)
+    ref = local_dir(model)
     adapter = Path(ref) / "adapter_config.json"
     if not adapter.exists():
         return ref, None, ref
@@ -160,6 +170,14 @@ def choose_threads(n_params: int, cpus: int | None = None, requested: int | None
         if n_params < below:
             return min(threads, cpus)
     return cpus
+
+
+def local_dir(model: str) -> str:
+    """resolve_model, and a GGUF file becomes its converted model directory (made on first use, then cached)."""
+    ref = resolve_model(model)
+    if gguf_models.is_gguf(ref):
+        return gguf_models.to_directory(ref, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    return ref
 
 
 def load_weights(

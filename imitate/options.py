@@ -49,6 +49,7 @@ def opt(
     example: str | None = None,
     flag: str | None = None,
     short: str | None = None,
+    aliases: tuple[str, ...] = (),
     metavar: str | None = None,
     argument: bool = False,
     cli: bool = True,
@@ -73,7 +74,7 @@ def opt(
     default_text: how the default reads in --help and the README when the value alone says too little.
     """
     meta = {
-        META: dict(help=help, example=example, flag=flag, short=short, metavar=metavar, argument=argument, cli=cli,
+        META: dict(help=help, example=example, flag=flag, short=short, aliases=aliases, metavar=metavar, argument=argument, cli=cli,
                    parse=parse, bounds={k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt))
                                         if v is not None}, hint=hint, default_text=default_text),
         PATH_MARK: path or input,
@@ -273,7 +274,8 @@ def parameters(cls: type) -> list[inspect.Parameter]:
         if s.get("argument"):
             info = typer.Argument(None, help=help_, metavar=_metavar(f), show_default=False)
         else:
-            decls = [s.get("flag") or flag_name(f.name)] + ([s["short"]] if s.get("short") else [])
+            decls = [s.get("flag") or flag_name(f.name)] + ([s["short"]] if s.get("short") else []) + list(
+                s.get("aliases") or ())
             info = typer.Option(None, *decls, help=help_, metavar=_metavar(f), show_default=False)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info,
                                         annotation=Optional[_cli_type(f)]))

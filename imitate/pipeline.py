@@ -13,9 +13,10 @@ are relative to the file. A section may hold named sub-tables, each one more run
 
 Chained defaults keep the file short (an explicit value always wins): clean.inputs = the collect outputs,
 train.data = the clean output (or the collect output when there is no [clean]), eval.model = the train output of the
-same name (or the only train output). Before anything runs, every section is checked (unknown keys and sections are
-errors with a "did you mean"), every run's config is built, which checks its values (types, ranges, choices and
-cross-field rules, see imitate/options.py), and every file a run reads must exist or be written by an earlier run.
+same name (or the only train output), train.student = the [init-student] output when there is one. Before anything
+runs, every section is checked (unknown keys and sections are errors with a "did you mean"), every run's config is
+built, which checks its values (types, ranges, choices and cross-field rules, see imitate/options.py), and every file
+a run reads must exist or be written by an earlier run.
 
 Skipping: after a run succeeds, `OUT.manifest.json` is written beside its output with the options, the content hashes
 (sha256) of every input file or directory, the hashes of the outputs, and the stage summary. Next time the run is
@@ -54,6 +55,7 @@ from imitate.errors import BudgetExceeded, ConfigError, GateFailed, ImitateError
 STAGES: dict[str, tuple[str, str]] = {
     "collect": ("imitate.collect.stage", "CollectConfig"),
     "clean": ("imitate.clean.stage", "CleanConfig"),
+    "init-student": ("imitate.students", "InitStudentConfig"),  # a student cut from its teacher (optional)
     "train": ("imitate.train.loop", "TrainConfig"),
     "eval": ("imitate.evaluate", "EvalConfig"),
 }
@@ -153,6 +155,8 @@ def _chain(stage: str, name: str, opts: dict, outs: dict[str, dict[str, Any]], f
         opts["data"] = upstream("clean") if outs.get("clean") else upstream("collect")
     elif stage == "eval" and opts.get("model") is None:
         opts["model"] = upstream("train")
+    if stage == "train" and opts.get("student") is None and upstream("init-student") is not None:
+        opts["student"] = str(upstream("init-student"))  # the student [init-student] cut
     key, source = CHAINED.get(stage, (None, ""))
     if key and not opts.get(key):
         where = f"[{stage}.{name}]" if name != stage else f"[{stage}]"
@@ -386,6 +390,7 @@ def run_pipeline(
 HEADLINE_KEYS = {
     "collect": ("requests", "sent", "cached", "failed"),
     "clean": ("in", "out", "removed_total"),
+    "init-student": ("params", "teacher_params"),
     "train": ("steps", "train_loss", "eval_loss"),
     "eval": ("score", "agreement", "teacher_score", "n"),
 }
@@ -426,5 +431,9 @@ def format_report(result: dict) -> str:
             line = f"  {r['name'].ljust(width)}  score {_num(s.get('score'))}"
             if s.get("agreement") is not None:
                 line += f"  agreement with teacher {_num(s.get('agreement'))}"
+            if s.get("rouge_l") is not None:
+                line += f"  ROUGE-L {_num(s.get('rouge_l'))}"
+            if s.get("loss") is not None:
+                line += f"  NLL of teacher answers {_num(s.get('loss'))}"
             lines.append(line + ("  (gate FAILED)" if r["status"] == "gate_failed" else ""))
     return "\n".join(lines)

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from imitate.cards import write_dataset_card
 from imitate.clean.config import CleanConfig
 from imitate.clean.dedup import NearDup, cluster, exact_key, stable_hash64
 from imitate.clean.filters import Predicate, apply, build_filters
@@ -281,6 +282,7 @@ def run(cfg: CleanConfig) -> dict:
     if cfg.report:
         Path(cfg.report).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.report).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    summary["outputs"]["card"] = str(write_dataset_card(cfg, summary))  # CLEAN_STEM.README.md (imitate/cards.py)
     print_report(summary)
     return summary
 

@@ -74,6 +74,9 @@ class TrainConfig(Checked):
                                   example="--trust-remote-code", flag="--trust-remote-code/--no-trust-remote-code")
     progress: bool = opt(True, "Progress bar on stderr (rank 0 only).", example="--no-progress",
                          flag="--progress/--no-progress")
+    report_to: str | None = opt(None, "Experiment trackers logging what metrics.jsonl logs, through accelerate: "
+                                "tensorboard, wandb, mlflow, trackio (comma-separated; each needs its package).",
+                                example="tensorboard", default_text="none")
     threads: int | None = opt(None, "torch CPU threads: tiny models train faster on one thread, above all on a shared "
                               "CPU.", example="4", ge=1, default_text="by model size (1 below 5M parameters)")
     # --- distillation (see imitate/train/distill.py)

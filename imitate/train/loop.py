@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from imitate.cards import write_model_card
 from imitate.errors import ImitateError, InputError, UsageError
-from imitate.train import checkpoint, distill, onpolicy
+from imitate.train import checkpoint, distill, onpolicy, trackers
 from imitate.train.config import TrainConfig
 from imitate.train.data import (
     IGNORE,
@@ -65,17 +66,22 @@ def check_options(cfg: TrainConfig) -> None:
     if cfg.chat_template is not None and not Path(cfg.chat_template).is_file():
         raise UsageError(f"--chat-template {cfg.chat_template}: no such file")
     distill.check_options(cfg)
+    trackers.names(cfg)  # known tracker names, their packages installed
 
 
 def resolve_student(spec: str) -> str:
-    """A local model directory, or a hub id; anything else is an error here, before any weights load."""
+    """A local model directory, a GGUF file (its converted directory) or a hub id; anything else is an error here,
+    before any weights load."""
+    from imitate.gguf_models import names_gguf
+    from imitate.models import local_dir, resolve_model
+
+    if names_gguf(spec):
+        return local_dir(spec)
     p = Path(spec).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
             raise UsageError(f"student {spec}: no config.json there, so it is not a transformers model directory")
         return str(p.resolve())  # absolute, so the adapter's base_model_name_or_path works from any directory
-    from imitate.models import resolve_model
-
     try:  # the same rule as for teachers: what looks like a path must exist, anything else is a hub id
         return resolve_model(spec)
     except ImitateError:
@@ -398,7 +404,7 @@ def setup(cfg: TrainConfig, data: Prepared) -> Session:
     from transformers import get_cosine_schedule_with_warmup
 
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision(cfg),
-                              step_scheduler_with_optimizer=False)
+                              step_scheduler_with_optimizer=False, **trackers.accelerator_kwargs(cfg))
     stats, check = data.stats, data.token_check
     if check["mismatched"]:
         log(accelerator, f"{check['mismatched']} of {check['checked']} answers do not tokenize back to the "
@@ -461,6 +467,7 @@ def setup(cfg: TrainConfig, data: Prepared) -> Session:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_metrics(out / "metrics.jsonl", s.rows)  # drops rows logged after the checkpoint by a killed run
+    trackers.start(accelerator, cfg)  # --report-to: the options, then every metrics row (imitate/train/trackers.py)
     return s
 
 
@@ -536,7 +543,7 @@ def fit(cfg: TrainConfig, data: Prepared, s: Session, stop_after: int | None = N
                 row["eval_loss"] = last_eval
         s.rows.append(row)
         if accelerator.is_main_process:
-            append_metrics(metrics_path, row)
+            append_metrics(metrics_path, row, accelerator)
         bar.update(done, last_loss, tokens_loop / max(time.time() - t_loop, 1e-9))
         if cfg.save_every and done % cfg.save_every == 0 and done < s.total_steps:
             checkpoint.save(accelerator, Path(cfg.out), done, {"tokens_seen": s.tokens_seen, "fingerprint": s.fp},
@@ -577,7 +584,7 @@ def save(cfg: TrainConfig, data: Prepared, s: Session, fitted: dict, t_start: fl
         row = {"step": s.total_steps, "eval_loss": final_eval}
         s.rows.append(row)
         if accelerator.is_main_process:
-            append_metrics(out / "metrics.jsonl", row)
+            append_metrics(out / "metrics.jsonl", row, accelerator)
     summary["eval_loss"] = last_eval
     summary["files"] = save_outputs(accelerator, s.model, data.tokenizer, cfg, data.student, s.rows)
     regressors = distiller.regressors if distiller is not None else None
@@ -589,6 +596,9 @@ def save(cfg: TrainConfig, data: Prepared, s: Session, fitted: dict, t_start: fl
         shutil.rmtree(checkpoint.checkpoint_dir(out), ignore_errors=True)
     summary["elapsed_s"] = time.time() - t_start
     summary["peak_memory_mb"] = peak_memory_mb(accelerator)
+    trackers.end(accelerator)
+    if accelerator.is_main_process:  # OUT/README.md: teacher, data hashes, options, the command (imitate/cards.py)
+        summary["files"]["card"] = str(write_model_card(out, cfg, data.student, summary))
     log(accelerator, f"trained {s.total_steps - s.start} step(s)"
         + (f": train loss {last_loss:.4f}" if last_loss is not None else "")
         + (f", eval loss {last_eval:.4f}" if last_eval is not None else "")

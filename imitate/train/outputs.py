@@ -72,9 +72,14 @@ def read_metrics(path: Path, upto: int) -> list[dict]:
 write_metrics = write_jsonl  # the resumed run's rows, atomically (temp file + rename)
 
 
-def append_metrics(path: Path, row: dict) -> None:
+def append_metrics(path: Path, row: dict, accelerator: Any = None) -> None:
+    """One row to metrics.jsonl, and to the --report-to trackers when `accelerator` has any."""
     with path.open("a", encoding="utf-8") as fh:
         fh.write(dumps(row) + "\n")
+    if accelerator is not None:
+        from imitate.train import trackers
+
+        trackers.log(accelerator, row)
 
 
 class ProgressBar:
