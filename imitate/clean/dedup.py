@@ -145,8 +145,10 @@ class Shingler:
         lengths = np.fromiter(map(len, turns), np.int64, count=len(turns))
         codes = np.frombuffer("".join(turns).encode("utf-32-le"), np.uint32)
         big = codes > 0xFFFF
-        tokens = _CODE_HASH[np.where(big, 0, codes)]  # a table lookup per character (fmix64 of the code point)
-        if big.any():
+        if not big.any():
+            tokens = _CODE_HASH[codes]  # a table lookup per character (fmix64 of the code point)
+        else:
+            tokens = _CODE_HASH[np.where(big, 0, codes)]
             tokens[big] = fmix64(codes[big].astype(np.uint64) + np.uint64(1))
         h, owner, _ = ngram_hashes(tokens, lengths, n)
         short = np.flatnonzero(lengths < n)  # a turn shorter than n is one shingle: itself
@@ -220,13 +222,10 @@ def recall_bands(threshold: float, num_perm: int, target: float = 0.99) -> tuple
 def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """[n, bands] uint64: one hash per band of `rows` signature values (the LSH bucket of the text in that band)."""
     n = sig.shape[0]
-    keys = np.empty((n, bands), np.uint64)
-    s64 = sig.astype(np.uint64)
-    for i in range(bands):
-        k = np.full(n, np.uint64(i + 1), np.uint64)
-        for j in range(i * rows, (i + 1) * rows):
-            k = fmix64(k * _MUL + s64[:, j])
-        keys[:, i] = k
+    s64 = sig[:, : bands * rows].astype(np.uint64).reshape(n, bands, rows)
+    keys = np.broadcast_to(np.arange(1, bands + 1, dtype=np.uint64), (n, bands))
+    for j in range(rows):  # all bands at once, one row at a time
+        keys = fmix64(keys * _MUL + s64[:, :, j])
     return keys
 
 
