@@ -101,7 +101,7 @@ def _lists(rng: random.Random):
     held_lists = lists(200)
     held_keys = {" ".join(map(str, x)) for x in held_lists}
     teach = [(p, a) for p, a in teach if not any(k in p for k in held_keys)]
-    collect = [one(x)[0] for x in lists(800)]
+    collect = [one(x)[0] for x in lists(400)]
     collect = [p for p in collect if not any(k in p for k in held_keys)]
     held = [one(x) for x in held_lists]
     return teach, collect, held
@@ -127,7 +127,7 @@ def _dates(rng: random.Random):
         return _date_prompt(rng, *x), f"{MONTHS[x[1] - 1]} {x[2]}, {x[0]}"
 
     teach = [pair(x) for x in pool[:20000]]
-    collect = [pair(x)[0] for x in pool[20000:20800]]
+    collect = [pair(x)[0] for x in pool[20000:20400]]
     held = [pair(x) for x in sorted(held_dates)]
     return teach, collect, held
 
@@ -156,7 +156,7 @@ def _choice(rng: random.Random):
         if p not in held_p:
             teach.append((p, str(rng.choice(valid(t)))))
     collect = []
-    while len(collect) < 400:
+    while len(collect) < 200:
         p, _ = prompt()
         if p not in held_p:
             collect.append(p)
@@ -180,20 +180,20 @@ def _exact(answer: str, truth: object) -> bool:
 
 
 TASKS: dict[str, Task] = {
-    # the offline demo: one template, mid-length answers in words (examples/demo.toml's settings)
-    "numbers": Task("numbers", _demo, _exact, demo=True, train={"lr": 3e-3, "batch_size": 16, "epochs": 20}),
+    # the offline demo: one template, mid-length answers in words (examples/demo.toml's data, lr and batch size)
+    "numbers": Task("numbers", _demo, _exact, demo=True, train={"lr": 3e-3, "batch_size": 16, "epochs": 12}),
     # four templates (two of them ask for the same operation), answers of 3..8 digits
-    "lists": Task("lists", _lists, _exact, teacher_steps=2000, train={"lr": 3e-3, "batch_size": 16, "epochs": 10}),
+    "lists": Task("lists", _lists, _exact, teacher_steps=400, train={"lr": 3e-3, "batch_size": 16, "epochs": 12}),
     # three date formats in, one out; the template puts a space after the role (answers start with a space)
     "dates": Task("dates", _dates, _exact, template=SPACE_TEMPLATE, teacher_steps=500,
-                  train={"lr": 3e-3, "batch_size": 16, "epochs": 10}),
+                  train={"lr": 3e-3, "batch_size": 16, "epochs": 12}),
     # several valid answers: answers sampled from the teacher (temperature 1, 2 samples per prompt)
     "choice": Task("choice", _choice, _check_choice, teacher_steps=500, max_tokens=6,
-                   collect={"temperature": 1.0, "n": 2}, train={"lr": 3e-3, "batch_size": 16, "epochs": 10}),
+                   collect={"temperature": 1.0, "n": 2}, train={"lr": 3e-3, "batch_size": 16, "epochs": 12}),
 }
 
 TEACHER_SHAPE = {"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 3, "num_attention_heads": 4}
-STUDENT_SHAPE = {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4}
+STUDENT_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}  # the demo student's
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -348,22 +348,23 @@ def build(task: Task, work: Path, quick: bool) -> Built:
     if task.demo:
         teacher, student = ROOT / "data/demo_teacher", ROOT / "data/demo_student"
         tok = AutoTokenizer.from_pretrained(teacher)
-    elif (d / "teacher" / "model.safetensors").exists() and (d / "student" / "model.safetensors").exists():
-        teacher, student = d / "teacher", d / "student"  # built by an earlier run with the same --work
-        tok = AutoTokenizer.from_pretrained(teacher)
     else:
         teacher, student = d / "teacher", d / "student"
-        tok = make_tokenizer(teacher, [f"{p} {a}" for p, a in teach[:5000]] + ["system user assistant"],
-                             task.template)
-        tok.save_pretrained(student)
-        new_model(tok, STUDENT_SHAPE, seed=7).save_pretrained(student, safe_serialization=True)
-        model = new_model(tok, TEACHER_SHAPE, seed=1)
-        t0 = time.time()
-        steps = task.teacher_steps // (3 if quick else 1)
-        fit(model, answer_batches(tok, teach), steps=steps, batch_size=64, lr=3e-3, seed=1,
-            pad_id=tok.pad_token_id, warmup=0.05)
-        model.save_pretrained(teacher, safe_serialization=True)
-        print(f"[{task.name}] teacher: {steps} steps in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+        if (teacher / "model.safetensors").exists():  # built by an earlier run with the same --work
+            tok = AutoTokenizer.from_pretrained(teacher)
+        else:
+            tok = make_tokenizer(teacher, [f"{p} {a}" for p, a in teach[:5000]] + ["system user assistant"],
+                                 task.template)
+            model = new_model(tok, TEACHER_SHAPE, seed=1)
+            t0 = time.time()
+            steps = task.teacher_steps // (3 if quick else 1)
+            fit(model, answer_batches(tok, teach), steps=steps, batch_size=64, lr=3e-3, seed=1,
+                pad_id=tok.pad_token_id, warmup=0.05)
+            model.save_pretrained(teacher, safe_serialization=True)
+            print(f"[{task.name}] teacher: {steps} steps in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+        if not (student / "model.safetensors").exists():
+            tok.save_pretrained(student)
+            new_model(tok, STUDENT_SHAPE, seed=7).save_pretrained(student, safe_serialization=True)
     teacher_acc = score(task, model_dir=teacher, tok=tok, held=held)
     prompt_file = d / "prompts.jsonl"
     prompt_file.parent.mkdir(parents=True, exist_ok=True)
@@ -464,6 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=3, help="training seeds per mode (default 3; --quick: 1)")
     ap.add_argument("--quick", action="store_true", help="a third of the steps, 1 seed: checks that it runs")
     ap.add_argument("--work", type=Path, default=None, help="keep models and records here (default: a temp dir)")
+    ap.add_argument("--runs", type=Path, default=None, help="trained students go here (default: --work)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="score students already trained under --runs instead of training them again")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per training (default 1: tiny models)")
     ap.add_argument("--jobs", type=int, default=1, help="trainings run side by side in separate processes")
     args = ap.parse_args(argv)
@@ -482,17 +486,25 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     work = args.work or Path(tempfile.mkdtemp(prefix="imitate-quality-"))
     t_all = time.time()
-    built = {task.name: build(task, work, args.quick) for task in tasks}
-    units = [(b, m, s, work / name / f"{m}-{s}", args.threads) for name, b in built.items() for m in modes
-             for s in seeds]
+    built: dict[str, Built] = {}
+    units: list[tuple] = []
+    futures: list = []
+    pool = None
     if args.jobs > 1:  # independent trainings side by side, one process each ("spawn": no forked torch state)
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = list(pool.map(run_unit, units))
-    else:
-        results = [run_unit(u) for u in units]
+        pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"))
+    for task in tasks:  # a task's trainings start as soon as it is built, while the next task builds
+        b = built[task.name] = build(task, work, args.quick)
+        for m in modes:
+            for s in seeds:
+                out = (args.runs or work) / task.name / f"{m}-{s}"
+                units.append(unit := (b, m, s, out, args.threads, args.reuse))
+                futures.append(pool.submit(run_unit, unit) if pool is not None else run_unit(unit))
+    results = [f.result() for f in futures] if pool is not None else futures
+    if pool is not None:
+        pool.shutdown()
     table: list[dict] = []
     for name, b in built.items():
         row = {"task": name, "records": sum(1 for _ in b.records.open()), "steps": b.train_cfg["steps"],
@@ -500,8 +512,9 @@ def main(argv: list[str] | None = None) -> int:
         for m in modes:
             got = [r for u, r in zip(units, results) if u[0] is b and u[1] == m]
             accs = [r[0] for r in got]
+            times = [r[1] for r in got if r[1] is not None]
             row[m] = (statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                      statistics.mean(r[1] for r in got))
+                      statistics.mean(times) if times else None)
             costs = [r[2] for r in got if r[2] is not None]
             if costs:
                 row[f"cost/{m}"] = {k: statistics.mean(c[k] for c in costs) for k in costs[0]}
@@ -511,28 +524,34 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_unit(unit: tuple) -> tuple[float, float, dict | None]:
-    """Train one (task, mode, seed) and score it: (held-out accuracy, seconds, on-policy costs or None)."""
-    b, mode, seed, out, threads = unit
+def run_unit(unit: tuple) -> tuple[float, float | None, dict | None]:
+    """Train one (task, mode, seed) and score it: (held-out accuracy, training seconds or None when reused,
+    on-policy costs or None)."""
+    b, mode, seed, out, threads, reuse = unit
     import torch
 
     torch.set_num_threads(threads)
     t0 = time.time()
-    MODES[mode](b, seed, out)
-    seconds = time.time() - t0
+    seconds = None
+    if not (reuse and (out / "model.safetensors").exists()):
+        MODES[mode](b, seed, out)
+        seconds = time.time() - t0
     acc = score(b.task, model_dir=out, tok=b.tok, held=b.held)
-    print(f"[{b.task.name}] {mode} seed {seed}: {acc:.3f} ({seconds:.0f}s)", file=sys.stderr, flush=True)
+    took = "trained earlier" if seconds is None else f"{seconds:.0f}s"
+    print(f"[{b.task.name}] {mode} seed {seed}: {acc:.3f} ({took})", file=sys.stderr, flush=True)
     return acc, seconds, onpolicy_costs(out) if mode.startswith("op") else None
 
 
 def print_table(table: list[dict], modes: list[str], seeds: list[int], elapsed: float, args) -> None:
-    print(f"\nheld-out accuracy, mean ± std over {len(seeds)} seed(s) (seconds per run); torch threads {args.threads}, "
+    print(f"\nheld-out accuracy, mean ± std over {len(seeds)} seed(s) (training seconds per run, 'earlier': trained by "
+          f"an earlier invocation, --reuse); torch threads {args.threads}, "
           f"{args.jobs} job(s), {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
     head = "| task | records | steps | teacher | " + " | ".join(modes) + " |"
     print(head)
     print("|" + "---|" * (4 + len(modes)))
     for r in table:
-        cells = [f"{r[m][0]:.3f} ± {r[m][1]:.3f} ({r[m][2]:.0f}s)" for m in modes]
+        cells = [f"{r[m][0]:.3f} ± {r[m][1]:.3f} ({'earlier' if r[m][2] is None else f'{r[m][2]:.0f}s'})"
+                 for m in modes]
         print(f"| {r['task']} | {r['records']} | {r['steps']} | {r['teacher']:.3f} | " + " | ".join(cells) + " |")
     if "reference" in modes and "sft" in modes:
         gaps = ", ".join(f"{r['task']} {r['sft'][0] - r['reference'][0]:+.3f}" for r in table)

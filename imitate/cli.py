@@ -428,7 +428,7 @@ def train_cmd(
         None, help="Weight w of the KD term; CE gets 1 - w (default 0.5). Example: --kd-weight 0.7"
     ),
     temperature: Optional[float] = typer.Option(
-        None, help="LOSS temperature of KD (default 2.0); not collect's sampling temperature. Example: --temperature 2"
+        None, help="LOSS temperature of KD (default 1.0); not collect's sampling temperature. Example: --temperature 2"
     ),
     t2: Optional[bool] = typer.Option(
         None, "--t2/--no-t2", help="Multiply the KD term by T^2 (default on). Example: --no-t2"

@@ -1,8 +1,9 @@
 """`imitate train`: fine-tune a student (LoRA, or all weights) on records, through accelerate.
 
 The same code runs on CPU, on one GPU and under `accelerate launch` (DDP, FSDP, DeepSpeed from the user's accelerate
-config). Read `run` top to bottom: check options -> tokenize records (all user errors surface here, before any weights
-load) -> load the student -> loop over optimizer steps -> save.
+config). Read `run` top to bottom: `prepare` (check options, tokenize records: all user errors surface here, before
+any weights load) -> `setup` (accelerator, student and teacher, optimizer, schedule, resume) -> `fit` (the loop over
+optimizer steps) -> `save` (final eval, outputs, summary).
 
 One optimizer step = one WINDOW of micro-batches: `batch_size` examples (or a packed row) per micro-batch, `grad_accum`
 micro-batches per process, on every process. The loss of a step is (sum of token losses over the window, all ranks) /
@@ -83,7 +84,11 @@ class TrainConfig:
     kd: str = "forward-kl"  # divergence D: "forward-kl" KL(teacher||student), "reverse-kl", or "jsd" (generalized, beta)
     jsd_beta: float = 0.5  # beta of --kd jsd, in (0, 1): mixture m = beta*p_teacher + (1-beta)*q_student
     kd_weight: float = 0.5  # w in [0, 1]: weight of the KD term; CE gets 1 - w (also weighs the gray-box term)
-    temperature: float = 2.0  # LOSS temperature T softening both distributions (not collect's sampling temperature)
+    # LOSS temperature T softening both distributions (not collect's sampling temperature). 1: the teacher's own
+    # distribution. In benchmarks/quality.py (3 seeds) KD at T = 2 lost to SFT on the demo task (0.890 vs 0.947) and
+    # on dates (0.161 vs 0.437); at T = 1: 0.962 and 0.372 (± 0.17), and 0.720 vs SFT 0.482 on the several-valid-answers
+    # task. T^2-scaled soft targets ask small students for margins they cannot fit.
+    temperature: float = 1.0
     t2: bool = True  # multiply the KD term by T^2 (Hinton et al.) so its gradient scale does not shrink as 1/T^2
     feature_kd: str | None = None  # FitNets pairs: "auto" or "S:T,S:T" (1-based student:teacher layers); None = off
     feature_weight: float = 1.0  # weight of each feature-pair MSE term
@@ -381,18 +386,71 @@ def no_examples_error(cfg: TrainConfig, stats: Any) -> ImitateError:
         hint=f"raise --max-length (e.g. --max-length {stats.longest})")
 
 
+@dataclass
+class Prepared:
+    """What the records give, settled before any weights load."""
+
+    student: str  # resolved student reference
+    tokenizer: Any
+    stats: Any  # data.DataStats
+    kd_plan: Any  # distill.Plan or None
+    graybox_report: dict | None
+    token_check: dict  # distill.check_teacher_tokens
+    train_ex: list[Example]
+    eval_ex: list[Example]
+
+
+@dataclass
+class Session:
+    """The objects of one run that the loop works on (after `setup`)."""
+
+    accelerator: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    distiller: Any  # distill.Distiller or None
+    vocab_size: int | None  # the CE's softmax width (the real vocabulary)
+    plan: Any  # epoch -> that epoch's micro-batches
+    total_steps: int
+    fp: dict  # checkpoint fingerprint
+    start: int = 0  # first step to run (a resumed run's checkpoint step)
+    tokens_seen: int = 0
+    rows: list = dataclasses.field(default_factory=list)  # metrics rows so far
+    policy: Any = None  # onpolicy.OnPolicy with --on-policy
+
+    @property
+    def per_window(self) -> int:
+        """Micro-batches per optimizer step, all processes together."""
+        return self.accelerator.num_processes * self.accelerator.gradient_accumulation_steps
+
+    def position(self, step: int) -> tuple[int, int]:
+        """0-based step -> (epoch, window in that epoch)."""
+        epoch = 0
+        while step >= windows(len(self.plan(epoch)), self.per_window):
+            step -= windows(len(self.plan(epoch)), self.per_window)
+            epoch += 1
+        return epoch, step
+
+
 def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
     """Train and save; returns the summary `--json` prints. `stop_after=k` stops after step k like a kill would (no
-    final save), for resume tests."""
+    final save), for resume tests. Read top to bottom: prepare (no weights) -> setup -> fit -> save."""
     t_start = time.time()
+    data = prepare(cfg)
+    s = setup(cfg, data)
+    fitted = fit(cfg, data, s, stop_after)
+    return save(cfg, data, s, fitted, t_start, stop_after)
+
+
+def prepare(cfg: TrainConfig) -> Prepared:
+    """Check options, tokenize the records and plan distillation; every user error is raised here, before any weights
+    load (tokenizers and configs only)."""
     check_options(cfg)
     out = Path(cfg.out)
     if not cfg.resume and checkpoint.latest(out) is not None:
         raise UsageError(f"{out} already holds checkpoints of a run",
                          hint="add --resume to continue it, or pick another --out")
     student = resolve_student(cfg.student)
-
-    # --- records -> examples; every data error is raised here, before any weights load
     tokenizer = load_tokenizer(cfg, student)
     kd_plan = distill.plan_teacher(cfg, tokenizer, student) if cfg.teacher else None  # tokenizers + configs only
     examples, stats = load_examples(cfg.data, tokenizer, max_length=cfg.max_length, overlong=cfg.overlong,
@@ -411,30 +469,32 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
         raise UsageError("--sckd gates distillation terms, and this run has none",
                          hint="add --teacher hf:PATH, or train on records collected with --logprobs K")
     train_idx, eval_idx = split_eval(len(examples), cfg.eval_split, cfg.seed)
-    train_ex, eval_ex = [examples[i] for i in train_idx], [examples[i] for i in eval_idx]
-    lengths = [len(e.input_ids) for e in train_ex]
-    targets = [e.n_targets for e in train_ex]
+    return Prepared(student, tokenizer, stats, kd_plan, graybox_report, token_check,
+                    [examples[i] for i in train_idx], [examples[i] for i in eval_idx])
 
+
+def setup(cfg: TrainConfig, data: Prepared) -> Session:
+    """Accelerator, the step sequence, student (+ teacher), optimizer and schedule; resume from a checkpoint."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
 
-    mixed = precision(cfg)
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed,
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision(cfg),
                               step_scheduler_with_optimizer=False)
-    world, rank, ga = accelerator.num_processes, accelerator.process_index, cfg.grad_accum
-    if token_check["mismatched"]:
-        log(accelerator, f"{token_check['mismatched']} of {token_check['checked']} answers do not tokenize back to the "
-            f"teacher's generated tokens in the student's chat template; first: {'; '.join(token_check['first'])}")
+    stats, check = data.stats, data.token_check
+    if check["mismatched"]:
+        log(accelerator, f"{check['mismatched']} of {check['checked']} answers do not tokenize back to the "
+            f"teacher's generated tokens in the student's chat template; first: {'; '.join(check['first'])}")
     if stats.truncated or stats.dropped_overlong or stats.dropped_no_target:
         log(accelerator, f"{stats.truncated + stats.dropped_overlong} record(s) longer than --max-length "
             f"{cfg.max_length} (longest {stats.longest} tokens): {stats.truncated} truncated, "
             f"{stats.dropped_overlong} dropped; {stats.dropped_no_target} dropped with no answer token left. "
             f"First: {', '.join(stats.examples_overlong)}")
 
-    # --- the step sequence: a batch plan per epoch, cut into windows of world * grad_accum micro-batches
-    per_window = world * ga
+    # the step sequence: a batch plan per epoch, cut into windows of world * grad_accum micro-batches
+    lengths = [len(e.input_ids) for e in data.train_ex]
+    per_window = accelerator.num_processes * cfg.grad_accum
     plans: dict[int, list[list[int]]] = {}
 
     def plan(epoch: int) -> list[list[int]]:
@@ -445,21 +505,14 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
 
     total_steps = cfg.max_steps or sum(windows(len(plan(e)), per_window) for e in range(cfg.epochs))
 
-    def position(step: int) -> tuple[int, int]:  # 0-based step -> (epoch, window in epoch)
-        epoch = 0
-        while step >= windows(len(plan(epoch)), per_window):
-            step -= windows(len(plan(epoch)), per_window)
-            epoch += 1
-        return epoch, step
-
-    # --- model, optimizer, schedule
+    # model, optimizer, schedule
     set_seed(cfg.seed)
-    model = load_student(cfg, student, accelerator.mixed_precision)
-    vocab_size = kd_plan.vocab_size if kd_plan is not None else student_vocab(model, tokenizer)  # CE's softmax width
+    model = load_student(cfg, data.student, accelerator.mixed_precision)
+    kd_plan = data.kd_plan
+    vocab_size = kd_plan.vocab_size if kd_plan is not None else student_vocab(model, data.tokenizer)
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR["full" if cfg.full else "lora"]
     params = [p for p in model.parameters() if p.requires_grad]
     distiller = distill.setup(cfg, kd_plan, accelerator, params) if kd_plan is not None else None  # teacher, gate
-    regressors = distiller.regressors if distiller is not None else None
     if accelerator.device.type == "cpu":  # tiny models run faster on one thread, above all on a busy machine
         from imitate.models import choose_threads
 
@@ -467,42 +520,59 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
         if distiller is not None and distiller.teacher is not None:
             n_params += sum(p.numel() for p in distiller.teacher.parameters())
         torch.set_num_threads(choose_threads(n_params, requested=cfg.threads))
-    reg_params = list(regressors.parameters()) if regressors is not None else []
-    optimizer = torch.optim.AdamW(params + reg_params, lr=lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(params + reg_params_of(distiller), lr=lr, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup * total_steps) if cfg.warmup < 1 else int(cfg.warmup)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if not cfg.full:
         checkpoint.keep_only_trainable(accelerator)
-    gate = distiller.gate if distiller is not None else None
-    policy = None
+    s = Session(accelerator, model, optimizer, scheduler, distiller, vocab_size, plan, total_steps,
+                fingerprint(cfg, len(data.train_ex)))
     if cfg.on_policy:
         from imitate.models import eos_ids
 
-        policy = onpolicy.OnPolicy(cfg, tokenizer, total_steps, eos_ids(accelerator.unwrap_model(model), tokenizer))
+        s.policy = onpolicy.OnPolicy(cfg, data.tokenizer, total_steps,
+                                     eos_ids(accelerator.unwrap_model(model), data.tokenizer))
 
-    fp = fingerprint(cfg, len(train_ex))
-    start, tokens_seen = 0, 0
-    metrics_path = out / "metrics.jsonl"
+    # resume
+    out = Path(cfg.out)
     if cfg.resume and (ckpt := checkpoint.latest(out)) is not None:
-        state = checkpoint.load(accelerator, ckpt, fp)
-        start, tokens_seen = state["step"], state.get("tokens_seen", 0)
-        log(accelerator, f"resuming from {ckpt} (step {start} of {total_steps})")
-    rows = read_metrics(metrics_path, upto=start) if start else []
+        state = checkpoint.load(accelerator, ckpt, s.fp)
+        s.start, s.tokens_seen = state["step"], state.get("tokens_seen", 0)
+        log(accelerator, f"resuming from {ckpt} (step {s.start} of {total_steps})")
+    s.rows = read_metrics(out / "metrics.jsonl", upto=s.start) if s.start else []
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        write_metrics(metrics_path, rows)  # drops rows logged after the checkpoint by a killed run
+        write_metrics(out / "metrics.jsonl", s.rows)  # drops rows logged after the checkpoint by a killed run
+    return s
 
-    # --- the loop
-    bar = ProgressBar(total_steps, start, enabled=cfg.progress and accelerator.is_main_process)
+
+def reg_params_of(distiller: Any) -> list:
+    """The feature-KD regressors' parameters (trained with the student), or []."""
+    return list(distiller.regressors.parameters()) if distiller is not None and distiller.regressors is not None else []
+
+
+def fit(cfg: TrainConfig, data: Prepared, s: Session, stop_after: int | None = None) -> dict:
+    """The loop: one optimizer step per window of micro-batches, metrics, periodic eval and checkpoints.
+    Returns {"last_loss", "last_eval", "tokens_per_s", "stopped"}."""
+    accelerator, model, distiller = s.accelerator, s.model, s.distiller
+    gate = distiller.gate if distiller is not None else None
+    policy = s.policy
+    reg_params = reg_params_of(distiller)
+    rank, ga, per_window = accelerator.process_index, cfg.grad_accum, s.per_window
+    lengths = [len(e.input_ids) for e in data.train_ex]
+    targets = [e.n_targets for e in data.train_ex]
+    graybox = data.kd_plan is not None and distill.GRAYBOX in data.kd_plan.terms
+    metrics_path = Path(cfg.out) / "metrics.jsonl"
+    bar = ProgressBar(s.total_steps, s.start, enabled=cfg.progress and accelerator.is_main_process)
     model.train()
-    pad_id = tokenizer.pad_token_id
+    pad_id = data.tokenizer.pad_token_id
     last_loss = last_eval = None
     t_loop, tokens_loop, stopped = time.time(), 0, False
-    for step in range(start, total_steps):
+    for step in range(s.start, s.total_steps):
         t0 = time.time()
-        epoch, w = position(step)
-        window = window_batches(plan(epoch), w, per_window)
+        epoch, w = s.position(step)
+        window = window_batches(s.plan(epoch), w, per_window)
         stand_in = next(b for b in window if b is not None)
         real = [i for b in window if b is not None for i in b]
         n_targets = sum(targets[i] for i in real)  # the whole window, every rank: the loss denominator
@@ -510,83 +580,91 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
         kinds = policy.kinds(step, window) if policy is not None else [False] * len(window)  # True: on-policy
         micro = []
         for j, b in enumerate(window[rank * ga : (rank + 1) * ga], start=rank * ga):
-            exs = materialize(b, train_ex, stand_in)
+            exs = materialize(b, data.train_ex, stand_in)
             if kinds[j]:  # the student writes this micro-batch's answers
                 micro.append(policy.batch(accelerator, model, exs, step, j))
                 continue
             micro.append(collate(exs, pad_id=pad_id, packing=cfg.packing))
-            if kd_plan is not None and distill.GRAYBOX in kd_plan.terms:
+            if graybox:
                 micro[-1]["topk_ids"], micro[-1]["topk_logprobs"] = distill.graybox_tensors(exs, micro[-1])
         denoms = None  # per-term token counts for the logged values when they differ from n_targets
         if policy is not None:
             n_targets, denoms = policy.denominators(accelerator, micro, window, targets, distiller.terms)
-        sums, gates = accumulate_window(accelerator, model, micro, n_targets, distiller, gate, vocab_size)
+        sums, gates = accumulate_window(accelerator, model, micro, n_targets, distiller, gate, s.vocab_size)
         grad_norm = None
         if cfg.max_grad_norm > 0:
             clip = list(model.parameters()) + reg_params if reg_params else model.parameters()
             grad_norm = accelerator.clip_grad_norm_(clip, cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        s.optimizer.step()
+        s.optimizer.zero_grad(set_to_none=True)
+        s.scheduler.step()
         sums = accelerator.reduce(sums, reduction="sum")
         sums = (sums / max(n_targets, 1) if denoms is None else sums / sums.new_tensor(denoms).clamp(min=1)).tolist()
         prev_loss, last_loss = last_loss, sums[0]
         dt = time.time() - t0
-        tokens_seen += n_tokens
+        s.tokens_seen += n_tokens
         tokens_loop += n_tokens
-        row = {"step": step + 1, "epoch": epoch, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
-               "tokens": tokens_seen, "tokens_per_s": n_tokens / dt if dt > 0 else None, "step_s": dt}
+        row = {"step": step + 1, "epoch": epoch, "loss": last_loss, "lr": s.scheduler.get_last_lr()[0],
+               "tokens": s.tokens_seen, "tokens_per_s": n_tokens / dt if dt > 0 else None, "step_s": dt}
         if grad_norm is not None:
             row["grad_norm"] = float(grad_norm)
         if distiller is not None:
-            distiller.log(row, sums[1:], policy.present(gates) if policy is not None else gates, rows)
+            distiller.log(row, sums[1:], policy.present(gates) if policy is not None else gates, s.rows)
         if policy is not None:  # drops the values of terms (and CE) no micro-batch of the window had
             policy.log(row, dt)
             last_loss = row.get("loss", prev_loss)
         done = step + 1
-        if cfg.eval_every and done % cfg.eval_every == 0 and done < total_steps:
-            last_eval = evaluate(accelerator, model, eval_ex, cfg, pad_id, vocab_size)
+        if cfg.eval_every and done % cfg.eval_every == 0 and done < s.total_steps:
+            last_eval = evaluate(accelerator, model, data.eval_ex, cfg, pad_id, s.vocab_size)
             if last_eval is not None:
                 row["eval_loss"] = last_eval
-        rows.append(row)
+        s.rows.append(row)
         if accelerator.is_main_process:
             append_metrics(metrics_path, row)
         bar.update(done, last_loss, tokens_loop / max(time.time() - t_loop, 1e-9))
-        if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
-            checkpoint.save(accelerator, out, done, {"tokens_seen": tokens_seen, "fingerprint": fp},
+        if cfg.save_every and done % cfg.save_every == 0 and done < s.total_steps:
+            checkpoint.save(accelerator, Path(cfg.out), done, {"tokens_seen": s.tokens_seen, "fingerprint": s.fp},
                             cfg.keep_checkpoints)
         if stop_after is not None and done >= stop_after:
             stopped = True
             break
     bar.close()
-    elapsed_loop = time.time() - t_loop
+    return {"last_loss": last_loss, "last_eval": last_eval, "stopped": stopped,
+            "tokens_per_s": tokens_loop / max(time.time() - t_loop, 1e-9)}
 
+
+def save(cfg: TrainConfig, data: Prepared, s: Session, fitted: dict, t_start: float,
+         stop_after: int | None = None) -> dict:
+    """Final eval, outputs on disk (rank 0), the summary."""
+    accelerator, distiller, out = s.accelerator, s.distiller, Path(cfg.out)
+    last_loss, last_eval = fitted["last_loss"], fitted["last_eval"]
     summary: dict[str, Any] = {
         "out": str(out), "student": cfg.student, "mode": "full" if cfg.full else "lora",
-        "steps": total_steps, "start_step": start, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
-        "data": {**stats.as_dict(), "teacher_tokens": token_check}, "train_loss": last_loss, "tokens_per_s": tokens_loop / max(elapsed_loop, 1e-9),
-        "devices": world, "precision": accelerator.mixed_precision,
+        "steps": s.total_steps, "start_step": s.start, "train_examples": len(data.train_ex),
+        "eval_examples": len(data.eval_ex), "data": {**data.stats.as_dict(), "teacher_tokens": data.token_check},
+        "train_loss": last_loss, "tokens_per_s": fitted["tokens_per_s"], "devices": accelerator.num_processes,
+        "precision": accelerator.mixed_precision,
     }
     if distiller is not None:
-        summary["distill"] = distiller.summary(rows)
-    elif graybox_report is not None:
-        summary["distill"] = {"mode": "none", "graybox": graybox_report}
-    if policy is not None:
-        summary["on_policy"] = policy.summary(rows)
-    if stopped:
+        summary["distill"] = distiller.summary(s.rows)
+    elif data.graybox_report is not None:
+        summary["distill"] = {"mode": "none", "graybox": data.graybox_report}
+    if s.policy is not None:
+        summary["on_policy"] = s.policy.summary(s.rows)
+    if fitted["stopped"]:
         summary["stopped_at"] = stop_after
         return summary
 
-    # --- final eval and save
-    final_eval = evaluate(accelerator, model, eval_ex, cfg, pad_id, vocab_size)
+    final_eval = evaluate(accelerator, s.model, data.eval_ex, cfg, data.tokenizer.pad_token_id, s.vocab_size)
     if final_eval is not None:
         last_eval = final_eval
-        row = {"step": total_steps, "eval_loss": final_eval}
-        rows.append(row)
+        row = {"step": s.total_steps, "eval_loss": final_eval}
+        s.rows.append(row)
         if accelerator.is_main_process:
-            append_metrics(metrics_path, row)
+            append_metrics(out / "metrics.jsonl", row)
     summary["eval_loss"] = last_eval
-    summary["files"] = save_outputs(accelerator, model, tokenizer, cfg, student, rows)
+    summary["files"] = save_outputs(accelerator, s.model, data.tokenizer, cfg, data.student, s.rows)
+    regressors = distiller.regressors if distiller is not None else None
     if regressors is not None and accelerator.is_main_process:
         summary["files"]["feature_regressors"] = str(regressors.save(out))
     if accelerator.is_main_process:  # the run is complete: its checkpoints can no longer be resumed into anything
@@ -595,7 +673,7 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
         shutil.rmtree(checkpoint.checkpoint_dir(out), ignore_errors=True)
     summary["elapsed_s"] = time.time() - t_start
     summary["peak_memory_mb"] = peak_memory_mb(accelerator)
-    log(accelerator, f"trained {total_steps - start} step(s)"
+    log(accelerator, f"trained {s.total_steps - s.start} step(s)"
         + (f": train loss {last_loss:.4f}" if last_loss is not None else "")
         + (f", eval loss {last_eval:.4f}" if last_eval is not None else "")
         + f", {summary['tokens_per_s']:.0f} tokens/s -> {out}")
