@@ -296,6 +296,16 @@ def test_gate_pairs_a_term_with_its_own_group_and_applies_every_group():
     torch.testing.assert_close(theta.grad, torch.tensor([2.0, 1.1]))
 
 
+def test_an_off_term_gives_its_weight_back_to_its_own_group_only():
+    theta = torch.zeros(2, requires_grad=True)
+    gate = SCKDGate([theta], {"kd": 1.0, "op": 1.0}, pairs={"op": "onpolicy"}, give_back={"kd": 1.0, "op": 3.0})
+    gate.accumulate(_lin(theta, [1, 0]), {"kd": _lin(theta, [1, 0]), "op": _lin(theta, [0, 0])})  # kd on
+    gate.accumulate(_lin(theta, [0, 1]), {"kd": _lin(theta, [0, 0]), "op": _lin(theta, [0, -1])}, group="onpolicy")
+    report = gate.step()
+    assert report["kd"]["on"] and not report["op"]["on"]
+    torch.testing.assert_close(theta.grad, torch.tensor([1.0 + 1.0, 1.0 * (1 + 3.0)]))  # only the on-policy CE x4
+
+
 def test_gate_groups_reduce_across_ranks_that_hold_different_kinds():
     """Rank 0 holds only a dataset micro-batch, rank 1 only an on-policy one: the vectors have the same layout on both
     ranks, and with the all-reduce's sum both decide from the global gradients of each pair."""

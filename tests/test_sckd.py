@@ -207,3 +207,17 @@ def test_one_on_rate_counter_for_gate_metrics_and_summary():
         for n, on in gates.items():
             resumed.add(n, on)
     assert resumed.rates() == live.rates()
+
+
+def test_an_off_term_gives_its_weight_back_to_the_supervised_gradient():
+    """(1 - w)·CE + w·KD with the KD term off is a plain CE step at full weight, not (1 - w) of one."""
+    theta = torch.zeros(2, requires_grad=True)
+    gate = SCKDGate([theta], {"kd": 0.25, "feat": 2.0}, give_back={"kd": 0.25 / 0.75})
+    gate.accumulate(_lin(theta, [0.75, 0]), {"kd": _lin(theta, [-1, 0]), "feat": _lin(theta, [1, 1])})
+    report = gate.step()
+    assert not report["kd"]["on"] and report["feat"]["on"]
+    torch.testing.assert_close(theta.grad, torch.tensor([1.0 + 2.0, 2.0]))  # CE at weight 1, plus 2·feat
+    theta.grad = None
+    gate.accumulate(_lin(theta, [0.75, 0]), {"kd": _lin(theta, [1, 0]), "feat": _lin(theta, [1, 1])})
+    assert gate.step()["kd"]["on"]
+    torch.testing.assert_close(theta.grad, torch.tensor([0.75 + 0.25 + 2.0, 2.0]))  # on: nothing given back

@@ -460,8 +460,11 @@ def setup(cfg: Any, plan: Plan, accelerator: Any, params: list) -> Distiller:
 
         own = {n: list(regressors.maps[n].parameters()) for n in distiller.terms
                if regressors is not None and n in regressors.maps}
+        # CE is weighed (1 - w) because the logit / gray-box term takes w: when that term is off, CE gets w back
+        back = {n: distiller.w / (1.0 - distiller.w) for n in distiller.terms if n in (LOGIT, GRAYBOX, ONPOLICY)}
         distiller.gate = SCKDGate(params, distiller.weights(), threshold=cfg.sckd_threshold, term_params=own,
-                                  reducer=distributed_sum(), pairs={ONPOLICY: "onpolicy"})  # see onpolicy.py
+                                  reducer=distributed_sum(), give_back=back,
+                                  pairs={ONPOLICY: "onpolicy"})  # see onpolicy.py
     return distiller
 
 

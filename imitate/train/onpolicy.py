@@ -25,7 +25,8 @@ micro-batches' own CE (as without --on-policy), for `onpolicy_kd` the CE of the 
 extra forward + gradient of the collected answers, --sckd only). Why these pairs: the gate's question is "does the
 teacher's signal on these prompts agree with what the data says for these prompts"; against the window's whole CE
 the on-policy decision would depend on unrelated prompts. That reference CE is SCKD's supervised term, so it trains
-like every g_s (an off gate then falls back to SFT on those prompts instead of a wasted step).
+like every g_s, and an off `onpolicy_kd` gives its weight back to it (sckd.py's give_back): an off gate is then SFT
+on those prompts at full weight instead of a wasted step.
 """
 
 from __future__ import annotations
