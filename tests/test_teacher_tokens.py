@@ -201,3 +201,35 @@ def test_threads_option_reaches_torch(tiny_model_dir, tmp_path):
         assert res.exit_code != 0 and "--threads" in res.output
     finally:
         torch.set_num_threads(before)
+
+
+def test_same_text_in_other_tokens_trains_on_the_teachers_ids(space_dirs, tmp_path):
+    """A real model often samples a tokenization of its answer that re-tokenizing the text does not give back (one
+    character a token here, where the tokenizer merges). The text is what the teacher wrote, so the example takes the
+    teacher's ids (not a mismatch, KD is not refused), and the end-of-turn marker stays the template's."""
+    student, teacher = space_dirs
+    tok = tok_of(student)
+
+    def char_ids(text):  # the same text, one token per character (all in the byte-level alphabet)
+        return [tok.convert_tokens_to_ids(c) for c in tok.convert_ids_to_tokens(tok(text, add_special_tokens=False)
+                                                                                 ["input_ids"]) for c in c]
+
+    data = records(tmp_path / "chars.jsonl", teacher, tok, ANSWERS, lead=" ", ids_of=char_ids)
+    canonical, _ = load_examples([records(tmp_path / "c.jsonl", teacher, tok, ANSWERS, lead=" ")], tok, max_length=64)
+    ex, _ = load_examples([data], tok, max_length=64)
+    assert all(tok.unk_token_id not in char_ids(" " + a) for a in ANSWERS)
+    assert sum(len(char_ids(" " + a)) > len(tok(" " + a, add_special_tokens=False)["input_ids"]) for a in ANSWERS) >= 4
+    rep = check_teacher_tokens(ex, tok, max_length=64)
+    assert rep["mismatched"] == 0 and rep["retokenized"] >= 16 and rep["checked"] == len(ex)
+    for e, c, (p, a) in zip(ex, canonical, zip(PROMPTS * 4, ANSWERS * 4)):
+        targets = [x for x in e.labels if x != -100]
+        want = char_ids(" " + a)
+        assert targets[: len(want)] == want  # the answer trains on the teacher's ids
+        assert targets[len(want):] == [x for x in c.labels if x != -100][-(len(targets) - len(want)):]  # end marker
+        assert tok.decode(e.input_ids) == tok.decode(c.input_ids)  # the same text
+    refuse_token_mismatch(rep)  # no error
+    # a text that differs (the template's separator) is still a mismatch, not re-tokenized
+    bad, _ = load_examples([records(tmp_path / "bad.jsonl", teacher, tok, ANSWERS, lead="", ids_of=char_ids)], tok,
+                           max_length=64)
+    rep = check_teacher_tokens(bad, tok, max_length=64)
+    assert rep["retokenized"] == 0 and rep["mismatched"] == len(bad)

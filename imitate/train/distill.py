@@ -161,17 +161,21 @@ def _teacher_tokenizer_ok(spec: str | None, tokenizer: Any, cache: dict) -> str 
 MAX_TOKEN_MISMATCH = 0.03  # KD refuses above this fraction of checked records whose answer tokens differ
 
 
-def check_teacher_tokens(examples: list, tokenizer: Any) -> dict:
+def check_teacher_tokens(examples: list, tokenizer: Any, max_length: int | None = None) -> dict:
     """Round-trip check: does the student's chat template reproduce the tokens the teacher generated?
 
     For every example whose record carries `answer_token_ids` (hf teachers) from a teacher with the student's
     tokenizer, the answer's target tokens (the final assistant turn, end-of-turn marker excluded) must equal those ids.
-    A mismatch means the trained text is not what the teacher wrote (a separator the template adds, a template that
-    rewrites the answer, special tokens dropped from the text, a non-canonical tokenization the teacher sampled); CE
-    can still learn it, but the teacher's logits on a sequence it would never write pull a KD student away from it.
-    Returns {"checked", "mismatched", "unchecked" (other or unavailable tokenizer), "first" ("file:line" ...)}.
+    Where the text is the same but its tokens are not (a real model often samples a tokenization that re-tokenizing
+    its text does not give back: 8% of SmolLM2-135M's greedy answers in examples/smollm2.toml), the teacher's ids
+    replace the student's in the example (`retokenized`): the trained tokens are then the ones the teacher wrote.
+    What is left is a mismatch: the trained text is not what the teacher wrote (a separator the template adds, a
+    template that rewrites the answer, special tokens dropped from the text); CE can still learn it, but the teacher's
+    logits on a sequence it would never write pull a KD student away from it.
+    Returns {"checked", "mismatched", "retokenized", "unchecked" (other or unavailable tokenizer), "first"
+    ("file:line" ...)}.
     """
-    report: dict[str, Any] = {"checked": 0, "mismatched": 0, "unchecked": 0, "first": []}
+    report: dict[str, Any] = {"checked": 0, "mismatched": 0, "retokenized": 0, "unchecked": 0, "first": []}
     cache: dict = {}
     for ex in examples:
         if ex.answer_token_ids is None:
@@ -183,13 +187,45 @@ def check_teacher_tokens(examples: list, tokenizer: Any) -> dict:
         got = [t for t in _final_run(ex.labels) if t != IGNORE]
         want = list(ex.answer_token_ids)
         n = min(len(want), len(got))  # a record truncated by --max-length is compared as far as it goes
-        if got[:n] != want[:n]:
-            report["mismatched"] += 1
-            if len(report["first"]) < 3:
-                report["first"].append(f"{ex.where} (teacher {tokenizer.decode(want[:n])!r}, "
-                                       f"student template {tokenizer.decode(got[:n])!r})")
+        if got[:n] == want[:n]:
+            continue
+        if _use_teacher_ids(ex, tokenizer, got, want, max_length):
+            report["retokenized"] += 1
+            continue
+        report["mismatched"] += 1
+        if len(report["first"]) < 3:
+            report["first"].append(f"{ex.where} (teacher {tokenizer.decode(want[:n])!r}, "
+                                   f"student template {tokenizer.decode(got[:n])!r})")
     report["mismatch_fraction"] = report["mismatched"] / report["checked"] if report["checked"] else 0.0
     return report
+
+
+def _use_teacher_ids(ex: Any, tokenizer: Any, got: list[int], want: list[int], max_length: int | None) -> bool:
+    """Put the teacher's answer ids in place of the student's tokens of the same text (see check_teacher_tokens).
+
+    got: the final assistant turn's target tokens (answer, then the template's end-of-turn tokens). The student's
+    answer is the shortest prefix of `got` that decodes to the teacher's text; what follows it (the end-of-turn
+    marker) stays. False when no prefix decodes to it (the texts differ) or the result would pass max_length."""
+    text = tokenizer.decode(want)
+    k = next((k for k in range(1, len(got)) if tokenizer.decode(got[:k]) == text), None)
+    if k is None:
+        return False
+    final = _final_run(ex.labels)
+    first = next(t for t, x in enumerate(final) if x != IGNORE)  # label position of the answer's first token
+    start = first + 1  # its input position
+    ids = ex.input_ids[:start] + want + ex.input_ids[start + k :]
+    if max_length is not None and len(ids) > max_length:
+        return False
+    from imitate.train.data import shift_targets
+
+    mask = [False] * len(ids)
+    for t in range(start, start + len(want) + len(got) - k):
+        mask[t] = True
+    for t, x in enumerate(ex.labels[:first]):  # earlier assistant turns (--loss-on all) keep their targets
+        if x != IGNORE:
+            mask[t + 1] = True
+    ex.input_ids, ex.labels = ids, shift_targets(ids, mask)
+    return True
 
 
 def _same_tokenizer(spec: str | None, tokenizer: Any, cache: dict) -> bool:

@@ -380,7 +380,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
                                     loss_on=cfg.loss_on, with_logprobs=cfg.graybox and not cfg.teacher)
     if not examples:
         raise no_examples_error(cfg, stats)
-    token_check = distill.check_teacher_tokens(examples, tokenizer)  # the trained text is what the teacher wrote?
+    token_check = distill.check_teacher_tokens(examples, tokenizer, cfg.max_length)  # the teacher's own tokens?
     if kd_plan is not None and kd_plan.teacher:  # logit KD (gray-box KD aligns token by token itself)
         distill.refuse_token_mismatch(token_check)
     graybox_report = None
