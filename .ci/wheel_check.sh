@@ -13,10 +13,12 @@ trap 'rm -rf "$work"' EXIT
 
 python -m pip wheel -q --no-deps -w "$work/dist" "$repo" 2>&1 | grep -v "^WARNING: Location" || true
 wheel=$(ls "$work"/dist/imitate-*.whl)
-unzip -l "$wheel" | grep -q "imitate/_prompts/instruction.j2" || { echo "wheel lacks the built-in templates"; exit 1; }
-unzip -l "$wheel" | grep -q "imitate/_data/refusals.txt" || { echo "wheel lacks data/refusals.txt"; exit 1; }
-unzip -l "$wheel" | grep -q "imitate/py.typed" || { echo "wheel lacks py.typed"; exit 1; }
-if unzip -l "$wheel" | grep -q "safetensors"; then echo "the wheel must not carry the demo models"; exit 1; fi
+# the listing goes to a file first: `unzip -l | grep -q` under pipefail fails at random when grep exits early (SIGPIPE)
+unzip -l "$wheel" > "$work/wheel.txt"
+grep -q "imitate/_prompts/instruction.j2" "$work/wheel.txt" || { echo "wheel lacks the built-in templates"; exit 1; }
+grep -q "imitate/_data/refusals.txt" "$work/wheel.txt" || { echo "wheel lacks data/refusals.txt"; exit 1; }
+grep -q "imitate/py.typed" "$work/wheel.txt" || { echo "wheel lacks py.typed"; exit 1; }
+if grep -q "safetensors" "$work/wheel.txt"; then echo "the wheel must not carry the demo models"; exit 1; fi
 
 python -m venv "$work/venv"
 deps=$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
