@@ -30,7 +30,6 @@ progress = false
 out = "runs/clean.jsonl"
 drop-truncated = false      # a random teacher never stops by itself
 drop-repetitive = false
-near-dedup = false
 
 [train]
 student = "{student}"
