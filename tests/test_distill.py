@@ -8,8 +8,8 @@ import pytest
 import torch
 from test_train import adapter_weights as adapter
 from test_train import cfg_for as sft_cfg
-from test_train import invoke, make_records, metrics
-from tiny import copy_without_chat_template, run_torchrun
+from test_train import invoke, make_records, metrics, two_ranks_match_accumulation
+from tiny import copy_without_chat_template
 
 from imitate.train.loop import run
 
@@ -290,15 +290,8 @@ def test_sckd_two_processes_match_one_process_with_accumulation(tiny_model_dir, 
     args = ["--data", data_file, "--student", tiny_model_dir, "--teacher", f"hf:{tiny_teacher_dir}", "--sckd",
             "--sckd-threshold", "-1", "--feature-kd", "2:3", "--max-steps", "3", "--batch-size", "3",
             "--lora-dropout", "0", "--eval-split", "0", "--lr", "1e-2", "--no-progress"]
-    ddp = tmp_path / "ddp"
-    proc = run_torchrun(args, ddp)
-    assert json.loads(proc.stdout)["devices"] == 2
-    single = tmp_path / "single"
-    res = invoke(*args, "--grad-accum", "2", "--out", single)
-    assert res.exit_code == 0, res.output
-    a, b = adapter(ddp), adapter(single)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    summary, ddp, single = two_ranks_match_accumulation(args, tmp_path)
+    assert summary["devices"] == 2
     from imitate.train.features import load_regressors
 
     ra, rb = load_regressors(ddp).state_dict(), load_regressors(single).state_dict()

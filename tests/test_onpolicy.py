@@ -12,8 +12,7 @@ import torch
 from test_distill import write
 from test_train import adapter_weights as adapter
 from test_train import cfg_for as sft_cfg
-from test_train import invoke, make_records, metrics
-from tiny import run_torchrun
+from test_train import invoke, make_records, metrics, two_ranks_match_accumulation
 
 from imitate.train import onpolicy
 from imitate.train.data import IGNORE, Example, collate, encode, shift_targets
@@ -343,15 +342,8 @@ def test_two_processes_match_one_process(sft_student, tiny_teacher_dir, mixed_fi
             "0.5", "--on-policy-warmup", "0", "--on-policy-max-tokens", "6", "--sckd", "--sckd-threshold", "-1",
             "--max-steps", "4", "--batch-size", "2", "--lora-dropout", "0", "--eval-split", "0", "--lr", "1e-2",
             "--no-progress"]
-    ddp = tmp_path / "ddp"
-    proc = run_torchrun(args, ddp)
-    assert json.loads(proc.stdout)["devices"] == 2
-    single = tmp_path / "single"
-    res = invoke(*args, "--grad-accum", "2", "--out", single)
-    assert res.exit_code == 0, res.output
-    a, b = adapter(ddp), adapter(single)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    summary, ddp, single = two_ranks_match_accumulation(args, tmp_path)
+    assert summary["devices"] == 2
     rows_d, rows_s = metrics(ddp), metrics(single)
     expected = [sum(onpolicy.choose(0, s, [[0]] * 2, 0.5, 0)) / 2 for s in range(4)]
     assert [r["onpolicy/share"] for r in rows_d] == [r["onpolicy/share"] for r in rows_s] == expected

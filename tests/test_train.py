@@ -208,6 +208,19 @@ def invoke(*args):
     return CliRunner().invoke(app, ["train", *map(str, args)])
 
 
+def two_ranks_match_accumulation(args: list, tmp_path) -> tuple[dict, object, object]:
+    """`imitate train ARGS` under torchrun with 2 CPU ranks (OUT tmp_path/ddp) and in one process with --grad-accum 2
+    (tmp_path/single): the adapters must be equal. Returns (the 2-rank summary, ddp dir, single dir)."""
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    summary = json.loads(run_torchrun(args, ddp).stdout)
+    res = invoke(*args, "--grad-accum", "2", "--out", single)
+    assert res.exit_code == 0, res.output
+    a, b = adapter_weights(ddp), adapter_weights(single)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    return summary, ddp, single
+
+
 def test_cli_end_to_end_json(tiny_model_dir, data_file, tmp_path):
     out = tmp_path / "cli"
     res = invoke("--data", data_file, "--student", tiny_model_dir, "--out", out, "--max-steps", "3", "--batch-size",
@@ -316,16 +329,8 @@ def test_two_processes_match_one_process_with_accumulation(tiny_model_dir, data_
 
     args = ["--data", data_file, "--student", tiny_model_dir, "--epochs", "1", "--batch-size", "4", "--lora-dropout",
             "0", "--eval-split", "0.1", "--eval-every", "3", "--lr", "1e-2", "--no-progress"]
-    ddp = tmp_path / "ddp"
-    proc = run_torchrun(args, ddp)
-    summary = json.loads(proc.stdout)
+    summary, ddp, single = two_ranks_match_accumulation(args, tmp_path)
     assert summary["devices"] == 2 and summary["steps"] == 6
-    single = tmp_path / "single"
-    res = invoke(*args, "--grad-accum", "2", "--out", single)
-    assert res.exit_code == 0, res.output
-    a, b = adapter_weights(ddp), adapter_weights(single)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     ma, mb = metrics(ddp), metrics(single)
     assert [r["step"] for r in ma] == [r["step"] for r in mb]
     for ra, rb in zip(ma, mb):
