@@ -45,13 +45,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
+# the demo's chat template, special tokens and model builder (examples/make_demo_teacher.py)
+from make_demo_teacher import CHAT_TEMPLATE, SPECIAL, new_model  # noqa: E402
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}"
-    "<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
 # Like many real templates, this one writes a space between the role and the content, while its generation prompt
 # stops at the role: a teacher trained on its renderings answers with a leading space (" March 7, 2024").
 SPACE_TEMPLATE = (
@@ -60,7 +56,6 @@ SPACE_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-SPECIAL = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>"]
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December"]
 
@@ -220,21 +215,6 @@ def make_tokenizer(out: Path, corpus: list[str], template: str):
     out.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(out)
     return fast
-
-
-def new_model(tok, shape: dict, seed: int):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), num_key_value_heads=shape["num_attention_heads"],
-                      max_position_embeddings=128, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, tie_word_embeddings=False, **shape)
-    model = LlamaForCausalLM(cfg)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.do_sample = False
-    return model
 
 
 def answer_batches(tok, pairs: list[tuple[str, str]]) -> list[tuple[list[int], int]]:
