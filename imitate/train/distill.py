@@ -128,34 +128,35 @@ def _final_run(labels: list[int]) -> list[int]:
     return out
 
 
-def _teacher_tokenizer_ok(spec: str | None, tokenizer: Any, cache: dict) -> str | None:
-    """None when the record's teacher may share the student's tokenizer, else why not.
+def _teacher_tokenizer(spec: str | None, tokenizer: Any, cache: dict) -> tuple[bool, str | None]:
+    """(at hand, why not the student's) for a record's teacher: an hf teacher whose directory (or cached hub id) is
+    here is loaded once and checked with `check_tokenizers`; other teachers are not at hand (why = None)."""
+    if spec not in cache:
+        at_hand, why = False, None
+        from imitate.models import model_refs, resolve_model, split_ref
 
-    hf teachers whose directory (or cached hub id) is at hand are checked with `check_tokenizers`; other teachers
-    cannot be checked by name, so their log-probs are trusted only as far as their tokens match the targets.
-    """
-    if spec in cache:
-        return cache[spec]
-    why = None
-    from imitate.models import split_ref
+        provider, model = split_ref(spec or "")
+        if provider == "hf" and model:
+            from transformers import AutoTokenizer
 
-    provider, model = split_ref(spec or "")
-    if provider == "hf" and model:
-        from transformers import AutoTokenizer
+            from imitate.train import vocab
 
-        from imitate.train import vocab
-
-        try:
-            t_tok = AutoTokenizer.from_pretrained(model)
-        except (OSError, ValueError):
-            t_tok = None  # not at hand here: fall back to the token-by-token check
-        if t_tok is not None:
             try:
+                t_tok = AutoTokenizer.from_pretrained(model_refs(resolve_model(model))[2])
+                at_hand = True
                 vocab.check_tokenizers(tokenizer, t_tok, teacher=spec)
             except ImitateError as exc:
-                why = exc.message
-    cache[spec] = why
-    return why
+                why = exc.message if at_hand else None
+            except (OSError, ValueError):
+                pass  # not at hand here
+        cache[spec] = (at_hand, why)
+    return cache[spec]
+
+
+def _teacher_tokenizer_ok(spec: str | None, tokenizer: Any, cache: dict) -> str | None:
+    """None when the record's teacher may share the student's tokenizer, else why not. Teachers not at hand cannot be
+    checked by name, so their log-probs are trusted only as far as their tokens match the targets."""
+    return _teacher_tokenizer(spec, tokenizer, cache)[1]
 
 
 MAX_TOKEN_MISMATCH = 0.03  # KD refuses above this fraction of checked records whose answer tokens differ
@@ -230,23 +231,8 @@ def _use_teacher_ids(ex: Any, tokenizer: Any, got: list[int], want: list[int], m
 
 def _same_tokenizer(spec: str | None, tokenizer: Any, cache: dict) -> bool:
     """Whether the record's teacher is an hf model at hand whose tokenizer is the student's."""
-    if spec not in cache:
-        provider, _, model = (spec or "").partition(":")
-        ok = False
-        if provider == "hf" and model:
-            from transformers import AutoTokenizer
-
-            from imitate.models import model_refs, resolve_model
-            from imitate.train import vocab
-
-            try:
-                t_tok = AutoTokenizer.from_pretrained(model_refs(resolve_model(model))[2])
-                vocab.check_tokenizers(tokenizer, t_tok, teacher=spec)
-                ok = True
-            except (ImitateError, OSError, ValueError):
-                ok = False
-        cache[spec] = ok
-    return cache[spec]
+    at_hand, why = _teacher_tokenizer(spec, tokenizer, cache)
+    return at_hand and why is None
 
 
 def refuse_token_mismatch(report: dict) -> None:
