@@ -13,8 +13,6 @@ from typing import Literal
 from imitate.errors import UsageError
 from imitate.options import Checked, opt
 
-KD_CHOICES = ("forward-kl", "reverse-kl", "jsd")
-
 
 @dataclass(frozen=True)
 class TrainConfig(Checked):

@@ -29,7 +29,6 @@ from imitate.train.data import IGNORE, model_inputs
 LOGIT = "logit_kd"
 GRAYBOX = "graybox_kd"
 ONPOLICY = "onpolicy_kd"  # logit KD on the student's own answers (imitate/train/onpolicy.py)
-KD_CHOICES = ("forward-kl", "reverse-kl", "jsd")
 
 
 def check_options(cfg: Any) -> None:
