@@ -48,6 +48,7 @@ class Engine:
         self.cfg, self.teacher, self.secret = cfg, teacher, secret
         self.budget = budget or Budget(None, None)
         self.settled: asyncio.Condition | None = None  # signalled whenever a reservation is settled
+        self.in_flight = 0  # units admitted (their worst cost reserved) and not settled yet
         self.out, self.failures_path = Path(out), Path(failures)
         self.stats = Stats()
         self.limiter = RateLimiter(cfg.rpm, cfg.tpm)
@@ -127,6 +128,7 @@ class Engine:
             finally:
                 async with self.settled:
                     self.budget.settle(worst, *billed)
+                    self.in_flight -= 1
                     self.settled.notify_all()
 
     async def _admit(self, worst: float) -> bool:
@@ -134,9 +136,12 @@ class Engine:
         (it usually costs less than its worst case). False once it cannot fit even with nothing in flight."""
         async with self.settled:
             while not self.budget.reserve(worst):
-                if self.budget.reserved <= 0:
+                # count units, not the reserved sum: after its floats are taken back it can stay a hair above 0 with
+                # nothing in flight, and this wait would never be woken (a hang seen in the budget tests)
+                if self.in_flight == 0:
                     return False
                 await self.settled.wait()
+            self.in_flight += 1
         return True
 
     async def _send(
