@@ -7,7 +7,17 @@ import json
 import pytest
 
 from imitate.errors import InputError, UsageError
-from imitate.train.data import IGNORE, Example, collate, encode, load_examples, plan_batches, shift_targets, split_eval
+from imitate.train.data import (
+    IGNORE,
+    Example,
+    collate,
+    encode,
+    load_examples,
+    plan_batches,
+    shift_targets,
+    split_eval,
+    teacher_written,
+)
 
 CONV = [
     {"role": "system", "content": "You are a helpful assistant."},
@@ -174,3 +184,47 @@ def test_collate_padded_and_packed():
     assert packed["input_ids"].tolist() == [[1, 2, 3, 4, 5]]
     assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
     assert "attention_mask" not in packed
+
+
+def naive_teacher_written(ids: list[int], labels: list[int], end_ids: set[int]) -> list[int]:
+    """Walk the row: inside a run of targets, once the input token is an end-of-turn token, no later target of the run
+    was written by the teacher."""
+    out, after = list(labels), False
+    for t, (x, y) in enumerate(zip(ids, labels)):
+        if y == IGNORE:
+            after = False
+            continue
+        after = after or x in end_ids
+        if after:
+            out[t] = IGNORE
+    return out
+
+
+def test_teacher_written_cuts_what_the_template_writes_after_a_turn(tok):
+    """On real renderings (one and two trained turns, padded and packed): the KD labels stop at each turn's end token;
+    CE's labels keep the template's "\n" after it. Then random rows against the naive walk."""
+    import random
+
+    import torch
+
+    end = tok.eos_token_id
+    for loss_on, answers in (("final", ["Paris is the capital of France."]),
+                             ("all", ["three hundred forty-seven", "Paris is the capital of France."])):
+        ids, mask = encode(tok, CONV, loss_on)
+        ex = Example(ids, shift_targets(ids, mask), "x")
+        short = Example(*(lambda i, m: (i, shift_targets(i, m)))(*encode(tok, CONV[:3], loss_on)), "y")
+        for packing in (False, True):
+            batch = collate([ex, short], pad_id=tok.pad_token_id, packing=packing)
+            kd = teacher_written(batch["input_ids"], batch["labels"], [end])
+            row = kd[0].tolist()
+            got = tok.decode([t for t in row[: len(ids)] if t != IGNORE])
+            assert got == "<|end|>".join(answers) + "<|end|>"  # every turn through its end token, no "\n"
+            ce = [t for t in batch["labels"][0].tolist()[: len(ids)] if t != IGNORE]
+            assert tok.decode(ce).endswith("<|end|>\n")
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 30)
+        ids = [rng.choice([1, 2, 3, 9]) for _ in range(n)]
+        labels = [rng.choice([IGNORE, 5, 6]) if rng.random() < 0.6 else IGNORE for _ in range(n)]
+        got = teacher_written(torch.tensor([ids]), torch.tensor([labels]), [9, 3]).tolist()[0]
+        assert got == naive_teacher_written(ids, labels, {9, 3})

@@ -135,7 +135,8 @@ def test_usage_errors(args, expect, tiny_model_dir, tiny_teacher_dir, data_file,
 @pytest.mark.parametrize("kd, t2", [("forward-kl", True), ("reverse-kl", False)])
 def test_kd_terms_in_the_loop_equal_a_naive_computation(kd, t2, tiny_model_dir, tiny_teacher_dir, tmp_path):
     """Step 1's logged terms (the LoRA B = 0 student is the base model there) == full-logit references over the whole
-    window (2 micro-batches, uneven lengths), normalised per target token."""
+    window (2 micro-batches, uneven lengths), normalised per target token. KD skips the target after the end-of-turn
+    token (the template's "\n"): the teacher never wrote it."""
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -156,9 +157,12 @@ def test_kd_terms_in_the_loop_equal_a_naive_computation(kd, t2, tiny_model_dir, 
         for ids, labels in tokenized(records, tok):
             lab = torch.tensor(labels)
             keep = lab != -100
-            s = student(input_ids=torch.tensor([ids])).logits[0][keep].double()
-            t = teacher(input_ids=torch.tensor([ids])).logits[0][keep].double()
-            ce += F.cross_entropy(s, lab[keep], reduction="sum").item()
+            s_all = student(input_ids=torch.tensor([ids])).logits[0].double()
+            t_all = teacher(input_ids=torch.tensor([ids])).logits[0].double()
+            ce += F.cross_entropy(s_all[keep], lab[keep], reduction="sum").item()
+            taught = keep & (torch.tensor(ids) != tok.eos_token_id)  # the "\n" target is predicted at <|end|>
+            assert int(taught.sum()) == int(keep.sum()) - 1
+            s, t = s_all[taught], t_all[taught]
             ls, lt = F.log_softmax(s / T, -1), F.log_softmax(t / T, -1)
             if kd == "forward-kl":  # KL(teacher || student)
                 kl += F.kl_div(ls, lt, log_target=True, reduction="sum").item()

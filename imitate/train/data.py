@@ -273,6 +273,28 @@ def windows(n_batches: int, per_window: int) -> int:
     return math.ceil(n_batches / per_window) if n_batches else 0
 
 
+def teacher_written(input_ids: Any, labels: Any, end_ids: Sequence[int]) -> Any:
+    """`labels` [B, T] with IGNORE at every target that comes after an end-of-turn token (`end_ids`) within its run of
+    targets: the text a chat template writes after a turn has ended (the "\n" of `<|end|>\n`, `<|im_end|>\n`).
+
+    CE trains those tokens (they are the student's template, and cheap), but no teacher ever generated them:
+    generation stops at the end-of-turn token, so the teacher's logits there are not its knowledge, only whatever its
+    own training put after that token. The KD terms take these labels (imitate.train.distill). Runs are maximal
+    stretches of targets, so each assistant turn (and each packed example) is cut on its own."""
+    import torch
+
+    has = labels != IGNORE
+    if not end_ids or not bool(has.any()):
+        return labels
+    eot = (torch.isin(input_ids, torch.tensor(list(end_ids), device=input_ids.device)) & has).long()
+    idx = torch.arange(labels.shape[-1], device=labels.device).expand_as(labels)
+    starts = has & ~torch.nn.functional.pad(has[:, :-1], (1, 0), value=False)
+    run_start = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values  # this position's run's first
+    seen = eot.cumsum(dim=1)
+    before_run = seen.gather(1, run_start) - eot.gather(1, run_start)  # end tokens seen before the run began
+    return labels.masked_fill(has & (seen > before_run), IGNORE)
+
+
 def model_inputs(batch: dict) -> dict[str, Any]:
     """The model's keyword arguments from a `collate` batch (padded: attention_mask; packed: position_ids)."""
     return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}

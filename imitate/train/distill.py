@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from imitate.errors import ImitateError, InputError, UsageError
-from imitate.train.data import IGNORE, model_inputs
+from imitate.train.data import IGNORE, model_inputs, teacher_written
 
 LOGIT = "logit_kd"
 GRAYBOX = "graybox_kd"
@@ -348,10 +349,12 @@ class Distiller:
     teacher: the frozen model or None (gray-box); regressors: `FeatureRegressors` or None.
     """
 
-    def __init__(self, cfg: Any, plan: Plan, teacher: Any = None, regressors: Any = None):
+    def __init__(self, cfg: Any, plan: Plan, teacher: Any = None, regressors: Any = None,
+                 end_ids: Sequence[int] = ()):
         from imitate.train.losses import DIVERGENCES
 
         self.cfg, self.plan, self.teacher, self.regressors = cfg, plan, teacher, regressors
+        self.end_ids = list(end_ids)  # the student's end-of-turn ids: no KD on what its template writes after them
         self.gate = None  # an `SCKDGate` with --sckd (see `setup`)
         self._counts: Any = None  # sckd.OnRates, made on the first logged step
         self.beta = cfg.jsd_beta if cfg.kd == "jsd" else DIVERGENCES[cfg.kd]
@@ -396,9 +399,10 @@ class Distiller:
         head = unwrap(model).get_output_embeddings()
         if self.teacher is not None:
             t_out = self._teacher(batch)
-            terms[LOGIT] = self._logit_kd(hidden, head, t_out, labels)
+            taught = teacher_written(batch["input_ids"], labels, self.end_ids)  # not the template's text after a turn
+            terms[LOGIT] = self._logit_kd(hidden, head, t_out, taught)
             if self.regressors is not None:
-                for name, (s, _) in self.regressors.terms(hidden, t_out.hidden_states, labels != IGNORE).items():
+                for name, (s, _) in self.regressors.terms(hidden, t_out.hidden_states, taught != IGNORE).items():
                     terms[name] = s
             if ONPOLICY in self.plan.terms:
                 terms[ONPOLICY] = terms["ce"].new_zeros(())
@@ -465,9 +469,10 @@ class Distiller:
         return out
 
 
-def setup(cfg: Any, plan: Plan, accelerator: Any, params: list) -> Distiller:
+def setup(cfg: Any, plan: Plan, accelerator: Any, params: list, end_ids: Sequence[int] = ()) -> Distiller:
     """Load the teacher, make the feature regressors (trained by the student's optimizer, checkpointed with it, saved
-    beside the output) and, with --sckd, the gate over the student's trainable `params`."""
+    beside the output) and, with --sckd, the gate over the student's trainable `params`. end_ids: the student's
+    end-of-turn token ids (`models.eos_ids`); the KD terms skip what the chat template writes after them."""
     teacher = load_teacher(cfg, plan, accelerator.device) if plan.teacher else None
     regressors = None
     if plan.pairs:
@@ -475,7 +480,7 @@ def setup(cfg: Any, plan: Plan, accelerator: Any, params: list) -> Distiller:
 
         regressors = FeatureRegressors(plan.pairs, plan.student_width, plan.teacher_width).to(accelerator.device)
         accelerator.register_for_checkpointing(regressors)
-    distiller = Distiller(cfg, plan, teacher, regressors)
+    distiller = Distiller(cfg, plan, teacher, regressors, end_ids)
     if cfg.sckd:
         from imitate.train.sckd import SCKDGate, distributed_sum
 

@@ -435,7 +435,10 @@ def setup(cfg: TrainConfig, data: Prepared) -> Session:
     vocab_size = kd_plan.vocab_size if kd_plan is not None else student_vocab(model, data.tokenizer)
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR["full" if cfg.full else "lora"]
     params = [p for p in model.parameters() if p.requires_grad]
-    distiller = distill.setup(cfg, kd_plan, accelerator, params) if kd_plan is not None else None  # teacher, gate
+    from imitate.models import eos_ids
+
+    end_ids = eos_ids(model, data.tokenizer)
+    distiller = distill.setup(cfg, kd_plan, accelerator, params, end_ids) if kd_plan is not None else None
     if accelerator.device.type == "cpu":  # tiny models run faster on one thread, above all on a busy machine
         from imitate.models import choose_threads
 
@@ -452,10 +455,7 @@ def setup(cfg: TrainConfig, data: Prepared) -> Session:
     s = Session(accelerator, model, optimizer, scheduler, distiller, vocab_size, plan, total_steps,
                 fingerprint(cfg, len(data.train_ex)))
     if cfg.on_policy:
-        from imitate.models import eos_ids
-
-        s.policy = onpolicy.OnPolicy(cfg, data.tokenizer, total_steps,
-                                     eos_ids(accelerator.unwrap_model(model), data.tokenizer))
+        s.policy = onpolicy.OnPolicy(cfg, data.tokenizer, total_steps, end_ids)
 
     # resume
     out = Path(cfg.out)
