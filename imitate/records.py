@@ -23,7 +23,7 @@ A record is one JSON object on one line of a JSONL file; the file loads unchange
 
 ANSWER_TOKEN_IDS: the assistant text is the decoded `answer_token_ids`, kept exactly (leading space included).
 `imitate train` re-tokenizes the answer in the student's chat template; when the record's teacher has the student's
-tokenizer it checks that this gives back these ids (see imitate.train.distill.check_teacher_tokens).
+tokenizer it checks that this gives back these ids (see imitate.train.teacher_tokens.check_teacher_tokens).
 
 LOGPROBS: a list with one entry per generated token,
 `{"token": str, "id": int | None, "logprob": float, "top": [{"token": str, "id": int | None, "logprob": float}, ...]}`;

@@ -16,8 +16,8 @@ from imitate.config import build
 from imitate.errors import InputError
 from imitate.models import choose_threads
 from imitate.train.data import encode, load_examples, without_doubled_separators
-from imitate.train.distill import check_teacher_tokens, refuse_token_mismatch
 from imitate.train.loop import TrainConfig, run
+from imitate.train.teacher_tokens import check_teacher_tokens, refuse_token_mismatch
 
 # a space between the role and the content, while the generation prompt stops at the role (many real templates do this)
 SPACE_TEMPLATE = (

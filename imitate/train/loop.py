@@ -10,7 +10,7 @@ micro-batches per process, on every process. The loss of a step is (sum of token
 (number of target tokens in the window, all ranks): a long answer weighs by its tokens whichever micro-batch it falls
 in. Every rank knows the whole window from the batch plan, so the denominator needs no communication.
 
-Distillation (imitate/distill.py: teacher, KD terms, SCKD gate) takes the place of `compute_losses` + `combine` in
+Distillation (imitate/train/distill.py: teacher, KD terms, SCKD gate) takes the place of `compute_losses` + `combine` in
 `accumulate_window` (more terms, same token-sum convention and the same normalisation); with --sckd the gate takes the
 place of `backward`.
 """
@@ -27,7 +27,7 @@ from typing import Any
 
 from imitate.cards import write_model_card
 from imitate.errors import ImitateError, InputError, UsageError
-from imitate.train import checkpoint, distill, onpolicy, trackers
+from imitate.train import checkpoint, distill, onpolicy, teacher_tokens, trackers
 from imitate.train.config import TrainConfig
 from imitate.train.data import (
     IGNORE,
@@ -318,7 +318,7 @@ class Prepared:
     stats: Any  # data.DataStats
     kd_plan: Any  # distill.Plan or None
     graybox_report: dict | None
-    token_check: dict  # distill.check_teacher_tokens
+    token_check: dict  # teacher_tokens.check_teacher_tokens
     train_ex: list[Example]
     eval_ex: list[Example]
 
@@ -380,12 +380,12 @@ def prepare(cfg: TrainConfig) -> Prepared:
                                     loss_on=cfg.loss_on, with_logprobs=cfg.graybox and not cfg.teacher)
     if not examples:
         raise no_examples_error(cfg, stats)
-    token_check = distill.check_teacher_tokens(examples, tokenizer, cfg.max_length)  # the teacher's own tokens?
+    token_check = teacher_tokens.check_teacher_tokens(examples, tokenizer, cfg.max_length)  # the teacher's own tokens?
     if kd_plan is not None and kd_plan.teacher:  # logit KD (gray-box KD aligns token by token itself)
-        distill.refuse_token_mismatch(token_check)
+        teacher_tokens.refuse_token_mismatch(token_check)
     graybox_report = None
     if kd_plan is None and any(e.logprobs for e in examples):
-        graybox_report = distill.prepare_graybox(examples, tokenizer)
+        graybox_report = teacher_tokens.prepare_graybox(examples, tokenizer)
         if graybox_report["aligned"]:
             kd_plan = distill.graybox_plan(tokenizer, student, graybox_report, cfg.trust_remote_code)
     if cfg.sckd and kd_plan is None:
@@ -509,7 +509,7 @@ def fit(cfg: TrainConfig, data: Prepared, s: Session, stop_after: int | None = N
                 continue
             micro.append(collate(exs, pad_id=pad_id, packing=cfg.packing))
             if graybox:
-                micro[-1]["topk_ids"], micro[-1]["topk_logprobs"] = distill.graybox_tensors(exs, micro[-1])
+                micro[-1]["topk_ids"], micro[-1]["topk_logprobs"] = teacher_tokens.graybox_tensors(exs, micro[-1])
         denoms = None  # per-term token counts for the logged values when they differ from n_targets
         if policy is not None:
             n_targets, denoms = policy.denominators(accelerator, micro, window, targets, distiller.terms)
