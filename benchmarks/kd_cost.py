@@ -1,7 +1,7 @@
 """What distillation costs per optimizer step: SFT vs logit KD vs KD + feature KD vs KD + SCKD (+ an unchunked KD loss).
 
-Same LoRA student, same frozen teacher, same batch, one run; each mode runs `imitate.train.loop.accumulate_window` (the code
-`imitate train` runs) + the optimizer step. Printed: median step time and peak memory, each as a ratio to SFT.
+Same LoRA student, same frozen teacher, same batch, one run; each mode runs `imitate.train.step.accumulate_window`
+(the code `imitate train` runs) + the optimizer step. Printed: median step time and peak memory, each as a ratio to SFT.
 
 Peak memory: on CPU, the peak of live bytes allocated by torch during one whole step (forward, backward, optimizer),
 from the torch profiler's memory events (weights and the batch already allocated before the step are not counted);
@@ -141,9 +141,10 @@ def main() -> None:
 
     from imitate.config import build
     from imitate.train import distill
+    from imitate.train.config import TrainConfig
     from imitate.train.features import FeatureRegressors, parse_pairs, term_name
-    from imitate.train.loop import TrainConfig, accumulate_window
     from imitate.train.sckd import SCKDGate
+    from imitate.train.step import accumulate_window
 
     accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision="no")
     device = accelerator.device

@@ -174,7 +174,7 @@ def test_missing_path_fails_before_loading(tmp_path):
 def test_typo_under_a_local_directory_is_not_sent_to_the_hub(tmp_path, monkeypatch):
     """'runs/studnet' next to a runs/ directory is a path typo: fail now instead of minutes of hub retries."""
     from imitate.models import resolve_model
-    from imitate.train.loop import resolve_student
+    from imitate.train.student import resolve_student
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()

@@ -57,7 +57,7 @@ def test_accumulation_is_normalised_by_window_tokens(tiny_model_dir, tiny_tokeni
 
     from imitate.train.data import IGNORE, collate, encode, shift_targets
     from imitate.train.data import Example as Ex
-    from imitate.train.loop import accumulate_window
+    from imitate.train.step import accumulate_window
 
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     recs = make_records(2, seed=5)

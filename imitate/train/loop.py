@@ -10,15 +10,15 @@ micro-batches per process, on every process. The loss of a step is (sum of token
 (number of target tokens in the window, all ranks): a long answer weighs by its tokens whichever micro-batch it falls
 in. Every rank knows the whole window from the batch plan, so the denominator needs no communication.
 
-Distillation (imitate/train/distill.py: teacher, KD terms, SCKD gate) takes the place of `compute_losses` + `combine` in
-`accumulate_window` (more terms, same token-sum convention and the same normalisation); with --sckd the gate takes the
-place of `backward`.
+The pieces it wires: imitate/train/student.py (the student's reference, tokenizer, weights), imitate/train/step.py (one
+window: forward, loss terms, backward; the held-out loss). Distillation (imitate/train/distill.py: teacher, KD terms,
+SCKD gate) takes the place of `step.compute_losses` + `step.combine` in `step.accumulate_window` (more terms, same
+token-sum convention and the same normalisation); with --sckd the gate takes the place of `step.backward`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -29,17 +29,10 @@ from imitate.cards import write_model_card
 from imitate.errors import ImitateError, InputError, UsageError
 from imitate.train import checkpoint, distill, onpolicy, teacher_tokens, trackers
 from imitate.train.config import TrainConfig
-from imitate.train.data import (
-    IGNORE,
-    Example,
-    check_chat_template,
-    collate,
-    load_examples,
-    plan_batches,
-    split_eval,
-    windows,
-)
+from imitate.train.data import Example, collate, load_examples, plan_batches, split_eval, windows
 from imitate.train.outputs import ProgressBar, append_metrics, peak_memory_mb, read_metrics, save_outputs, write_metrics
+from imitate.train.step import accumulate_window, evaluate, materialize, window_batches
+from imitate.train.student import load_student, load_tokenizer, precision, resolve_student, student_vocab
 
 DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
 
@@ -67,216 +60,6 @@ def check_options(cfg: TrainConfig) -> None:
         raise UsageError(f"--chat-template {cfg.chat_template}: no such file")
     distill.check_options(cfg)
     trackers.names(cfg)  # known tracker names, their packages installed
-
-
-def resolve_student(spec: str) -> str:
-    """A local model directory, a GGUF file (its converted directory) or a hub id; anything else is an error here,
-    before any weights load."""
-    from imitate.gguf_models import names_gguf
-    from imitate.models import local_dir, resolve_model
-
-    if names_gguf(spec):
-        return local_dir(spec)
-    p = Path(spec).expanduser()
-    if p.exists():
-        if not (p / "config.json").is_file():
-            raise UsageError(f"student {spec}: no config.json there, so it is not a transformers model directory")
-        return str(p.resolve())  # absolute, so the adapter's base_model_name_or_path works from any directory
-    try:  # the same rule as for teachers: what looks like a path must exist, anything else is a hub id
-        return resolve_model(spec)
-    except ImitateError:
-        raise UsageError(
-            f"student {spec}: no such directory", hint="give --student a model directory or a hub id"
-        ) from None
-
-
-def load_tokenizer(cfg: TrainConfig, student: str) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(student, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ImitateError(
-            f"cannot load the tokenizer of student {student}: {str(exc).splitlines()[0]}",
-            hint="check --student (a local directory or a hub id); offline, hub ids must already be in the HF cache",
-        ) from None
-    if cfg.chat_template is not None:
-        tok.chat_template = Path(cfg.chat_template).read_text(encoding="utf-8")
-    check_chat_template(tok, student)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def precision(cfg: TrainConfig) -> str | None:
-    """None leaves the choice to the user's accelerate config (`accelerate launch --mixed_precision ...`)."""
-    if cfg.precision != "auto":
-        return cfg.precision
-    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
-        return None
-    import torch
-
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-
-
-def load_student(cfg: TrainConfig, student: str, mixed: str | None) -> Any:
-    """The student, wrapped in a LoRA adapter unless --full. A frozen LoRA base loads in bf16 when training in bf16."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    dtype = torch.bfloat16 if (mixed == "bf16" and not cfg.full) else torch.float32
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            student, dtype=dtype, use_safetensors=True, trust_remote_code=cfg.trust_remote_code
-        )
-    except (OSError, ValueError) as exc:
-        raise ImitateError(
-            f"cannot load the weights of student {student}: {str(exc).splitlines()[0]}",
-            hint="imitate loads .safetensors weights only; convert .bin checkpoints with transformers save_pretrained",
-        ) from None
-    model.config.use_cache = False
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.full:
-        return model
-    from peft import LoraConfig, get_peft_model
-
-    targets = cfg.target_modules if cfg.target_modules == "all-linear" else [
-        t.strip() for t in cfg.target_modules.split(",") if t.strip()
-    ]
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=targets, task_type="CAUSAL_LM")
-    try:
-        return get_peft_model(model, lora)
-    except ValueError as exc:
-        raise UsageError(f"--target-modules {cfg.target_modules}: {exc}") from None
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# one step: forward -> loss terms -> combine -> backward
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def compute_losses(model: Any, batch: dict, vocab_size: int | None = None, chunk_size: int = 256) -> tuple[dict, Any]:
-    """Forward one micro-batch; return ({"ce": token-SUM cross-entropy}, the model outputs).
-
-    The one CE path (`losses.forward_ce`, shared with KD and evaluation): logits only at target positions, chunk by
-    chunk, cut to the real vocabulary `vocab_size` (see `student_vocab`)."""
-    from imitate.train.losses import forward_ce
-
-    ce, outputs = forward_ce(model, batch, vocab_size=vocab_size, chunk_size=chunk_size)
-    return {"ce": ce}, outputs
-
-
-def student_vocab(model: Any, tokenizer: Any) -> int | None:
-    """The real vocabulary of the student: len(tokenizer) when its output head has at least that many rows (rows past
-    it are padding no token maps to), else None (the whole head)."""
-    rows = distill.unwrap(model).get_output_embeddings().weight.shape[0]
-    return len(tokenizer) if len(tokenizer) <= rows else None
-
-
-def combine(terms: dict) -> Any:
-    """The training objective from the loss terms (token sums). Plain SFT: the cross-entropy."""
-    return terms["ce"]
-
-
-def backward(accelerator: Any, loss: Any, scale: float) -> None:
-    """Backpropagate `loss * scale`. accelerate divides by grad_accum and DDP averages over ranks; `scale` undoes both,
-    so the accumulated gradient is d(sum of window token losses)/dθ / (window target tokens)."""
-    accelerator.backward(loss * scale)
-
-
-def accumulate_window(accelerator: Any, model: Any, micro: list[dict], n_targets: int, distiller: Any = None,
-                      gate: Any = None, vocab_size: int | None = None) -> tuple[Any, dict]:
-    """Forward + backward this process's micro-batches of one window; the gradients sum up in `.grad` (synchronised
-    across processes on the last one). Returns (this process's token sums [CE, then each KD term] as a detached
-    float64 vector, the SCKD gate report {term: {"cos", "on"}} or {}).
-
-    n_targets: target tokens of the WHOLE window, all processes (the loss denominator).
-    distiller: `imitate.train.distill.Distiller` (KD terms) or None (plain SFT). gate: `imitate.train.sckd.SCKDGate` or None.
-    With a gate nothing is backpropagated: the gate takes each loss's gradient separately (`torch.autograd.grad`), so
-    the forwards run under `no_sync` and the gradients are averaged over ranks here, after the gate has decided.
-    """
-    import torch
-
-    from imitate.train.distill import average_grads
-
-    world = accelerator.num_processes
-    names = ["ce"] + (distiller.terms if distiller is not None else [])
-    sums = torch.zeros(len(names), device=accelerator.device, dtype=torch.float64)
-    for batch in micro:
-        batch = to_device(batch, accelerator.device)
-        if gate is not None:
-            # the gate's autograd.grad never fires DDP's gradient hooks: keep DDP from waiting for them
-            with accelerator.accumulate(model), accelerator.no_sync(model), accelerator.autocast():
-                terms = distiller.losses(model, batch)
-                s = world / max(n_targets, 1)  # mean over ranks below turns this into 1 / n_targets of the sum
-                gate.accumulate(terms["ce"] * ((1.0 - distiller.w) * s), {n: terms[n] * s for n in distiller.terms},
-                                group="onpolicy" if "onpolicy" in batch else "")  # SCKD pairing: see onpolicy.py
-        else:
-            with accelerator.accumulate(model), accelerator.autocast():
-                if distiller is None:
-                    terms, _ = compute_losses(model, batch, vocab_size)
-                    loss = combine(terms)
-                else:
-                    terms = distiller.losses(model, batch)
-                    loss = distiller.combine(terms)
-                backward(accelerator, loss, world * accelerator.gradient_accumulation_steps / max(n_targets, 1))
-        sums += torch.stack([terms[n].detach().double().to(sums.device) for n in names])
-    report = {}
-    if gate is not None:
-        report = gate.step()
-        average_grads(accelerator, gate.params + [p for ps in gate.term_params.values() for p in ps])
-    elif distiller is not None and distiller.regressors is not None:
-        average_grads(accelerator, list(distiller.regressors.parameters()))  # not DDP-wrapped: sync them here
-    return sums, report
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# batches of a step
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def window_batches(plan: list[list[int]], w: int, per_window: int) -> list[list[int] | None]:
-    """Micro-batches of window `w`; a short last window is filled with None (padding micro-batches that carry no
-    targets), so every process runs the same number of forward/backward passes and collectives line up."""
-    part: list[list[int] | None] = list(plan[w * per_window : (w + 1) * per_window])
-    return part + [None] * (per_window - len(part))
-
-
-def materialize(batch_idx: list[int] | None, examples: list[Example], stand_in: list[int]) -> list[Example]:
-    if batch_idx is not None:
-        return [examples[i] for i in batch_idx]
-    return [Example(examples[i].input_ids, [IGNORE] * len(examples[i].input_ids), "padding") for i in stand_in[:1]]
-
-
-def to_device(batch: dict, device: Any) -> dict:
-    return {k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}
-
-
-def evaluate(accelerator: Any, model: Any, examples: list[Example], cfg: TrainConfig, pad_id: int,
-             vocab_size: int | None = None) -> float | None:
-    """Mean CE per target token over the held-out examples (all ranks), through the training CE path."""
-    import torch
-
-    if not examples:
-        return None
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
-    plan = [order[j : j + cfg.batch_size] for j in range(0, len(order), cfg.batch_size)]
-    world, rank = accelerator.num_processes, accelerator.process_index
-    plan += [None] * (-len(plan) % world)
-    model.eval()
-    total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
-    with torch.no_grad():
-        for b in plan[rank::world]:
-            batch = collate(materialize(b, examples, order), pad_id=pad_id, packing=False)
-            batch = to_device(batch, accelerator.device)
-            with accelerator.autocast():
-                terms, _ = compute_losses(model, batch, vocab_size, cfg.kd_chunk_size)
-            total += torch.tensor([float(terms["ce"]), batch["n_targets"]], device=total.device, dtype=total.dtype)
-    model.train()
-    total = accelerator.reduce(total, reduction="sum")
-    return float(total[0] / total[1]) if total[1] > 0 else None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
