@@ -1,7 +1,7 @@
 """`imitate clean`: records -> filters (cheap first) -> exact and near dedup -> kept + removed (with reason) + report.
 
 Streaming passes over the inputs, so memory holds per-record keys, never the records:
-  1. map: chunks of raw lines (in `--workers` processes) are parsed, filtered, and turned into dedup keys
+  1. map (scan.py): chunks of raw lines (in `--workers` processes) are parsed, filtered, and turned into dedup keys
      (a hash of the normalized conversation and of the prompt, and MinHash LSH band keys mixed with a prompt guard);
   2. group + cluster in this process: records sharing an exact key are duplicates; records sharing an LSH band are
      candidates, and the inputs are read again for the candidates only, to check each pair's exact similarity;
@@ -17,10 +17,6 @@ import math
 import os
 import sys
 import time
-from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,181 +24,13 @@ import numpy as np
 
 from imitate.cards import write_dataset_card
 from imitate.clean.config import CleanConfig
-from imitate.clean.dedup import NearDup, cluster, exact_key, stable_hash64
-from imitate.clean.filters import Predicate, apply, build_filters
-from imitate.clean.keys import conversation_text, near_turns, normalized_messages, prompt_guard, split_turns
+from imitate.clean.dedup import NearDup, cluster
+from imitate.clean.filters import build_filters
+from imitate.clean.scan import Chunk, Mapper, scan, snippet
 from imitate.clean.verify import pair_similarity
 from imitate.config import to_dict
 from imitate.errors import ImitateError, InputError, UsageError
-from imitate.records import assistant_text, dumps, prompt_messages, record_problem
-
-# --- map: raw lines -> statuses and keys ------------------------------------------------------------------------------
-
-
-@dataclass
-class Chunk:
-    """What the map step returns for one chunk of raw lines (only small arrays and strings)."""
-
-    path: str = ""  # the input file (a chunk never spans two files)
-    linenos: list[int] = field(default_factory=list)  # line of each record
-    ids: list[str] = field(default_factory=list)
-    status: list[str] = field(default_factory=list)  # "" = passed every filter, else the filter's name
-    details: dict[int, str] = field(default_factory=dict)  # position in chunk -> reason
-    examples: dict[str, list[dict]] = field(default_factory=dict)
-    bad: list[tuple[int, str]] = field(default_factory=list)  # (lineno, reason)
-    exact: np.ndarray | None = None  # [n] uint64
-    prompt: np.ndarray | None = None  # [n] uint64
-    bands: np.ndarray | None = None  # [n, bands] uint64
-    sketch: np.ndarray | None = None  # [n, num_perm] uint8: b-bit MinHash, to drop hopeless candidates cheaply
-    priority: np.ndarray | None = None  # [n] float64
-    seconds: dict[str, float] = field(default_factory=dict)
-
-
-def _field(record: dict, dotted: str) -> Any:
-    v: Any = record
-    for part in dotted.split("."):
-        v = v.get(part) if isinstance(v, dict) else None
-    return v
-
-
-def _snippet(record: dict) -> dict:
-    prompt = prompt_messages(record)
-    return {
-        "prompt": (prompt[-1].get("content") or "")[:160] if prompt else "",
-        "answer": assistant_text(record)[:240],
-    }
-
-
-class Mapper:
-    """Parses, filters and keys one chunk of lines. Built once, shipped to each worker."""
-
-    def __init__(self, cfg: CleanConfig, filters: dict[str, Predicate], near: NearDup | None):
-        self.cfg, self.filters, self.near = cfg, filters, near
-
-    def __call__(self, job: tuple[str, list[tuple[int, bytes]]]) -> Chunk:
-        path, lines = job
-        cfg, out = self.cfg, Chunk(path=path)
-        t = time.perf_counter()
-        records: list[dict] = []
-        for lineno, raw in lines:
-            rec, why = _parse(raw)
-            if why:
-                out.bad.append((lineno, why))
-                continue
-            records.append(rec)
-            out.linenos.append(lineno)
-            out.ids.append(str(rec.get("id") or f"{Path(path).name}:{lineno}"))
-        n = len(records)
-        out.status = [""] * n
-        secs = {"parse": time.perf_counter() - t}
-        alive = list(range(n))
-        for name, pred in self.filters.items():  # filter-major: each filter sees the survivors of the previous ones
-            t = time.perf_counter()
-            reasons = apply(pred, [records[i] for i in alive])
-            still = []
-            for i, reason in zip(alive, reasons):
-                if reason is None:
-                    still.append(i)
-                    continue
-                out.status[i], out.details[i] = name, reason
-                ex = out.examples.setdefault(name, [])
-                if len(ex) < cfg.examples:
-                    ex.append({"id": out.ids[i], "detail": reason, **_snippet(records[i])})
-            alive = still
-            secs[name] = time.perf_counter() - t
-        kept = [records[i] for i in alive]
-        ix = np.asarray(alive, np.int64)
-        out.exact = np.zeros(n, np.uint64)
-        out.prompt = np.zeros(n, np.uint64)
-        t = time.perf_counter()
-        norm = [normalized_messages(r) for r in kept]  # once per record, for every key below
-        secs["normalize"] = time.perf_counter() - t
-        if cfg.exact_dedup:
-            t = time.perf_counter()
-            out.exact[ix] = np.fromiter((exact_key(conversation_text(m)) for m in norm), np.uint64, len(kept))
-            secs["exact_dup"] = time.perf_counter() - t
-        if cfg.one_per_prompt:
-            t = time.perf_counter()
-            keys = (exact_key(conversation_text(split_turns(m)[0])) for m in norm)
-            out.prompt[ix] = np.fromiter(keys, np.uint64, len(kept))
-            secs["prompt_dup"] = time.perf_counter() - t
-        if self.near is not None:
-            t = time.perf_counter()
-            out.bands = np.zeros((n, self.near.bands), np.uint64)
-            out.sketch = np.zeros((n, self.near.hasher.num_perm), np.uint8)
-            if kept:
-                turns, guards = [], np.zeros(len(kept), np.uint64)
-                for k, r in enumerate(kept):
-                    roles, texts = near_turns(r, cfg.near_on, norm[k])
-                    turns.append(texts)
-                    guards[k] = stable_hash64(prompt_guard(r, roles))
-                out.bands[ix], out.sketch[ix] = self.near.keys_and_sketch(turns, guards)
-            secs["near_dup"] = time.perf_counter() - t
-        out.priority = np.full(n, -math.inf)
-        if cfg.priority:
-            out.priority[ix] = [_priority(r, cfg.priority) for r in kept]
-        out.seconds = secs
-        return out
-
-
-def _parse(raw: bytes) -> tuple[dict | None, str | None]:
-    """(record, None) or (None, why the line is not a record)."""
-    try:
-        rec = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        return None, f"not valid UTF-8 ({exc.reason})"
-    except json.JSONDecodeError as exc:
-        return None, f"not valid JSON ({exc.msg} at column {exc.colno})"
-    problem = record_problem(rec)
-    return (None, problem) if problem else (rec, None)
-
-
-def _priority(record: dict, spec: str) -> float:
-    """Higher = better survivor. "-field" flips the sign; a missing or non-numeric field ranks last."""
-    v = _field(record, spec.lstrip("-"))
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v):
-        return -math.inf
-    return -float(v) if spec.startswith("-") else float(v)
-
-
-_MAPPER: Mapper | None = None
-
-
-def _init_worker(mapper: Mapper) -> None:
-    global _MAPPER
-    _MAPPER = mapper
-
-
-def _map_in_worker(job: tuple[str, list[tuple[int, bytes]]]) -> Chunk:
-    assert _MAPPER is not None
-    return _MAPPER(job)
-
-
-def _raw_chunks(paths: list[Path], size: int) -> Iterator[tuple[str, list[tuple[int, bytes]]]]:
-    """(path, [(lineno, raw bytes)]) chunks of the non-blank lines of every input, in order."""
-    for path in paths:
-        buf: list[tuple[int, bytes]] = []
-        with open(path, "rb") as fh:
-            for lineno, raw in enumerate(fh, 1):
-                if raw.strip():
-                    buf.append((lineno, raw))
-                    if len(buf) >= size:
-                        yield str(path), buf
-                        buf = []
-        if buf:
-            yield str(path), buf
-
-
-def _bounded_map(pool: ProcessPoolExecutor, jobs: Iterator, in_flight: int) -> Iterator[Chunk]:
-    """Ordered map with at most `in_flight` chunks submitted (Executor.map would read every input line up front)."""
-    pending: deque = deque()
-    for job in jobs:
-        pending.append(pool.submit(_map_in_worker, job))
-        if len(pending) >= in_flight:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
-
+from imitate.records import dumps
 
 # --- run --------------------------------------------------------------------------------------------------------------
 
@@ -226,7 +54,7 @@ def run(cfg: CleanConfig) -> dict:
     if cfg.near_dedup:
         near = NearDup(cfg.num_perm, cfg.threshold, cfg.ngram, cfg.bands, cfg.seed, verify=cfg.verify)
     paths = [Path(p) for p in cfg.inputs]
-    chunks, bad = _map_step(cfg, Mapper(cfg, filters, near), paths)
+    chunks, bad = scan(cfg, Mapper(cfg, filters, near), paths)
     t1 = time.perf_counter()
     table = _Table(chunks, paths)
     clusters, cluster_s, stages = _cluster_step(cfg, table, near, paths)
@@ -285,37 +113,6 @@ def run(cfg: CleanConfig) -> dict:
     summary["outputs"]["card"] = str(write_dataset_card(cfg, summary))  # CLEAN_STEM.README.md (imitate/cards.py)
     print_report(summary)
     return summary
-
-
-def _map_step(cfg: CleanConfig, mapper: Mapper, paths: list[Path]) -> tuple[list[Chunk], list[tuple[str, int, str]]]:
-    """Run the mapper over every chunk of input lines, in this process or in `cfg.workers` processes, in order."""
-    chunks: list[Chunk] = []
-    bad: list[tuple[str, int, str]] = []
-    jobs = _raw_chunks(paths, cfg.chunk_size)
-    pool = None
-    if cfg.workers > 1:
-        import multiprocessing as mp
-
-        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
-        pool = ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_init_worker, initargs=(mapper,))
-        results: Iterator[Chunk] = _bounded_map(pool, jobs, 2 * cfg.workers)
-    else:
-        results = map(mapper, jobs)
-    try:
-        for chunk in results:
-            for lineno, reason in chunk.bad:
-                if cfg.on_bad_line == "error":
-                    raise InputError(
-                        f"{chunk.path}:{lineno}: {reason}",
-                        hint="each line must be one record (JSON object with 'messages'); "
-                        "use --on-bad-line skip to count and skip such lines",
-                    )
-                bad.append((chunk.path, lineno, reason))
-            chunks.append(chunk)
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-    return chunks, bad
 
 
 class _Table:
@@ -436,7 +233,7 @@ def _texts(cfg: CleanConfig, table: _Table, ks: set[int]) -> dict[int, str]:
             for lineno, raw in enumerate(fh, 1):
                 k = want.get((fi, lineno))
                 if k is not None:
-                    snip = _snippet(json.loads(raw))
+                    snip = snippet(json.loads(raw))
                     out[k] = f"{snip['prompt'][:70]!r} -> {snip['answer'][:70]!r}"
     return out
 
