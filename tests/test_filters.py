@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from imitate.clean import filters as F
+from imitate.clean import repetition as R
 from imitate.clean.stage import CleanConfig
 
 
@@ -172,12 +173,12 @@ def test_repetition_stats_match_naive_reference():
             words = words + words[: rnd.randint(1, len(words))]  # plant a repeat
         lines = [" ".join(words[i : i + 7]) for i in range(0, len(words), 7)]
         texts.append("\n".join(lines + lines[: rnd.randint(0, 2)]))
-    batch = F.repetition_stats_batch(texts)
+    batch = R.repetition_stats_batch(texts)
     for i, t in enumerate(texts):
         ref = naive_stats(t)
         for name, v in ref.items():
             assert batch[name][i] == pytest.approx(v), (name, t)
-        assert F.repetition_stats(t)[name] == pytest.approx(ref[name])
+        assert R.repetition_stats(t)[name] == pytest.approx(ref[name])
 
 
 def test_repetition_filter_removes_loops_and_keeps_prose():
