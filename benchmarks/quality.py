@@ -1,8 +1,9 @@
-"""Does `imitate train` teach a student what a plain training loop would? Held-out accuracy on four tasks.
+"""Does `imitate train` teach a student what a plain training loop would? Held-out accuracy on 4 tasks (+1 on request).
 
     python benchmarks/quality.py                          # all tasks, all modes, 3 seeds
     python benchmarks/quality.py --quick                  # fewer steps and 1 seed: a smoke run
     python benchmarks/quality.py --tasks lists,choice --seeds 2 --modes reference,sft
+    python benchmarks/quality.py --tasks carry --modes sft,sft_kd,sft_op100     # long answers, on request only
 
 Each task looks like users' data: several prompt templates (so length says which kind of question it is), answers of
 its own length, held-out prompts the teacher never trained on. For each task the benchmark
@@ -169,6 +170,41 @@ def _choice(rng: random.Random):
     return teach, collect, held
 
 
+def _carry(rng: random.Random):
+    """Long answers where an early slip derails the rest: column addition written out step by step, right to left
+    ("6+7=13, 9+5+1=15, 2+0+1=3, so 353"), each step's carry feeding the next."""
+
+    def pair(a: int, b: int) -> tuple[str, str]:
+        kind = rng.randrange(3)
+        if kind == 0:
+            p = f"Add {a} and {b} step by step."
+        elif kind == 1:
+            p = f"What is {a} + {b}? Work through the columns."
+        else:
+            p = f"Column by column, compute the sum of {a} and {b}."
+        da, db, steps, carry = str(a)[::-1], str(b)[::-1], [], 0
+        for i in range(max(len(da), len(db))):
+            x, y = int(da[i]) if i < len(da) else 0, int(db[i]) if i < len(db) else 0
+            steps.append(f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={x + y + carry}")
+            carry = (x + y + carry) // 10
+        return p, ", ".join(steps) + f", so {a + b}"
+
+    def operands() -> tuple[int, int]:
+        return rng.randint(10, 999), rng.randint(10, 999)
+
+    held_ops = {operands() for _ in range(200)}
+    pool = [x for x in (operands() for _ in range(30000)) if x not in held_ops]
+    teach = [pair(*x) for x in pool[:20000]]
+    collect = [pair(*x)[0] for x in pool[20000:21200]]  # 1200: a small student needs more than 400 to do this
+    held = [(pair(*x)[0], x[0] + x[1]) for x in sorted(held_ops)]
+    return teach, collect, held
+
+
+def _check_carry(answer: str, truth: object) -> bool:
+    """Only the final sum counts (what a user of the answer reads)."""
+    return answer.strip().rsplit("so ", 1)[-1].strip() == str(truth)
+
+
 def _check_choice(answer: str, truth: object) -> bool:
     lo, hi, kind = truth  # type: ignore[misc]
     a = answer.strip()
@@ -196,7 +232,11 @@ TASKS: dict[str, Task] = {
     # several valid answers: answers sampled from the teacher (temperature 1, 2 samples per prompt)
     "choice": Task("choice", _choice, _check_choice, teacher_steps=500, max_tokens=6,
                    collect={"temperature": 1.0, "n": 2}, train={"lr": 3e-3, "batch_size": 16, "epochs": 12}),
+    # on request (--tasks carry): long answers (20-40 tokens) whose steps depend on each other, for on-policy KD
+    "carry": Task("carry", _carry, _check_carry, teacher_steps=1500, max_tokens=48,
+                  train={"lr": 3e-3, "batch_size": 16, "epochs": 12}),
 }
+EXTRA_TASKS = ("carry",)
 
 TEACHER_SHAPE = {"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 3, "num_attention_heads": 4}
 STUDENT_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}  # the demo student's
@@ -492,7 +532,8 @@ def onpolicy_costs(out: Path) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)}")
+    ap.add_argument("--tasks", default=",".join(t for t in TASKS if t not in EXTRA_TASKS),
+                    help=f"comma-separated, from {', '.join(TASKS)} (default: all but {', '.join(EXTRA_TASKS)})")
     ap.add_argument("--modes", default=",".join(m for m in MODES if m not in EXTRA_MODES),
                     help=f"comma-separated, from {', '.join(MODES)} (default: all but {', '.join(EXTRA_MODES)})")
     ap.add_argument("--seeds", type=int, default=3, help="training seeds per mode (default 3; --quick: 1)")
@@ -548,6 +589,7 @@ def main(argv: list[str] | None = None) -> int:
             times = [r[1] for r in got if r[1] is not None]
             row[m] = (statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0,
                       statistics.mean(times) if times else None)
+            row[f"accs/{m}"] = accs  # in seed order: modes that share a start compare seed by seed
             costs = [r[2] for r in got if r[2] is not None]
             if costs:
                 row[f"cost/{m}"] = {k: statistics.mean(c[k] for c in costs) for k in set.intersection(*map(set, costs))}
@@ -580,6 +622,14 @@ def run_unit(unit: tuple) -> tuple[float, float | None, dict | None]:
     return acc, seconds, costs
 
 
+def paired(a: list[float], b: list[float]) -> str:
+    """Seed-by-seed differences of two modes that start from the same students: their spread leaves out how good
+    each seed's start was, which dominates the spread of either mode alone."""
+    d = [x - y for x, y in zip(a, b)]
+    sd = statistics.stdev(d) if len(d) > 1 else 0.0
+    return f"paired {statistics.mean(d):+.3f} ± {sd:.3f}, higher in {sum(x > 0 for x in d)}/{len(d)} seeds"
+
+
 def print_table(table: list[dict], modes: list[str], seeds: list[int], elapsed: float, args) -> None:
     print(f"\nheld-out accuracy, mean ± std over {len(seeds)} seed(s) (training seconds per run, 'earlier': trained by "
           f"an earlier invocation, --reuse); torch threads {args.threads}, "
@@ -602,7 +652,8 @@ def print_table(table: list[dict], modes: list[str], seeds: list[int], elapsed: 
         for base in ("sft_kd", "sft_sft"):
             if base in modes:
                 print(f"{m} - {base}: " + ", ".join(
-                    f"{r['task']} {r[m][0] - r[base][0]:+.3f} (spread {max(r[m][1], r[base][1]):.3f})" for r in table))
+                    f"{r['task']} {r[m][0] - r[base][0]:+.3f} (spread {max(r[m][1], r[base][1]):.3f}; "
+                    f"{paired(r[f'accs/{m}'], r[f'accs/{base}'])})" for r in table))
         if "sft_kd" in modes:
             print(f"{m} step time / sft_kd step time: " + ", ".join(
                 f"{r['task']} {r[f'cost/{m}']['step_s'] / r['cost/sft_kd']['step_s']:.2f}x" for r in table
