@@ -123,20 +123,25 @@ def _date_prompt(rng: random.Random, y: int, m: int, d: int) -> str:
     return f"Which date is {m}/{d}/{y}? Answer with month, day and year."
 
 
+def _split(draw: Callable[[], tuple], pair: Callable[[tuple], tuple[str, str]], n_collect: int = 400):
+    """200 distinct held-out inputs, then inputs drawn apart from them: (the teacher's 20000 training pairs, the
+    n_collect prompts to collect, the held-out inputs in sorted order)."""
+    held = {draw() for _ in range(200)}
+    pool = [x for x in (draw() for _ in range(30000)) if x not in held]
+    teach = [pair(x) for x in pool[:20000]]
+    collect = [pair(x)[0] for x in pool[20000 : 20000 + n_collect]]
+    return teach, collect, sorted(held)
+
+
 def _dates(rng: random.Random):
     def date() -> tuple[int, int, int]:
         return rng.randint(1950, 2049), rng.randint(1, 12), rng.randint(1, 28)
 
-    held_dates = {date() for _ in range(200)}
-    pool = [x for x in (date() for _ in range(30000)) if x not in held_dates]
-
     def pair(x):
         return _date_prompt(rng, *x), f"{MONTHS[x[1] - 1]} {x[2]}, {x[0]}"
 
-    teach = [pair(x) for x in pool[:20000]]
-    collect = [pair(x)[0] for x in pool[20000:20400]]
-    held = [pair(x) for x in sorted(held_dates)]
-    return teach, collect, held
+    teach, collect, held = _split(date, pair)
+    return teach, collect, [pair(x) for x in held]
 
 
 def _choice(rng: random.Random):
@@ -174,7 +179,8 @@ def _carry(rng: random.Random):
     """Long answers where an early slip derails the rest: column addition written out step by step, right to left
     ("6+7=13, 9+5+1=15, 2+0+1=3, so 353"), each step's carry feeding the next."""
 
-    def pair(a: int, b: int) -> tuple[str, str]:
+    def pair(x: tuple[int, int]) -> tuple[str, str]:
+        a, b = x
         kind = rng.randrange(3)
         if kind == 0:
             p = f"Add {a} and {b} step by step."
@@ -192,12 +198,8 @@ def _carry(rng: random.Random):
     def operands() -> tuple[int, int]:
         return rng.randint(10, 999), rng.randint(10, 999)
 
-    held_ops = {operands() for _ in range(200)}
-    pool = [x for x in (operands() for _ in range(30000)) if x not in held_ops]
-    teach = [pair(*x) for x in pool[:20000]]
-    collect = [pair(*x)[0] for x in pool[20000:21200]]  # 1200: a small student needs more than 400 to do this
-    held = [(pair(*x)[0], x[0] + x[1]) for x in sorted(held_ops)]
-    return teach, collect, held
+    teach, collect, held = _split(operands, pair, n_collect=1200)  # a small student needs more than 400 for this
+    return teach, collect, [(pair(x)[0], sum(x)) for x in held]
 
 
 def _check_carry(answer: str, truth: object) -> bool:
@@ -482,49 +484,54 @@ def after_sft(*extra: object) -> Callable[[Built, int, Path], Path]:
     return train
 
 
+def on_policy(lam: float, *more: object) -> tuple:
+    """imitate train flags for on-policy KD with fraction `lam`, answers capped at the task's max tokens."""
+    return ("--teacher", "TEACHER", "--on-policy", lam, "--on-policy-max-tokens", "MAXTOK", *more)
+
+
 MODES: dict[str, Callable[[Built, int, Path], Path]] = {
     "reference": reference,
     "sft": imitate_train(),
     "kd": imitate_train("--teacher", "TEACHER"),
     "sckd": imitate_train("--teacher", "TEACHER", "--sckd"),
-    "op50": imitate_train("--teacher", "TEACHER", "--on-policy", 0.5, "--on-policy-max-tokens", "MAXTOK"),
-    "op100": imitate_train("--teacher", "TEACHER", "--on-policy", 1.0, "--on-policy-max-tokens", "MAXTOK"),
-    "op50_sckd": imitate_train("--teacher", "TEACHER", "--on-policy", 0.5, "--on-policy-max-tokens", "MAXTOK",
-                               "--sckd"),
+    "op50": imitate_train(*on_policy(0.5)),
+    "op100": imitate_train(*on_policy(1.0)),
+    "op50_sckd": imitate_train(*on_policy(0.5, "--sckd")),
     # from an SFT'd student (the README's advice for on-policy): the sft run, then as many steps again
     "sft_sft": after_sft(),
     "sft_kd": after_sft("--teacher", "TEACHER"),
-    "sft_op100": after_sft("--teacher", "TEACHER", "--on-policy", 1.0, "--on-policy-max-tokens", "MAXTOK"),
-    "sft_op50": after_sft("--teacher", "TEACHER", "--on-policy", 0.5, "--on-policy-max-tokens", "MAXTOK"),
-    "sft_op100_sckd": after_sft("--teacher", "TEACHER", "--on-policy", 1.0, "--on-policy-max-tokens", "MAXTOK",
-                                "--sckd"),
-    "sft_op50_sckd": after_sft("--teacher", "TEACHER", "--on-policy", 0.5, "--on-policy-max-tokens", "MAXTOK",
-                               "--sckd"),
+    "sft_op100": after_sft(*on_policy(1.0)),
+    "sft_op50": after_sft(*on_policy(0.5)),
+    "sft_op100_sckd": after_sft(*on_policy(1.0, "--sckd")),
+    "sft_op50_sckd": after_sft(*on_policy(0.5, "--sckd")),
     # variants run on request (--modes), not by default: the sampling temperature and the divergence of on-policy KD
-    "sft_op100_t05": after_sft("--teacher", "TEACHER", "--on-policy", 1.0, "--on-policy-max-tokens", "MAXTOK",
-                               "--on-policy-temperature", 0.5),
-    "sft_op100_t0": after_sft("--teacher", "TEACHER", "--on-policy", 1.0, "--on-policy-max-tokens", "MAXTOK",
-                              "--on-policy-temperature", 0),
-    "sft_op100_rkl": after_sft("--teacher", "TEACHER", "--on-policy", 1.0, "--on-policy-max-tokens", "MAXTOK",
-                               "--kd", "reverse-kl"),
+    "sft_op100_t05": after_sft(*on_policy(1.0, "--on-policy-temperature", 0.5)),
+    "sft_op100_t0": after_sft(*on_policy(1.0, "--on-policy-temperature", 0)),
+    "sft_op100_rkl": after_sft(*on_policy(1.0, "--kd", "reverse-kl")),
 }
 
 
 EXTRA_MODES = ("sft_op100_t05", "sft_op100_t0", "sft_op100_rkl")
 
 
-def onpolicy_costs(out: Path) -> dict | None:
-    """From an on-policy run's metrics.jsonl: mean step time of its on-policy steps / of its off-policy (warm-up)
-    steps, the generation share of on-policy steps, the cap-hit rate; None for a run without on-policy steps."""
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+def run_costs(out: Path) -> dict | None:
+    """From an imitate run's metrics.jsonl (None for the reference loop, which writes none): the mean optimizer step
+    time (`step_s`, for ratios between modes), and for a run with both on-policy and off-policy (warm-up) steps the
+    step-time ratio of the two kinds, the generation share of on-policy steps, the cap-hit rate and the mean
+    generated length."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return None
+    rows = [r for r in map(json.loads, path.read_text().splitlines()) if "step_s" in r]  # not the eval_loss rows
+    costs = {"step_s": statistics.mean(r["step_s"] for r in rows)}
     on = [r for r in rows if r.get("onpolicy/share", 0) > 0]
     off = [r for r in rows if r.get("onpolicy/share") == 0]
-    if not on or not off:
-        return None
-    on_s, off_s = statistics.mean(r["step_s"] for r in on), statistics.mean(r["step_s"] for r in off)
-    return {"ratio": on_s / off_s, "gen": sum(r["gen_s"] for r in on) / sum(r["step_s"] for r in on),
-            "cap": statistics.mean(r["onpolicy/cap_hit"] for r in on),
-            "len": statistics.mean(r["onpolicy/gen_tokens"] for r in on)}
+    if on and off:
+        on_s, off_s = statistics.mean(r["step_s"] for r in on), statistics.mean(r["step_s"] for r in off)
+        costs.update(ratio=on_s / off_s, gen=sum(r["gen_s"] for r in on) / sum(r["step_s"] for r in on),
+                     cap=statistics.mean(r["onpolicy/cap_hit"] for r in on),
+                     len=statistics.mean(r["onpolicy/gen_tokens"] for r in on))
+    return costs
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -601,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_unit(unit: tuple) -> tuple[float, float | None, dict | None]:
     """Train one (task, mode, seed) and score it: (held-out accuracy, training seconds or None when reused,
-    on-policy costs or None)."""
+    run_costs or None)."""
     b, mode, seed, out, threads, reuse = unit
     import torch
 
@@ -614,12 +621,7 @@ def run_unit(unit: tuple) -> tuple[float, float | None, dict | None]:
     acc = score(b.task, model_dir=out, tok=b.tok, held=b.held)
     took = "trained earlier" if seconds is None else f"{seconds:.0f}s"
     print(f"[{b.task.name}] {mode} seed {seed}: {acc:.3f} ({took})", file=sys.stderr, flush=True)
-    costs = onpolicy_costs(out) if "op" in mode else None
-    metrics = out / "metrics.jsonl"
-    if metrics.exists():  # imitate's runs: the mean optimizer step time, for step-time ratios between modes
-        steps = [json.loads(x)["step_s"] for x in metrics.read_text().splitlines() if '"step_s"' in x]
-        costs = dict(costs or {}, step_s=statistics.mean(steps))
-    return acc, seconds, costs
+    return acc, seconds, run_costs(out)
 
 
 def paired(a: list[float], b: list[float]) -> str:
