@@ -1,9 +1,6 @@
 """One optimizer step of `imitate train`: the micro-batches of a window, forward -> loss terms -> combine -> backward,
-and the held-out loss through the same CE path.
-
-The token-sum convention (see loop.py): every loss term is a SUM over target tokens; the window's gradient is that sum
-over all micro-batches and ranks divided by the window's target tokens, all ranks, so a long answer weighs by its
-tokens whichever micro-batch it falls in."""
+and the held-out loss through the same CE path. Every loss term is a token SUM; the normalisation of a window is
+loop.py's token-sum convention (its module docstring)."""
 
 from __future__ import annotations
 
