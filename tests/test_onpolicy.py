@@ -67,6 +67,29 @@ def greedy_naive(model, prompt, stop, max_tokens):
     return ids[len(prompt):]
 
 
+def naive_sums(student, teacher, tok, records, full, divergence):
+    """Token sums, one sequence at a time on full logits in float64: `divergence(student_logits, teacher_logits)` at
+    the positions predicting each full[i]'s answer (full[i] = record i's prompt + an answer), and the CE of the records'
+    collected answers. Returns (kd, ce, generated tokens, collected answer tokens)."""
+    from imitate.models import prompt_ids
+
+    kd, ce, n_gen, n_ref = 0.0, 0.0, 0, 0
+    for r, ids in zip(records, full):
+        keep = torch.zeros(len(ids), dtype=torch.bool)
+        keep[len(prompt_ids(tok, r["messages"][:-1])) - 1 : -1] = True  # positions predicting the answer tokens
+        s = student(input_ids=torch.tensor([ids])).logits[0][keep].double()
+        with torch.no_grad():
+            t = teacher(input_ids=torch.tensor([ids])).logits[0][keep].double()
+        kd = kd + divergence(s, t)
+        n_gen += int(keep.sum())
+        ids, mask = encode(tok, r["messages"])
+        lab = torch.tensor(shift_targets(ids, mask))
+        logits = student(input_ids=torch.tensor([ids])).logits[0].double()
+        ce = ce + torch.nn.functional.cross_entropy(logits[lab != IGNORE], lab[lab != IGNORE], reduction="sum")
+        n_ref += int((lab != IGNORE).sum())
+    return kd, ce, n_gen, n_ref
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # choosing micro-batches
 # ---------------------------------------------------------------------------------------------------------------------
@@ -185,23 +208,13 @@ def test_onpolicy_loss_and_sckd_pairing_equal_a_naive_reference(sft_student, tin
     T = 1.5
     params = [p for p in student.parameters()]
     student.train(False)
-    kd, ce, n_gen, n_ref = 0.0, 0.0, 0, 0
-    for r, text in zip(records, texts):
-        prompt = prompt_ids(tok, r["messages"][:-1])
-        ids = tok(tok.decode(prompt) + text, add_special_tokens=False)["input_ids"]
-        keep = torch.zeros(len(ids), dtype=torch.bool)
-        keep[len(prompt) - 1 : -1] = True  # positions predicting the generated tokens
-        s = student(input_ids=torch.tensor([ids])).logits[0][keep].double()
-        with torch.no_grad():
-            t = teacher(input_ids=torch.tensor([ids])).logits[0][keep].double()
-        ls, lt = F.log_softmax(s / T, -1), F.log_softmax(t / T, -1)
-        kd = kd + F.kl_div(lt, ls, log_target=True, reduction="sum") * T * T  # KL(student || teacher)
-        n_gen += int(keep.sum())
-        ids, mask = encode(tok, r["messages"])
-        lab = torch.tensor(shift_targets(ids, mask))
-        logits = student(input_ids=torch.tensor([ids])).logits[0].double()
-        ce = ce + F.cross_entropy(logits[lab != IGNORE], lab[lab != IGNORE], reduction="sum")
-        n_ref += int((lab != IGNORE).sum())
+    full = [tok(tok.decode(prompt_ids(tok, r["messages"][:-1])) + text, add_special_tokens=False)["input_ids"]
+            for r, text in zip(records, texts)]  # the reference continues from text, not from the loop's token ids
+
+    def reverse_kl(s, t):  # KL(student || teacher) at loss temperature T
+        return F.kl_div(F.log_softmax(t / T, -1), F.log_softmax(s / T, -1), log_target=True, reduction="sum") * T * T
+
+    kd, ce, n_gen, n_ref = naive_sums(student, teacher, tok, records, full, reverse_kl)
     assert n_gen == sum(lengths)
     assert row["onpolicy_kd"] == pytest.approx(kd.item() / n_gen, rel=1e-4)
     assert row["loss"] == pytest.approx(ce.item() / n_ref, rel=1e-5)  # the paired CE: the collected answers
@@ -213,8 +226,48 @@ def test_onpolicy_loss_and_sckd_pairing_equal_a_naive_reference(sft_student, tin
     assert "cos/logit_kd" not in row and "logit_kd" not in row  # no dataset micro-batch in this window
 
 
+def test_on_policy_ce_trains_the_records_answers_beside_kd_on_the_students_own(sft_student, tiny_teacher_dir,
+                                                                              mixed_file, tmp_path):
+    """The default --on-policy-ce, without --sckd, λ = 1, greedy, one window: the step's gradient is that of
+    ((1 - w)·CE(collected answers) + w·KD(separately generated answers)) / (their token counts), computed naively;
+    with --no-on-policy-ce it is that of w·KD / (generated tokens)."""
+    import torch.nn.functional as F
+
+    from imitate.models import eos_ids, prompt_ids
+
+    records = [json.loads(x) for x in mixed_file.read_text().splitlines()]
+    w = 0.3
+    run(cfg_for(mixed_file, sft_student, tmp_path / "o", teacher=f"hf:{tiny_teacher_dir}", full=True, kd_weight=w,
+                on_policy=1.0, on_policy_warmup=0.0, on_policy_temperature=0.0, on_policy_max_tokens=12,
+                batch_size=6, grad_accum=2, max_steps=1, kd_chunk_size=5, max_grad_norm=1e9))
+    row = metrics(tmp_path / "o")[0]
+    student, tok = load(sft_student)
+    teacher, _ = load(tiny_teacher_dir)
+    stop = set(eos_ids(student, tok))
+    full = [(p := prompt_ids(tok, r["messages"][:-1])) + greedy_naive(student, p, stop, 12) for r in records]
+
+    def forward_kl(s, t):
+        return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum")
+
+    kd, ce, n_gen, n_ref = naive_sums(student, teacher, tok, records, full, forward_kl)
+    assert row["onpolicy_kd"] == pytest.approx(kd.item() / n_gen, rel=1e-4)
+    assert row["loss"] == pytest.approx(ce.item() / n_ref, rel=1e-5)  # the records' answers, as with --sckd
+    grads = torch.autograd.grad(((1 - w) * ce + w * kd) / (n_gen + n_ref), list(student.parameters()),
+                                retain_graph=True)
+    assert row["grad_norm"] == pytest.approx(math.sqrt(sum(float((g * g).sum()) for g in grads)), rel=1e-3)
+    # the same run with --no-on-policy-ce takes no CE: a different gradient
+    run(cfg_for(mixed_file, sft_student, tmp_path / "n", teacher=f"hf:{tiny_teacher_dir}", full=True, kd_weight=w,
+                on_policy=1.0, on_policy_warmup=0.0, on_policy_temperature=0.0, on_policy_max_tokens=12,
+                on_policy_ce=False, batch_size=6, grad_accum=2, max_steps=1, kd_chunk_size=5, max_grad_norm=1e9))
+    plain = metrics(tmp_path / "n")[0]
+    assert "loss" not in plain and plain["onpolicy_kd"] == pytest.approx(row["onpolicy_kd"], rel=1e-6)
+    grads = torch.autograd.grad(w * kd / n_gen, list(student.parameters()))
+    assert plain["grad_norm"] == pytest.approx(math.sqrt(sum(float((g * g).sum()) for g in grads)), rel=1e-3)
+
+
 def test_lambda_one_never_trains_on_the_records_answers(sft_student, tiny_teacher_dir, tmp_path):
-    """Same prompts, other answers of the same token length: λ = 1 trains to the same weights; λ = 0 does not."""
+    """--no-on-policy-ce: same prompts, other answers of the same token length: λ = 1 trains to the same weights;
+    λ = 0 does not, nor does λ = 1 with the default --on-policy-ce."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(sft_student)
@@ -229,15 +282,18 @@ def test_lambda_one_never_trains_on_the_records_answers(sft_student, tiny_teache
         assert len(encode(tok, r["messages"])[0]) == len(encode(tok, o["messages"])[0])
     a, b = write(tmp_path / "a.jsonl", records), write(tmp_path / "b.jsonl", other)
     kw = dict(teacher=f"hf:{tiny_teacher_dir}", max_steps=3, batch_size=3, grad_accum=2, on_policy_max_tokens=8,
-              on_policy_warmup=0.0)
+              on_policy_warmup=0.0, on_policy_ce=False)
     for lam in (1.0, 0.0):
         run(cfg_for(a, sft_student, tmp_path / f"a{lam}", on_policy=lam, **kw))
         run(cfg_for(b, sft_student, tmp_path / f"b{lam}", on_policy=lam, **kw))
+    for d in (a, b):
+        run(cfg_for(d, sft_student, tmp_path / f"{d.stem}ce", on_policy=1.0, **{**kw, "on_policy_ce": True}))
     wa, wb = adapter(tmp_path / "a1.0"), adapter(tmp_path / "b1.0")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert all("loss" not in r for r in metrics(tmp_path / "a1.0"))  # no CE was ever taken
-    wa, wb = adapter(tmp_path / "a0.0"), adapter(tmp_path / "b0.0")
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) > 1e-4  # the comparison can tell
+    for x, y in (("a0.0", "b0.0"), ("ace", "bce")):  # the comparison can tell
+        wa, wb = adapter(tmp_path / x), adapter(tmp_path / y)
+        assert max((wa[k] - wb[k]).abs().max().item() for k in wa) > 1e-4, x
 
 
 @pytest.mark.parametrize("sckd", [False, True])

@@ -120,6 +120,11 @@ class TrainConfig(Checked):
                                        example="0.7", ge=0)
     on_policy_max_tokens: int = opt(256, "Longest answer the student may write; one without end-of-turn counts as a "
                                     "cap hit.", example="128", ge=1)
+    # On by default: without it λ = 1 never trains on the collected answers, and in the benchmark that fell below SFT
+    # on lists and carry; with it lists was level and choice kept most of its gain (README, On-policy distillation).
+    on_policy_ce: bool = opt(True, "On-policy micro-batches also train CE (weight 1 - w) on their records' collected "
+                             "answers, so only KD's sequences change (--no-on-policy-ce: KD only, GKD's loss).",
+                             example="--no-on-policy-ce", flag="--on-policy-ce/--no-on-policy-ce")
 
     def check(self) -> None:
         if self.on_policy and not self.teacher:

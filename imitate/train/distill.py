@@ -181,7 +181,8 @@ class Distiller:
         """{"ce": sum, term: sum, ...} for one micro-batch (labels are already next-token aligned by the collator).
 
         An on-policy micro-batch (`onpolicy.OnPolicy.batch`) gives only its `onpolicy_kd` term, on the student's own
-        tokens; its "ce" is the CE of the same prompts' collected answers when --sckd pairs them, else 0."""
+        tokens; its "ce" is the CE of the same prompts' collected answers with --sckd (paired) or --on-policy-ce,
+        else 0."""
         from imitate.train import losses
 
         labels = batch["labels"]

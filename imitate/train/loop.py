@@ -43,7 +43,7 @@ def fingerprint(cfg: TrainConfig, n_train: int) -> dict:
             "packing", "seed", "eval_split", "loss_on", "overlong", "epochs", "max_steps",
             "teacher", "feature_kd", "sckd", "graybox")  # the KD ones decide what trains (regressors) and how
     if cfg.on_policy:  # only then, so checkpoints of runs without --on-policy stay resumable
-        keys += ("on_policy", "on_policy_warmup", "on_policy_temperature", "on_policy_max_tokens")
+        keys += ("on_policy", "on_policy_warmup", "on_policy_temperature", "on_policy_max_tokens", "on_policy_ce")
     return {**{k: str(getattr(cfg, k)) for k in keys}, "train_examples": n_train}
 
 

@@ -7,7 +7,10 @@ tokens and its mistakes compound (exposure bias). Here, for a fraction λ of mic
 2. prompt + the student's tokens become the micro-batch (`onpolicy_example`): targets on the generated tokens only,
    end-of-turn included, so the teacher also grades when the student stops;
 3. the KD term (`--kd`, any divergence, chunked like the dataset term) is taken on those tokens against the teacher's
-   logits at the same positions. No cross-entropy: the student's own tokens are not a target to imitate.
+   logits at the same positions. No cross-entropy on the student's tokens: they are not a target to imitate.
+   --on-policy-ce (the default) also trains (1 - w)·CE on the same records' collected answers (one more forward of
+   those), so every record's supervised signal stays and only KD's sequences change; --no-on-policy-ce is GKD's
+   loss, KD only, where λ = 1 never sees the collected answers.
 Dataset micro-batches keep CE + KD as without --on-policy.
 
 Which micro-batches: a seeded coin per (seed, step, micro-batch index in the window) with P(on-policy) = λ, none before
@@ -16,7 +19,7 @@ talking. Generation is seeded the same way (in a forked RNG, so dropout and the 
 as without it).
 
 The loss denominator (loop.py's token-sum convention): the positions that carry a loss in the window, over all ranks —
-dataset targets + generated tokens (+ with --sckd the reference answers of on-policy prompts, see below). Generated
+dataset targets + generated tokens (+ with --sckd or --on-policy-ce the reference answers of on-policy prompts). Generated
 lengths are known only after generation, so a window with on-policy micro-batches costs one small all-reduce.
 
 SCKD pairing: each KD kind is its own gated term — `logit_kd` on dataset micro-batches, `onpolicy_kd` on on-policy
@@ -121,6 +124,9 @@ class OnPolicy:
         self.cfg, self.stop_ids = cfg, stop_ids
         self.pad_id = tokenizer.pad_token_id
         self.first_step = warmup_steps(cfg.on_policy_warmup, total_steps)
+        # the records' own answers of on-policy prompts take part: as SCKD's paired CE, or as --on-policy-ce's CE
+        # (not with --kd-weight 1, where CE weighs nothing)
+        self.references = bool(cfg.sckd or (cfg.on_policy_ce and cfg.kd_weight < 1))
         self.totals = {"micro": 0, "onpolicy": 0, "sequences": 0, "tokens": 0, "capped": 0, "gen_s": 0.0,
                        "step_s": 0.0}
         self._step: dict = {}
@@ -133,7 +139,7 @@ class OnPolicy:
 
     def batch(self, accelerator: Any, model: Any, examples: list[Example], step: int, j: int) -> dict:
         """The on-policy micro-batch for `examples` (micro-batch j of the window at `step`), with the dataset version
-        under "reference" when --sckd pairs it (see the module doc)."""
+        under "reference" when --sckd pairs it or --on-policy-ce trains it (see the module doc)."""
         t0 = time.time()
         prompts = [prompt_of(ex) for ex in examples]
         with accelerator.autocast():
@@ -144,7 +150,7 @@ class OnPolicy:
         exs = [onpolicy_example(p, a, ex.where, self.cfg.max_length) for p, a, ex in zip(prompts, answers, examples)]
         out = collate(exs, pad_id=self.pad_id, packing=self.cfg.packing)
         out["onpolicy"] = {"sequences": len(answers), "tokens": sum(map(len, answers)), "capped": sum(capped)}
-        if self.cfg.sckd:
+        if self.references:
             out["reference"] = collate(examples, pad_id=self.pad_id, packing=self.cfg.packing)
         self._step["gen_s"] += time.time() - t0
         return out
@@ -163,7 +169,7 @@ class OnPolicy:
         if not any(flags):  # today's window: the logged values divide by n_targets as without --on-policy
             self._step["counts"] = [data] + [0 if name == ONPOLICY else data for name in terms]
             return data, None
-        ref = sum(targets[i] for b, on in zip(window, flags) if on for i in b) if self.cfg.sckd else 0
+        ref = sum(targets[i] for b, on in zip(window, flags) if on for i in b) if self.references else 0
         own = [m["onpolicy"] for m in micro if "onpolicy" in m]
         local = torch.tensor([[s[k] for k in ("sequences", "tokens", "capped")] for s in own] or [[0, 0, 0]],
                              dtype=torch.float64, device=accelerator.device).sum(0)
