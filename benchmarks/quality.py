@@ -25,10 +25,11 @@ Modes (MODES below; add a row by adding an entry):
   the task's max_tokens. op50_sckd: op50 plus `--sckd`. Also printed: the step-time ratio on-policy / off-policy,
   measured inside each on-policy run (its on-policy steps against its own warm-up steps, same load), the share of an
   on-policy step spent generating, and how often generation hit the cap.
-- sft_sft, sft_kd, sft_op50, sft_op100, sft_op100_sckd, sft_op50_sckd: from the `sft` mode's student of the same
-  seed, as many steps again as plain SFT / off-policy KD / on-policy KD with λ 0.5 or 1 and no warm-up (the student
-  already answers) / the same with --sckd. On request only: sft_op100_t05 / sft_op100_t0 (on-policy sampling
-  temperature 0.5 / greedy) and sft_op100_rkl (--kd reverse-kl). The README's advice for on-policy KD is to start
+- sft_sft, sft_kd, sft_op50, sft_op100, sft_op100_sckd, sft_op50_sckd, sft_op100_pure: from the `sft` mode's student
+  of the same seed, as many steps again as plain SFT / off-policy KD / on-policy KD with λ 0.5 or 1 and no warm-up
+  (the student already answers) / the same with --sckd / λ 1 with --no-on-policy-ce (on-policy micro-batches train
+  KD only, never the records' answers). On request only: sft_op50_pure, and without CE as well sft_op100_t05 /
+  sft_op100_t0 (on-policy sampling temperature 0.5 / greedy) and sft_op100_rkl (--kd reverse-kl). The README's advice for on-policy KD is to start
   from an SFT'd student; these rows compare it with the other ways of spending the same extra steps. Also printed: the
   mean step time of each sft_op mode over sft_kd's.
 Targets (issue #10): sft within 0.02 of reference on every task; kd >= sft where the teacher's distribution carries more
@@ -504,14 +505,17 @@ MODES: dict[str, Callable[[Built, int, Path], Path]] = {
     "sft_op50": after_sft(*on_policy(0.5)),
     "sft_op100_sckd": after_sft(*on_policy(1.0, "--sckd")),
     "sft_op50_sckd": after_sft(*on_policy(0.5, "--sckd")),
-    # variants run on request (--modes), not by default: the sampling temperature and the divergence of on-policy KD
-    "sft_op100_t05": after_sft(*on_policy(1.0, "--on-policy-temperature", 0.5)),
-    "sft_op100_t0": after_sft(*on_policy(1.0, "--on-policy-temperature", 0)),
-    "sft_op100_rkl": after_sft(*on_policy(1.0, "--kd", "reverse-kl")),
+    "sft_op100_pure": after_sft(*on_policy(1.0, "--no-on-policy-ce")),
+    # variants run on request (--modes), not by default: λ 0.5 without CE, the sampling temperature and the divergence
+    # of on-policy KD (these three without CE, as the README measured them)
+    "sft_op50_pure": after_sft(*on_policy(0.5, "--no-on-policy-ce")),
+    "sft_op100_t05": after_sft(*on_policy(1.0, "--no-on-policy-ce", "--on-policy-temperature", 0.5)),
+    "sft_op100_t0": after_sft(*on_policy(1.0, "--no-on-policy-ce", "--on-policy-temperature", 0)),
+    "sft_op100_rkl": after_sft(*on_policy(1.0, "--no-on-policy-ce", "--kd", "reverse-kl")),
 }
 
 
-EXTRA_MODES = ("sft_op100_t05", "sft_op100_t0", "sft_op100_rkl")
+EXTRA_MODES = ("sft_op50_pure", "sft_op100_t05", "sft_op100_t0", "sft_op100_rkl")
 
 
 def run_costs(out: Path) -> dict | None:
