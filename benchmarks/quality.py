@@ -29,9 +29,9 @@ Modes (MODES below; add a row by adding an entry):
   of the same seed, as many steps again as plain SFT / off-policy KD / on-policy KD with λ 0.5 or 1 and no warm-up
   (the student already answers) / the same with --sckd / λ 1 with --no-on-policy-ce (on-policy micro-batches train
   KD only, never the records' answers). On request only: sft_op50_pure, and without CE as well sft_op100_t05 /
-  sft_op100_t0 (on-policy sampling temperature 0.5 / greedy) and sft_op100_rkl (--kd reverse-kl). The README's advice for on-policy KD is to start
-  from an SFT'd student; these rows compare it with the other ways of spending the same extra steps. Also printed: the
-  mean step time of each sft_op mode over sft_kd's.
+  sft_op100_t0 (on-policy sampling temperature 0.5 / greedy) and sft_op100_rkl (--kd reverse-kl). The README's
+  advice for on-policy KD is to start from an SFT'd student; these rows compare it with the other ways of spending
+  the same extra steps. Also printed: the mean step time of each sft_op mode over sft_kd's.
 Targets (issue #10): sft within 0.02 of reference on every task; kd >= sft where the teacher's distribution carries more
 than its argmax (the `choice` task: several valid answers, sampled at collect time); sckd not below kd by more than the
 seed spread. Issue #12: on-policy KD above off-policy KD by more than the seed spread on a task with multi-token

@@ -237,10 +237,12 @@ def test_on_policy_ce_trains_the_records_answers_beside_kd_on_the_students_own(s
 
     records = [json.loads(x) for x in mixed_file.read_text().splitlines()]
     w = 0.3
-    run(cfg_for(mixed_file, sft_student, tmp_path / "o", teacher=f"hf:{tiny_teacher_dir}", full=True, kd_weight=w,
-                on_policy=1.0, on_policy_warmup=0.0, on_policy_temperature=0.0, on_policy_max_tokens=12,
-                batch_size=6, grad_accum=2, max_steps=1, kd_chunk_size=5, max_grad_norm=1e9))
-    row = metrics(tmp_path / "o")[0]
+    kw = dict(teacher=f"hf:{tiny_teacher_dir}", full=True, kd_weight=w, on_policy=1.0, on_policy_warmup=0.0,
+              on_policy_temperature=0.0, on_policy_max_tokens=12, batch_size=6, grad_accum=2, max_steps=1,
+              kd_chunk_size=5, max_grad_norm=1e9)
+    run(cfg_for(mixed_file, sft_student, tmp_path / "o", **kw))
+    run(cfg_for(mixed_file, sft_student, tmp_path / "n", on_policy_ce=False, **kw))
+    row, plain = metrics(tmp_path / "o")[0], metrics(tmp_path / "n")[0]
     student, tok = load(sft_student)
     teacher, _ = load(tiny_teacher_dir)
     stop = set(eos_ids(student, tok))
@@ -256,10 +258,6 @@ def test_on_policy_ce_trains_the_records_answers_beside_kd_on_the_students_own(s
                                 retain_graph=True)
     assert row["grad_norm"] == pytest.approx(math.sqrt(sum(float((g * g).sum()) for g in grads)), rel=1e-3)
     # the same run with --no-on-policy-ce takes no CE: a different gradient
-    run(cfg_for(mixed_file, sft_student, tmp_path / "n", teacher=f"hf:{tiny_teacher_dir}", full=True, kd_weight=w,
-                on_policy=1.0, on_policy_warmup=0.0, on_policy_temperature=0.0, on_policy_max_tokens=12,
-                on_policy_ce=False, batch_size=6, grad_accum=2, max_steps=1, kd_chunk_size=5, max_grad_norm=1e9))
-    plain = metrics(tmp_path / "n")[0]
     assert "loss" not in plain and plain["onpolicy_kd"] == pytest.approx(row["onpolicy_kd"], rel=1e-6)
     grads = torch.autograd.grad(w * kd / n_gen, list(student.parameters()))
     assert plain["grad_norm"] == pytest.approx(math.sqrt(sum(float((g * g).sum()) for g in grads)), rel=1e-3)

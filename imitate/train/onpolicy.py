@@ -19,8 +19,9 @@ talking. Generation is seeded the same way (in a forked RNG, so dropout and the 
 as without it).
 
 The loss denominator (loop.py's token-sum convention): the positions that carry a loss in the window, over all ranks —
-dataset targets + generated tokens (+ with --sckd or --on-policy-ce the reference answers of on-policy prompts). Generated
-lengths are known only after generation, so a window with on-policy micro-batches costs one small all-reduce.
+dataset targets + generated tokens (+ with --sckd or --on-policy-ce the reference answers of on-policy prompts).
+Generated lengths are known only after generation, so a window with on-policy micro-batches costs one small
+all-reduce.
 
 SCKD pairing: each KD kind is its own gated term — `logit_kd` on dataset micro-batches, `onpolicy_kd` on on-policy
 ones — and each is compared with the CE gradient of the SAME prompts' collected answers: for `logit_kd` the dataset
