@@ -6,10 +6,13 @@ A record is one JSON object on one line of a JSONL file; the file loads unchange
     {
       "id": "3f1c...",                      # stable hash of the request: teacher, rendered messages, params, sample index
       "teacher": "openai:gpt-4o-mini",      # provider:model
-      "messages": [                         # the whole conversation; the teacher's answer is the final assistant turn
+      "messages": [                         # what the student sees and trains on; the teacher's answer is the last turn
         {"role": "system", "content": "..."},
         {"role": "user", "content": "..."},
         {"role": "assistant", "content": "..."}
+      ],
+      "context": [                          # optional, see CONTEXT below: turns only the teacher saw, before `messages`
+        {"role": "system", "content": "Answer in the house format ..."}
       ],
       "params": {"temperature": 0.7, "max_tokens": 512},
       "sample": 0,                          # index among the --n samples drawn for this prompt
@@ -20,6 +23,11 @@ A record is one JSON object on one line of a JSONL file; the file loads unchange
       "logprobs": [...],                    # only with --logprobs K, see LOGPROBS below
       "answer_token_ids": [1169, 318, ...]  # hf teachers only: the answer's token ids as generated (no end token)
     }
+
+CONTEXT: the turns the teacher saw in front of `messages` (a long system prompt, worked examples) that the student must
+learn to do without. The teacher was asked `context + messages`; the student trains on `messages` alone, so tools that
+know nothing of `context` (datasets, TRL) train the student's view unchanged. A record without `context` (every record
+written before it existed) means the teacher saw `messages` only. `teacher_messages(record)` gives what the teacher saw.
 
 ANSWER_TOKEN_IDS: the assistant text is the decoded `answer_token_ids`, kept exactly (leading space included).
 `imitate train` re-tokenizes the answer in the student's chat template; when the record's teacher has the student's
@@ -46,10 +54,17 @@ from imitate.errors import InputError
 ROLES = ("system", "user", "assistant", "tool")
 
 
-def request_id(teacher: str, messages: list[dict], params: dict, sample: int) -> str:
-    """Stable id of one request: same teacher, rendered messages, params and sample index -> same id."""
+def request_id(teacher: str, messages: list[dict], params: dict, sample: int, context: list[dict] | None = None) -> str:
+    """Stable id of one request: same teacher, rendered messages, context, params and sample index -> same id.
+
+    Without a context the id is the one every earlier version computed, so journals written before `context` existed
+    still resume without asking again; any context (even one turn) gives other ids, so changing it asks anew.
+    """
+    payload: dict[str, Any] = {"teacher": teacher, "messages": messages, "params": params, "sample": sample}
+    if context:
+        payload["context"] = context
     blob = json.dumps(
-        {"teacher": teacher, "messages": messages, "params": params, "sample": sample},
+        payload,
         sort_keys=True,
         ensure_ascii=False,
         separators=(",", ":"),
@@ -117,20 +132,24 @@ def record_problem(data: Any, *, need_assistant: bool = False) -> str | None:
     """Why a parsed line is not a usable record (no location: the caller adds "file:line"), or None."""
     if not isinstance(data, dict):
         return f"expected a JSON object, got {type(data).__name__}"
-    return messages_problem(data.get("messages"), need_assistant=need_assistant)
+    problem = messages_problem(data.get("messages"), need_assistant=need_assistant)
+    context = data.get("context")
+    if problem is None and context is not None and context != []:  # [] is "no context", as an absent field
+        problem = messages_problem(context, field="context")
+    return problem
 
 
-def messages_problem(messages: Any, *, need_assistant: bool = False) -> str | None:
-    """Why `messages` is not a valid chat list, or None."""
+def messages_problem(messages: Any, *, need_assistant: bool = False, field: str = "messages") -> str | None:
+    """Why `messages` (or another chat list named `field`, such as `context`) is not a valid chat list, or None."""
     if not isinstance(messages, list) or not messages:
-        return "field 'messages' must be a non-empty list of {role, content} objects"
+        return f"field '{field}' must be a non-empty list of {{role, content}} objects"
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            return f"messages[{i}] must be an object with 'role' and 'content'"
+            return f"{field}[{i}] must be an object with 'role' and 'content'"
         if m["role"] not in ROLES:
-            return f"messages[{i}].role is {m['role']!r}; expected one of {', '.join(ROLES)}"
+            return f"{field}[{i}].role is {m['role']!r}; expected one of {', '.join(ROLES)}"
         if not isinstance(m["content"], str):
-            return f"messages[{i}].content must be a string"
+            return f"{field}[{i}].content must be a string"
     if need_assistant and not any(m["role"] == "assistant" for m in messages):
         return NO_ASSISTANT
     return None
@@ -185,6 +204,16 @@ def prompt_messages(record: dict) -> list[dict]:
     if msgs and msgs[-1].get("role") == "assistant":
         msgs = msgs[:-1]
     return msgs
+
+
+def context_of(record: dict) -> list[dict]:
+    """The record's `context` (turns only the teacher saw), or [] for a record without one."""
+    return list(record.get("context") or [])
+
+
+def teacher_messages(record: dict) -> list[dict]:
+    """What the teacher saw and answered: `context + messages` (just `messages` for a record without context)."""
+    return context_of(record) + list(record.get("messages") or [])
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
