@@ -89,12 +89,12 @@ STAGES = ("collect", "clean", "train", "eval")
 
 
 def test_readme_option_tables_match_the_config_fields():
-    """Regenerate with `python -m imitate.options README.md` after changing an option."""
-    from imitate import options
+    """Regenerate with `python -m imitate._docs README.md` after changing an option."""
+    from imitate import _docs
 
     for stage in STAGES:
-        assert options.begin(stage) in README and options.end(stage) in README, f"README lacks the {stage} table"
-    assert options.render_readme(README) == README, "README option tables are stale: python -m imitate.options README.md"
+        assert _docs.begin(stage) in README and _docs.end(stage) in README, f"README lacks the {stage} table"
+    assert _docs.render_readme(README) == README, "README option tables are stale: python -m imitate._docs README.md"
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -102,9 +102,9 @@ def test_cli_options_are_the_config_fields(stage):
     """Every config field is a flag (and nothing else is, but --config/--json), with the field's help and default."""
     import typer
 
-    from imitate import options
+    from imitate import _docs, options
 
-    cls = options.stage_classes()[stage]
+    cls = _docs.stage_classes()[stage]
     sub = typer.main.get_command(app).commands[stage]
     params = {p.name: p for p in sub.params if p.name not in ("help", "config", "json_")}
     fields = {f.name: f for f in options.fields(cls) if options.spec(f).get("cli", True)}
@@ -122,9 +122,9 @@ def test_cli_options_are_the_config_fields(stage):
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_every_option_has_help_an_example_and_no_handwritten_default(stage):
-    from imitate import options
+    from imitate import _docs, options
 
-    for f in options.fields(options.stage_classes()[stage]):
+    for f in options.fields(_docs.stage_classes()[stage]):
         s = options.spec(f)
         assert s.get("help") and s.get("example"), f"{stage}.{f.name}: opt() needs help= and example="
         handwritten = re.search(r"\(default|\bdefaults?\s*(:|=|is\b|to\b|of\b)", s["help"], flags=re.I)
@@ -134,11 +134,11 @@ def test_every_option_has_help_an_example_and_no_handwritten_default(stage):
 @pytest.mark.parametrize("stage", STAGES)
 def test_every_flag_is_a_toml_key_of_its_section(stage, tmp_path):
     """The dashed flag name is the TOML key: check_keys accepts every one (and rejects a near miss)."""
-    from imitate import options
+    from imitate import _docs, options
     from imitate.config import check_keys
     from imitate.errors import ConfigError
 
-    cls = options.stage_classes()[stage]
+    cls = _docs.stage_classes()[stage]
     keys = {f.name.replace("_", "-"): 1 for f in options.fields(cls)}
     assert set(check_keys(cls, keys, "t.toml")) == {f.name for f in options.fields(cls)}
     typo, meant = {"collect": ("max-tokenz", "max-tokens"), "clean": ("treshold", "threshold"),
