@@ -1,6 +1,7 @@
 """The option tables of the docs, generated from the stage configs' fields (imitate/options.py: one definition each).
 
-    python -m imitate._docs README.md      # rewrite every options block of the markdown files given
+    python -m imitate._docs                # rewrite the option tables of docs/options.md from the config fields
+    python -m imitate._docs FILE.md ...    # the same for the options blocks of other markdown files
 
 Only the tests and the docs tooling import this module: it imports every stage config, which the option mechanism in
 imitate/options.py (imported by those configs) must not do.
@@ -13,6 +14,8 @@ import sys
 from pathlib import Path
 
 from imitate.options import default_text, fields, flag_name, help_text, spec
+
+OPTIONS_PAGE = Path("docs/options.md")  # the option reference, relative to the repository root
 
 
 def table(cls: type) -> str:
@@ -65,8 +68,8 @@ def render_readme(text: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    """Rewrite the option blocks of the markdown files given (default: README.md), from the repository root."""
-    paths = [Path(a) for a in argv] or [Path("README.md")]
+    """Rewrite the option blocks of the markdown files given (default: docs/options.md), from the repository root."""
+    paths = [Path(a) for a in argv] or [OPTIONS_PAGE]
     for path in paths:
         old = path.read_text(encoding="utf-8")
         new = render_readme(old)

@@ -74,7 +74,7 @@ def opt(
         it out); path: resolved relative to the config file; input: a path that must exist before the run.
     parse: turns the strings given on the command line into the field's value (e.g. ROLE=N pairs into a dict).
     hint: the Hint: line shown when a value is out of bounds.
-    default_text: how the default reads in --help and the README when the value alone says too little.
+    default_text: how the default reads in --help and the docs when the value alone says too little.
     """
     meta = {
         META: dict(help=help, example=example, flag=flag, short=short, aliases=aliases, metavar=metavar, argument=argument, cli=cli,
@@ -108,7 +108,7 @@ def default_of(f: dataclasses.Field) -> Any:
 
 
 def default_text(f: dataclasses.Field) -> str:
-    """The default as --help and the README show it ('required' when there is none)."""
+    """The default as --help and the option reference show it ('required' when there is none)."""
     s = spec(f)
     if s.get("default_text"):
         return s["default_text"]
@@ -143,7 +143,7 @@ def primary_flag(f: dataclasses.Field) -> str:
 
 
 def help_text(f: dataclasses.Field, code: str = "") -> str:
-    """help + choices + range + example: the --help text of the option and its README cell (code="`")."""
+    """help + choices + range + example: the --help text of the option and its cell in the option reference (code="`")."""
     s = spec(f)
     text = s.get("help", "").strip()
     choices = literal_choices(f.type)
