@@ -50,11 +50,18 @@ def _root(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit, e.g. imitate --version."
     ),
+    verbose: bool = typer.Option(
+        False, "--verbose", help="Let dependencies print their progress bars, warnings and logs on stderr (hidden by "
+        "default; IMITATE_LOG=debug does the same). Example: imitate --verbose train ..."
+    ),
 ) -> None:
     """Distill a large teacher model into a small student by imitation: collect -> clean -> train (-> eval).
 
     Example: imitate run examples/demo.toml
     """
+    from imitate.quiet import quiet
+
+    quiet(verbose)
 
 
 def print_error(exc: ImitateError) -> None:

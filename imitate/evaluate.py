@@ -178,7 +178,7 @@ def read_items(path: Path, reference_field: str | None, match: str) -> list[Item
             msgs = check_messages(row["messages"], where)
             if msgs[-1]["role"] == "assistant":
                 teacher = msgs[-1]["content"]
-            msgs = prompt_messages(row)
+            msgs = prompt_messages({"messages": msgs})
             if not msgs:
                 raise InputError(f"{where}: 'messages' holds only an assistant turn; nothing to ask the student")
             shown: Any = msgs

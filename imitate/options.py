@@ -7,12 +7,16 @@ From that one line come
   - its `--help` text: the help, "Example: --max-tokens 256" and "[default: 1024]" (never written by hand),
   - the TOML key of the stage's section (`max-tokens` or `max_tokens`) and its type (checked by imitate.config),
   - the check run when the config is built (`ge`/`gt`/`le`/`lt` bounds; `Literal[...]` choices from the annotation),
-  - the README's option table of the stage (`python -m imitate.options README.md` rewrites it; a test keeps it true).
+  - the option table of the stage in the docs (`python -m imitate._docs FILE.md` rewrites it, see imitate/_docs.py;
+    a test keeps it true).
 
 The configs: CollectConfig in imitate/collect/config.py, CleanConfig in imitate/clean/config.py, TrainConfig in
 imitate/train/config.py, EvalConfig in imitate/evaluate.py. Each subclasses `Checked`: building one coerces every field
 to its annotation, applies the bounds and choices, then runs the class's `check()` (cross-field rules), so a config that
 exists is valid and `imitate run` can build all of them before the first stage runs.
+
+This module is a leaf: it imports no stage config (the configs import it). The tables that list every stage's options
+are rendered by imitate/_docs.py, which imports the configs and is used only by the tests and the docs tooling.
 
 Porting an option written the older way (a field in the stage module's config class, a `typer.Option` in cli.py, an
 entry in the command's flags dict, a range check in the stage's check function):
@@ -21,14 +25,13 @@ entry in the command's flags dict, a range check in the stage's check function):
      `metavar=`, `cli=False` for a TOML-only key, `path=True` / `input=True` for a path written / read;
      bounds as `ge=`, `gt=`, `le=`, `lt=` (+ `hint=`); choices as `Literal[...]`; cross-field rules in `check()`;
   2. drop the `typer.Option` parameter and the flags-dict entry (the command is generated from the fields);
-  3. run `python -m imitate.options README.md` and commit the regenerated tables (tests/test_readme.py checks them).
+  3. run `python -m imitate._docs FILE.md` and commit the regenerated tables (tests/test_readme.py checks them).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
-import sys
 import types
 import typing
 from collections.abc import Callable
@@ -71,7 +74,7 @@ def opt(
         it out); path: resolved relative to the config file; input: a path that must exist before the run.
     parse: turns the strings given on the command line into the field's value (e.g. ROLE=N pairs into a dict).
     hint: the Hint: line shown when a value is out of bounds.
-    default_text: how the default reads in --help and the README when the value alone says too little.
+    default_text: how the default reads in --help and the docs when the value alone says too little.
     """
     meta = {
         META: dict(help=help, example=example, flag=flag, short=short, aliases=aliases, metavar=metavar, argument=argument, cli=cli,
@@ -105,7 +108,7 @@ def default_of(f: dataclasses.Field) -> Any:
 
 
 def default_text(f: dataclasses.Field) -> str:
-    """The default as --help and the README show it ('required' when there is none)."""
+    """The default as --help and the option reference show it ('required' when there is none)."""
     s = spec(f)
     if s.get("default_text"):
         return s["default_text"]
@@ -140,7 +143,7 @@ def primary_flag(f: dataclasses.Field) -> str:
 
 
 def help_text(f: dataclasses.Field, code: str = "") -> str:
-    """help + choices + range + example: the --help text of the option and its README cell (code="`")."""
+    """help + choices + range + example: the --help text of the option and its cell in the option reference (code="`")."""
     s = spec(f)
     text = s.get("help", "").strip()
     choices = literal_choices(f.type)
@@ -319,73 +322,3 @@ def _argument_info() -> type:
     from typer.models import ArgumentInfo
 
     return ArgumentInfo
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# the README's option tables
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def table(cls: type) -> str:
-    """A markdown table of a config's options: flag (and TOML key), default, what it does."""
-    rows = ["| flag | default | what it does |", "| --- | --- | --- |"]
-    for f in fields(cls):
-        s = spec(f)
-        if not s:
-            continue
-        if s.get("argument"):
-            name = f"`{s.get('metavar') or f.name.upper()}` (`{f.name.replace('_', '-')}`)"
-        elif s.get("cli", True):
-            name = f"`{s.get('flag') or flag_name(f.name)}`"
-        else:
-            name = f"`{f.name.replace('_', '-')}` (TOML only)"
-        cell = help_text(f, code="`").replace("|", "\\|")
-        rows.append(f"| {name} | {default_text(f).replace('|', chr(92) + '|')} | {cell} |")
-    return "\n".join(rows)
-
-
-def stage_classes() -> dict[str, type]:
-    """Stage name -> its config class, in pipeline order (the config modules are light: no torch)."""
-    from imitate.clean.config import CleanConfig
-    from imitate.collect.config import CollectConfig
-    from imitate.evaluate import EvalConfig
-    from imitate.train.config import TrainConfig
-
-    return {"collect": CollectConfig, "clean": CleanConfig, "train": TrainConfig, "eval": EvalConfig}
-
-
-def begin(stage: str) -> str:
-    return f"<!-- options:{stage} (generated by `python -m imitate.options README.md`; edit the config fields) -->"
-
-
-def end(stage: str) -> str:
-    return f"<!-- /options:{stage} -->"
-
-
-def render_readme(text: str) -> str:
-    """The README text with every options block regenerated from the config fields."""
-    for stage, cls in stage_classes().items():
-        a, b = begin(stage), end(stage)
-        if a not in text:
-            continue
-        head, rest = text.split(a, 1)
-        _, tail = rest.split(b, 1)
-        text = f"{head}{a}\n{table(cls)}\n{b}{tail}"
-    return text
-
-
-def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: python -m imitate.options README.md", file=sys.stderr)
-        return 2
-    path = Path(argv[0])
-    old = path.read_text(encoding="utf-8")
-    new = render_readme(old)
-    if new != old:
-        path.write_text(new, encoding="utf-8")
-        print(f"{path}: option tables updated", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))

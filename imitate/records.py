@@ -36,6 +36,11 @@ tokenizer it checks that this gives back these ids (see imitate.train.teacher_to
 LOGPROBS: a list with one entry per generated token,
 `{"token": str, "id": int | None, "logprob": float, "top": [{"token": str, "id": int | None, "logprob": float}, ...]}`;
 `id` is the teacher's token id when the teacher reports it (hf teachers, vLLM), else null.
+
+CONTENT PARTS: a turn's `content` may also be a list of text parts, `[{"type": "text", "text": "..."}, ...]` (the
+OpenAI and TRL conversational form). Every stage reads such a turn as its parts' texts concatenated in order (as chat
+templates render them; `content_text`), and a file written back unchanged (clean's output) keeps the parts. A part of
+another type (image, audio) is an error naming the turn and the part: students are text-only for now.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from typing import Any
 from imitate.errors import InputError
 
 ROLES = ("system", "user", "assistant", "tool")
+TEXT_PART = "text"
 
 
 def request_id(teacher: str, messages: list[dict], params: dict, sample: int, context: list[dict] | None = None) -> str:
@@ -148,24 +154,74 @@ def messages_problem(messages: Any, *, need_assistant: bool = False, field: str 
             return f"{field}[{i}] must be an object with 'role' and 'content'"
         if m["role"] not in ROLES:
             return f"{field}[{i}].role is {m['role']!r}; expected one of {', '.join(ROLES)}"
-        if not isinstance(m["content"], str):
-            return f"{field}[{i}].content must be a string"
+        problem = content_problem(m["content"], f"{field}[{i}].content")
+        if problem:
+            return problem
     if need_assistant and not any(m["role"] == "assistant" for m in messages):
         return NO_ASSISTANT
     return None
 
 
+NOT_TEXT = "only text parts are read"
+NOT_TEXT_HINT = "imitate's students are text-only for now: drop that part (or the record) from the input"
+
+
+def content_problem(content: Any, at: str) -> str | None:
+    """Why a turn's `content` (named `at`, e.g. "messages[1].content") is neither a string nor a list of text parts."""
+    if isinstance(content, str):
+        return None
+    if not isinstance(content, list):
+        return f"{at} must be a string or a list of text parts, got {type(content).__name__}"
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != TEXT_PART:
+            what = f"a {kind!r} part" if isinstance(kind, str) else "not a {type, ...} part"
+            return f"{at}[{j}] is {what}; {NOT_TEXT}"
+        if not isinstance(part.get("text"), str):
+            return f"{at}[{j}] is a text part without a string 'text'"
+    return None
+
+
+def content_text(content: Any) -> str:
+    """A turn's content as one string: a string as is, a list of text parts as their texts concatenated in order
+    (what chat templates render for such a list). Call on validated content; anything else gives ''."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text") or "" for p in content if isinstance(p, dict))
+    return ""
+
+
+def text_messages(messages: list[dict]) -> list[dict]:
+    """The chat list with every content as one string (turns whose content is a string are the same objects)."""
+    return [m if isinstance(m.get("content"), str) else {**m, "content": content_text(m["content"])} for m in messages]
+
+
+def as_text(record: dict) -> dict:
+    """The record as the stages read it: `messages` and `context` with string contents (content parts joined).
+    The record itself when nothing needs joining; else a shallow copy, so the original form can still be written."""
+    fields = [f for f in ("messages", "context") if isinstance(record.get(f), list)]
+    if all(isinstance(m.get("content"), str) for f in fields for m in record[f] if isinstance(m, dict)):
+        return record
+    return {**record, **{f: text_messages(record[f]) for f in fields}}
+
+
 def _problem_error(where: str, problem: str) -> InputError:
-    hint = "records to train on need the teacher's answer" if problem == NO_ASSISTANT else None
+    hint = None
+    if problem == NO_ASSISTANT:
+        hint = "records to train on need the teacher's answer"
+    elif problem.endswith(NOT_TEXT):
+        hint = NOT_TEXT_HINT
     return InputError(f"{where}: {problem}", hint=hint)
 
 
 def check_messages(messages: Any, where: str, *, need_assistant: bool = False) -> list[dict]:
-    """Validate a chat list; `where` is "file:line" for the error message."""
+    """Validate a chat list and return it with string contents (content parts joined); `where` is "file:line" for the
+    error message."""
     problem = messages_problem(messages, need_assistant=need_assistant)
     if problem:
         raise _problem_error(where, problem)
-    return messages
+    return text_messages(messages)
 
 
 def read_records(
@@ -175,14 +231,17 @@ def read_records(
     bad: list | None = None,
     need_assistant: bool = False,
 ) -> Iterator[Line]:
-    """Yield records (as Lines) from one or more JSONL files, checking the fields every stage relies on."""
+    """Yield records (as Lines) from one or more JSONL files, checking the fields every stage relies on.
+
+    Each record comes as the stages read it (`as_text`: content parts joined into strings); to write a record back in
+    its original form, read it with `iter_jsonl` and check it with `record_problem`."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     for p in paths:
         for line in iter_jsonl(p, on_bad_line=on_bad_line, bad=bad):
             problem = record_problem(line.data, need_assistant=need_assistant)
             if problem is None:
-                yield line
+                yield Line(line.path, line.lineno, as_text(line.data))
             elif on_bad_line == "skip":
                 if bad is not None:
                     bad.append((str(line.path), line.lineno, problem))
@@ -191,10 +250,10 @@ def read_records(
 
 
 def assistant_text(record: dict) -> str:
-    """The final assistant turn's content ('' if there is none)."""
+    """The final assistant turn's content as one string ('' if there is none)."""
     for m in reversed(record.get("messages") or []):
         if m.get("role") == "assistant":
-            return m.get("content") or ""
+            return content_text(m.get("content"))
     return ""
 
 
@@ -207,13 +266,14 @@ def prompt_messages(record: dict) -> list[dict]:
 
 
 def context_of(record: dict) -> list[dict]:
-    """The record's `context` (turns only the teacher saw), or [] for a record without one."""
-    return list(record.get("context") or [])
+    """The record's `context` (turns only the teacher saw) with string contents, or [] for a record without one."""
+    return text_messages(record.get("context") or [])
 
 
 def teacher_messages(record: dict) -> list[dict]:
-    """What the teacher saw and answered: `context + messages` (just `messages` for a record without context)."""
-    return context_of(record) + list(record.get("messages") or [])
+    """What the teacher saw and answered: `context + messages` (just `messages` for a record without context), with
+    string contents."""
+    return context_of(record) + text_messages(record.get("messages") or [])
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:

@@ -1,4 +1,4 @@
-"""CleanConfig: every option of `imitate clean` (the flag, the [clean] TOML key and the README row come from here)."""
+"""CleanConfig: every option of `imitate clean` (its flag, [clean] TOML key and docs/options.md row come from here)."""
 
 from __future__ import annotations
 

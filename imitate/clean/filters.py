@@ -19,7 +19,7 @@ import numpy as np
 from imitate.clean.dedup import WORD_RE, ngram_hashes, word_tokens
 from imitate.clean.repetition import repetition, repetition_batch
 from imitate.errors import InputError
-from imitate.records import assistant_text, iter_jsonl, prompt_messages
+from imitate.records import assistant_text, content_text, iter_jsonl, prompt_messages
 from imitate.resources import data_file
 
 Predicate = Callable[[dict], "str | None"]
@@ -203,8 +203,8 @@ def eval_texts(row: Any) -> list[str]:
         return [row] if isinstance(row, str) else []
     out: list[str] = []
     for m in row.get("messages") or []:
-        if isinstance(m, dict) and isinstance(m.get("content"), str):
-            out.append(m["content"])
+        if isinstance(m, dict) and isinstance(m.get("content"), (str, list)):
+            out.append(content_text(m["content"]))
     for key in EVAL_TEXT_FIELDS:
         v = row.get(key)
         for x in v if isinstance(v, list) else [v]:

@@ -20,7 +20,7 @@ from imitate.clean.dedup import NearDup, exact_key, stable_hash64
 from imitate.clean.filters import Predicate, apply
 from imitate.clean.keys import conversation_text, near_turns, normalized_messages, prompt_guard, split_turns
 from imitate.errors import InputError
-from imitate.records import assistant_text, prompt_messages, record_problem
+from imitate.records import as_text, assistant_text, prompt_messages, record_problem
 
 
 @dataclass
@@ -130,7 +130,7 @@ class Mapper:
 
 
 def _parse(raw: bytes) -> tuple[dict | None, str | None]:
-    """(record, None) or (None, why the line is not a record)."""
+    """(record as the stages read it, None) or (None, why the line is not a record)."""
     try:
         rec = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -138,7 +138,7 @@ def _parse(raw: bytes) -> tuple[dict | None, str | None]:
     except json.JSONDecodeError as exc:
         return None, f"not valid JSON ({exc.msg} at column {exc.colno})"
     problem = record_problem(rec)
-    return (None, problem) if problem else (rec, None)
+    return (None, problem) if problem else (as_text(rec), None)  # filters and keys read text; the write pass copies raw
 
 
 def _priority(record: dict, spec: str) -> float:

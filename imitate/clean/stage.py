@@ -30,7 +30,7 @@ from imitate.clean.scan import Chunk, Mapper, scan, snippet
 from imitate.clean.verify import pair_similarity
 from imitate.config import to_dict
 from imitate.errors import ImitateError, InputError, UsageError
-from imitate.records import dumps
+from imitate.records import as_text, dumps
 
 # --- run --------------------------------------------------------------------------------------------------------------
 
@@ -233,7 +233,7 @@ def _texts(cfg: CleanConfig, table: _Table, ks: set[int]) -> dict[int, str]:
             for lineno, raw in enumerate(fh, 1):
                 k = want.get((fi, lineno))
                 if k is not None:
-                    snip = snippet(json.loads(raw))
+                    snip = snippet(as_text(json.loads(raw)))
                     out[k] = f"{snip['prompt'][:70]!r} -> {snip['answer'][:70]!r}"
     return out
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from imitate.clean.dedup import NearDup
 from imitate.clean.keys import near_turns
+from imitate.records import as_text
 
 BATCH = 2000  # candidate records shingled together
 
@@ -66,7 +67,7 @@ def pair_similarity(
                 if node is None:
                     continue
                 batch_nodes.append(node)
-                batch_turns.append(near_turns(json.loads(raw), on)[1])
+                batch_turns.append(near_turns(as_text(json.loads(raw)), on)[1])
                 if len(batch_nodes) >= BATCH:
                     flush()
     flush()

@@ -1,4 +1,4 @@
-"""CollectConfig: every option of `imitate collect` (the flag, the [collect] TOML key and the README row come from here)."""
+"""CollectConfig: every option of `imitate collect` (its flag, [collect] key and docs/options.md row come from here)."""
 
 from __future__ import annotations
 

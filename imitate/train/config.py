@@ -1,4 +1,4 @@
-"""TrainConfig: every option of `imitate train` (the flag, the [train] TOML key and the README row come from here).
+"""TrainConfig: every option of `imitate train` (its flag, [train] TOML key and docs/options.md row come from here).
 
 Distillation options (teacher ... graybox) are read by imitate/train/distill.py. The objective without SCKD is
 (1 - kd_weight) * CE + kd_weight * T^2 * D(teacher_T, student_T) + feature_weight * sum of feature terms.
@@ -121,7 +121,7 @@ class TrainConfig(Checked):
     on_policy_max_tokens: int = opt(256, "Longest answer the student may write; one without end-of-turn counts as a "
                                     "cap hit.", example="128", ge=1)
     # On by default: without it λ = 1 never trains on the collected answers, and in the benchmark that fell below SFT
-    # on lists and carry; with it lists was level and choice kept most of its gain (README, On-policy distillation).
+    # on lists and carry; with it lists was level and choice kept most of its gain (docs/benchmarks.md, On-policy distillation).
     on_policy_ce: bool = opt(True, "On-policy micro-batches also train CE (weight 1 - w) on their records' collected "
                              "answers, so only KD's sequences change (--no-on-policy-ce: KD only, GKD's loss).",
                              example="--no-on-policy-ce", flag="--on-policy-ce/--no-on-policy-ce")
