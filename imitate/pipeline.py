@@ -47,9 +47,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imitate import locks
 from imitate import manifest as mf
 from imitate.config import build, check_keys, load_toml, resolve_paths
 from imitate.errors import BudgetExceeded, ConfigError, GateFailed, ImitateError, UsageError
+from imitate.interrupts import Interrupted
 
 # stage name -> (module, config class), in the order the stages run.
 STAGES: dict[str, tuple[str, str]] = {
@@ -309,6 +311,8 @@ def execute(run: Run, force: bool, quiet_stdout: bool) -> None:
     except GateFailed as exc:
         run.status, run.error = "gate_failed", exc.message
         run.summary = getattr(exc, "summary", None)
+    except Interrupted:  # SIGTERM / SIGINT: the stage kept what it had; the whole pipeline stops (exit 143 / 130)
+        raise
     except BudgetExceeded as exc:  # collect's --max-cost: stop the pipeline, keep what was collected
         run.status, run.error = "over_budget", exc.message + (f" (hint: {exc.hint})" if exc.hint else "")
         run.summary = getattr(exc, "summary", None)
@@ -346,10 +350,12 @@ def run_pipeline(
     from_: str | None = None,
     force: bool = False,
     quiet_stdout: bool = False,
+    wait_lock: float = 0.0,
 ) -> dict:
     """Run the pipeline file; returns {"pipeline", "exit_code", "runs": [per-run report]}. Config errors raise.
 
     quiet_stdout: send whatever the stages print to stderr, so stdout carries only the caller's JSON.
+    wait_lock: seconds to wait for another imitate process writing one of the outputs (imitate.locks).
     """
     runs = load_pipeline(path)
     check_inputs(runs, Path(path))  # a missing eval set or refusal list fails now, not after collect has spent
@@ -360,12 +366,15 @@ def run_pipeline(
             r.status = "not_selected"
     t0 = time.perf_counter()
     stopped = False
-    for r in chosen:
-        if stopped:
-            r.status = "not_run"
-            continue
-        execute(r, force, quiet_stdout)
-        stopped = r.status in ("failed", "over_budget")
+    # one writer per output: every output of the selected runs is locked before the first run starts
+    wait = max([wait_lock, *(float(getattr(r.cfg, "wait_lock", 0.0) or 0.0) for r in chosen)])
+    with locks.hold([p for r in chosen for p in locks.outputs_of(r.cfg)], "run", wait):
+        for r in chosen:
+            if stopped:
+                r.status = "not_run"
+                continue
+            execute(r, force, quiet_stdout)
+            stopped = r.status in ("failed", "over_budget")
     if any(r.status == "failed" for r in runs):
         code = 1
     elif any(r.status == "over_budget" for r in runs):

@@ -30,6 +30,7 @@ from imitate.clean.scan import Chunk, Mapper, scan, snippet
 from imitate.clean.verify import pair_similarity
 from imitate.config import to_dict
 from imitate.errors import ImitateError, InputError, UsageError
+from imitate.locks import locks_outputs
 from imitate.records import dumps
 
 # --- run --------------------------------------------------------------------------------------------------------------
@@ -44,6 +45,7 @@ def _check(cfg: CleanConfig) -> None:
             raise InputError(f"{p}: no such file", hint="check the input path")
 
 
+@locks_outputs("clean")  # CLEAN, REMOVED, REPORT: one writer each
 def run(cfg: CleanConfig) -> dict:
     """Clean `cfg.inputs` into `cfg.out` (+ `cfg.removed`, `cfg.report`); returns the report (the --json summary)."""
     _check(cfg)
