@@ -278,6 +278,7 @@ def stop_if_interrupted(cfg: CollectConfig, engine: Any, result: dict) -> None:
         what = "the batches already submitted stay recorded in the batch journal and are never submitted again"
     exc = Interrupted(f"stopped by {signal_name(signum)}: {what}", signum,
                       hint="run the same command to continue (finished records are not sent again)")
+    result["stopped_by"] = signal_name(signum)
     exc.summary = result
     raise exc
 

@@ -1,0 +1,142 @@
+"""A full disk while collecting: a clear error with what was kept, a file that ends with a whole record, and a re-run
+(after space is freed) that finishes with no duplicate and no record lost. The disk is simulated by an os.write that
+fails with ENOSPC after N bytes to OUT; where the test may mount a tmpfs (root), a real 64 KB one is used as well."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from fake_server import FakeServer
+from typer.testing import CliRunner
+
+from imitate.cli import app
+from imitate.collect import journal as journal_mod
+
+N = 120
+
+
+def _prompts(tmp_path: Path, n: int = N) -> Path:
+    p = tmp_path / "p.jsonl"
+    p.write_text("".join(json.dumps({"prompt": f"disk question {i}"}) + "\n" for i in range(n)))
+    return p
+
+
+def _argv(prompts: Path, out: Path, server: FakeServer) -> list[str]:
+    return ["collect", "--teacher", "openai:m", "--prompts", str(prompts), "--out", str(out),
+            "--base-url", server.base_url + "/v1", "--concurrency", "4", "--no-progress"]
+
+
+class TinyDisk:
+    """os.write for OUT's descriptors that has room for `room` bytes, then fails like a full disk."""
+
+    def __init__(self, out: Path, room: int):
+        self.out, self.room, self.real = str(out), room, os.write
+
+    def __call__(self, fd: int, data: bytes) -> int:
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            target = ""
+        if target != self.out:
+            return self.real(fd, data)
+        if self.room <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        n = self.real(fd, bytes(data[: self.room]))  # a short write, as a file system that runs out part way
+        self.room -= n
+        return n
+
+
+def _check_after_failure(out: Path, output: str) -> int:
+    m = re.search(rf"Error: no space left on device writing {re.escape(str(out))}: (\d+) record\(s\) kept, "
+                  r"(\d+) request\(s\) were in flight and will be asked again", output)
+    assert m, output
+    assert "Hint: free space, then run the same command" in output and "Traceback" not in output
+    data = out.read_bytes()
+    assert data.endswith(b"\n"), "the file must end with a complete line"
+    kept = [json.loads(ln) for ln in data.decode().splitlines()]
+    assert int(m.group(1)) == len(kept)
+    return len(kept)
+
+
+def _check_complete(out: Path, n: int = N) -> None:
+    records = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert len(records) == n, "a record was lost or duplicated"
+    assert len({r["id"] for r in records}) == n, "duplicate records"
+    assert {r["source"]["prompt"] for r in records} == {f"disk question {i}" for i in range(n)}
+
+
+def test_collect_on_a_full_disk_keeps_whole_records_and_resumes(tmp_path, monkeypatch):
+    prompts, out = _prompts(tmp_path), tmp_path / "records.jsonl"
+    with FakeServer(latency=0.005) as server:
+        disk = TinyDisk(out, room=9000)  # about 25 records
+        monkeypatch.setattr(journal_mod.os, "write", disk)
+        res = CliRunner().invoke(app, _argv(prompts, out, server), env={"OPENAI_API_KEY": "x"})
+        assert res.exit_code == 1, res.output
+        kept = _check_after_failure(out, res.output)
+        assert 0 < kept < N
+        first = server.count()
+        assert first < N, "sending must stop when the disk is full"
+        monkeypatch.setattr(journal_mod.os, "write", disk.real)  # space freed
+        res = CliRunner().invoke(app, [*_argv(prompts, out, server), "--json"], env={"OPENAI_API_KEY": "x"})
+        assert res.exit_code == 0, res.output
+        summary = json.loads(res.output[res.output.index("{"):])
+        assert summary["cached"] == kept and summary["sent"] == N - kept
+    _check_complete(out)
+
+
+def test_a_read_only_output_fails_before_anything_is_sent(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root may write read-only files")
+    prompts, out = _prompts(tmp_path, 3), tmp_path / "ro" / "records.jsonl"
+    out.parent.mkdir()
+    out.parent.chmod(0o555)
+    try:
+        with FakeServer() as server:
+            res = CliRunner().invoke(app, _argv(prompts, out, server), env={"OPENAI_API_KEY": "x"})
+            assert server.count() == 0
+    finally:
+        out.parent.chmod(0o755)
+    assert res.exit_code == 1 and "permission denied writing" in res.output, res.output
+    assert "Traceback" not in res.output
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A real 64 KB tmpfs (needs root and mount; skipped elsewhere)."""
+    if sys.platform != "linux" or shutil.which("mount") is None:
+        pytest.skip("needs Linux mount")
+    mnt = tmp_path / f"tmpfs-{uuid.uuid4().hex[:6]}"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_collect_into_a_real_64k_tmpfs(tmp_path, tiny_tmpfs):
+    n = 400  # about 150 KB of records: does not fit
+    prompts, out = _prompts(tmp_path, n), tiny_tmpfs / "records.jsonl"
+    with FakeServer() as server:
+        cmd = [sys.executable, "-m", "imitate", *_argv(prompts, out, server)]
+        env = {**os.environ, "OPENAI_API_KEY": "x"}
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 1, res.stderr
+        kept = _check_after_failure(out, res.stderr)
+        assert 0 < kept < n
+        subprocess.run(["mount", "-o", "remount,size=4m", str(tiny_tmpfs)], check=True)  # space freed
+        res = subprocess.run([*cmd, "--json"], env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout)["cached"] == kept
+    _check_complete(out, n)
