@@ -80,9 +80,12 @@ def handle_errors() -> Iterator[None]:
         print_error(ImitateError(f"{exc.filename}: {exc.strerror}", hint="check the file paths given as options"))
         raise typer.Exit(1) from None
     except OSError as exc:
-        if not writes.is_write_failure(exc):  # a full disk or a read-only file system the stage did not name itself
+        if writes.is_write_failure(exc):  # a full disk or a read-only file system the stage did not name itself
+            print_error(writes.write_error(exc, exc.filename, "see above for what was kept"))
+        elif exc.filename is not None:  # a path the user gave that the OS refuses (too long, a loop of links...)
+            print_error(ImitateError(f"{exc.filename}: {exc.strerror}", hint="check the file paths given as options"))
+        else:
             raise
-        print_error(writes.write_error(exc, exc.filename, "see above for what was kept"))
         raise typer.Exit(1) from None
     except KeyboardInterrupt as exc:
         name = "SIGTERM" if isinstance(exc, interrupts.Terminated) else "SIGINT"

@@ -60,3 +60,43 @@ def test_signal_mid_run_then_rerun(tmp_path, sig):
     resent = [p for p in set(sent) if sent.count(p) > 1]
     assert len(resent) <= CONCURRENCY, f"{len(resent)} prompts were sent twice"
     assert json.loads(rerun.stdout)["cached"] == len(kept)
+
+
+def test_sigterm_during_a_batch_run_keeps_the_batches_recorded(tmp_path):
+    """collect --batch stopped by SIGTERM while polling: exit 143; the re-run re-attaches, nothing is submitted twice."""
+    from imitate.collect.stage import CollectConfig, run
+
+    n = 15
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"batch question {i}"}) + "\n" for i in range(n)))
+    out = tmp_path / "out.jsonl"
+    with FakeServer() as server:
+        proc: dict = {}
+        seen = {"n": 0}
+
+        def stop_at(name, info):
+            if name == "retrieve":
+                seen["n"] += 1
+                if seen["n"] == 2:
+                    proc["p"].send_signal(signal.SIGTERM)
+                    proc["p"].wait(timeout=60)  # stopped before the server answers this poll
+
+        server.on_batch_event = stop_at
+        cmd = [sys.executable, "-m", "imitate", "collect", "--teacher", "openai:fake", "--prompts", str(prompts),
+               "--out", str(out), "--base-url", server.base_url + "/v1", "--batch", "--batch-max-requests", "5",
+               "--poll-interval", "0.001", "--poll-max", "0.01", "--no-progress"]
+        env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+        proc["p"] = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        assert proc["p"].wait(timeout=120) == 143, proc["p"].stderr.read()
+        stderr = proc["p"].stderr.read()
+        assert "Error: stopped by SIGTERM: the batches already submitted stay recorded" in stderr, stderr
+        assert "Traceback" not in stderr
+        server.on_batch_event = None
+        submitted = server.batch.batch_requests["openai"]
+        assert 0 < submitted
+        run(CollectConfig(teacher="openai:fake", prompts=prompts, out=out, base_url=server.base_url + "/v1",
+                          batch=True, batch_max_requests=5, poll_interval=0.001, poll_max=0.01, progress=False))
+        paid = server.batch.batch_requests["openai"]
+    records = [json.loads(ln) for ln in _lines(out)]
+    assert len(records) == n and len({r["id"] for r in records}) == n
+    assert paid == n, f"{paid} requests submitted in batches for {n} prompts"

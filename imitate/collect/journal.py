@@ -12,13 +12,13 @@ before the batch is created, and its id right after (see imitate.collect.batch).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from imitate.errors import InputError
+from imitate.jsonl import lines, parse
 from imitate.records import dumps, iter_jsonl, repair_torn_tail
 
 
@@ -28,17 +28,17 @@ def finished_ids(path: Path) -> set[str]:
     ids: set[str] = set()
     if not path.exists():
         return ids
-    with path.open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                ids.add(json.loads(line)["id"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise InputError(
-                    f"{path}:{lineno}: not a record (the output file is also the resume journal)",
-                    hint="give a new --out, or remove that line",
-                ) from None
+    for lineno, line in lines(path):
+        if isinstance(line, bytes) and not line.strip():
+            continue
+        data, why = parse(line)  # not JSON, too long, nested too deeply: `why` says which
+        try:
+            ids.add(data["id"])
+        except (KeyError, TypeError):
+            raise InputError(
+                f"{path}:{lineno}: not a record ({why or 'no id'}; the output file is also the resume journal)",
+                hint="give a new --out, or remove that line",
+            ) from None
     return ids
 
 

@@ -75,8 +75,15 @@ def read_rows(path: Path) -> list[tuple[str, dict]]:
     if not path.exists():
         raise InputError(f"{path}: no such file", hint="check --prompts")
     if path.suffix == ".txt":
-        with path.open("r", encoding="utf-8") as fh:
-            return [(f"{path}:{i}", {"prompt": ln.rstrip("\r\n")}) for i, ln in enumerate(fh, 1) if ln.strip()]
+        from imitate.jsonl import read_text_lines
+
+        txt = []
+        for i, text, why in read_text_lines(path):  # a huge line or bad bytes: an error naming the line
+            if why:
+                raise InputError(f"{path}:{i}: {why}", hint="one prompt a line, UTF-8")
+            if text.strip():
+                txt.append((f"{path}:{i}", {"prompt": text}))
+        return txt
     rows = []
     for line in iter_jsonl(path):
         if not isinstance(line.data, dict):
