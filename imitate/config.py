@@ -46,6 +46,8 @@ def _norm_key(key: str) -> str:
 
 def check_keys(cls: type, data: Mapping[str, Any], where: str) -> dict[str, Any]:
     """Return `data` with normalized keys; unknown keys raise ConfigError with a suggestion."""
+    if not isinstance(data, Mapping):  # `collect = 3` where a [collect] table belongs
+        raise ConfigError(f"{where}: must be a table of options, got {type(data).__name__} {data!r}"[:300])
     names = field_names(cls)
     out: dict[str, Any] = {}
     for key, value in data.items():

@@ -212,10 +212,14 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     n = 0
-    with tmp.open("w", encoding="utf-8") as fh:
-        for r in records:
-            fh.write(dumps(r) + "\n")
-            n += 1
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            for r in records:
+                fh.write(dumps(r) + "\n")
+                n += 1
+    except BaseException:  # a full disk, a signal: `path` stays as it was, and the part-written copy goes
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     return n
 

@@ -33,6 +33,22 @@ def is_write_failure(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in HINTS
 
 
+# How libraries that wrap the OS error word it (torch's zip writer, safetensors' Rust IoError): message -> errno
+_LIBRARY_WORDS = {"no space left": errno.ENOSPC, "storagefull": errno.ENOSPC, "disk quota": errno.EDQUOT,
+                  "read-only file system": errno.EROFS, "permission denied": errno.EACCES,
+                  "file write failed": errno.ENOSPC}
+
+
+def failed_write_errno(exc: BaseException) -> int | None:
+    """The errno of a failed write, also when a library (torch.save, safetensors) re-raised it as its own error."""
+    if isinstance(exc, OSError):
+        return exc.errno if exc.errno in HINTS else None
+    if isinstance(exc, (RuntimeError, ValueError)) or type(exc).__name__ == "SafetensorError":
+        text = str(exc).lower()
+        return next((code for words, code in _LIBRARY_WORDS.items() if words in text), None)
+    return None
+
+
 def reason(exc: OSError) -> str:
     """'no space left on device' (the OS's words, lower-cased)."""
     text = exc.strerror or os.strerror(exc.errno or 0) or type(exc).__name__

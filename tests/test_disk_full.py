@@ -140,3 +140,47 @@ def test_collect_into_a_real_64k_tmpfs(tmp_path, tiny_tmpfs):
         assert res.returncode == 0, res.stderr
         assert json.loads(res.stdout)["cached"] == kept
     _check_complete(out, n)
+
+
+def test_train_checkpoint_that_cannot_be_written_keeps_the_last_good_one(tiny_model_dir, tmp_path, monkeypatch):
+    """The 2nd checkpoint fails part-written (torch's zip writer error on a full disk): clear error, the part-written
+    folder is gone, step 2 stays the latest, and --resume after freeing space finishes from it."""
+    from accelerate import Accelerator
+
+    from imitate.config import build
+    from imitate.errors import ImitateError
+    from imitate.train import checkpoint
+    from imitate.train.loop import TrainConfig
+    from imitate.train.loop import run as train
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {i}."},
+                                                     {"role": "assistant", "content": f"{i} {i + 1}"}]}) + "\n"
+                            for i in range(24)))
+    out = tmp_path / "run"
+    opts = dict(data=[str(data)], student=str(tiny_model_dir), out=str(out), batch_size=4, max_steps=6, save_every=2,
+                eval_split=0.0, eval_every=0, progress=False)
+    real = Accelerator.save_state
+    calls = {"n": 0}
+
+    def full_disk(self, output_dir=None, **kw):
+        calls["n"] += 1
+        result = real(self, output_dir, **kw)
+        if calls["n"] == 2:  # written part way, then the disk is full
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file "
+                               "data/3: file write failed")
+        return result
+
+    monkeypatch.setattr(Accelerator, "save_state", full_disk)
+    with pytest.raises(ImitateError) as info:
+        train(build(TrainConfig, opts))
+    msg = info.value.message
+    assert msg.startswith(f"no space left on device writing {out / 'checkpoints' / 'step-00000004'}: ")
+    assert "the last complete checkpoint is kept" in msg and "step-00000002" in msg
+    assert "--resume" in info.value.hint
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
+    assert checkpoint.latest(out).name == "step-00000002"
+
+    monkeypatch.setattr(Accelerator, "save_state", real)  # space freed
+    summary = train(build(TrainConfig, {**opts, "resume": True}))
+    assert summary["start_step"] == 2 and summary["steps"] == 6
