@@ -120,7 +120,7 @@ def _acquire(output: Path, stage: str, wait: float) -> str:
     except OSError as exc:  # a read-only directory, no permission, a full disk: nothing has been written yet
         from imitate.writes import write_error
 
-        raise write_error(exc, path, "nothing was written") from None
+        raise write_error(exc, output, "nothing was written") from None
     with _guard:
         _held[key] = [fd, threading.get_ident(), 1]
     return key
@@ -146,8 +146,8 @@ def hold(outputs: Iterable[str | os.PathLike], stage: str, wait: float = 0.0) ->
         return
     keys: list[str] = []
     try:
-        for out in sorted({os.path.abspath(p) for p in outputs}):
-            keys.append(_acquire(Path(out), stage, wait))
+        for _, out in sorted({os.path.abspath(p): Path(p) for p in outputs}.items()):  # errors show paths as given
+            keys.append(_acquire(out, stage, wait))
         yield
     finally:
         for key in reversed(keys):

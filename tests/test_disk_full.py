@@ -184,3 +184,27 @@ def test_train_checkpoint_that_cannot_be_written_keeps_the_last_good_one(tiny_mo
     monkeypatch.setattr(Accelerator, "save_state", real)  # space freed
     summary = train(build(TrainConfig, {**opts, "resume": True}))
     assert summary["start_step"] == 2 and summary["steps"] == 6
+
+
+def test_read_only_file_system_fails_before_anything_is_sent(tmp_path):
+    if sys.platform != "linux" or shutil.which("mount") is None:
+        pytest.skip("needs Linux mount")
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        prompts = _prompts(tmp_path, 3)
+        with FakeServer() as server:
+            res = CliRunner().invoke(app, _argv(prompts, mnt / "records.jsonl", server), env={"OPENAI_API_KEY": "x"})
+            assert server.count() == 0
+        recs = tmp_path / "r.jsonl"
+        recs.write_text(json.dumps({"messages": [{"role": "user", "content": "q"},
+                                                 {"role": "assistant", "content": "a"}]}) + "\n")
+        res2 = CliRunner().invoke(app, ["clean", str(recs), "--out", str(mnt / "clean.jsonl")])
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    for r, name in ((res, "records.jsonl"), (res2, "clean.jsonl")):
+        assert r.exit_code == 1, r.output
+        assert f"Error: read-only file system writing {mnt / name}: nothing was written" in r.output, r.output
+        assert "Traceback" not in r.output
