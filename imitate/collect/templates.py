@@ -96,7 +96,10 @@ def load(name_or_path: str | Path) -> Template:
     """A template by built-in name (`prompts/NAME.j2`) or by path to a file."""
     p = Path(name_or_path).expanduser()
     if p.is_file():
-        return from_string(p.read_text(encoding="utf-8"), str(p))
+        try:
+            return from_string(p.read_text(encoding="utf-8"), str(p))
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"template {p}: not valid UTF-8 ({exc.reason} at byte {exc.start + 1})") from None
     name = p.name.removesuffix(SUFFIX)
     builtin = prompts_dir() / f"{name}{SUFFIX}"
     if builtin.is_file():
