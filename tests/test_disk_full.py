@@ -208,3 +208,50 @@ def test_read_only_file_system_fails_before_anything_is_sent(tmp_path):
         assert r.exit_code == 1, r.output
         assert f"Error: read-only file system writing {mnt / name}: nothing was written" in r.output, r.output
         assert "Traceback" not in r.output
+
+
+def test_clean_on_a_full_disk_leaves_its_outputs_as_they_were(tmp_path, monkeypatch):
+    import builtins
+
+    from imitate.clean import stage as clean_stage
+
+    recs = tmp_path / "r.jsonl"
+    recs.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                     {"role": "assistant", "content": f"answer {i} " * 20}]}) + "\n"
+                            for i in range(200)))
+    out, removed = tmp_path / "clean.jsonl", tmp_path / "removed.jsonl"
+    out.write_text("the previous run's output\n")
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, fh, room):
+            self.fh, self.room = fh, room
+
+        def write(self, data):
+            if len(data) > self.room:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out) + ".tmp")
+            self.room -= len(data)
+            return self.fh.write(data)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+    def tiny_open(path, mode="r", *a, **kw):
+        fh = real_open(path, mode, *a, **kw)
+        return Full(fh, 5000) if str(path).endswith(".tmp") and "w" in mode else fh
+
+    monkeypatch.setattr(clean_stage, "open", tiny_open, raising=False)
+    argv = ["clean", str(recs), "--out", str(out), "--removed", str(removed)]
+    res = CliRunner().invoke(app, argv)
+    assert res.exit_code == 1, res.output
+    assert f"Error: no space left on device writing {out}.tmp: {out} and {removed} are left as they were" \
+        in res.output.replace("\n", " "), res.output
+    assert out.read_text() == "the previous run's output\n" and not removed.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean.jsonl", "r.jsonl"], "temporary files left behind"
+    monkeypatch.setattr(clean_stage, "open", real_open, raising=False)  # space freed
+    res = CliRunner().invoke(app, argv)
+    assert res.exit_code == 0, res.output
+    assert len(out.read_text().splitlines()) == 200

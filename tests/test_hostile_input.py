@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from imitate import jsonl
-from imitate.cli import app, stage_config
 from imitate.clean.scan import _parse
+from imitate.cli import app, stage_config
 from imitate.collect.journal import finished_ids
 from imitate.collect.stage import read_rows
 from imitate.collect.templates import from_string

@@ -63,7 +63,7 @@ def test_signal_mid_run_then_rerun(tmp_path, sig):
 
 
 def test_sigterm_during_a_batch_run_keeps_the_batches_recorded(tmp_path):
-    """collect --batch stopped by SIGTERM while polling: exit 143; the re-run re-attaches, nothing is submitted twice."""
+    """collect --batch stopped by SIGTERM while polling: exit 143; the re-run re-attaches, nothing submitted twice."""
     from imitate.collect.stage import CollectConfig, run
 
     n = 15

@@ -285,8 +285,9 @@ def _write(cfg: CleanConfig, paths: list[Path], table: _Table) -> int:
     except BaseException as exc:  # a full disk, Ctrl-C, SIGTERM: CLEAN and REMOVED stay as they were
         remove_quietly(tmp_out, tmp_rem)
         if isinstance(exc, OSError) and is_write_failure(exc):
-            raise write_error(exc, exc.filename or tmp_out, f"{cfg.out} and {cfg.removed or 'REMOVED'} are left as "
-                              "they were (the new files are written aside and replace them only when complete)") from None
+            kept = (f"{cfg.out} and {cfg.removed or 'REMOVED'} are left as they were (the new files are written aside "
+                    "and replace them only when complete)")
+            raise write_error(exc, exc.filename or tmp_out, kept) from None
         raise
     os.replace(tmp_out, cfg.out)
     if tmp_rem is not None:

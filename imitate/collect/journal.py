@@ -17,8 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from imitate import jsonl
 from imitate.errors import InputError
-from imitate.jsonl import lines, parse
 from imitate.records import dumps, iter_jsonl, repair_torn_tail
 
 
@@ -28,10 +28,10 @@ def finished_ids(path: Path) -> set[str]:
     ids: set[str] = set()
     if not path.exists():
         return ids
-    for lineno, line in lines(path):
+    for lineno, line in jsonl.lines(path):
         if isinstance(line, bytes) and not line.strip():
             continue
-        data, why = parse(line)  # not JSON, too long, nested too deeply: `why` says which
+        data, why = jsonl.parse(line)  # not JSON, too long, nested too deeply: `why` says which
         try:
             ids.add(data["id"])
         except (KeyError, TypeError):

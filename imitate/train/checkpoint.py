@@ -64,8 +64,9 @@ def save(accelerator: Any, out: Path, step: int, state: dict, keep: int) -> Path
         if code is None:
             raise
         kept = f"the last complete checkpoint is kept ({last or 'none yet'})"
+        hint = HINTS[code].replace("run the same command", "run the same command with --resume")
         raise write_error(OSError(code, os.strerror(code)), checkpoint_dir(out) / f"step-{step:08d}", kept,
-                          hint=HINTS[code].replace("run the same command", "run the same command with --resume")) from None
+                          hint=hint) from None
 
 
 def _save(accelerator: Any, out: Path, step: int, state: dict, keep: int) -> Path:
