@@ -50,11 +50,18 @@ def _records(out: Path) -> list[dict]:
     return [json.loads(ln) for ln in out.read_text().splitlines()]
 
 
+def _holds_lock(out: Path, pid: int) -> bool:
+    try:
+        return json.loads(locks.lock_path(out).read_text())["pid"] == pid
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def test_second_collect_on_the_same_out_stops_before_sending(tmp_path):
     prompts, out = _prompts(tmp_path), tmp_path / "out" / "records.jsonl"
-    with FakeServer(latency=0.05) as server:
+    with FakeServer(latency=0.5) as server:  # 60 prompts, 2 at a time: the first run takes 15 s
         first = subprocess.Popen(_collect_cmd(prompts, out, server), env=_env(), stderr=subprocess.PIPE)
-        _wait_for(lambda: server.count() >= 2)  # the first run holds the lock and is sending
+        _wait_for(lambda: _holds_lock(out, first.pid) and server.count() >= 1)  # locked, and sending
         second = subprocess.run(_collect_cmd(prompts, out, server), env=_env(), capture_output=True, text=True,
                                 timeout=120)
         assert first.poll() is None, "the first run should still be running"

@@ -28,7 +28,7 @@ def test_signal_mid_run_then_rerun(tmp_path, sig):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"signal question {i}"}) + "\n" for i in range(N)))
     out = tmp_path / "out.jsonl"
-    with FakeServer(latency=0.03) as server:
+    with FakeServer(latency=0.1) as server:  # 120 prompts, 4 at a time: 3 s, time to signal it part way
         cmd = [sys.executable, "-m", "imitate", "collect", "--teacher", "openai:m", "--prompts", str(prompts),
                "--out", str(out), "--base-url", server.base_url + "/v1", "--concurrency", str(CONCURRENCY),
                "--no-progress", "--json"]
