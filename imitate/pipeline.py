@@ -25,6 +25,9 @@ re-runs collect (which itself only sends requests it has no record for), and the
 Options that only change speed or display (SPEED_OPTIONS: progress, workers, concurrency...) are not compared. A run
 without an output path (an eval without `out`) always runs; so does a collect run that had failed requests.
 
+One writer per output: every output of the selected runs is locked (imitate/locks.py) before the first run starts, so
+an overlapping `imitate run` (or a stage command) on the same files stops at once; `--wait-lock SECONDS` waits.
+
 Exit codes: 0 all selected runs succeeded or were up to date; 1 a run failed (the pipeline stops there); 2 the file is
 wrong; 3 an eval gate (`min-score`) failed (the remaining evals still run, so every score gets reported); 4 a collect
 run stopped at its budget (`max-cost`; the pipeline stops there, what was collected is kept).
