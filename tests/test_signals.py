@@ -100,3 +100,30 @@ def test_sigterm_during_a_batch_run_keeps_the_batches_recorded(tmp_path):
     records = [json.loads(ln) for ln in _lines(out)]
     assert len(records) == n and len({r["id"] for r in records}) == n
     assert paid == n, f"{paid} requests submitted in batches for {n} prompts"
+
+
+def test_sigterm_in_any_command_runs_cleanup_and_exits_143(tmp_path, monkeypatch):
+    """Outside collect's event loop SIGTERM raises like Ctrl-C: `finally` blocks run (clean's temp files go), and the
+    CLI exits 143 with one line, no traceback."""
+    from typer.testing import CliRunner
+
+    from imitate.clean import stage as clean_stage
+    from imitate.cli import app
+
+    recs = tmp_path / "r.jsonl"
+    recs.write_text(json.dumps({"messages": [{"role": "user", "content": "q"},
+                                             {"role": "assistant", "content": "a"}]}) + "\n")
+    real_open = clean_stage.open if hasattr(clean_stage, "open") else open
+
+    def open_then_terminated(path, mode="r", *a, **kw):
+        fh = real_open(path, mode, *a, **kw)
+        if str(path).endswith(".tmp"):
+            os.kill(os.getpid(), signal.SIGTERM)  # the job is cancelled while CLEAN.tmp is being written
+        return fh
+
+    monkeypatch.setattr(clean_stage, "open", open_then_terminated, raising=False)
+    res = CliRunner().invoke(app, ["clean", str(recs), "--out", str(tmp_path / "c.jsonl")])
+    assert res.exit_code == 143, res.output
+    assert "Stopped by SIGTERM" in res.output and "Traceback" not in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.jsonl"], "temporary files or a partial output left"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the CLI must restore the SIGTERM handler"
