@@ -68,7 +68,7 @@ def data_facts(path: str | Path) -> dict:
             records += 1
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 continue
             if not isinstance(rec, dict):
                 continue

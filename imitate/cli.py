@@ -72,18 +72,32 @@ def print_error(exc: ImitateError) -> None:
 
 @contextmanager
 def handle_errors() -> Iterator[None]:
-    """Print ImitateError as `Error:`/`Hint:` on stderr and exit with its code; never a traceback."""
+    """Print ImitateError as `Error:`/`Hint:` on stderr and exit with its code; never a traceback.
+
+    SIGTERM raises like Ctrl-C (imitate.interrupts): cleanup runs, then exit 143 (130 for Ctrl-C)."""
+    from imitate import interrupts, writes
+
     try:
-        yield
+        with interrupts.sigterm_raises():
+            yield
     except ImitateError as exc:
         print_error(exc)
         raise typer.Exit(exc.exit_code) from None
     except (IsADirectoryError, NotADirectoryError, PermissionError) as exc:  # a path the user gave (a dir for a file)
         print_error(ImitateError(f"{exc.filename}: {exc.strerror}", hint="check the file paths given as options"))
         raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        typer.echo("Interrupted; finished work is kept, re-run the same command to resume.", err=True)
-        raise typer.Exit(130) from None
+    except OSError as exc:
+        if writes.is_write_failure(exc):  # a full disk or a read-only file system the stage did not name itself
+            print_error(writes.write_error(exc, exc.filename, "see above for what was kept"))
+        elif exc.filename is not None:  # a path the user gave that the OS refuses (too long, a loop of links...)
+            print_error(ImitateError(f"{exc.filename}: {exc.strerror}", hint="check the file paths given as options"))
+        else:
+            raise
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt as exc:
+        name = "SIGTERM" if isinstance(exc, interrupts.Terminated) else "SIGINT"
+        typer.echo(f"Stopped by {name}; finished work is kept, re-run the same command to resume.", err=True)
+        raise typer.Exit(interrupts.exit_code(exc)) from None
 
 
 def stage_config(cls: type, config: Optional[Path], section: str, flags: dict[str, Any]) -> Any:
@@ -170,10 +184,11 @@ def collect(cfg: CollectConfig, as_json: bool) -> None:
     """
     from imitate.collect import stage
     from imitate.errors import BudgetExceeded
+    from imitate.interrupts import Interrupted
 
     try:
         summary = stage.run(cfg)
-    except BudgetExceeded as exc:  # the numbers still go to stdout before exit code 4
+    except (BudgetExceeded, Interrupted) as exc:  # the numbers still go to stdout before exit code 4 (143, 130)
         if getattr(exc, "summary", None) is not None:
             emit(exc.summary, as_json)
         raise
@@ -266,6 +281,10 @@ def run_cmd(
     json_: Optional[bool] = typer.Option(
         None, "--json", help="Print one JSON summary of every run (status, reason, seconds, summary). Example: --json"
     ),
+    wait_lock: Optional[float] = typer.Option(
+        None, "--wait-lock", min=0, help="Seconds to wait when another imitate run is writing one of the pipeline's "
+        "outputs (every output is locked before the first run); 0: stop at once. Example: --wait-lock 600"
+    ),
 ) -> None:
     """Run collect -> clean -> train -> eval from one TOML file, skipping runs whose inputs and options are unchanged.
 
@@ -277,7 +296,8 @@ def run_cmd(
     from imitate import pipeline as pl
 
     with handle_errors():
-        result = pl.run_pipeline(pipeline, only=only, from_=from_stage, force=bool(force), quiet_stdout=bool(json_))
+        result = pl.run_pipeline(pipeline, only=only, from_=from_stage, force=bool(force), quiet_stdout=bool(json_),
+                                 wait_lock=wait_lock or 0.0)
     if json_:
         emit(result, True)
     else:

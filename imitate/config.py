@@ -46,6 +46,8 @@ def _norm_key(key: str) -> str:
 
 def check_keys(cls: type, data: Mapping[str, Any], where: str) -> dict[str, Any]:
     """Return `data` with normalized keys; unknown keys raise ConfigError with a suggestion."""
+    if not isinstance(data, Mapping):  # `collect = 3` where a [collect] table belongs
+        raise ConfigError(f"{where}: must be a table of options, got {type(data).__name__} {data!r}"[:300])
     names = field_names(cls)
     out: dict[str, Any] = {}
     for key, value in data.items():
@@ -137,7 +139,10 @@ def resolve_spec(value: Any, base: Path, *, bare: bool = False) -> Any:
     if provider not in (None, "hf") or (provider is None and not bare):
         return value
     p = Path(rest).expanduser()
-    if p.is_absolute() or not (base / p).exists():
+    try:
+        if p.is_absolute() or not (base / p).exists():
+            return value
+    except OSError:  # a name too long to be a path (ENAMETOOLONG): not a local model
         return value
     return ("hf:" if provider else "") + os.path.normpath(base / p)
 
@@ -156,6 +161,8 @@ def resolve_paths(cls: type, data: dict[str, Any], base: Path) -> dict[str, Any]
             continue
 
         def fix(v: Any) -> Any:
+            if not isinstance(v, (str, Path)):
+                return v  # a wrong type: building the config names it
             s = str(v)
             if split_ref(s)[0] is not None:  # a spec such as "hf:./model" or "openai:gpt-4o"
                 return resolve_spec(s, base)
@@ -207,6 +214,10 @@ def load_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start + 1})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid TOML (nested too deeply)") from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

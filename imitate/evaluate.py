@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 from imitate.config import to_dict
 from imitate.errors import GateFailed, ImitateError, InputError, UsageError
+from imitate.locks import locks_outputs, wait_lock_opt
 from imitate.options import Checked, opt
 from imitate.progress import Bar
 
@@ -54,6 +55,7 @@ class EvalConfig(Checked):
     min_score: float | None = opt(None, "Gate: exit code 3 when the score (0..1) is below this, after the results "
                                   "are written.", example="0.8", ge=0, le=1)
     out: Path | None = opt(None, "Results JSONL, one line per prompt.", example="eval.results.jsonl", path=True)
+    wait_lock: float = wait_lock_opt()
     batch_size: int = opt(16, "Prompts generated together; lower it if the GPU runs out of memory.", example="32",
                           ge=1)
     max_tokens: int = opt(256, "Longest answer in new tokens; longer answers are cut and counted as truncated.",
@@ -331,6 +333,7 @@ def score_items(
 # ------------------------------------------------------------------------------------------------ the stage
 
 
+@locks_outputs("eval")  # the results file: one writer
 def run(cfg: EvalConfig) -> dict:
     """Generate, score, write results, then apply the gate. Returns the summary (what --json prints)."""
     from imitate.models import generate_batch, load_model, resolve_model

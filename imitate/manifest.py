@@ -21,7 +21,7 @@ from imitate.models import split_ref
 # Path fields a stage WRITES. Every other path (and every local model directory) a run names is one of its inputs.
 OUTPUT_FIELDS = {"out", "removed", "report", "failures"}
 # Options that change only speed, display or retry behaviour, never what a run writes: changing them re-runs nothing.
-SPEED_OPTIONS = {"progress", "workers", "concurrency", "rpm", "tpm", "retries", "timeout", "resume", "poll_interval", "poll_max"}
+SPEED_OPTIONS = {"progress", "workers", "concurrency", "rpm", "tpm", "retries", "timeout", "resume", "poll_interval", "poll_max", "wait_lock"}
 SUFFIX = ".manifest.json"
 CARD = "README.md"  # a model card: documentation that eval updates, not part of what a run read or wrote
 VERSION = 1
@@ -46,7 +46,7 @@ def hash_path(path: str | Path) -> str | None:
         for root, dirs, files in os.walk(p):
             dirs.sort()
             for f in sorted(files):
-                if f.endswith((SUFFIX, ".tmp")) or (f == CARD and root == str(p)):
+                if f.endswith((SUFFIX, ".tmp", ".lock")) or (f == CARD and root == str(p)):
                     continue
                 fp = Path(root) / f
                 rel = fp.relative_to(p).as_posix()

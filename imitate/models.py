@@ -40,10 +40,17 @@ def split_ref(value: str) -> tuple[str | None, str]:
     otherwise (None, value): a bare model reference, a directory or a hub id ('runs/s1', 'Qwen/Qwen2.5-0.5B').
     """
     head = value.split("/")[0]
-    if ":" in head and not Path(value).exists():
+    if ":" in head and not _exists(value):
         provider, _, rest = value.partition(":")
         return provider, rest
     return None, value
+
+
+def _exists(path: str) -> bool:
+    try:
+        return Path(path).exists()
+    except OSError:  # a name too long to be a file (ENAMETOOLONG) is none
+        return False
 
 
 def looks_local(model: str) -> bool:

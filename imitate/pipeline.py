@@ -25,6 +25,9 @@ re-runs collect (which itself only sends requests it has no record for), and the
 Options that only change speed or display (SPEED_OPTIONS: progress, workers, concurrency...) are not compared. A run
 without an output path (an eval without `out`) always runs; so does a collect run that had failed requests.
 
+One writer per output: every output of the selected runs is locked (imitate/locks.py) before the first run starts, so
+an overlapping `imitate run` (or a stage command) on the same files stops at once; `--wait-lock SECONDS` waits.
+
 Exit codes: 0 all selected runs succeeded or were up to date; 1 a run failed (the pipeline stops there); 2 the file is
 wrong; 3 an eval gate (`min-score`) failed (the remaining evals still run, so every score gets reported); 4 a collect
 run stopped at its budget (`max-cost`; the pipeline stops there, what was collected is kept).
@@ -47,9 +50,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imitate import locks
 from imitate import manifest as mf
 from imitate.config import build, check_keys, load_toml, resolve_paths
 from imitate.errors import BudgetExceeded, ConfigError, GateFailed, ImitateError, UsageError
+from imitate.interrupts import Interrupted
 
 # stage name -> (module, config class), in the order the stages run.
 STAGES: dict[str, tuple[str, str]] = {
@@ -309,6 +314,8 @@ def execute(run: Run, force: bool, quiet_stdout: bool) -> None:
     except GateFailed as exc:
         run.status, run.error = "gate_failed", exc.message
         run.summary = getattr(exc, "summary", None)
+    except Interrupted:  # SIGTERM / SIGINT: the stage kept what it had; the whole pipeline stops (exit 143 / 130)
+        raise
     except BudgetExceeded as exc:  # collect's --max-cost: stop the pipeline, keep what was collected
         run.status, run.error = "over_budget", exc.message + (f" (hint: {exc.hint})" if exc.hint else "")
         run.summary = getattr(exc, "summary", None)
@@ -346,10 +353,12 @@ def run_pipeline(
     from_: str | None = None,
     force: bool = False,
     quiet_stdout: bool = False,
+    wait_lock: float = 0.0,
 ) -> dict:
     """Run the pipeline file; returns {"pipeline", "exit_code", "runs": [per-run report]}. Config errors raise.
 
     quiet_stdout: send whatever the stages print to stderr, so stdout carries only the caller's JSON.
+    wait_lock: seconds to wait for another imitate process writing one of the outputs (imitate.locks).
     """
     runs = load_pipeline(path)
     check_inputs(runs, Path(path))  # a missing eval set or refusal list fails now, not after collect has spent
@@ -360,12 +369,15 @@ def run_pipeline(
             r.status = "not_selected"
     t0 = time.perf_counter()
     stopped = False
-    for r in chosen:
-        if stopped:
-            r.status = "not_run"
-            continue
-        execute(r, force, quiet_stdout)
-        stopped = r.status in ("failed", "over_budget")
+    # one writer per output: every output of the selected runs is locked before the first run starts
+    wait = max([wait_lock, *(float(getattr(r.cfg, "wait_lock", 0.0) or 0.0) for r in chosen)])
+    with locks.hold([p for r in chosen for p in locks.outputs_of(r.cfg)], "run", wait):
+        for r in chosen:
+            if stopped:
+                r.status = "not_run"
+                continue
+            execute(r, force, quiet_stdout)
+            stopped = r.status in ("failed", "over_budget")
     if any(r.status == "failed" for r in runs):
         code = 1
     elif any(r.status == "over_budget" for r in runs):

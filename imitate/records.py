@@ -101,34 +101,24 @@ def iter_jsonl(path: str | os.PathLike, *, on_bad_line: str = "error", bad: list
 
     on_bad_line: "error" raises InputError naming file and line; "skip" appends (path, lineno, reason) to `bad`.
     """
+    from imitate.jsonl import lines, parse
+
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file", hint="check the path; relative paths are resolved from the current directory")
-    with path.open("r", encoding="utf-8", errors="strict") as fh:
-        lineno = 0
-        while True:
-            try:
-                raw = fh.readline()
-            except UnicodeDecodeError as exc:
-                raise InputError(f"{path}:{lineno + 1}: not valid UTF-8 ({exc.reason})") from None
-            if not raw:
-                break
-            lineno += 1
-            if not raw.strip():
-                continue
-            try:
-                data = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                reason = f"not valid JSON ({exc.msg} at column {exc.colno})"
-                if on_bad_line == "skip":
-                    if bad is not None:
-                        bad.append((str(path), lineno, reason))
-                    continue
+    for lineno, raw in lines(path):  # a huge line is refused with its size, never read whole (imitate/jsonl.py)
+        if not isinstance(raw, bytes) or raw.strip():
+            data, reason = parse(raw)  # not UTF-8, not JSON, nested too deeply, too long
+            if reason is None:
+                yield Line(path, lineno, data)
+            elif on_bad_line == "skip":
+                if bad is not None:
+                    bad.append((str(path), lineno, reason))
+            else:
                 raise InputError(
                     f"{path}:{lineno}: {reason}",
                     hint="each line must be one JSON object; fix or delete that line and run the command again",
-                ) from None
-            yield Line(path, lineno, data)
+                )
 
 
 NO_ASSISTANT = "no assistant turn in 'messages'"
@@ -282,10 +272,14 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     n = 0
-    with tmp.open("w", encoding="utf-8") as fh:
-        for r in records:
-            fh.write(dumps(r) + "\n")
-            n += 1
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            for r in records:
+                fh.write(dumps(r) + "\n")
+                n += 1
+    except BaseException:  # a full disk, a signal: `path` stays as it was, and the part-written copy goes
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     return n
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from imitate.errors import ImitateError, UsageError
+from imitate.locks import locks_outputs
 from imitate.options import Checked, opt
 
 # transformers model_type -> what it is; cut the same way: model.model.layers + per-layer layer_types
@@ -83,6 +84,7 @@ def _teacher_config(ref: str, trust_remote_code: bool) -> Any:
                            hint="--from takes a model directory, a .gguf file or a hub id") from None
 
 
+@locks_outputs("init-student")
 def run(cfg: InitStudentConfig) -> dict:
     """Cut and save the student; returns the summary (`--json`)."""
     from imitate import gguf_models

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from imitate.errors import UsageError
+from imitate.locks import wait_lock_opt
 from imitate.options import Checked, opt
 
 LENGTH_ROLES = ("system", "user", "assistant", "prompt")
@@ -43,6 +44,7 @@ class CleanConfig(Checked):
                                example="removed.jsonl", path=True)
     report: Path | None = opt(None, "The report as JSON: counts, clusters, timing, examples.",
                               example="clean_report.json", path=True)
+    wait_lock: float = wait_lock_opt()
     on_bad_line: Literal["error", "skip"] = opt("error", "A malformed line stops the run (error) or is counted and "
                                                 "reported (skip).", example="skip")
     workers: int = opt(1, "Processes for parsing, filters and MinHash; 1 runs in-process.", example="4", ge=1)

@@ -104,7 +104,11 @@ def load_patterns(paths: Iterable[Path]) -> list[re.Pattern]:
         path = Path(path)
         if not path.exists():
             raise InputError(f"{path}: no such refusal pattern file", hint="check --refusals")
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start + 1})") from None
+        for lineno, line in enumerate(text.splitlines(), 1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue

@@ -3,7 +3,6 @@ this process or in `--workers` processes. Only small per-record facts come back 
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections import deque
@@ -20,6 +19,7 @@ from imitate.clean.dedup import NearDup, exact_key, stable_hash64
 from imitate.clean.filters import Predicate, apply
 from imitate.clean.keys import conversation_text, near_turns, normalized_messages, prompt_guard, split_turns
 from imitate.errors import InputError
+from imitate.jsonl import TooLong, lines, parse
 from imitate.records import as_text, assistant_text, prompt_messages, record_problem
 
 
@@ -129,14 +129,11 @@ class Mapper:
         return out
 
 
-def _parse(raw: bytes) -> tuple[dict | None, str | None]:
-    """(record as the stages read it, None) or (None, why the line is not a record)."""
-    try:
-        rec = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        return None, f"not valid UTF-8 ({exc.reason})"
-    except json.JSONDecodeError as exc:
-        return None, f"not valid JSON ({exc.msg} at column {exc.colno})"
+def _parse(raw: bytes | TooLong) -> tuple[dict | None, str | None]:
+    """(record, None) or (None, why the line is not a record)."""
+    rec, why = parse(raw)  # not UTF-8, not JSON, nested too deeply, too long (imitate/jsonl.py)
+    if why:
+        return None, why
     problem = record_problem(rec)
     return (None, problem) if problem else (as_text(rec), None)  # filters and keys read text; the write pass copies raw
 
@@ -165,14 +162,13 @@ def _map_in_worker(job: tuple[str, list[tuple[int, bytes]]]) -> Chunk:
 def _raw_chunks(paths: list[Path], size: int) -> Iterator[tuple[str, list[tuple[int, bytes]]]]:
     """(path, [(lineno, raw bytes)]) chunks of the non-blank lines of every input, in order."""
     for path in paths:
-        buf: list[tuple[int, bytes]] = []
-        with open(path, "rb") as fh:
-            for lineno, raw in enumerate(fh, 1):
-                if raw.strip():
-                    buf.append((lineno, raw))
-                    if len(buf) >= size:
-                        yield str(path), buf
-                        buf = []
+        buf: list[tuple[int, bytes | TooLong]] = []
+        for lineno, raw in lines(path):  # an over-long line comes as TooLong (its size), never read whole
+            if not isinstance(raw, bytes) or raw.strip():
+                buf.append((lineno, raw))
+                if len(buf) >= size:
+                    yield str(path), buf
+                    buf = []
         if buf:
             yield str(path), buf
 

@@ -30,7 +30,10 @@ from imitate.clean.scan import Chunk, Mapper, scan, snippet
 from imitate.clean.verify import pair_similarity
 from imitate.config import to_dict
 from imitate.errors import ImitateError, InputError, UsageError
+from imitate.jsonl import lines
+from imitate.locks import locks_outputs
 from imitate.records import as_text, dumps
+from imitate.writes import failed_writes, is_write_failure, remove_quietly, write_error
 
 # --- run --------------------------------------------------------------------------------------------------------------
 
@@ -44,6 +47,7 @@ def _check(cfg: CleanConfig) -> None:
             raise InputError(f"{p}: no such file", hint="check the input path")
 
 
+@locks_outputs("clean")  # CLEAN, REMOVED, REPORT: one writer each
 def run(cfg: CleanConfig) -> dict:
     """Clean `cfg.inputs` into `cfg.out` (+ `cfg.removed`, `cfg.report`); returns the report (the --json summary)."""
     _check(cfg)
@@ -107,10 +111,11 @@ def run(cfg: CleanConfig) -> dict:
         "config": to_dict(cfg),
         "timing": timing,  # the only part that changes between identical runs
     }
-    if cfg.report:
-        Path(cfg.report).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.report).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    summary["outputs"]["card"] = str(write_dataset_card(cfg, summary))  # CLEAN_STEM.README.md (imitate/cards.py)
+    with failed_writes(f"{cfg.out} is complete, the report or the dataset card is not; run the same command again"):
+        if cfg.report:
+            Path(cfg.report).parent.mkdir(parents=True, exist_ok=True)
+            Path(cfg.report).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        summary["outputs"]["card"] = str(write_dataset_card(cfg, summary))  # CLEAN_STEM.README.md (imitate/cards.py)
     print_report(summary)
     return summary
 
@@ -229,12 +234,11 @@ def _texts(cfg: CleanConfig, table: _Table, ks: set[int]) -> dict[int, str]:
     want = {(table.files[k], table.linenos[k]): k for k in ks}
     out: dict[int, str] = {}
     for fi, path in enumerate(cfg.inputs):
-        with open(path, "rb") as fh:
-            for lineno, raw in enumerate(fh, 1):
-                k = want.get((fi, lineno))
-                if k is not None:
-                    snip = snippet(as_text(json.loads(raw)))
-                    out[k] = f"{snip['prompt'][:70]!r} -> {snip['answer'][:70]!r}"
+        for lineno, raw in lines(path):
+            k = want.get((fi, lineno))
+            if k is not None:
+                snip = snippet(as_text(json.loads(raw)))
+                out[k] = f"{snip['prompt'][:70]!r} -> {snip['answer'][:70]!r}"
     return out
 
 
@@ -262,10 +266,10 @@ def _write(cfg: CleanConfig, paths: list[Path], table: _Table) -> int:
     kept = 0
     status, files, linenos = table.status, table.files, table.linenos
     i, n = 0, len(status)  # records are in (file, line) order: walk them alongside the lines
-    with open(tmp_out, "wb") as fo, open(tmp_rem, "wb") if tmp_rem else open(os.devnull, "wb") as fr:
-        for fi, path in enumerate(paths):
-            with open(path, "rb") as fh:
-                for lineno, raw in enumerate(fh, 1):
+    try:
+        with open(tmp_out, "wb") as fo, open(tmp_rem, "wb") if tmp_rem else open(os.devnull, "wb") as fr:
+            for fi, path in enumerate(paths):
+                for lineno, raw in lines(path):
                     if i >= n or files[i] != fi or linenos[i] != lineno:
                         continue  # blank or bad line
                     k, i = i, i + 1
@@ -278,6 +282,13 @@ def _write(cfg: CleanConfig, paths: list[Path], table: _Table) -> int:
                         if k in table.dup_of:
                             rec["removed"]["duplicate_of"] = table.ids[table.dup_of[k]]
                         fr.write((dumps(rec) + "\n").encode("utf-8"))
+    except BaseException as exc:  # a full disk, Ctrl-C, SIGTERM: CLEAN and REMOVED stay as they were
+        remove_quietly(tmp_out, tmp_rem)
+        if isinstance(exc, OSError) and is_write_failure(exc):
+            kept = (f"{cfg.out} and {cfg.removed or 'REMOVED'} are left as they were (the new files are written aside "
+                    "and replace them only when complete)")
+            raise write_error(exc, exc.filename or tmp_out, kept) from None
+        raise
     os.replace(tmp_out, cfg.out)
     if tmp_rem is not None:
         os.replace(tmp_rem, cfg.removed)

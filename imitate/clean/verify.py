@@ -16,6 +16,7 @@ import numpy as np
 
 from imitate.clean.dedup import NearDup
 from imitate.clean.keys import near_turns
+from imitate.jsonl import lines
 from imitate.records import as_text
 
 BATCH = 2000  # candidate records shingled together
@@ -61,14 +62,13 @@ def pair_similarity(
         batch_turns.clear()
 
     for fi, path in enumerate(paths):
-        with open(path, "rb") as fh:
-            for lineno, raw in enumerate(fh, 1):
-                node = want.get((fi, lineno))
-                if node is None:
-                    continue
-                batch_nodes.append(node)
-                batch_turns.append(near_turns(as_text(json.loads(raw)), on)[1])
-                if len(batch_nodes) >= BATCH:
-                    flush()
+        for lineno, raw in lines(path):  # the bad lines a skip passed over are never read whole
+            node = want.get((fi, lineno))
+            if node is None:
+                continue
+            batch_nodes.append(node)
+            batch_turns.append(near_turns(as_text(json.loads(raw)), on)[1])
+            if len(batch_nodes) >= BATCH:
+                flush()
     flush()
     return sims

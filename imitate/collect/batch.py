@@ -281,6 +281,11 @@ class BatchRun:
                     self.retry.append((self.jobs[rid], f"missing from the results of batch {intent['batch']}"))
         finally:
             await journal.close()
+        if journal.error is not None:  # a full disk: the batch stays open, so the next run downloads what is missing
+            from imitate.writes import write_error
+
+            raise write_error(journal.error, self.engine.out, f"{journal.written} record(s) of batch {intent['batch']} "
+                              "written; the batch stays open and the next run takes the rest from it (never resubmitted)")
         self.stats.tokens_in += billed_in
         self.stats.tokens_out += billed_out
         self.budget.settle(self.reserved.pop(intent["key"], 0.0), billed_in, billed_out)

@@ -8,6 +8,7 @@ from typing import Literal
 
 from imitate.collect.teachers import parse_spec
 from imitate.errors import UsageError
+from imitate.locks import wait_lock_opt
 from imitate.options import Checked, opt
 
 
@@ -49,6 +50,7 @@ class CollectConfig(Checked):
                                   example="MY_OPENAI_KEY", default_text="OPENAI_API_KEY / ANTHROPIC_API_KEY")
     failures: Path | None = opt(None, "Where failed requests go, with their error.", example="out/failed.jsonl",
                                 path=True, default_text="OUT with .failures.jsonl")
+    wait_lock: float = wait_lock_opt()
     price_in: float | None = opt(None, "USD per million input tokens, for the cost estimate.", example="0.15",
                                  ge=0, default_text="built-in table for known models")
     price_out: float | None = opt(None, "USD per million output tokens.", example="0.60", ge=0,

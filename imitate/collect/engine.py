@@ -59,6 +59,13 @@ class Engine:
         self.fatal_error: ImitateError | None = None  # a user error from the teacher itself (hf: model won't load)
         if not getattr(cfg, "cancel", False):  # last run's failures are retried now; this run writes its own
             self.failures_path.unlink(missing_ok=True)
+        self.halted: str | None = None  # why sending stopped early: "SIGTERM", "SIGINT" or "write"
+        self.halt_signum = 0  # the signal that halted it
+        self.write_failure: OSError | None = None  # the failed write that halted the run (a full disk...)
+        self.in_flight_requests = 0  # requests inside _send now
+        self.cut_off = 0  # requests in flight when the run was halted (cancelled: the next run asks them again)
+        self.write_path: Path | None = None
+        self._workers: list[asyncio.Future] = []
         self.batch = getattr(teacher, "batch_size", 1) or 1  # >1: a local teacher generating in batches
         self.supports_n = getattr(teacher, "supports_n", False)  # several samples of one prompt in one call
 
@@ -89,19 +96,27 @@ class Engine:
         todo = [j for j in jobs if j.request.id not in done]
         stats.requests += len(jobs)
         stats.cached += len(jobs) - len(todo)
-        journal = Journal(out)
+        journal = Journal(out, on_error=lambda exc: self.halt("write", exc, out))
         units = self.units(todo)
         workers = 1 if self.batch > 1 else self.cfg.concurrency
         progress = Progress(label, len(todo), self.cfg.progress)  # closed below, also on errors
         self.settled = asyncio.Condition()
+        self._workers = [asyncio.ensure_future(self._worker(units, journal, stats, progress))
+                         for _ in range(min(workers, len(units)))]
         try:
-            await asyncio.gather(
-                *(self._worker(units, journal, stats, progress) for _ in range(min(workers, len(units))))
-            )
+            await asyncio.gather(*self._workers)
+        except asyncio.CancelledError:
+            if not self.halted:
+                raise
+            if self._workers:
+                await asyncio.wait(self._workers)  # halted: let every cancelled worker settle its budget
         finally:
             progress.close()
             await journal.close()
-        if not self.fatal:
+        stats.completed -= journal.accepted - journal.written  # answers that arrived after a failed write
+        if self.write_failure is not None:
+            raise self.write_failed(stats.cached + journal.written, journal.accepted - journal.written)
+        if not self.fatal and not self.halted:
             stats.unsent += sum(len(u) for u in units)  # what the budget held back
         if self.fatal_error is not None:  # e.g. a local model without a chat template: same for every request
             raise self.fatal_error
@@ -112,8 +127,26 @@ class Engine:
             )
         return stats
 
+    def halt(self, why: str, exc: OSError | None = None, path: Path | None = None) -> None:
+        """Stop now: send nothing more and cancel what is in flight (a signal, or a write that failed)."""
+        if self.halted:
+            return
+        self.halted, self.write_failure, self.cut_off = why, exc, self.in_flight_requests
+        self.write_path = path
+        for task in self._workers:
+            task.cancel()
+
+    def write_failed(self, kept: int, dropped: int) -> ImitateError:
+        """The error of a run stopped by a failed write: what is kept, what the next run asks again."""
+        from imitate.writes import write_error
+
+        assert self.write_failure is not None
+        return write_error(self.write_failure, self.write_path,
+                           f"{kept} record(s) kept, {self.cut_off + dropped} request(s) were in flight and will be "
+                           "asked again")
+
     async def _worker(self, units: deque, journal: Journal, stats: Stats, progress: Progress) -> None:
-        while units and not self.fatal:
+        while units and not self.fatal and not self.halted:
             unit = units.popleft()
             calls = 1 if (self.supports_n or self.batch > 1) else len(unit)  # HTTP calls / generate() batches
             tokens_in, tokens_out = est_tokens(unit[0].request.messages) * calls, self.cfg.max_tokens * len(unit)
@@ -123,9 +156,11 @@ class Engine:
                 return
             stats.sent += len(unit)
             billed = (0, 0)
+            self.in_flight_requests += len(unit)
             try:
                 billed = await self._send(unit, calls, tokens_in + tokens_out, journal, stats, progress)
             finally:
+                self.in_flight_requests -= len(unit)
                 async with self.settled:
                     self.budget.settle(worst, *billed)
                     self.in_flight -= 1
@@ -194,7 +229,8 @@ class Engine:
 
     def _fail(self, job: Any, error: str, attempts: int, stats: Stats) -> None:
         if self.failures is None:
-            self.failures = Journal(self.failures_path, fsync=False)
+            self.failures = Journal(self.failures_path, fsync=False,
+                                    on_error=lambda exc: self.halt("write", exc, self.failures_path))
         r = job.request
         self.failures.put(
             {

@@ -12,11 +12,12 @@ before the batch is created, and its id right after (see imitate.collect.batch).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from imitate import jsonl
 from imitate.errors import InputError
 from imitate.records import dumps, iter_jsonl, repair_torn_tail
 
@@ -27,17 +28,17 @@ def finished_ids(path: Path) -> set[str]:
     ids: set[str] = set()
     if not path.exists():
         return ids
-    with path.open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                ids.add(json.loads(line)["id"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise InputError(
-                    f"{path}:{lineno}: not a record (the output file is also the resume journal)",
-                    hint="give a new --out, or remove that line",
-                ) from None
+    for lineno, line in jsonl.lines(path):
+        if isinstance(line, bytes) and not line.strip():
+            continue
+        data, why = jsonl.parse(line)  # not JSON, too long, nested too deeply: `why` says which
+        try:
+            ids.add(data["id"])
+        except (KeyError, TypeError):
+            raise InputError(
+                f"{path}:{lineno}: not a record ({why or 'no id'}; the output file is also the resume journal)",
+                hint="give a new --out, or remove that line",
+            ) from None
     return ids
 
 
@@ -53,19 +54,25 @@ def read_by_id(path: Path, ids: set[str]) -> dict[str, dict]:
 class Journal:
     """Append records to `path` from async code; `await close()` flushes everything and fsyncs."""
 
-    def __init__(self, path: Path, *, fsync: bool = True):
+    def __init__(self, path: Path, *, fsync: bool = True, on_error: Callable[[OSError], None] | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         repair_torn_tail(self.path)
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self.fsync = fsync
-        self.written = 0
+        self.written = 0  # lines written whole (and fsynced, with fsync)
+        self.accepted = 0  # lines put
+        self.error: OSError | None = None  # the write that failed (a full disk...): nothing is written after it
+        self.on_error = on_error
         self._queue: asyncio.Queue[str | None] = asyncio.Queue()
         self._task: asyncio.Task | None = None
 
     def put(self, record: dict) -> None:
+        if self.error is not None:
+            return  # not written: its request has no record, so the next run asks it again
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._writer())
+        self.accepted += 1
         self._queue.put_nowait(dumps(record) + "\n")
 
     async def _writer(self) -> None:
@@ -77,14 +84,29 @@ class Journal:
             if lines[-1] is None:
                 done = True
                 lines.pop()
-            if lines:
+            if lines and self.error is None:
                 data = "".join(lines).encode("utf-8")
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(self.fd, view) :]
-                self.written += len(lines)
-                if self.fsync:
-                    await asyncio.to_thread(os.fsync, self.fd)
+                start, done_bytes = os.lseek(self.fd, 0, os.SEEK_END), 0
+                try:
+                    while done_bytes < len(data):
+                        done_bytes += os.write(self.fd, memoryview(data)[done_bytes:])
+                    if self.fsync:
+                        await asyncio.to_thread(os.fsync, self.fd)
+                    self.written += len(lines)
+                except OSError as exc:  # full disk, read-only, quota: keep the whole lines, stop writing
+                    self._failed(exc, start, data[:done_bytes])
+
+    def _failed(self, exc: OSError, start: int, written: bytes) -> None:
+        """Cut a partly written line (the file then ends with a whole record) and tell the owner."""
+        cut = written.rfind(b"\n") + 1
+        try:
+            os.ftruncate(self.fd, start + cut)  # frees space; needs none
+            self.written += written[:cut].count(b"\n")
+        except OSError:
+            repair_torn_tail(self.path)  # best effort; the next run repairs the tail anyway
+        self.error = exc
+        if self.on_error is not None:
+            self.on_error(exc)
 
     async def close(self) -> None:
         if self._task is not None:

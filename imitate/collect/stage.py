@@ -25,6 +25,7 @@ from typing import Any
 from imitate.collect.config import CollectConfig
 from imitate.collect.teachers import Request, parse_spec
 from imitate.errors import ImitateError, InputError
+from imitate.locks import locks_outputs
 
 KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
 BASE_URL_ENV = {"openai": "OPENAI_BASE_URL", "anthropic": "ANTHROPIC_BASE_URL"}
@@ -74,8 +75,15 @@ def read_rows(path: Path) -> list[tuple[str, dict]]:
     if not path.exists():
         raise InputError(f"{path}: no such file", hint="check --prompts")
     if path.suffix == ".txt":
-        with path.open("r", encoding="utf-8") as fh:
-            return [(f"{path}:{i}", {"prompt": ln.rstrip("\r\n")}) for i, ln in enumerate(fh, 1) if ln.strip()]
+        from imitate.jsonl import read_text_lines
+
+        txt = []
+        for i, text, why in read_text_lines(path):  # a huge line or bad bytes: an error naming the line
+            if why:
+                raise InputError(f"{path}:{i}: {why}", hint="one prompt a line, UTF-8")
+            if text.strip():
+                txt.append((f"{path}:{i}", {"prompt": text}))
+        return txt
     rows = []
     for line in iter_jsonl(path):
         if not isinstance(line.data, dict):
@@ -169,6 +177,7 @@ def make_teacher(cfg: CollectConfig) -> tuple[Any, str | None]:
 # --- run --------------------------------------------------------------------------------------------------------
 
 
+@locks_outputs("collect")  # OUT (and an explicit --failures) first: a second run on it stops before anything else
 def run(cfg: CollectConfig) -> dict:
     """Collect the teacher's answers for every input row; returns the accounting summary."""
     from imitate.collect import templates as prompts
@@ -211,14 +220,16 @@ def run(cfg: CollectConfig) -> dict:
 
         provider = parse_spec(cfg.teacher)[0]
         base_url = cfg.base_url or os.environ.get(BASE_URL_ENV[provider]) or None
-        extra = asyncio.run(_collect_batch(engine, BatchRun(cfg, engine, base_url), jobs))
+        batch_run = BatchRun(cfg, engine, base_url)
+        extra = asyncio.run(_stoppable(engine, _collect_batch(engine, batch_run, jobs), cancel=True))
     else:
-        extra = asyncio.run(_collect(cfg, engine, jobs, template, seeds))
+        extra = asyncio.run(_stoppable(engine, _collect(cfg, engine, jobs, template, seeds)))
         engine.stats.pending = in_batches
     result = summary(cfg, engine.stats, out, failures, time.monotonic() - t0, budget)
     if extra:
         result["self_instruct"] = extra
     print_summary(result)
+    stop_if_interrupted(cfg, engine, result)
     stop_if_over_budget(cfg, engine.stats, budget, result)
     if engine.stats.pending:
         print(
@@ -259,6 +270,47 @@ def stop_if_over_budget(cfg: CollectConfig, stats: Any, budget: Any, result: dic
     )
     exc.summary = result
     raise exc
+
+
+def stop_if_interrupted(cfg: CollectConfig, engine: Any, result: dict) -> None:
+    """After SIGTERM / SIGINT (the summary so far is printed): exit 143 / 130, saying how to continue."""
+    from imitate.interrupts import Interrupted, signal_name
+
+    if engine.halted not in ("SIGTERM", "SIGINT"):
+        return
+    signum = engine.halt_signum
+    what = (f"{engine.stats.completed} record(s) written in this run are kept, {engine.cut_off} request(s) in flight "
+            "were cancelled and will be asked again")
+    if cfg.batch or cfg.cancel:
+        what = "the batches already submitted stay recorded in the batch journal and are never submitted again"
+    exc = Interrupted(f"stopped by {signal_name(signum)}: {what}", signum,
+                      hint="run the same command to continue (finished records are not sent again)")
+    result["stopped_by"] = signal_name(signum)
+    exc.summary = result
+    raise exc
+
+
+async def _stoppable(engine: Any, work: Any, *, cancel: bool = False) -> dict:
+    """Await `work` (the run's coroutine) with SIGTERM / SIGINT handled: the first one halts the engine (nothing more
+    is sent, what is in flight is cancelled, what arrived is written); `cancel`: also cancel `work` where it is (a
+    batch run: what is submitted is already in its journal)."""
+    from imitate.interrupts import on_signals, signal_name
+
+    task = asyncio.current_task()
+
+    def stop(signum: int) -> None:
+        engine.halt_signum = signum
+        engine.halt(signal_name(signum))
+        if cancel and task is not None:
+            task.cancel()
+
+    try:
+        with on_signals(stop):
+            return await work
+    except asyncio.CancelledError:
+        if not engine.halted:
+            raise
+        return {}
 
 
 async def _collect_batch(engine: Any, batch_run: Any, jobs: list[Job]) -> dict:

@@ -8,7 +8,8 @@ A template turns one input row (a dict) into the chat messages sent to the teach
 
 Every field of the row is a template variable. A variable the row lacks is an error (StrictUndefined) that names the
 template, the variable and the input line. Templates run in Jinja's SandboxedEnvironment: a template file cannot reach
-Python internals, so a shared template is as safe as a shared prompt.
+Python internals, so a shared template is as safe as a shared prompt; loops, output size and memory are capped
+(imitate/collect/sandbox.py).
 """
 
 from __future__ import annotations
@@ -40,13 +41,18 @@ class Template:
         """Render `row` into chat messages; `where` ("file:line") goes into error messages."""
         from jinja2 import UndefinedError
 
+        from imitate.collect.sandbox import capped_join  # output, loops and sizes are capped (see sandbox.py)
+
         try:
+            reset = getattr(self.compiled.environment, "reset", None)
+            if reset is not None:
+                reset()
             blocks = {b: self.compiled.blocks[b] for b in BLOCKS if b in self.compiled.blocks}
             if blocks:
                 ctx = self.compiled.new_context(dict(row))
-                parts = {b: "".join(fn(ctx)).strip() for b, fn in blocks.items()}
+                parts = {b: capped_join(fn(ctx)).strip() for b, fn in blocks.items()}
             else:
-                parts = {"user": self.compiled.render(**row).strip()}
+                parts = {"user": capped_join(self.compiled.generate(**row)).strip()}
         except UndefinedError as exc:
             missing = _undefined_name(str(exc))
             keys = ", ".join(sorted(map(str, row))) or "none"
@@ -70,9 +76,10 @@ def _undefined_name(message: str) -> str:
 
 def _environment() -> Any:
     from jinja2 import StrictUndefined
-    from jinja2.sandbox import SandboxedEnvironment
 
-    return SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False)
+    from imitate.collect.sandbox import CappedEnvironment
+
+    return CappedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False)
 
 
 def from_string(source: str, name: str = "<string>") -> Template:
@@ -89,7 +96,10 @@ def load(name_or_path: str | Path) -> Template:
     """A template by built-in name (`prompts/NAME.j2`) or by path to a file."""
     p = Path(name_or_path).expanduser()
     if p.is_file():
-        return from_string(p.read_text(encoding="utf-8"), str(p))
+        try:
+            return from_string(p.read_text(encoding="utf-8"), str(p))
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"template {p}: not valid UTF-8 ({exc.reason} at byte {exc.start + 1})") from None
     name = p.name.removesuffix(SUFFIX)
     builtin = prompts_dir() / f"{name}{SUFFIX}"
     if builtin.is_file():

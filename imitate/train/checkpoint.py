@@ -9,11 +9,13 @@ every epoch is a pure function of (seed, epoch), so the step number alone says w
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from imitate.errors import UsageError
+from imitate.writes import HINTS, failed_write_errno, write_error
 
 STATE = "state.json"
 
@@ -48,7 +50,26 @@ def keep_only_trainable(accelerator: Any) -> None:
 
 
 def save(accelerator: Any, out: Path, step: int, state: dict, keep: int) -> Path:
-    """Write checkpoint `step` (every process calls this) and prune all but the newest `keep`."""
+    """Write checkpoint `step` (every process calls this) and prune all but the newest `keep`.
+
+    A checkpoint that cannot be written (a full disk, a signal) is removed part-written and never replaces the last
+    complete one; a failed write is an ImitateError naming that checkpoint."""
+    last = latest(out)
+    try:
+        return _save(accelerator, out, step, state, keep)
+    except BaseException as exc:
+        if accelerator.is_main_process:
+            shutil.rmtree(checkpoint_dir(out) / f"step-{step:08d}.tmp", ignore_errors=True)  # frees its space
+        code = failed_write_errno(exc)
+        if code is None:
+            raise
+        kept = f"the last complete checkpoint is kept ({last or 'none yet'})"
+        hint = HINTS[code].replace("run the same command", "run the same command with --resume")
+        raise write_error(OSError(code, os.strerror(code)), checkpoint_dir(out) / f"step-{step:08d}", kept,
+                          hint=hint) from None
+
+
+def _save(accelerator: Any, out: Path, step: int, state: dict, keep: int) -> Path:
     root = checkpoint_dir(out)
     final = root / f"step-{step:08d}"
     tmp = root / f"step-{step:08d}.tmp"

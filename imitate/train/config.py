@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from imitate.errors import UsageError
+from imitate.locks import wait_lock_opt
 from imitate.options import Checked, opt
 
 
@@ -22,6 +23,7 @@ class TrainConfig(Checked):
                        "the records.", example="./qwen0.5b")
     out: Path = opt(help="Output directory: model or adapter, metrics, checkpoints.", example="runs/student1",
                     path=True)
+    wait_lock: float = wait_lock_opt()
     # --- what trains
     full: bool = opt(False, "Train every weight instead of a LoRA adapter (small students often train fully).",
                      example="--full", flag="--full/--lora")

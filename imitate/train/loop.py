@@ -27,6 +27,7 @@ from typing import Any
 
 from imitate.cards import write_model_card
 from imitate.errors import ImitateError, InputError, UsageError
+from imitate.locks import locks_outputs
 from imitate.train import checkpoint, distill, onpolicy, teacher_tokens, trackers
 from imitate.train.config import TrainConfig
 from imitate.train.data import Example, collate, load_examples, plan_batches, split_eval, windows
@@ -138,6 +139,7 @@ class Session:
         return epoch, step
 
 
+@locks_outputs("train")  # OUT: one writer (rank 0 holds it), taken before any weight loads
 def run(cfg: TrainConfig, *, stop_after: int | None = None) -> dict:
     """Train and save; returns the summary `--json` prints. `stop_after=k` stops after step k like a kill would (no
     final save), for resume tests. Read top to bottom: prepare (no weights) -> setup -> fit -> save."""

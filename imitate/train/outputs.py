@@ -13,7 +13,27 @@ from imitate.records import dumps, iter_jsonl, write_jsonl
 
 def save_outputs(accelerator: Any, model: Any, tokenizer: Any, cfg: Any, student: str, rows: list) -> dict:
     """out/: the adapter (or full weights) + tokenizer + train_config.json + loss.png; with --merge the merged weights
-    in out/ and the adapter in out/adapter/. Everything loads with transformers (+ peft for an adapter) alone."""
+    in out/ and the adapter in out/adapter/. Everything loads with transformers (+ peft for an adapter) alone.
+    A failed write (a full disk) is an ImitateError; the run's checkpoints are still there to --resume from."""
+    import os
+
+    from imitate.train.checkpoint import latest
+    from imitate.writes import HINTS, failed_write_errno, write_error
+
+    try:
+        return _save_outputs(accelerator, model, tokenizer, cfg, student, rows)
+    except Exception as exc:
+        code = failed_write_errno(exc)
+        if code is None:
+            raise
+        last = latest(Path(cfg.out))
+        kept = f"the model is not complete; the last checkpoint is kept ({last})" if last else \
+            "the model is not complete and the run kept no checkpoint (--save-every N keeps some)"
+        hint = HINTS[code].replace("run the same command", "run the same command" + (" with --resume" if last else ""))
+        raise write_error(OSError(code, os.strerror(code)), cfg.out, kept, hint=hint) from None
+
+
+def _save_outputs(accelerator: Any, model: Any, tokenizer: Any, cfg: Any, student: str, rows: list) -> dict:
     from imitate.train.plot import plot_metrics
 
     out = Path(cfg.out)

@@ -1,0 +1,95 @@
+"""Reading JSONL input that may be hostile: huge lines, deep nesting, bad bytes. Every line gives a value or a reason.
+
+`lines(path)` yields (line number, raw bytes) for each line, or (line number, TooLong) for a line longer than
+MAX_LINE_BYTES: such a line is skipped over in chunks and never held whole, so a 200 MB line costs at most the limit
+in memory. `parse(raw)` returns (value, None) or (None, why): not UTF-8, not JSON, nested too deeply (Python's JSON
+parser recurses; a 100 000-deep `[[[[...]]]]` would otherwise end in a RecursionError), or too long. Callers add the
+"file:line" and raise InputError or, with `--on-bad-line skip`, count the line and go on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ENV_MAX = "IMITATE_MAX_LINE_MB"
+
+
+def max_line_bytes() -> int:
+    """The longest line read (64 MiB; a record with top-20 log-probs of a 16k-token answer is ~20 MB)."""
+    try:
+        return max(1, int(float(os.environ.get(ENV_MAX, "64")) * 2**20))
+    except ValueError:
+        return 64 * 2**20
+
+
+@dataclass(frozen=True)
+class TooLong:
+    """A line longer than the limit: its size in bytes (without the newline)."""
+
+    size: int
+
+    def reason(self) -> str:
+        return (f"line is {_size(self.size)}, longer than the {_size(max_line_bytes())} limit (not read; "
+                f"set {ENV_MAX} to raise it)")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n} bytes"
+
+
+def lines(path: str | os.PathLike, limit: int | None = None) -> Iterator[tuple[int, bytes | TooLong]]:
+    """(line number, raw line with its newline) for every line, blank ones included; TooLong for an over-long line."""
+    limit = limit or max_line_bytes()
+    with open(path, "rb") as fh:
+        lineno = 0
+        while True:
+            raw = fh.readline(limit + 1)
+            if not raw:
+                return
+            lineno += 1
+            if len(raw) <= limit or raw.endswith(b"\n"):
+                yield lineno, raw
+                continue
+            size = len(raw)
+            while True:  # skip the rest of the line without keeping it
+                more = fh.readline(1 << 20)
+                if not more:
+                    break
+                size += len(more)
+                if more.endswith(b"\n"):
+                    size -= 1
+                    break
+            yield lineno, TooLong(size)
+
+
+def parse(raw: bytes | str | TooLong) -> tuple[Any, str | None]:
+    """(value, None) or (None, why the line is not JSON we can read)."""
+    if isinstance(raw, TooLong):
+        return None, raw.reason()
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError as exc:
+        return None, f"not valid UTF-8 ({exc.reason} at byte {exc.start + 1})"
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as exc:
+        return None, f"not valid JSON ({exc.msg} at column {exc.colno})"
+    except RecursionError:
+        return None, "not valid JSON (nested too deeply)"
+
+
+def read_text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str | None, str | None]]:
+    """(line number, text without its newline, None) or (line number, None, why) for a plain text file (.txt)."""
+    for lineno, raw in lines(Path(path)):
+        if isinstance(raw, TooLong):
+            yield lineno, None, raw.reason()
+            continue
+        try:
+            yield lineno, raw.decode("utf-8").rstrip("\r\n"), None
+        except UnicodeDecodeError as exc:
+            yield lineno, None, f"not valid UTF-8 ({exc.reason} at byte {exc.start + 1})"
