@@ -174,3 +174,16 @@ def test_bad_context_files_are_refused_before_sending(server, tmp_path, content,
 
     assert re.search(match, r.stderr), r.stderr
     assert server.count() == 0
+
+
+def test_records_re_asked_keep_their_own_context_unless_context_is_given(server, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}],
+             "context": CONTEXT}]
+    c = cfg(server, tmp_path, prompts=write(tmp_path / "recs.jsonl", rows))
+    run(c)
+    assert server.history[-1]["body"]["messages"][:3] == CONTEXT
+    assert read(c.out)[0]["context"] == CONTEXT and read(c.out)[0]["messages"][0]["content"] == "What is 2 + 2?"
+    other = [{"role": "system", "content": "Answer in French."}]
+    run(cfg(server, tmp_path, prompts=tmp_path / "recs.jsonl", context=context_file(tmp_path, other),
+            out=tmp_path / "o2.jsonl"))
+    assert server.history[-1]["body"]["messages"][0] == other[0] and len(server.history[-1]["body"]["messages"]) == 2

@@ -11,6 +11,8 @@ FILE is one of:
   * .j2     a Jinja2 template rendered per input row in the same sandbox as --template (every field of the row is a
             variable; a missing one is an error naming the line). Its output is either a JSON list of turns (build it
             with a loop and `|tojson`) or plain text, which becomes one system turn.
+Without --context, input rows that are records with a `context` field keep it (re-asking records of another teacher
+sends what the first one saw); --context replaces it.
 """
 
 from __future__ import annotations

@@ -110,6 +110,19 @@ def row_messages(row: dict, where: str, template: Any, system: str | None) -> li
     return messages
 
 
+def row_context(row: dict, where: str) -> list[dict]:
+    """An input row's own `context` (records re-asked of another teacher keep what the first one saw), or []."""
+    from imitate.records import messages_problem
+
+    ctx = row.get("context") if "messages" in row else None
+    if not ctx:
+        return []
+    problem = messages_problem(ctx, field="context")
+    if problem:
+        raise InputError(f"{where}: {problem}")
+    return [dict(m) for m in ctx]
+
+
 def plan(cfg: CollectConfig, rows: list[tuple[str, dict]], template: Any, context: Any = None) -> list[Job]:
     """Render every row (errors stop here, before any request) into n jobs each; identical requests appear once.
     With a context (imitate.collect.context) the teacher is sent its turns first; the id covers both parts."""
@@ -120,7 +133,7 @@ def plan(cfg: CollectConfig, rows: list[tuple[str, dict]], template: Any, contex
     seen: set[str] = set()
     for where, row in rows:
         messages = row_messages(row, where, template, cfg.system)
-        turns = context.turns(row, where) if context is not None else []
+        turns = context.turns(row, where) if context is not None else row_context(row, where)
         for sample in range(cfg.n):
             rid = request_id(cfg.teacher, messages, params, sample, context=turns)
             if rid not in seen:
