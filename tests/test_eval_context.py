@@ -39,7 +39,8 @@ def test_hf_teacher_is_asked_with_the_context_and_the_student_without(source, tm
     """The same model as teacher and student: with the context the teacher answers what the model says after it,
     the student what it says without it (so agreement is no longer trivially 1)."""
     chats = [[{"role": "user", "content": p}] for p in PROMPTS]
-    rows = [{"prompt": p} for p in PROMPTS] if source == "file" else [{"messages": c, "context": CONTEXT} for c in chats]
+    rows = [{"prompt": p} for p in PROMPTS] if source == "file" else [{"messages": c, "context": CONTEXT}
+                                                                       for c in chats]
     f = write_rows(tmp_path / "e.jsonl", rows)
     ctx = tmp_path / "ctx.json"
     ctx.write_text(json.dumps(CONTEXT))

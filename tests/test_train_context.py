@@ -1,5 +1,5 @@
-"""`imitate train` on records with `context`: the student trains on `messages` alone, a white-box teacher grades the same
-answer tokens with the context in front (logit KD, feature KD, on-policy), and a teacher whose template renders the
+"""`imitate train` on records with `context`: the student trains on `messages` alone, a white-box teacher grades the
+same answer tokens with the context in front (logit KD, feature KD, on-policy), and a teacher whose template renders the
 answer differently is refused. Tiny models, naive references."""
 
 from __future__ import annotations

@@ -25,8 +25,8 @@ from typing import Any
 from imitate.errors import InputError, UsageError
 from imitate.records import messages_problem
 
-HINT = "a context file is .json (a list of {role, content} turns), .jsonl (one turn a line), .txt/.md (one system turn) "\
-    "or .j2 (a template rendered per row)"
+HINT = ("a context file is .json (a list of {role, content} turns), .jsonl (one turn a line), .txt/.md (one system "
+        "turn) or .j2 (a template rendered per row)")
 
 
 @dataclass

@@ -145,7 +145,8 @@ def without_doubled_separators(tokenizer: Any, messages: list[dict]) -> list[dic
     return out or messages
 
 
-def encode(tokenizer: Any, messages: list[dict], loss_on: str = "final", first: int = 0) -> tuple[list[int], list[bool]]:
+def encode(tokenizer: Any, messages: list[dict], loss_on: str = "final",
+           first: int = 0) -> tuple[list[int], list[bool]]:
     """Token ids of the rendered conversation and, per token, whether it is an assistant token to train on.
 
     The answer text is trained as the teacher wrote it: a separator the template would add in front of an answer that
