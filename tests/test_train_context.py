@@ -222,3 +222,35 @@ def test_cli_sckd_feature_kd_with_context_and_a_refused_teacher(tiny_model_dir, 
     plain = write(tmp_path / "plain.jsonl", records(context=None))
     assert invoke("--data", plain, "--student", tiny_model_dir, "--teacher", f"hf:{other}", "--out", tmp_path / "p",
                   "--max-steps", "1", "--no-progress").exit_code == 0
+
+
+def test_teacher_ids_put_in_by_the_round_trip_check_reach_the_teacher_view(tiny_model_dir, tiny_teacher_dir,
+                                                                           tmp_path):
+    """An hf teacher's generated ids that re-tokenizing its text does not give back (one token a character here) replace
+    the student's answer tokens (teacher_tokens.check_teacher_tokens); the teacher view must grade those same ids, with
+    the context still in front, and training runs (it stopped with 'target counts differ' before)."""
+    _, tok = load(tiny_model_dir)
+
+    def char_ids(text):
+        pieces = tok.convert_ids_to_tokens(tok(text, add_special_tokens=False)["input_ids"])
+        return [tok.convert_tokens_to_ids(c) for p in pieces for c in p]
+
+    recs = [{**r, "teacher": f"hf:{tiny_teacher_dir}", "answer_token_ids": char_ids(r["messages"][-1]["content"])}
+            for r in records()]
+    assert any(len(r["answer_token_ids"]) > len(tok(r["messages"][-1]["content"])["input_ids"]) for r in recs)
+    data = write(tmp_path / "d.jsonl", recs)
+    summary = run(cfg_for(data, tiny_model_dir, tmp_path / "o", teacher=f"hf:{tiny_teacher_dir}", max_steps=1,
+                          batch_size=6))
+    assert summary["data"]["teacher_tokens"]["retokenized"] >= 3
+    from imitate.train.teacher_tokens import check_teacher_tokens
+
+    exs, _ = load_examples([data], tok, max_length=256, teacher_tokenizer=tok)
+    check_teacher_tokens(exs, tok, 256)
+    from imitate.train.context import resplice
+
+    resplice(exs)
+    for ex, r in zip(exs, recs):
+        s_t = [t for t in ex.labels if t != IGNORE]
+        assert s_t == [t for t in ex.teacher_labels if t != IGNORE]
+        assert s_t[: len(r["answer_token_ids"])] == r["answer_token_ids"]
+        assert tool_id(tok) in ex.teacher_ids and tool_id(tok) not in ex.input_ids

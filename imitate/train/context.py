@@ -30,12 +30,13 @@ def targets(labels: Sequence[int]) -> list[int]:
     return [t for t in labels if t != IGNORE]
 
 
-def teacher_view(t_tok: Any, record: dict, student_labels: Sequence[int], where: str,
-                 loss_on: str = "final") -> tuple[list[int], list[int]]:
-    """(teacher input ids, teacher labels) of a record with context: the teacher's chat template over context +
-    messages, targets on the answer tokens of `messages` only (never on the context's example answers), cut after as
-    many targets as the student kept (--max-length truncates the student's side only). Raises InputError naming the
-    record when the answer's tokens differ between the two renderings."""
+def teacher_view(t_tok: Any, record: dict, ex: Any, loss_on: str = "final") -> tuple[list[int], list[int]]:
+    """(teacher input ids, teacher labels) of a record with context, for its student Example `ex`: the teacher's chat
+    template over context + messages up to the final answer, then the student's own tokens from there (`splice`):
+    targets on the answer tokens of `messages` only (never on the context's example answers), as many as the student
+    kept (--max-length truncates the student's side only). Raises InputError naming the record when the answer's
+    tokens differ between the two renderings."""
+    where, student_labels = ex.where, ex.labels
     context = list(record.get("context") or [])
     if not getattr(t_tok, "chat_template", None):
         raise UsageError("the teacher's tokenizer has no chat template, so it cannot read the records' context",
@@ -52,18 +53,29 @@ def teacher_view(t_tok: Any, record: dict, student_labels: Sequence[int], where:
             f"{where}: the answer's tokens differ after the context in the teacher's chat template (from answer token "
             f"{k}: student {want[k:k + 5]}, teacher {got[k:k + 5]}); logit KD would compare different tokens",
             hint=HINT)
-    return cut(ids, labels, len(want))
+    return splice(ids, labels, ex.input_ids, ex.labels)
 
 
-def cut(ids: list[int], labels: list[int], n: int) -> tuple[list[int], list[int]]:
-    """Keep the first n targets of (ids, labels) and the tokens up to the last of them."""
+def splice(t_ids: list[int], t_labels: list[int], ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+    """The teacher's tokens up to the student's last run of targets (the final answer), then the student's tokens from
+    there on. The answer tokens are the same in both renderings (checked by `teacher_view`), so this is the teacher's
+    rendering with the answer exactly as the student trains it: cut where --max-length cut the student, and with the
+    teacher's generated ids where `teacher_tokens.check_teacher_tokens` put them in (`resplice`)."""
     pos = [t for t, x in enumerate(labels) if x != IGNORE]
-    if len(pos) <= n:
-        return ids, labels
-    end = pos[n - 1] + 2 if n else 1  # labels[t] is the token at t + 1
-    labels = labels[:end]
-    labels[-1] = IGNORE
-    return ids[:end], labels
+    first = pos[-1]
+    while first - 1 >= 0 and labels[first - 1] != IGNORE:  # back to the start of the last run
+        first -= 1
+    before = pos.index(first)  # targets in front of the final answer (earlier turns with --loss-on all)
+    t_first = [t for t, x in enumerate(t_labels) if x != IGNORE][before]
+    return t_ids[: t_first + 1] + ids[first + 1 :], t_labels[:t_first] + labels[first:]
+
+
+def resplice(examples: Sequence[Any]) -> None:
+    """After `teacher_tokens.check_teacher_tokens` replaced some students' answers with the teacher's generated ids:
+    give the teacher views the same answer tokens again."""
+    for ex in examples:
+        if ex.teacher_ids is not None:
+            ex.teacher_ids, ex.teacher_labels = splice(ex.teacher_ids, ex.teacher_labels, ex.input_ids, ex.labels)
 
 
 def onpolicy_view(teacher_ids: Sequence[int], teacher_labels: Sequence[int], answer: Sequence[int],

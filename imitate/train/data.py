@@ -232,7 +232,7 @@ def load_examples(
         if teacher_tokenizer is not None and line.data.get("context"):
             from imitate.train.context import teacher_view
 
-            ex.teacher_ids, ex.teacher_labels = teacher_view(teacher_tokenizer, line.data, labels, where, loss_on)
+            ex.teacher_ids, ex.teacher_labels = teacher_view(teacher_tokenizer, line.data, ex, loss_on)
         stats.tokens += len(ids)
         stats.targets += ex.n_targets
         out.append(ex)

@@ -165,6 +165,10 @@ def prepare(cfg: TrainConfig) -> Prepared:
     if not examples:
         raise no_examples_error(cfg, stats)
     token_check = teacher_tokens.check_teacher_tokens(examples, tokenizer, cfg.max_length)  # the teacher's own tokens?
+    if token_check["retokenized"]:  # records with context: the teacher grades the ids now trained (train/context.py)
+        from imitate.train.context import resplice
+
+        resplice(examples)
     if kd_plan is not None and kd_plan.teacher:  # logit KD (gray-box KD aligns token by token itself)
         teacher_tokens.refuse_token_mismatch(token_check)
     graybox_report = None
