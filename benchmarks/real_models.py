@@ -366,7 +366,7 @@ def gpu_check(a: argparse.Namespace, work: Path) -> None:
     mem = "peak_mem_mb" if cuda else "peak_rss_mb"
     trl = rows["trl_lora"]
     where = f"CUDA {torch.cuda.get_device_name(0)}, bf16" if cuda else "CPU, float32"
-    print(f"\nSmolLM2-135M-Instruct, {where}, {s['steps']} steps x batch {s['batch']}, LoRA r {s['lora_r']}; "
+    print(f"\n{TEACHER}, {where}, {s['steps']} steps x batch {s['batch']}, LoRA r {s['lora_r']}; "
           f"teacher answers collected in {collect_s:.0f} s")
     print(f"{'mode':<16}{'tokens/s':>10}{'x TRL':>7}{'peak MB':>10}{'x TRL':>7}{'train loss':>12}{'wall s':>8}")
     for mode, r in rows.items():
@@ -415,7 +415,7 @@ def main() -> None:
         print(f"task {task} ...", file=sys.stderr, flush=True)
         outs[task] = run_task(task, a, work)
     s = settings(a)
-    print(f"\nSmolLM2-135M-Instruct ({TEACHER}), {'quick' if a.quick else 'default'} run, seeds {a.seeds}: "
+    print(f"\n{TEACHER}, {'quick' if a.quick else 'default'} run, seeds {a.seeds}: "
           f"{sizes(a.quick)}, LoRA r {s['lora_r']} alpha {s['lora_alpha']} dropout {s['lora_dropout']} all-linear, "
           f"lr {s['lr']} (full {s['full_lr']}), warm-up {s['warmup_steps']} steps + cosine, {s['threads']} threads")
     for task, out in outs.items():
