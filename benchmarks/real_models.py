@@ -245,7 +245,7 @@ def run_task(task: str, a: argparse.Namespace, work: Path) -> dict:
     s = settings(a)
     results: dict[str, list[dict]] = {m: [] for m in MODES}
     for seed in range(a.seeds):
-        for mode in MODES:
+        for mode in a.modes.split(","):
             if mode == "untrained" and seed > 0:
                 continue
             job = dict(mode=mode, task=task, seed=seed, settings=s, data=str(train), heldout=str(heldout),
@@ -271,7 +271,7 @@ def mean_sd(xs: list) -> str:
 
 
 def table(task: str, out: dict) -> str:
-    res, trl = out["results"], out["results"]["trl_lora"]
+    res, trl = out["results"], [r for r in out["results"]["trl_lora"] if "error" not in r]
     trl_tps = statistics.mean([r["tokens_per_s"] for r in trl if r.get("tokens_per_s")] or [float("nan")])
     trl_rss = statistics.mean([r["peak_rss_mb"] for r in trl if r.get("peak_rss_mb")] or [float("nan")])
     cols = ["behaviour", "rouge_l", "exact", "nll"] if task == "baking" else ["rouge_l", "exact", "nll"]
@@ -283,6 +283,8 @@ def table(task: str, out: dict) -> str:
         lines.append(f"{LABELS['teacher']:<22}" + "".join(f"{mean_sd([t.get(c)]):>16}" for c in cols))
     for mode in MODES:
         rs = [r for r in res[mode] if "error" not in r]
+        if not res[mode]:
+            continue
         if not rs:
             lines.append(f"{LABELS[mode]:<22}  failed: {res[mode][0].get('error') if res[mode] else 'not run'}")
             continue
@@ -384,6 +386,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run of a few minutes")
     p.add_argument("--tasks", default="baking,cut", help="comma-separated: baking, cut")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")
     p.add_argument("--seeds", type=int, default=1, help="seeds per trained mode (the spread needs >= 2)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for every mode")
     p.add_argument("--lr", type=float, default=3e-4, help="LoRA learning rate (imitate and TRL)")
@@ -396,6 +399,8 @@ def main() -> None:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args()
     TEACHER = a.teacher
+    if not set(a.modes.split(",")) <= set(MODES):
+        p.error(f"--modes: choose from {', '.join(MODES)}")
     if a.worker:
         print("RESULT " + json.dumps(worker(json.loads(a.worker))), flush=True)
         return
