@@ -6,6 +6,10 @@ What is scored against what:
     teacher       `--teacher SPEC` asks that teacher (greedy) for every prompt; without it, rows whose `messages` end
                   with an assistant turn (records from collect) carry the teacher's answer, which is not shown to the
                   student.
+    context       the student is always asked WITHOUT a record's `context` (turns only the teacher saw, see
+                  imitate.records); a teacher asked with --teacher gets it in front: the rows' own `context`, or
+                  --teacher-context FILE (as `collect --context`). So one table shows the teacher with its prompt
+                  (`teacher_score`), the untrained student and the trained one, each without it.
 Match modes (`--match`):
     exact         equal after normalisation: Unicode NFKC, case folded, leading/trailing whitespace dropped, inner
                   whitespace runs collapsed to one space ("  Three  hundred\n" == "three hundred")
@@ -25,7 +29,7 @@ import sys
 import time
 import unicodedata
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,6 +51,10 @@ class EvalConfig(Checked):
     teacher: str | None = opt(None, "Ask this teacher (greedy) for the answers to agree with; API teachers go through "
                               "collect (cached in OUT.teacher.jsonl).", example="hf:./teacher",
                               default_text="the answers in the rows")
+    teacher_context: Path | None = opt(
+        None, "Turns --teacher sees in front of every prompt (the student never does), as collect's --context: "
+        ".json/.jsonl turns, .txt system text or a .j2 template per row.", example="prompts/house_style.json",
+        input=True, default_text="the rows' own context")
     reference_field: str | None = opt(None, "Score against this field of each row (a string, a number or a list of "
                                       "accepted answers) instead of the teacher.", example="answer")
     match: Literal["exact", "contains", "regex"] = opt(
@@ -71,6 +79,9 @@ class EvalConfig(Checked):
                 "imitate eval needs --model and --prompts",
                 hint="e.g. imitate eval --model out/student --prompts data/eval.jsonl --reference-field answer",
             )
+        if self.teacher_context is not None and not self.teacher:
+            raise UsageError("--teacher-context is what --teacher is asked with, and no --teacher is given",
+                             hint="add --teacher SPEC (the student is always scored without the context)")
         if self.match == "regex" and not self.reference_field:
             raise UsageError(
                 "--match regex needs --reference-field: the teacher's answers are not patterns",
@@ -87,6 +98,7 @@ class Item:
     shown: Any  # the prompt as written in the results: the `prompt` string or the messages
     reference: list[str] | None = None  # accepted answers from --reference-field
     teacher: str | None = None  # the teacher's answer (from the row or from --teacher)
+    context: list[dict] = field(default_factory=list)  # turns only the teacher is asked with (never the student)
 
 
 # ------------------------------------------------------------------------------------------------ scoring (pure)
@@ -165,9 +177,10 @@ def _references(value: Any, where: str, field: str, match: str) -> list[str]:
     return refs
 
 
-def read_items(path: Path, reference_field: str | None, match: str) -> list[Item]:
-    """Held-out prompts; malformed rows are errors naming file:line."""
-    from imitate.records import check_messages, iter_jsonl, prompt_messages
+def read_items(path: Path, reference_field: str | None, match: str, context: Any = None) -> list[Item]:
+    """Held-out prompts; malformed rows are errors naming file:line. context: a `collect.context.Context` rendered
+    per row for the teacher (else the rows' own `context` field)."""
+    from imitate.records import check_messages, iter_jsonl, messages_problem, prompt_messages
 
     items = []
     for line in iter_jsonl(path):
@@ -189,7 +202,14 @@ def read_items(path: Path, reference_field: str | None, match: str) -> list[Item
         else:
             raise InputError(f"{where}: a row needs 'prompt' (a string) or 'messages' (a chat list)")
         refs = _references(row.get(reference_field), where, reference_field, match) if reference_field else None
-        items.append(Item(where, msgs, shown, refs, teacher))
+        if context is not None:
+            turns = context.turns(row, where)
+        else:
+            turns = list(row.get("context") or [])
+            problem = messages_problem(turns, field="context") if turns else None
+            if problem:
+                raise InputError(f"{where}: {problem}")
+        items.append(Item(where, msgs, shown, refs, teacher, turns))
     if not items:
         raise InputError(f"{path}: no prompts", hint="one JSON object per line with 'prompt' or 'messages'")
     return items
@@ -214,7 +234,8 @@ def ask_teacher(spec: str, items: list[Item], cfg: EvalConfig) -> None:
 
     teacher = LocalTeacher(name, device=cfg.device, batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code)
     params = {"temperature": 0, "max_tokens": cfg.max_tokens}
-    requests = [Request(id=str(i), messages=it.messages, params=params) for i, it in enumerate(items)]
+    requests = [Request(id=str(i), messages=it.context + it.messages, params=params, context_turns=len(it.context))
+                for i, it in enumerate(items)]
     with Bar("teacher", len(items), elapsed=True) as bar:
         for sl in _chunks(len(items), cfg.batch_size):
             for it, c in zip(items[sl], teacher.complete_sync(requests[sl])):
@@ -230,21 +251,22 @@ def _collect_answers(spec: str, items: list[Item], cfg: EvalConfig) -> None:
     import tempfile
 
     from imitate.collect import stage as collect
-    from imitate.records import assistant_text, prompt_messages, read_records
+    from imitate.records import assistant_text, context_of, prompt_messages, read_records
 
-    def key(messages: list[dict]) -> str:
-        return json.dumps(messages, sort_keys=True, ensure_ascii=False)
+    def key(context: list[dict], messages: list[dict]) -> str:
+        return json.dumps([context, messages], sort_keys=True, ensure_ascii=False)
 
     scratch = None if cfg.out else tempfile.TemporaryDirectory(prefix="imitate-eval-")
     journal = Path(f"{cfg.out}.teacher.jsonl") if cfg.out else Path(scratch.name) / "teacher.jsonl"
     ccfg = collect.CollectConfig(
-        teacher=spec, out=journal, prompts=cfg.prompts, temperature=0.0, max_tokens=cfg.max_tokens
+        teacher=spec, out=journal, prompts=cfg.prompts, temperature=0.0, max_tokens=cfg.max_tokens,
+        context=cfg.teacher_context,  # None: collect keeps the rows' own context, as here
     )
     try:
         done = collect.run(ccfg)
         params = collect.params_of(ccfg)
         answers = {
-            key(prompt_messages(ln.data)): assistant_text(ln.data)
+            key(context_of(ln.data), prompt_messages(ln.data)): assistant_text(ln.data)
             for ln in read_records(journal)
             if ln.data.get("teacher") == spec and ln.data.get("params") == params
         }
@@ -252,7 +274,7 @@ def _collect_answers(spec: str, items: list[Item], cfg: EvalConfig) -> None:
         if scratch is not None:
             scratch.cleanup()
     for it in items:
-        it.teacher = answers.get(key(it.messages))
+        it.teacher = answers.get(key(it.context, it.messages))
         if it.teacher is None:
             raise ImitateError(
                 f"{it.where}: the teacher {spec} gave no answer ({done.get('failed', 0)} requests failed)",
@@ -340,7 +362,12 @@ def run(cfg: EvalConfig) -> dict:
 
     t0 = time.monotonic()
     resolve_model(str(cfg.model))  # cheap checks first: a missing student fails before reading or teacher work
-    items = read_items(Path(cfg.prompts), cfg.reference_field, cfg.match)
+    context = None
+    if cfg.teacher_context is not None:
+        from imitate.collect.context import load as load_context
+
+        context = load_context(cfg.teacher_context)
+    items = read_items(Path(cfg.prompts), cfg.reference_field, cfg.match, context)
     if cfg.teacher:
         ask_teacher(cfg.teacher, items, cfg)
     with_teacher = [it for it in items if it.teacher is not None]
@@ -374,6 +401,8 @@ def run(cfg: EvalConfig) -> dict:
         "reference": f"field:{cfg.reference_field}" if cfg.reference_field else "teacher",
         "agreement": _mean(tally["agreement"]),  # student == teacher answer, over rows that have one
         "teacher_score": _mean(tally["teacher"]),  # the teacher against the reference field, when both exist
+        # prompts whose teacher answer came with a context in front (the student was asked without it)
+        "teacher_context": sum(1 for it in items if it.context and it.teacher is not None),
         "loss": tok_sum / tok_n if tok_n else None,  # mean NLL per teacher-answer token (nats)
         "perplexity": math.exp(tok_sum / tok_n) if tok_n and tok_sum / tok_n < 50 else None,
         # ROUGE-L F1 of the answer against its reference (the teacher's answer without --reference-field)
@@ -418,7 +447,8 @@ def _print_summary(s: dict) -> None:
     if s.get("rouge_l") is not None:
         lines.append(f"  ROUGE-L vs {s['reference']} {fmt(s['rouge_l'])}")
     if s["teacher_score"] is not None:
-        lines.append(f"  teacher score {fmt(s['teacher_score'])}")
+        lines.append(f"  teacher score {fmt(s['teacher_score'])}"
+                     + (" (asked with its context; the student without)" if s.get("teacher_context") else ""))
     if s["truncated"]:
         lines.append(f"  {s['truncated']} answers hit --max-tokens")
     if s["passed"] is not None:

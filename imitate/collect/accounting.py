@@ -151,9 +151,15 @@ def print_summary(result: dict) -> None:
     table.add_column("")
     table.add_column("", justify="right")
     for key, value in result.items():
-        if key == "dry_run" or value is None:
+        if key in ("dry_run", "first_request") or value is None:
             continue
         if key in ("cost_usd", "est_cost_in_usd", "live_cost_usd", "max_cost_usd", "est_cost_max_usd"):
             value = f"${value:.6f}" if value < 0.01 else f"${value:.2f}"
         table.add_row(key.replace("_", " "), str(value))
     Console(stderr=True).print(table)
+    if result.get("first_request"):  # --dry-run: one request as the teacher would get it, its context apart
+        import json
+        import sys
+
+        print("first request (context: only the teacher sees it; messages: the student's view too):", file=sys.stderr)
+        print(json.dumps(result["first_request"], ensure_ascii=False, indent=2), file=sys.stderr)

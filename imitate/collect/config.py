@@ -27,8 +27,12 @@ class CollectConfig(Checked):
     template: str | None = opt(
         None, "Jinja2 template rendering each row into a prompt: a built-in name (chat, instruction, default) or a "
         ".j2 path; none: rows give prompt or messages.", example="chat", path=True)
-    system: str | None = opt(None, "System turn added to every request that has none.",
-                             example="'You are concise.'")
+    system: str | None = opt(None, "System turn added to every request that has none; the student sees and "
+                             "trains on it too (see --context).", example="'You are concise.'")
+    context: Path | None = opt(
+        None, "Turns only the teacher sees, in front of every request (.json/.jsonl turns, .txt system text, or a "
+        ".j2 template rendered per row); records keep them in 'context', apart from the student's 'messages'.",
+        example="prompts/house_style.json", input=True)
     n: int = opt(1, "Samples per prompt (each is its own record; the id includes its index).", example="4", ge=1)
     temperature: float = opt(0.7, "Sampling temperature; 0 = greedy for every teacher.", example="0", ge=0)
     top_p: float | None = opt(None, "Nucleus sampling; none leaves the provider's default.", example="0.95",

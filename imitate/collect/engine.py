@@ -236,7 +236,8 @@ class Engine:
             {
                 "id": r.id,
                 "teacher": self.teacher.spec,
-                "messages": r.messages,
+                "messages": r.messages[r.context_turns :],
+                **({"context": r.messages[: r.context_turns]} if r.context_turns else {}),
                 "params": r.params,
                 "sample": r.sample,
                 "source": job.source,
@@ -257,10 +258,12 @@ class Engine:
 def record(teacher: str, job: Any, comp: Any) -> dict:
     """A record in the format of imitate.records."""
     r = job.request
+    k = r.context_turns  # the teacher was sent context + messages; the student's view is the messages alone
     rec = {
         "id": r.id,
         "teacher": teacher,
-        "messages": [*r.messages, {"role": "assistant", "content": comp.text}],
+        "messages": [*r.messages[k:], {"role": "assistant", "content": comp.text}],
+        **({"context": r.messages[:k]} if k else {}),
         "params": r.params,
         "sample": r.sample,
         "finish_reason": comp.finish_reason,

@@ -118,8 +118,22 @@ def row_messages(row: dict, where: str, template: Any, system: str | None) -> li
     return messages
 
 
-def plan(cfg: CollectConfig, rows: list[tuple[str, dict]], template: Any) -> list[Job]:
-    """Render every row (errors stop here, before any request) into n jobs each; identical requests appear once."""
+def row_context(row: dict, where: str) -> list[dict]:
+    """An input row's own `context` (records re-asked of another teacher keep what the first one saw), or []."""
+    from imitate.records import messages_problem
+
+    ctx = row.get("context") if "messages" in row else None
+    if not ctx:
+        return []
+    problem = messages_problem(ctx, field="context")
+    if problem:
+        raise InputError(f"{where}: {problem}")
+    return [dict(m) for m in ctx]
+
+
+def plan(cfg: CollectConfig, rows: list[tuple[str, dict]], template: Any, context: Any = None) -> list[Job]:
+    """Render every row (errors stop here, before any request) into n jobs each; identical requests appear once.
+    With a context (imitate.collect.context) the teacher is sent its turns first; the id covers both parts."""
     from imitate.records import request_id
 
     params = params_of(cfg)
@@ -127,12 +141,19 @@ def plan(cfg: CollectConfig, rows: list[tuple[str, dict]], template: Any) -> lis
     seen: set[str] = set()
     for where, row in rows:
         messages = row_messages(row, where, template, cfg.system)
+        turns = context.turns(row, where) if context is not None else row_context(row, where)
         for sample in range(cfg.n):
-            rid = request_id(cfg.teacher, messages, params, sample)
+            rid = request_id(cfg.teacher, messages, params, sample, context=turns)
             if rid not in seen:
                 seen.add(rid)
-                jobs.append(Job(Request(rid, messages, params, sample), row, where))
+                jobs.append(Job(Request(rid, turns + messages, params, sample, len(turns)), row, where))
     return jobs
+
+
+def show_request(job: Job) -> dict:
+    """One rendered request as the teacher gets it, its context apart (for --dry-run)."""
+    r = job.request
+    return {"context": r.messages[: r.context_turns], "messages": r.messages[r.context_turns :], "where": job.where}
 
 
 # --- teachers ---------------------------------------------------------------------------------------------------
@@ -182,6 +203,7 @@ def run(cfg: CollectConfig) -> dict:
     """Collect the teacher's answers for every input row; returns the accounting summary."""
     from imitate.collect import templates as prompts
     from imitate.collect.accounting import Budget, check_estimate, dry_run_summary, print_summary, summary
+    from imitate.collect.context import load as load_context
     from imitate.collect.engine import Engine
     from imitate.collect.journal import finished_ids
     from imitate.collect.pricing import prices_for
@@ -189,16 +211,17 @@ def run(cfg: CollectConfig) -> dict:
     # cheap checks first: the key (named by its env var) and a local model's path, before reading any input
     teacher, secret = (None, None) if cfg.dry_run else make_teacher(cfg)
     template = prompts.load(cfg.template) if cfg.template else None
+    context = load_context(cfg.context) if cfg.context else None
     out = Path(cfg.out)
     failures = Path(cfg.failures) if cfg.failures else sidecar(out, "failures")
     rows = read_rows(cfg.prompts) if cfg.prompts is not None and not cfg.self_instruct else []
-    jobs = plan(cfg, rows, template)  # every template/input error surfaces here, before any request
+    jobs = plan(cfg, rows, template, context)  # every template/input error surfaces here, before any request
     seeds = None
     if cfg.self_instruct:  # the same checks for the self-instruct seeds and the rows it will produce
         from imitate.collect.selfinstruct import DEFAULT_SEEDS, load_seeds
 
         seeds = load_seeds(Path(cfg.seed_tasks or cfg.prompts or DEFAULT_SEEDS))
-        plan(cfg, [("self-instruct task", {"prompt": "a task", "origin": "self-instruct"})], template)
+        plan(cfg, [("self-instruct task", {"prompt": "a task", "origin": "self-instruct"})], template, context)
     in_batches = 0
     if not (cfg.batch or cfg.cancel):  # requests that open provider batches hold are never also sent live
         from imitate.collect.batch import held_ids
@@ -208,6 +231,8 @@ def run(cfg: CollectConfig) -> dict:
         jobs = [j for j in jobs if j.request.id not in held]
     estimate = dry_run_summary(cfg, jobs, finished_ids(out), seeds)
     if cfg.dry_run:
+        if jobs:
+            estimate["first_request"] = show_request(jobs[0])
         print_summary(estimate)
         return estimate
     if not cfg.cancel:
@@ -223,7 +248,7 @@ def run(cfg: CollectConfig) -> dict:
         batch_run = BatchRun(cfg, engine, base_url)
         extra = asyncio.run(_stoppable(engine, _collect_batch(engine, batch_run, jobs), cancel=True))
     else:
-        extra = asyncio.run(_stoppable(engine, _collect(cfg, engine, jobs, template, seeds)))
+        extra = asyncio.run(_stoppable(engine, _collect(cfg, engine, jobs, template, seeds, context)))
         engine.stats.pending = in_batches
     result = summary(cfg, engine.stats, out, failures, time.monotonic() - t0, budget)
     if extra:
@@ -321,7 +346,9 @@ async def _collect_batch(engine: Any, batch_run: Any, jobs: list[Job]) -> dict:
         await engine.aclose()
 
 
-async def _collect(cfg: CollectConfig, engine: Any, jobs: list[Job], template: Any, seeds: list[str] | None) -> dict:
+async def _collect(
+    cfg: CollectConfig, engine: Any, jobs: list[Job], template: Any, seeds: list[str] | None, context: Any = None
+) -> dict:
     """Everything that talks to the teacher, in one event loop (the SDK clients belong to it)."""
     try:
         extra: dict = {}
@@ -329,7 +356,7 @@ async def _collect(cfg: CollectConfig, engine: Any, jobs: list[Job], template: A
             from imitate.collect.selfinstruct import expand
 
             new_rows, extra = await expand(cfg, engine, seeds)
-            jobs = plan(cfg, new_rows, template)
+            jobs = plan(cfg, new_rows, template, context)
             # money spent on generation counts in the run's totals
             engine.stats.tokens_in += extra["tokens_in"]
             engine.stats.tokens_out += extra["tokens_out"]

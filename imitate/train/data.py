@@ -41,6 +41,10 @@ class Example:
     teacher: str | None = None
     topk: Any = None
     answer_token_ids: list[int] | None = None  # the record's generated ids (hf teachers), for the round-trip check
+    # a record with `context` under white-box KD: the teacher's rendering of context + messages, targets on the same
+    # answer tokens (imitate.train.context); None: the teacher reads `input_ids`
+    teacher_ids: list[int] | None = None
+    teacher_labels: list[int] | None = None
 
     @property
     def n_targets(self) -> int:
@@ -66,10 +70,12 @@ def _render(tokenizer: Any, messages: list[dict], *, add_generation_prompt: bool
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def assistant_spans(tokenizer: Any, messages: list[dict], loss_on: str = "final") -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans [start, end) of the assistant turns to train on."""
+def assistant_spans(tokenizer: Any, messages: list[dict], loss_on: str = "final",
+                    first: int = 0) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans [start, end) of the assistant turns to train on (turns from
+    index `first` on: a teacher's context in front holds example answers that are not targets)."""
     full = _render(tokenizer, messages, add_generation_prompt=False)
-    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= first]
     if loss_on == "final":
         turns = turns[-1:]
     spans: list[tuple[int, int]] = []
@@ -139,12 +145,13 @@ def without_doubled_separators(tokenizer: Any, messages: list[dict]) -> list[dic
     return out or messages
 
 
-def encode(tokenizer: Any, messages: list[dict], loss_on: str = "final") -> tuple[list[int], list[bool]]:
+def encode(tokenizer: Any, messages: list[dict], loss_on: str = "final",
+           first: int = 0) -> tuple[list[int], list[bool]]:
     """Token ids of the rendered conversation and, per token, whether it is an assistant token to train on.
 
     The answer text is trained as the teacher wrote it: a separator the template would add in front of an answer that
     already starts with it is not doubled (see `without_doubled_separators`)."""
-    full, spans = assistant_spans(tokenizer, without_doubled_separators(tokenizer, messages), loss_on)
+    full, spans = assistant_spans(tokenizer, without_doubled_separators(tokenizer, messages), loss_on, first)
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
@@ -181,10 +188,14 @@ def load_examples(
     overlong: str = "truncate",
     loss_on: str = "final",
     with_logprobs: bool = False,
+    teacher_tokenizer: Any = None,
 ) -> tuple[list[Example], DataStats]:
     """Read records (errors name file:line), tokenize them and apply the --overlong policy.
 
-    with_logprobs: keep each record's `logprobs` and `teacher` on its Example (for gray-box KD)."""
+    The student's tokens are the record's `messages` only, never its `context`.
+    with_logprobs: keep each record's `logprobs` and `teacher` on its Example (for gray-box KD).
+    teacher_tokenizer: a white-box teacher's tokenizer; records with `context` get the teacher's view of context +
+    messages (imitate.train.context.teacher_view, which refuses a record whose answer tokenizes differently there)."""
     from imitate.records import read_records
 
     stats = DataStats()
@@ -218,6 +229,10 @@ def load_examples(
         if ex.n_targets == 0:
             stats.dropped_no_target += 1
             continue
+        if teacher_tokenizer is not None and line.data.get("context"):
+            from imitate.train.context import teacher_view
+
+            ex.teacher_ids, ex.teacher_labels = teacher_view(teacher_tokenizer, line.data, ex, loss_on)
         stats.tokens += len(ids)
         stats.targets += ex.n_targets
         out.append(ex)
@@ -307,16 +322,23 @@ def collate(examples: Sequence[Example], *, pad_id: int, packing: bool) -> dict[
     Packed: one row [1, N] of concatenated examples with position_ids restarting at 0 for each example and no
     attention_mask; transformers then keeps attention inside each example (block-diagonal causal mask).
     `n_tokens` (real tokens) and `n_targets` are plain ints for throughput and loss normalisation.
+    With records that carry a teacher's view (`Example.teacher_ids`), "teacher" holds the teacher's padded rows
+    (imitate.train.context.collate_teacher).
     """
     import torch
 
     n_tokens = sum(len(e.input_ids) for e in examples)
     n_targets = sum(e.n_targets for e in examples)
+    extra = {}
+    if any(e.teacher_ids is not None for e in examples):  # records with context: the teacher's own rows
+        from imitate.train.context import collate_teacher
+
+        extra["teacher"] = collate_teacher(examples, pad_id)
     if packing:
         ids = [t for e in examples for t in e.input_ids]
         labels = [t for e in examples for t in e.labels]
         pos = [p for e in examples for p in range(len(e.input_ids))]
-        return {
+        return {**extra,
             "input_ids": torch.tensor([ids]),
             "position_ids": torch.tensor([pos]),
             "labels": torch.tensor([labels]),
@@ -332,4 +354,5 @@ def collate(examples: Sequence[Example], *, pad_id: int, packing: bool) -> dict[
         ids[r, :n] = torch.tensor(e.input_ids)
         labels[r, :n] = torch.tensor(e.labels)
         attn[r, :n] = 1
-    return {"input_ids": ids, "attention_mask": attn, "labels": labels, "n_tokens": n_tokens, "n_targets": n_targets}
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels, "n_tokens": n_tokens, "n_targets": n_targets,
+            **extra}

@@ -64,6 +64,7 @@ class Plan:
     teacher_width: int = 0
     graybox: dict | None = None  # the gray-box report (counts, notes), None when gray-box is not used
     terms: list[str] = field(default_factory=list)  # KD term names, in order
+    tokenizer: Any = None  # the white-box teacher's tokenizer: its chat template renders records' context + messages
 
 
 def _configs(base: str, trust_remote_code: bool) -> Any:
@@ -93,7 +94,7 @@ def plan_teacher(cfg: Any, tokenizer: Any, student: str) -> Plan:
         raise ImitateError(f"cannot load the tokenizer of teacher {cfg.teacher}: {str(exc).splitlines()[0]}") from None
     vocab.check_tokenizers(tokenizer, t_tok, teacher=f"teacher {cfg.teacher}")
     s_conf = _configs(student, cfg.trust_remote_code)
-    plan = Plan(teacher=ref, student_width=s_conf.hidden_size, teacher_width=t_conf.hidden_size)
+    plan = Plan(teacher=ref, student_width=s_conf.hidden_size, teacher_width=t_conf.hidden_size, tokenizer=t_tok)
     plan.vocab_size = vocab.real_vocab_size(tokenizer, s_conf.vocab_size, t_conf.vocab_size)
     if cfg.feature_kd:
         plan.pairs = features.parse_pairs(cfg.feature_kd, s_conf.num_hidden_layers, t_conf.num_hidden_layers)
@@ -221,14 +222,22 @@ class Distiller:
         return out.hidden_states, unwrap(model).get_output_embeddings()
 
     def _teacher(self, batch: dict) -> Any:
-        """The frozen teacher's outputs (hidden states) on the same micro-batch, under no_grad."""
+        """The frozen teacher's outputs (hidden states) on the same micro-batch, under no_grad. Records with context
+        bring the teacher's own rows (`batch["teacher"]`, context + messages); its hidden states are then moved to the
+        student's target positions (imitate.train.context.realign)."""
         import torch
 
         t_dev = self.teacher.device
         t_extra = {"logits_to_keep": 1} if takes_logits_to_keep(self.teacher) else {}
+        inputs = model_inputs(batch["teacher"] if "teacher" in batch else batch)
         with torch.no_grad():
-            return self.teacher(**{k: v.to(t_dev) for k, v in model_inputs(batch).items()}, **t_extra,
-                                output_hidden_states=True, use_cache=False)
+            out = self.teacher(**{k: v.to(t_dev) for k, v in inputs.items()}, **t_extra,
+                               output_hidden_states=True, use_cache=False)
+        if "teacher" not in batch:
+            return out
+        from imitate.train.context import realign
+
+        return realign(out, batch)
 
     def _logit_kd(self, hidden: Any, head: Any, t_out: Any, labels: Any) -> Any:
         from imitate.train import losses

@@ -162,10 +162,15 @@ def prepare(cfg: TrainConfig) -> Prepared:
     tokenizer = load_tokenizer(cfg, student)
     kd_plan = distill.plan_teacher(cfg, tokenizer, student) if cfg.teacher else None  # tokenizers + configs only
     examples, stats = load_examples(cfg.data, tokenizer, max_length=cfg.max_length, overlong=cfg.overlong,
-                                    loss_on=cfg.loss_on, with_logprobs=cfg.graybox and not cfg.teacher)
+                                    loss_on=cfg.loss_on, with_logprobs=cfg.graybox and not cfg.teacher,
+                                    teacher_tokenizer=kd_plan.tokenizer if kd_plan is not None else None)
     if not examples:
         raise no_examples_error(cfg, stats)
     token_check = teacher_tokens.check_teacher_tokens(examples, tokenizer, cfg.max_length)  # the teacher's own tokens?
+    if token_check["retokenized"]:  # records with context: the teacher grades the ids now trained (train/context.py)
+        from imitate.train.context import resplice
+
+        resplice(examples)
     if kd_plan is not None and kd_plan.teacher:  # logit KD (gray-box KD aligns token by token itself)
         teacher_tokens.refuse_token_mismatch(token_check)
     graybox_report = None

@@ -40,6 +40,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from imitate.train.context import add_onpolicy_views
 from imitate.train.data import IGNORE, Example, collate, shift_targets
 from imitate.train.distill import ONPOLICY
 
@@ -149,6 +150,7 @@ class OnPolicy:
                 max_tokens=self.cfg.on_policy_max_tokens, temperature=self.cfg.on_policy_temperature,
                 seed=(self.cfg.seed * 1_000_003 + step * 1_009 + j) % 2**63)
         exs = [onpolicy_example(p, a, ex.where, self.cfg.max_length) for p, a, ex in zip(prompts, answers, examples)]
+        add_onpolicy_views(exs, examples, answers)  # records with context: the teacher grades with it in front
         out = collate(exs, pad_id=self.pad_id, packing=self.cfg.packing)
         out["onpolicy"] = {"sequences": len(answers), "tokens": sum(map(len, answers)), "capped": sum(capped)}
         if self.references:

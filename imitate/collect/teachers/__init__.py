@@ -22,9 +22,10 @@ PROVIDERS = ("openai", "anthropic", "hf")
 @dataclass(frozen=True)
 class Request:
     id: str
-    messages: list[dict]
+    messages: list[dict]  # what the teacher is sent: the context turns (if any), then the student's messages
     params: dict  # temperature, max_tokens, top_p, logprobs (top-K) ... as given by the user
     sample: int = 0
+    context_turns: int = 0  # the first this many of `messages` are the record's `context` (--context)
 
 
 @dataclass
