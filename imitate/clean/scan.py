@@ -204,16 +204,24 @@ def scan(cfg: CleanConfig, mapper: Mapper, paths: list[Path]) -> tuple[list[Chun
         results = map(mapper, jobs)
     try:
         for chunk in results:
-            for lineno, reason in chunk.bad:
-                if cfg.on_bad_line == "error":
-                    raise InputError(
-                        f"{chunk.path}:{lineno}: {reason}",
-                        hint="each line must be one record (JSON object with 'messages'); "
-                        "use --on-bad-line skip to count and skip such lines",
-                    )
-                bad.append((chunk.path, lineno, reason))
+            bad += check_bad(cfg, [chunk])
             chunks.append(chunk)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     return chunks, bad
+
+
+def check_bad(cfg: CleanConfig, chunks: list[Chunk]) -> list[tuple[str, int, str]]:
+    """The malformed lines of `chunks` as (path, line, reason); with --on-bad-line error, the first one stops the run."""
+    bad = []
+    for chunk in chunks:
+        for lineno, reason in chunk.bad:
+            if cfg.on_bad_line == "error":
+                raise InputError(
+                    f"{chunk.path}:{lineno}: {reason}",
+                    hint="each line must be one record (JSON object with 'messages'); "
+                    "use --on-bad-line skip to count and skip such lines",
+                )
+            bad.append((chunk.path, lineno, reason))
+    return bad

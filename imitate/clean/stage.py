@@ -12,6 +12,8 @@ Same inputs and options give byte-identical CLEAN and REMOVED files; only the re
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 import json
 import math
 import os
@@ -44,8 +46,21 @@ def _check(cfg: CleanConfig) -> None:
             raise InputError(f"{p}: no such file", hint="check the input path")
 
 
+def expand_inputs(cfg: CleanConfig) -> CleanConfig:
+    """Inputs given as a glob (`'shards/*.jsonl'`, quoted so the shell leaves it) -> the matching files, sorted."""
+    out: list[Path] = []
+    for p in cfg.inputs:
+        s = str(p)
+        matches = sorted(glob.glob(s)) if not Path(s).exists() and glob.has_magic(s) else []
+        if glob.has_magic(s) and not Path(s).exists() and not matches:
+            raise InputError(f"{s}: no file matches", hint="check the input pattern (quote it: 'shards/*.jsonl')")
+        out += [Path(m) for m in matches] or [p]
+    return cfg if out == list(cfg.inputs) else dataclasses.replace(cfg, inputs=out)
+
+
 def run(cfg: CleanConfig) -> dict:
     """Clean `cfg.inputs` into `cfg.out` (+ `cfg.removed`, `cfg.report`); returns the report (the --json summary)."""
+    cfg = expand_inputs(cfg)
     _check(cfg)
     t0 = time.perf_counter()
     notes: list[str] = []
@@ -54,7 +69,12 @@ def run(cfg: CleanConfig) -> dict:
     if cfg.near_dedup:
         near = NearDup(cfg.num_perm, cfg.threshold, cfg.ngram, cfg.bands, cfg.seed, verify=cfg.verify)
     paths = [Path(p) for p in cfg.inputs]
-    chunks, bad = scan(cfg, Mapper(cfg, filters, near), paths)
+    if cfg.engine == "ray":  # the same Mapper, run by Ray Data (imitate/clean/ray_engine.py)
+        from imitate.clean import ray_engine
+
+        chunks, bad = ray_engine.scan(cfg, Mapper(cfg, filters, near), paths)
+    else:
+        chunks, bad = scan(cfg, Mapper(cfg, filters, near), paths)
     t1 = time.perf_counter()
     table = _Table(chunks, paths)
     clusters, cluster_s, stages = _cluster_step(cfg, table, near, paths)
@@ -82,6 +102,7 @@ def run(cfg: CleanConfig) -> dict:
         "cpu_s_per_step": {k: round(v, 4) for k, v in seconds.items()},
         "cluster_s": {k: round(v, 4) for k, v in cluster_s.items()},
         "records_per_s": round(len(table.ids) / max(t3 - t0, 1e-9), 1),
+        "engine": cfg.engine,
     }
     if not table.ids:
         notes.append("the inputs hold no records: nothing to clean (and nothing for imitate train)")
@@ -104,7 +125,7 @@ def run(cfg: CleanConfig) -> dict:
         "notes": notes,
         "examples": _examples(cfg, chunks, table, stages),
         "outputs": {"clean": str(cfg.out), "removed": str(cfg.removed) if cfg.removed else None},
-        "config": to_dict(cfg),
+        "config": {k: v for k, v in to_dict(cfg).items() if k not in _WHERE},  # where it ran is in timing
         "timing": timing,  # the only part that changes between identical runs
     }
     if cfg.report:
@@ -113,6 +134,9 @@ def run(cfg: CleanConfig) -> dict:
     summary["outputs"]["card"] = str(write_dataset_card(cfg, summary))  # CLEAN_STEM.README.md (imitate/cards.py)
     print_report(summary)
     return summary
+
+
+_WHERE = ("engine", "ray_address")  # how a run was executed, not what it computes: left out of the report's config
 
 
 class _Table:
