@@ -104,7 +104,23 @@ def shards(tmp_path: Path, n_shards: int = 3, per_shard: int = 400) -> tuple[lis
     return paths, fate
 
 
-def test_shards_through_a_glob_same_bytes(tmp_path, ray_cluster):
+def test_band_shuffle_gives_the_local_edges(ray_cluster, monkeypatch):
+    """Buckets of every size (random keys from a small range), hash-partitioned into 5+ partitions."""
+    import numpy as np
+
+    from imitate.clean import ray_engine
+    from imitate.clean.dedup import candidate_edges
+
+    monkeypatch.setattr(ray_engine, "ROWS_PER_PARTITION", 2000)
+    keys = np.random.default_rng(0).integers(0, 400, (600, 21)).astype(np.uint64)
+    keys[:80, 3] = 7  # one bucket of 80 > 50: a star
+    for m in (0, 50):
+        want = candidate_edges(keys, m)
+        assert len(want) > 1000 and np.array_equal(ray_engine.shuffle_edges(keys, m), want)
+
+
+def test_shards_through_a_glob_same_bytes(tmp_path, ray_cluster, monkeypatch):
+    monkeypatch.setattr("imitate.clean.ray_engine.ROWS_PER_PARTITION", 3000)  # the band shuffle: several partitions
     paths, fate = shards(tmp_path)
     got = both(tmp_path, [tmp_path / "shard-*.jsonl"], chunk_size=150, max_removed=0.9)
     assert got["ray"] == got["local"]

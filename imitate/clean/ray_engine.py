@@ -2,9 +2,9 @@
 
 The steps do not know where they run (datatrove's split of steps and executor): the same `Mapper` that the local
 engine calls in its worker processes is called here in Ray Data's `map_batches`, one task per range of input lines,
-and it returns the same `Chunk`s. Everything after the map (grouping by key and LSH band, the exact check, the
-survivor in input order, the mass-removal stop, writing, the report) is the local code, so the two engines write the
-same bytes.
+and it returns the same `Chunk`s; the grouping by key and LSH band is a Ray Data shuffle that returns the same edges.
+The rest (the exact check, the survivor in input order, the mass-removal stop, writing, the report) is the local
+code, so the two engines write the same bytes.
 
   ranges    this process splits each input (one file or many shards) into ranges of `chunk_size` lines at line
             boundaries and knows each range's first line number (one pass counting newlines, ~1 GB/s)
@@ -12,6 +12,11 @@ same bytes.
             keys, MinHash band keys and sketches). The mapper -- with the filters, the decontamination index and the
             permutations -- is put in the object store once and shared by every task
   gather    the chunks come back in input order (sorted by range), as the local engine's do
+  group     candidate pairs of each dedup stage: rows (band, key, record) are hash-partitioned by (band, key) in
+            a shuffle of Ray tasks (map tasks split, one reduce task per partition), so a bucket lands whole in one
+            partition, which emits its edges (`shuffle_edges`: the edges of `dedup.candidate_edges`, same order).
+            Ray Data's own hash shuffle starts aggregator actors: ~10 s a shuffle on 2 cores, for the same result.
+            The exact check and the survivor choice over the verified edges then run in this process, as locally
 
 A worker that dies mid-task is retried by Ray (map tasks retry on system failures); a task computes a pure function
 of its range, so a retried range gives the same chunk.
@@ -27,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from imitate.clean.config import CleanConfig
+from imitate.clean.dedup import bucket_edges, fmix64, unique_edges
 from imitate.clean.scan import Chunk, Mapper, check_bad
 from imitate.errors import ImitateError
 
@@ -99,6 +105,50 @@ def _map_ranges(batch: dict[str, np.ndarray], mapper: Any) -> dict[str, list]:
     return {"order": batch["order"], "chunk": out}
 
 
+ROWS_PER_PARTITION = 1 << 22  # (band, key, node) rows per partition of the band shuffle: 4M rows = 96 MB
+
+
+def _partition(keys: np.ndarray, lo: int, parts: int) -> list[np.ndarray] | np.ndarray:
+    """Shuffle map: a block of records' band keys -> `parts` arrays of (band, key, node) rows, by hash of (band, key)
+    (one array, not a list of one, when parts = 1: Ray returns a task's value as its single object then)."""
+    n, bands = keys.shape
+    rows = np.stack([np.tile(np.arange(bands, dtype=np.uint64), n), keys.ravel(),
+                     np.repeat(np.arange(lo, lo + n, dtype=np.uint64), bands)], axis=1)  # fmt: skip
+    dest = fmix64(rows[:, 1] ^ rows[:, 0]) % np.uint64(parts)
+    order = np.argsort(dest, kind="stable")
+    cuts = np.searchsorted(dest[order], np.arange(1, parts, dtype=np.uint64))
+    return np.split(rows[order], cuts) if parts > 1 else rows
+
+
+def _reduce(max_pairs_bucket: int, *blocks: np.ndarray) -> np.ndarray:
+    """Shuffle reduce: every row of a (band, key) bucket is in this partition -> the edges of its buckets."""
+    rows = np.concatenate(blocks)
+    out = []
+    for b in np.unique(rows[:, 0]):
+        m = rows[:, 0] == b
+        out.append(bucket_edges(rows[m, 1], rows[m, 2].astype(np.int64), max_pairs_bucket))
+    return unique_edges(out)
+
+
+def shuffle_edges(keys: np.ndarray, max_pairs_bucket: int = 0) -> np.ndarray:
+    """`dedup.candidate_edges` as a shuffle on Ray: map tasks split blocks of records into partitions by a hash of
+    (band, key), so a bucket lands whole in one partition; a reduce task per partition emits its buckets' edges.
+    The same edges, in the same order. keys: [n, bands] uint64, node = row."""
+    import ray
+
+    keys = keys.reshape(len(keys), -1)
+    n, bands = keys.shape
+    if not n:
+        return unique_edges([])
+    parts = max(1, -(-n * bands // ROWS_PER_PARTITION))
+    step = max(1, ROWS_PER_PARTITION // bands)  # records per map task
+    split = ray.remote(num_returns=parts)(_partition)
+    mapped = [split.remote(keys[lo : lo + step], lo, parts) for lo in range(0, n, step)]
+    mapped = [m if isinstance(m, list) else [m] for m in mapped]  # (one partition: one ref, not a list)
+    reduce = ray.remote(_reduce)
+    return unique_edges(ray.get([reduce.remote(max_pairs_bucket, *[m[p] for m in mapped]) for p in range(parts)]))
+
+
 def connect(cfg: CleanConfig) -> tuple[Any, bool]:
     """(ray, whether this call started Ray): attach to --ray-address or RAY_ADDRESS, else start a local Ray with the
     machine's CPUs. A Ray already initialized in this process (a notebook, the tests) is used as it is."""
@@ -115,13 +165,22 @@ def connect(cfg: CleanConfig) -> tuple[Any, bool]:
     return ray, True
 
 
-def scan(cfg: CleanConfig, mapper: Mapper, paths: list[Path]) -> tuple[list[Chunk], list[tuple[str, int, str]]]:
-    """The local `scan.scan`, on Ray Data: the same chunks and bad lines, in input order."""
-    ray, started = connect(cfg)
-    try:
+class RayEngine:
+    """The executor of `--engine ray`: `scan` (the map step) and `group` (the band shuffle) on Ray Data; `close`
+    stops the Ray this engine started (never a cluster it attached to)."""
+
+    def __init__(self, cfg: CleanConfig):
+        self.ray, self.started = connect(cfg)
+        import logging
+
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = False  # the local engine prints no progress either
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # nor per-operator progress lines
+
+    def scan(self, cfg: CleanConfig, mapper: Mapper, paths: list[Path]) -> tuple[list[Chunk], list]:
+        """The local `scan.scan`, on Ray Data: the same chunks and bad lines, in input order."""
+        ray = self.ray
         ranges = line_ranges(paths, cfg.chunk_size)
         if not ranges:
             return [], []
@@ -131,6 +190,9 @@ def scan(cfg: CleanConfig, mapper: Mapper, paths: list[Path]) -> tuple[list[Chun
         rows = sorted(ds.iter_rows(), key=lambda r: r["order"])
         chunks = [pickle.loads(r["chunk"]) for r in rows]
         return chunks, check_bad(cfg, chunks)
-    finally:
-        if started:
-            ray.shutdown()
+
+    group = staticmethod(shuffle_edges)
+
+    def close(self) -> None:
+        if self.started:
+            self.ray.shutdown()

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from imitate.clean.config import CleanConfig
-from imitate.clean.dedup import NearDup, exact_key, stable_hash64
+from imitate.clean.dedup import NearDup, candidate_edges, exact_key, stable_hash64
 from imitate.clean.filters import Predicate, apply
 from imitate.clean.keys import conversation_text, near_turns, normalized_messages, prompt_guard, split_turns
 from imitate.errors import InputError
@@ -225,3 +225,16 @@ def check_bad(cfg: CleanConfig, chunks: list[Chunk]) -> list[tuple[str, int, str
                 )
             bad.append((chunk.path, lineno, reason))
     return bad
+
+
+class LocalEngine:
+    """The executor of `--engine local`: `scan` in this process or `--workers` processes, `group` in numpy."""
+
+    def __init__(self, cfg: CleanConfig):
+        pass
+
+    scan = staticmethod(scan)
+    group = staticmethod(candidate_edges)
+
+    def close(self) -> None:
+        pass

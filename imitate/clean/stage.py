@@ -26,9 +26,9 @@ import numpy as np
 
 from imitate.cards import write_dataset_card
 from imitate.clean.config import CleanConfig
-from imitate.clean.dedup import NearDup, cluster
+from imitate.clean.dedup import NearDup, candidate_edges, cluster
 from imitate.clean.filters import build_filters
-from imitate.clean.scan import Chunk, Mapper, scan, snippet
+from imitate.clean.scan import Chunk, LocalEngine, Mapper, snippet
 from imitate.clean.verify import pair_similarity
 from imitate.config import to_dict
 from imitate.errors import ImitateError, InputError, UsageError
@@ -69,15 +69,14 @@ def run(cfg: CleanConfig) -> dict:
     if cfg.near_dedup:
         near = NearDup(cfg.num_perm, cfg.threshold, cfg.ngram, cfg.bands, cfg.seed, verify=cfg.verify)
     paths = [Path(p) for p in cfg.inputs]
-    if cfg.engine == "ray":  # the same Mapper, run by Ray Data (imitate/clean/ray_engine.py)
-        from imitate.clean import ray_engine
-
-        chunks, bad = ray_engine.scan(cfg, Mapper(cfg, filters, near), paths)
-    else:
-        chunks, bad = scan(cfg, Mapper(cfg, filters, near), paths)
-    t1 = time.perf_counter()
-    table = _Table(chunks, paths)
-    clusters, cluster_s, stages = _cluster_step(cfg, table, near, paths)
+    engine = _engine(cfg)
+    try:
+        chunks, bad = engine.scan(cfg, Mapper(cfg, filters, near), paths)
+        t1 = time.perf_counter()
+        table = _Table(chunks, paths)
+        clusters, cluster_s, stages = _cluster_step(cfg, table, near, paths, engine.group)
+    finally:
+        engine.close()
     t2 = time.perf_counter()
     removed = {name: table.status.count(name) for name in [*filters, *stages]}
     too_many = [name for name, count in removed.items() if count > cfg.max_removed * len(table.ids)]
@@ -136,6 +135,15 @@ def run(cfg: CleanConfig) -> dict:
     return summary
 
 
+def _engine(cfg: CleanConfig) -> Any:
+    """Where the map step and the grouping by key run; the steps themselves (Mapper, cluster, verify) are the same."""
+    if cfg.engine == "ray":
+        from imitate.clean.ray_engine import RayEngine  # Ray is imported only here
+
+        return RayEngine(cfg)
+    return LocalEngine(cfg)
+
+
 _WHERE = ("engine", "ray_address")  # how a run was executed, not what it computes: left out of the report's config
 
 
@@ -168,7 +176,7 @@ class _Table:
 
 
 def _cluster_step(
-    cfg: CleanConfig, table: _Table, near: NearDup | None, paths: list[Path]
+    cfg: CleanConfig, table: _Table, near: NearDup | None, paths: list[Path], group: Any = candidate_edges
 ) -> tuple[dict[str, dict], dict[str, float], list[str]]:
     """Exact, prompt and near dedup in turn over the records still alive; marks the removed ones in `table`."""
     alive = np.array([s == "" for s in table.status], bool)
@@ -203,7 +211,7 @@ def _cluster_step(
         if keys is None or not alive.any():
             clusters[name] = {"clusters": 0, "records_in_clusters": 0, "sizes": {}}
             continue
-        removed_ix, surv_ix, clusters[name] = cluster(keys, alive, table.rank, verify)
+        removed_ix, surv_ix, clusters[name] = cluster(keys, alive, table.rank, verify, group)
         for r, s in zip(removed_ix.tolist(), surv_ix.tolist()):
             table.status[r] = name
             table.dup_of[r] = s
