@@ -92,8 +92,8 @@ def shards(tmp_path: Path, n_shards: int = 3, per_shard: int = 400) -> tuple[lis
                 fate[rid] = src["id"]
             elif rnd.random() < 0.5:
                 a, b = rnd.randrange(10**6), rnd.randrange(10**6)
-                cp = {"id": rid, "messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
-                                              {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}  # fmt: skip
+                q, ans = f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."
+                cp = {"id": rid, "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ans}]}
             else:
                 doc = " ".join(rnd.sample(docs, 2))
                 cp = {"id": rid, "messages": [{"role": "user", "content": f"Explain {rid}."},

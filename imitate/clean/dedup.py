@@ -132,6 +132,25 @@ def word_tokens(texts: Sequence[str], *, lengths: bool = False) -> tuple[np.ndar
     return tokens, counts
 
 
+def word_counts(texts: Sequence[str]) -> np.ndarray:
+    """[S] int64: the words of each text as `word_tokens` counts them, without hashing them (a third of the time)."""
+    enc = [t.encode("utf-8") for t in texts]  # (lowercasing does not move word boundaries: bytes >= 0x80 are word)
+    lens = np.fromiter(map(len, enc), np.int64, count=len(enc))
+    buf = np.frombuffer(b"".join(enc), np.uint8)
+    if not len(buf):
+        return np.zeros(len(enc), np.int64)
+    w = _WORD_BYTE[buf]
+    start = w.copy()
+    start[1:] &= ~w[:-1]
+    ends = np.cumsum(lens)
+    text_start = (ends - lens)[lens > 0]
+    start[text_start] = w[text_start]
+    per = np.add.reduceat(start.astype(np.int64), text_start) if len(text_start) else np.zeros(0, np.int64)
+    out = np.zeros(len(enc), np.int64)
+    out[lens > 0] = per
+    return out
+
+
 class Shingler:
     """Turns -> 64-bit character n-gram hashes, each tagged by its turn's position, flat, with the owning turn."""
 
@@ -359,7 +378,8 @@ def cluster(
     Without `verify` a shared key is a duplicate (exact keys): connected components, the best-ranked member survives.
     With it, verify(idx, edges) -> edges keeps the candidate pairs that are duplicates, and `select` picks survivors.
     rank orders survivors (lowest first). `group(keys, max_pairs_bucket)` finds the candidate pairs (`candidate_edges`
-    here, a shuffle on the Ray engine: the same edges). Returns (removed global indexes, their survivors, stats with a histogram).
+    here, a shuffle on the Ray engine: the same edges). Returns (removed global indexes, their survivors, stats with
+    a histogram).
     """
     idx = np.flatnonzero(alive)
     edges = group(keys[idx], MAX_PAIRS_BUCKET if verify else 0)

@@ -213,7 +213,7 @@ def scan(cfg: CleanConfig, mapper: Mapper, paths: list[Path]) -> tuple[list[Chun
 
 
 def check_bad(cfg: CleanConfig, chunks: list[Chunk]) -> list[tuple[str, int, str]]:
-    """The malformed lines of `chunks` as (path, line, reason); with --on-bad-line error, the first one stops the run."""
+    """The malformed lines of `chunks` as (path, line, reason); with --on-bad-line error, the first stops the run."""
     bad = []
     for chunk in chunks:
         for lineno, reason in chunk.bad:
