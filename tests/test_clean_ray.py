@@ -130,6 +130,32 @@ def test_shards_through_a_glob_same_bytes(tmp_path, ray_cluster, monkeypatch):
     assert len(across) > 20 and all(k in removed for k in fate), sorted(set(fate) - set(removed))[:5]
 
 
+def test_pipeline_engine_ray_and_its_mass_removal_stop(tmp_path, ray_cluster, monkeypatch):
+    """`engine = "ray"` under [clean] of `imitate run`; the mass-removal stop behaves as locally (nothing written)."""
+    from test_clean_shapes import mass_corpus
+
+    from imitate.clean.ray_engine import RayEngine
+
+    scans = []
+    scan = RayEngine.scan
+    monkeypatch.setattr(RayEngine, "scan", lambda self, *a: scans.append(1) or scan(self, *a))
+
+    src = mass_corpus(tmp_path)
+    pipe = tmp_path / "pipe.toml"
+    body = f'inputs = ["{src.name}"]\ndrop-repetitive = false\nengine = "ray"\n'
+    pipe.write_text(f'[clean]\n{body}out = "runs/clean.jsonl"\n')
+    res = CliRunner().invoke(app, ["run", str(pipe), "--json"])
+    assert res.exit_code == 1 and "40 of 60 records (66.7%)" in res.output
+    assert not (tmp_path / "runs" / "clean.jsonl").exists()
+    pipe.write_text(f'[clean]\n{body}max-removed = 0.7\nout = "runs/clean.jsonl"\n')
+    res = CliRunner().invoke(app, ["run", str(pipe), "--json"])
+    assert res.exit_code == 0, res.output
+    local = tmp_path / "local.jsonl"
+    run(CleanConfig(inputs=[src], out=local, drop_repetitive=False, max_removed=0.7))
+    assert (tmp_path / "runs" / "clean.jsonl").read_bytes() == local.read_bytes()
+    assert len(scans) == 2  # both pipeline runs mapped on Ray
+
+
 class CrashOnce(Mapper):
     """A mapper whose worker process dies (os._exit, as a killed worker) the first time it meets a given line."""
 

@@ -2,7 +2,8 @@
 
 The steps do not know where they run (datatrove's split of steps and executor): the same `Mapper` that the local
 engine calls in its worker processes is called here in Ray Data's `map_batches`, one task per range of input lines,
-and it returns the same `Chunk`s; the grouping by key and LSH band is a Ray Data shuffle that returns the same edges.
+and it returns the same `Chunk`s; the grouping by key and LSH band is a shuffle of Ray tasks that returns the same
+edges.
 The rest (the exact check, the survivor in input order, the mass-removal stop, writing, the report) is the local
 code, so the two engines write the same bytes.
 
