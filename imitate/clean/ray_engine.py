@@ -188,8 +188,8 @@ class RayEngine:
         items = [{"order": i, "path": p, "start": s, "end": e, "lineno": ln} for i, (p, s, e, ln) in enumerate(ranges)]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(_map_ranges, batch_size=1, fn_kwargs={"mapper": ray.put(mapper)})
-        rows = sorted(ds.iter_rows(), key=lambda r: r["order"])
-        chunks = [pickle.loads(r["chunk"]) for r in rows]
+        got = [(r["order"], pickle.loads(r["chunk"])) for r in ds.iter_rows()]  # unpickled as they come: the pickled
+        chunks = [c for _, c in sorted(got, key=lambda oc: oc[0])]  # bytes are not all held at once
         return chunks, check_bad(cfg, chunks)
 
     group = staticmethod(shuffle_edges)
