@@ -1,4 +1,5 @@
-"""Near-dedup benchmark: imitate (MinHash LSH candidates + exact check) vs datasketch `MinHash` + `MinHashLSH`, one run.
+"""Near-dedup benchmark: imitate (MinHash LSH candidates + exact check) vs datasketch `MinHash` + `MinHashLSH` and rensa
+(Rust `RMinHash` + `RMinHashLSH`), one run.
 
 Texts are generated from prose nobody wrote for this benchmark -- sentences of the Python standard library's docstrings
 (read from its source files with `ast`) -- in several shapes: one to three sentences, longer paragraphs, sums with
@@ -14,17 +15,20 @@ ours (21 x 6, no exact check). The truth is computed here, independently, with P
   < t - 0.1  removed texts whose match is below threshold - 0.1 (the target is none)
 
     python benchmarks/clean_dedup.py                      # 100k texts for us, 20k for datasketch
-    python benchmarks/clean_dedup.py --records 1000000    # + a full `imitate clean` run on 1M records, 2 workers
+    python benchmarks/clean_dedup.py --records 1000000    # + the whole `imitate clean` on 1M records in 4 shards,
+                                                          # local engine (2 workers) and Ray engine (local Ray, 2 CPUs)
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import importlib.util
 import json
 import os
 import re
 import resource
+import shutil
 import sys
 import sysconfig
 import tempfile
@@ -157,6 +161,55 @@ def datasketch_dedup(texts: list[str], num_perm: int, threshold: float, params=N
     return removed
 
 
+def rensa_dedup(texts: list[str], num_perm: int, threshold: float, bands: int) -> dict[int, int]:
+    """rensa (Rust MinHash, Python bindings), as datasketch: query, then insert; the same character 5-grams."""
+    from rensa import RMinHash, RMinHashLSH
+
+    lsh = RMinHashLSH(threshold=threshold, num_perm=num_perm, num_bands=bands)
+    removed = {}
+    for i, t in enumerate(texts):
+        n = normalize(t)
+        m = RMinHash(num_perm=num_perm, seed=1)
+        m.update([n[k : k + 5] for k in range(len(n) - 4)] or [n])  # a list (duplicates do not change a MinHash)
+        hits = lsh.query(m)
+        if hits:
+            removed[i] = min(hits)
+        else:
+            lsh.insert(i, m)
+    return removed
+
+
+def clean_whole(texts: list[str], tmp: Path) -> tuple[dict[int, int], set[int], float, float]:
+    """The whole `imitate clean` with its defaults (1 process, every default filter, exact and near dedup with the
+    exact check) on records whose answer is each text (one prompt for all). Returns (removed by dedup -> survivor,
+    removed by anything, wall s, CPU s)."""
+    from imitate.clean.stage import CleanConfig, run
+    from imitate.records import dumps
+
+    src = tmp / "texts.jsonl"
+    with src.open("w", encoding="utf-8") as fh:
+        for i, t in enumerate(texts):
+            msgs = [{"role": "user", "content": "Write a paragraph."}, {"role": "assistant", "content": t}]
+            fh.write(dumps({"id": str(i), "messages": msgs, "finish_reason": "stop"}) + "\n")
+    cfg = CleanConfig(inputs=[src], out=tmp / "clean.jsonl", removed=tmp / "removed.jsonl", max_removed=1.0)
+    t0, c0 = time.perf_counter(), time.process_time()
+    with open(os.devnull, "w") as null:  # the report table goes to stderr
+        err, sys.stderr = sys.stderr, null
+        try:
+            run(cfg)
+        finally:
+            sys.stderr = err
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    dup, gone = {}, set()
+    with (tmp / "removed.jsonl").open(encoding="utf-8") as fh:
+        for line in fh:
+            r = json.loads(line)
+            gone.add(int(r["id"]))
+            if "duplicate_of" in r["removed"]:
+                dup[int(r["id"])] = int(r["removed"]["duplicate_of"])
+    return dup, gone, wall, cpu
+
+
 def scores(name: str, removed: dict[int, int], texts: list[str], planted: list[tuple[int, int]], t: float) -> list:
     real = [(i, j) for i, j in planted if true_jaccard(texts[i], texts[j]) >= t]
     recall = sum(i in removed for i, _ in real) / max(1, len(real))
@@ -180,6 +233,18 @@ def compare(n_ours: int, n_ds: int, threshold: float, num_perm: int, pool: list[
     t_ds, c_ds = time.perf_counter() - t0, time.process_time() - c0
     ds_ours = datasketch_dedup(sub, num_perm, threshold, params=(nd.bands, nd.rows))
     ours = imitate_dedup(sub, nd)
+    have_rensa = importlib.util.find_spec("rensa") is not None
+    if have_rensa:
+        rensa_dedup(texts[:500], num_perm, threshold, 16)  # warm up
+        t0, c0 = time.perf_counter(), time.process_time()
+        rn_all = rensa_dedup(texts, num_perm, threshold, 16)
+        t_rn, c_rn = time.perf_counter() - t0, time.process_time() - c0
+        rn32 = rensa_dedup(texts, num_perm, threshold, 32)
+    tmp = Path(tempfile.mkdtemp(prefix="imitate_bench_"))
+    whole, whole_gone, t_whole, c_whole = clean_whole(texts, tmp)
+    for f in tmp.iterdir():
+        f.unlink()
+    tmp.rmdir()
 
     planted = [(i, j) for i, (_, j, _) in enumerate(data[:n_ds]) if j >= 0]
     planted_all = [(i, j) for i, (_, j, _) in enumerate(data) if j >= 0]
@@ -196,8 +261,16 @@ def compare(n_ours: int, n_ds: int, threshold: float, num_perm: int, pool: list[
     ]
     for name, removed, rec, prec, bad in rows:
         print(f"{name:40}{n_ds:>8}{removed:>9}{rec:>9.4f}{prec:>11.4f}{bad:>9}")
-    name, removed, rec, prec, bad = scores("imitate, all texts", ours_all, texts, planted_all, threshold)
-    print(f"{name:40}{n_ours:>8}{removed:>9}{rec:>9.4f}{prec:>11.4f}{bad:>9}")
+    full = [scores("imitate dedup only, all texts", ours_all, texts, planted_all, threshold)]
+    if have_rensa:
+        full.append(scores("rensa 16x8 (query, insert), all texts", rn_all, texts, planted_all, threshold))
+        full.append(scores("rensa 32x4, all texts", rn32, texts, planted_all, threshold))
+    row = scores("whole `imitate clean`, all texts", whole, texts, planted_all, threshold)
+    real = [i for i, j in planted_all if true_jaccard(texts[i], texts[j]) >= threshold]
+    row[2] = sum(i in whole_gone for i in real) / max(1, len(real))  # recall: the copy is gone, whatever took it
+    full.append(row)
+    for name, removed, rec, prec, bad in full:
+        print(f"{name:40}{n_ours:>8}{removed:>9}{rec:>9.4f}{prec:>11.4f}{bad:>9}")
     print(f"  planted pairs on the {n_ds} texts: {len(planted)}, of which true Jaccard >= {threshold}: "
           f"{sum(true_jaccard(sub[i], sub[j]) >= threshold for i, j in planted)}")  # fmt: skip
     print(f"  recall by true Jaccard of the planted pair{'pairs':>10}{'imitate':>10}{'datasketch':>12}")
@@ -214,112 +287,163 @@ def compare(n_ours: int, n_ds: int, threshold: float, num_perm: int, pool: list[
     print(f"{'':40}{'texts':>8}{'wall s':>9}{'CPU s':>9}{'texts/s/core':>14}")
     print(f"{'imitate (numpy, with the exact check)':40}{n_ours:>8}{t_ours:>9.2f}{c_ours:>9.2f}{rate_ours:>14.0f}")
     print(f"{'datasketch MinHash+LSH':40}{n_ds:>8}{t_ds:>9.2f}{c_ds:>9.2f}{rate_ds:>14.0f}")
-    print(f"{'speedup per core':40}{rate_ours / rate_ds:>40.1f}x")
+    if have_rensa:
+        print(f"{'rensa RMinHash+LSH (16x8), no check':40}{n_ours:>8}{t_rn:>9.2f}{c_rn:>9.2f}{n_ours / c_rn:>14.0f}")
+    rate_whole = n_ours / c_whole
+    print(f"{'whole `imitate clean` (defaults)':40}{n_ours:>8}{t_whole:>9.2f}{c_whole:>9.2f}{rate_whole:>14.0f}")
+    print(f"{'imitate dedup / datasketch, per core':40}{rate_ours / rate_ds:>40.1f}x")
+    print(f"{'whole imitate clean / datasketch':40}{rate_whole / rate_ds:>40.1f}x")
+    if have_rensa:
+        print(f"{'whole imitate clean / rensa':40}{rate_whole / (n_ours / c_rn):>40.2f}x")
 
 
 # --- the full stage on a big corpus -----------------------------------------------------------------------------------
 
-psutil_errors: tuple = ()
-
-
 class PeakRSS:
-    """Peak RSS of this process plus its children, sampled every 0.1 s (needs psutil; else ru_maxrss)."""
+    """Peak RSS, sampled every 0.2 s, of this process (the driver), of the processes doing the map (local worker
+    processes, or Ray's `ray::` worker processes), and of Ray's own daemons (GCS, raylet, ...), each summed over its
+    processes at one instant. Needs psutil."""
 
-    def __init__(self, pid: int):
-        self.pid, self.peak, self._stop = pid, 0, threading.Event()
-        try:
-            import psutil
+    def __init__(self):
+        import psutil
 
-            self.proc = psutil.Process(pid)
-            global psutil_errors
-            psutil_errors = (psutil.NoSuchProcess, psutil.AccessDenied)
-        except ImportError:
-            self.proc = None
+        self.psutil, self.proc = psutil, psutil.Process()
+        self.peak = {"driver": 0, "workers": 0, "ray daemons": 0}
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        now = {k: 0 for k in self.peak}
+        now["driver"] = self.proc.memory_info().rss
+        for p in self.proc.children(recursive=True):
+            try:
+                cmd = " ".join(p.cmdline())
+                kind = "workers" if "ray::" in cmd or "default_worker" in cmd or "ray" not in cmd else "ray daemons"
+                now[kind] += p.memory_info().rss
+            except (self.psutil.NoSuchProcess, self.psutil.AccessDenied, self.psutil.ZombieProcess):
+                pass
+        for k, v in now.items():
+            self.peak[k] = max(self.peak[k], v)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            try:
-                procs = [self.proc] + self.proc.children(recursive=True)
-                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs))
-            except psutil_errors:  # a worker exited between listing and reading it
-                pass
-            time.sleep(0.1)
+            self._sample()
+            time.sleep(0.2)
 
     def __enter__(self) -> PeakRSS:
-        if self.proc is not None:
-            self.thread = threading.Thread(target=self._loop, daemon=True)
-            self.thread.start()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        if self.proc is None:
-            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.thread.join()
 
 
 PROMPTS = ["Explain this in your own words.", "Summarize the following.", "What does this mean?", "Rewrite this."]
 
 
-def big_run(n: int, workers: int, keep: bool, pool: list[str]) -> None:
+def generate(n: int, pool: list[str], out: Path, shards: int = 1) -> dict[str, str]:
     """Records: a prompt (a template with an item number, so prompts differ) and a generated answer; planted copies
-    keep the prompt and edit the answer (one word, an appended sentence, case and whitespace)."""
-    from imitate.clean.stage import CleanConfig, run
+    keep the prompt and edit the answer (one word, an appended sentence, case and whitespace). Written to `shards`
+    files out-00.jsonl ... in turn (copies land in other shards than their original). Returns copy id -> kind."""
     from imitate.records import dumps
 
-    tmp = Path(tempfile.mkdtemp(prefix="imitate_bench_"))
-    src = tmp / "records.jsonl"
-    t = time.perf_counter()
     planted: dict[str, str] = {}
     prompts: dict[int, str] = {}
-    with src.open("w", encoding="utf-8") as fh:
-        for i, (a, j, kind) in enumerate(Texts(pool, seed=1)(n)):
-            prompts[i] = prompts[j] if j >= 0 else f"{PROMPTS[i % len(PROMPTS)]} (item {i})"
-            if j >= 0:
-                planted[f"r{i:07d}"] = kind
-            if len(prompts) > 4000:
-                prompts.pop(next(iter(prompts)))
-            rec = {
-                "id": f"r{i:07d}",
-                "teacher": "bench:synthetic",
-                "messages": [{"role": "user", "content": prompts[i]}, {"role": "assistant", "content": a}],
-                "finish_reason": "stop",
-                "usage": {"input_tokens": 10, "output_tokens": 100},
-            }
-            fh.write(dumps(rec) + "\n")
-    t_gen = time.perf_counter() - t
-    size = src.stat().st_size
-    cfg = CleanConfig(inputs=[src], out=tmp / "clean.jsonl", removed=tmp / "removed.jsonl", workers=workers)
-    def cpu() -> float:
-        return sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-                   for f in ("ru_utime", "ru_stime"))  # fmt: skip
+    files = [open(out.with_name(f"{out.stem}-{k:02d}.jsonl"), "w", encoding="utf-8") for k in range(shards)]
+    per = -(-n // shards)
+    for i, (a, j, kind) in enumerate(Texts(pool, seed=1)(n)):
+        prompts[i] = prompts[j] if j >= 0 else f"{PROMPTS[i % len(PROMPTS)]} (item {i})"
+        if j >= 0:
+            planted[f"r{i:08d}"] = kind
+        if len(prompts) > 4000:
+            prompts.pop(next(iter(prompts)))
+        rec = {
+            "id": f"r{i:08d}",
+            "teacher": "bench:synthetic",
+            "messages": [{"role": "user", "content": prompts[i]}, {"role": "assistant", "content": a}],
+            "finish_reason": "stop",
+            "usage": {"input_tokens": 10, "output_tokens": 100},
+        }
+        files[i // per].write(dumps(rec) + "\n")
+    for fh in files:
+        fh.close()
+    return planted
 
-    with PeakRSS(os.getpid()) as rss:
-        t, c = time.perf_counter(), cpu()
-        summary = run(cfg)
-        wall, cpu_s = time.perf_counter() - t, cpu() - c
+
+def big_run(n: int, workers: int, keep: bool, pool: list[str], engines: list[str], shards: int) -> None:
+    """The whole `imitate clean` on n generated records (in `shards` files, read through a glob) with each engine."""
+    from imitate.clean.stage import CleanConfig, run
+
+    tmp = Path(tempfile.mkdtemp(prefix="imitate_bench_"))
+    t = time.perf_counter()
+    planted = generate(n, pool, tmp / "records.jsonl", shards)
+    t_gen = time.perf_counter() - t
+    size = sum(f.stat().st_size for f in tmp.glob("records-*.jsonl"))
+    print(f"\nfull `imitate clean` (default filters + exact + near dedup with the exact check) on {n} records, "
+          f"{size / 1e9:.2f} GB in {shards} shard(s), {len(planted)} planted copies (generated in {t_gen:.0f} s); "
+          f"load average before: {os.getloadavg()[0]:.1f}")  # fmt: skip
+    print(f"{'engine':34}{'wall s':>9}{'CPU s':>9}{'rec/CPU s':>11}{'driver GiB':>12}{'workers GiB':>13}"
+          f"{'ray daemons':>13}{'out':>10}{'same bytes':>12}")  # fmt: skip
+    first = None
+    for engine in engines:
+        d = tmp / engine
+        cfg = CleanConfig(inputs=[tmp / "records-*.jsonl"], out=d / "clean.jsonl", removed=d / "removed.jsonl",
+                          workers=workers if engine == "local" else 1, engine=engine)  # fmt: skip
+        if engine == "ray":
+            import ray
+
+            ray.init(num_cpus=workers, include_dashboard=False, logging_level="ERROR")
+        with PeakRSS() as rss:
+            t, c = time.perf_counter(), cpu_of_tree()
+            with open(os.devnull, "w") as null:
+                err, sys.stderr = sys.stderr, null
+                try:
+                    summary = run(cfg)
+                finally:
+                    sys.stderr = err
+            wall, cpu_s = time.perf_counter() - t, cpu_of_tree() - c
+        if engine == "ray":
+            ray.shutdown()
+        out = (d / "clean.jsonl").read_bytes() + (d / "removed.jsonl").read_bytes()
+        same = "-" if first is None else str(out == first)
+        first = out if first is None else first
+        gib = {k: v / 2**30 for k, v in rss.peak.items()}
+        label = f"{engine} ({workers} {'workers' if engine == 'local' else 'Ray CPUs'})"
+        print(f"{label:34}{wall:>9.1f}{cpu_s:>9.1f}{n / cpu_s:>11.0f}{gib['driver']:>12.2f}{gib['workers']:>13.2f}"
+              f"{gib['ray daemons']:>13.2f}{summary['out']:>10}{same:>12}")  # fmt: skip
+        timing = summary["timing"]
+        print("    " + ", ".join(f"{k} {timing[k + '_wall_s']:.1f} s" for k in ("map", "cluster", "write")))
     caught = {}
-    with (tmp / "removed.jsonl").open(encoding="utf-8") as fh:
+    with (tmp / engines[0] / "removed.jsonl").open(encoding="utf-8") as fh:
         for line in fh:
             r = json.loads(line)
             caught[r["id"]] = r["removed"]["filter"]
-    timing = summary["timing"]
-    print(f"\nfull `imitate clean` (default filters + exact + near dedup with the exact check), {workers} workers")
-    print(f"  corpus: {n} records, {size / 1e9:.2f} GB, {len(planted)} planted copies (generated in {t_gen:.0f} s)")
-    print(f"  wall {wall:.1f} s  ({n / wall:.0f} records/s); CPU {cpu_s:.1f} s in main + workers "
-          f"({n / cpu_s:.0f} records per CPU second)")  # fmt: skip
-    steps = ("map", "cluster", "write")
-    print("  " + ", ".join(f"{k} {timing[k + '_wall_s']:.1f} s" for k in steps))
-    print(f"  peak RSS (main + workers): {rss.peak / 2**30:.2f} GiB")
-    print(f"  out {summary['out']}, removed {json.dumps(summary['removed'])}")
+    print(f"  removed {json.dumps(summary['removed'])}")
     for kind in ("one word", "appended", "case/space"):
         ids = [i for i, k in planted.items() if k == kind]
         got = sum(i in caught for i in ids)
-        print(f"  planted {kind:>10}: {len(ids):>7}, removed {got:>7} ({got / max(1, len(ids)):.3f})")
-    print(f"  removed but not planted: {sum(i not in planted for i in caught)}")
+        print(f"  planted {kind:>10}: {len(ids):>8}, removed {got:>8} ({got / max(1, len(ids)):.3f})")
+    print(f"  removed but not planted: {sum(i not in planted for i in caught)}; load average after: "
+          f"{os.getloadavg()[0]:.1f}")  # fmt: skip
     if not keep:
-        for f in tmp.iterdir():
-            f.unlink()
-        tmp.rmdir()
+        shutil.rmtree(tmp)
+
+
+def cpu_of_tree() -> float:
+    """CPU seconds (user + system) of this process and every process under it, alive or reaped: Ray's workers are not
+    reaped children until Ray shuts down, so the live ones are read with psutil."""
+    import psutil
+
+    total = sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                for f in ("ru_utime", "ru_stime"))  # fmt: skip
+    for p in psutil.Process().children(recursive=True):
+        try:
+            c = p.cpu_times()
+            total += c.user + c.system
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return total
 
 
 def main() -> None:
@@ -331,12 +455,16 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=0.8)
     ap.add_argument("--num-perm", type=int, default=128)
     ap.add_argument("--keep", action="store_true", help="keep the generated files of the big run")
+    ap.add_argument("--engines", default="local,ray", help="engines of the big run, comma-separated")
+    ap.add_argument("--shards", type=int, default=4, help="files the big run's records are written to")
+    ap.add_argument("--skip-compare", action="store_true", help="only the big run")
     args = ap.parse_args()
     pool = sentence_pool()
     print(f"{len(pool)} docstring sentences from {sysconfig.get_paths()['stdlib']}")
-    compare(args.ours, args.datasketch, args.threshold, args.num_perm, pool)
+    if not args.skip_compare:
+        compare(args.ours, args.datasketch, args.threshold, args.num_perm, pool)
     if args.records:
-        big_run(args.records, args.workers, args.keep, pool)
+        big_run(args.records, args.workers, args.keep, pool, args.engines.split(","), args.shards)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from imitate.clean.dedup import (
     optimal_bands,
     recall_bands,
     select,
+    word_counts,
     word_tokens,
 )
 from imitate.clean.keys import guard_tokens, nfkc, normalize
@@ -104,6 +105,21 @@ def test_word_tokens_split_like_the_word_regex():
     assert tokens[:2].tolist() == tokens[4:6].tolist()  # "hello world" in both texts
     t2, _ = word_tokens(["hello"])
     assert t2[0] == tokens[0]  # stable: same word, same hash, whatever the batch
+
+
+def test_word_counts_equal_word_tokens_counts():
+    """The repetition filter picks the answers it reads with `word_counts`: it must count as `word_tokens` does,
+    Unicode case changes that alter byte lengths included (İ -> i̇, ẞ -> ß, Ǆ -> ǆ)."""
+    import re
+
+    texts = ["Hello, World! snake_case 42x", "", "   ", "İstanbul ÇAĞ İİ", "ẞ STRASSE ǄEMAL", "naïve café don’t",
+             "ﬁve ＯＮＥ ſix", "\n\n", "a", "tab\tsep-arated_words 1,000.5"]  # fmt: skip
+    rnd = random.Random(0)
+    texts += [" ".join(doc(rnd, rnd.randint(0, 60))) for _ in range(200)]
+    assert word_counts(texts).tolist() == word_tokens(texts)[1].tolist()
+    assert word_counts(texts[:3]).tolist() == [4, 0, 0] and word_counts([]).tolist() == []
+    ascii_only = [t for t in texts if t.isascii()]
+    assert word_counts(ascii_only).tolist() == [len(re.findall(r"[A-Za-z0-9_]+", t)) for t in ascii_only]
 
 
 def records(texts: list[str]) -> list[list[str]]:

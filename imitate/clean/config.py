@@ -47,6 +47,11 @@ class CleanConfig(Checked):
     wait_lock: float = wait_lock_opt()
     on_bad_line: Literal["error", "skip"] = opt("error", "A malformed line stops the run (error) or is counted and "
                                                 "reported (skip).", example="skip")
+    engine: Literal["local", "ray"] = opt("local", "Where the map step (parse, filters, MinHash) runs: local (this "
+                                          "process or --workers processes) or ray (Ray Data on a cluster or a local "
+                                          "Ray; pip install 'imitate[ray]'). Both write the same bytes.", example="ray")
+    ray_address: str | None = opt(None, "Ray cluster to attach to with --engine ray (else RAY_ADDRESS; neither: a "
+                                  "local Ray with this machine's CPUs).", example="auto", default_text="RAY_ADDRESS")
     workers: int = opt(1, "Processes for parsing, filters and MinHash; 1 runs in-process.", example="4", ge=1)
     chunk_size: int = opt(4000, "Lines per worker task: bigger amortizes numpy calls, smaller balances workers.",
                           example="1000", ge=1)

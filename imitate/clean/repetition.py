@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from imitate.clean.dedup import ngram_hashes, word_tokens
+from imitate.clean.dedup import ngram_hashes, word_counts, word_tokens
 from imitate.records import assistant_text
 
 _ALNUM = re.compile(r"\w")
@@ -135,12 +135,13 @@ def repetition_batch(
     limits.update({f"top_{n}gram_frac": t for n, t in zip((2, 3, 4), max_top_ngram_frac)})
     limits.update({f"dup_{n}gram_char_frac": t for n, t in zip(range(5, 11), max_dup_ngram_frac)})
     texts = [assistant_text(r) for r in records]
-    stats = repetition_stats_batch(texts, stop_below=min(max_dup_ngram_frac, default=0.0))
+    long = np.flatnonzero(word_counts(texts) >= min_words).tolist()  # only these are checked: only these are read
+    stats = repetition_stats_batch([texts[i] for i in long], stop_below=min(max_dup_ngram_frac, default=0.0))
     out: list[str | None] = [None] * len(records)
-    for i in np.flatnonzero(stats["words"] >= min_words).tolist():
+    for j, i in enumerate(long):  # (a text's statistics do not depend on the other texts of the batch)
         for name, limit in limits.items():
-            if stats[name][i] > limit:
-                out[i] = f"{name}={stats[name][i]:.2f} > {limit:g}"
+            if stats[name][j] > limit:
+                out[i] = f"{name}={stats[name][j]:.2f} > {limit:g}"
                 break
     return out
 

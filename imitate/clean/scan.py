@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from imitate.clean.config import CleanConfig
-from imitate.clean.dedup import NearDup, exact_key, stable_hash64
+from imitate.clean.dedup import NearDup, candidate_edges, exact_key, stable_hash64
 from imitate.clean.filters import Predicate, apply
 from imitate.clean.keys import conversation_text, near_turns, normalized_messages, prompt_guard, split_turns
 from imitate.errors import InputError
@@ -200,16 +200,37 @@ def scan(cfg: CleanConfig, mapper: Mapper, paths: list[Path]) -> tuple[list[Chun
         results = map(mapper, jobs)
     try:
         for chunk in results:
-            for lineno, reason in chunk.bad:
-                if cfg.on_bad_line == "error":
-                    raise InputError(
-                        f"{chunk.path}:{lineno}: {reason}",
-                        hint="each line must be one record (JSON object with 'messages'); "
-                        "use --on-bad-line skip to count and skip such lines",
-                    )
-                bad.append((chunk.path, lineno, reason))
+            bad += check_bad(cfg, [chunk])
             chunks.append(chunk)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     return chunks, bad
+
+
+def check_bad(cfg: CleanConfig, chunks: list[Chunk]) -> list[tuple[str, int, str]]:
+    """The malformed lines of `chunks` as (path, line, reason); with --on-bad-line error, the first stops the run."""
+    bad = []
+    for chunk in chunks:
+        for lineno, reason in chunk.bad:
+            if cfg.on_bad_line == "error":
+                raise InputError(
+                    f"{chunk.path}:{lineno}: {reason}",
+                    hint="each line must be one record (JSON object with 'messages'); "
+                    "use --on-bad-line skip to count and skip such lines",
+                )
+            bad.append((chunk.path, lineno, reason))
+    return bad
+
+
+class LocalEngine:
+    """The executor of `--engine local`: `scan` in this process or `--workers` processes, `group` in numpy."""
+
+    def __init__(self, cfg: CleanConfig):
+        pass
+
+    scan = staticmethod(scan)
+    group = staticmethod(candidate_edges)
+
+    def close(self) -> None:
+        pass

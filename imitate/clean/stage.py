@@ -12,6 +12,8 @@ Same inputs and options give byte-identical CLEAN and REMOVED files; only the re
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 import json
 import math
 import os
@@ -24,9 +26,9 @@ import numpy as np
 
 from imitate.cards import write_dataset_card
 from imitate.clean.config import CleanConfig
-from imitate.clean.dedup import NearDup, cluster
+from imitate.clean.dedup import NearDup, candidate_edges, cluster
 from imitate.clean.filters import build_filters
-from imitate.clean.scan import Chunk, Mapper, scan, snippet
+from imitate.clean.scan import Chunk, LocalEngine, Mapper, snippet
 from imitate.clean.verify import pair_similarity
 from imitate.config import to_dict
 from imitate.errors import ImitateError, InputError, UsageError
@@ -47,9 +49,22 @@ def _check(cfg: CleanConfig) -> None:
             raise InputError(f"{p}: no such file", hint="check the input path")
 
 
+def expand_inputs(cfg: CleanConfig) -> CleanConfig:
+    """Inputs given as a glob (`'shards/*.jsonl'`, quoted so the shell leaves it) -> the matching files, sorted."""
+    out: list[Path] = []
+    for p in cfg.inputs:
+        s = str(p)
+        matches = sorted(glob.glob(s)) if not Path(s).exists() and glob.has_magic(s) else []
+        if glob.has_magic(s) and not Path(s).exists() and not matches:
+            raise InputError(f"{s}: no file matches", hint="check the input pattern (quote it: 'shards/*.jsonl')")
+        out += [Path(m) for m in matches] or [p]
+    return cfg if out == list(cfg.inputs) else dataclasses.replace(cfg, inputs=out)
+
+
 @locks_outputs("clean")  # CLEAN, REMOVED, REPORT: one writer each
 def run(cfg: CleanConfig) -> dict:
     """Clean `cfg.inputs` into `cfg.out` (+ `cfg.removed`, `cfg.report`); returns the report (the --json summary)."""
+    cfg = expand_inputs(cfg)
     _check(cfg)
     t0 = time.perf_counter()
     notes: list[str] = []
@@ -58,10 +73,14 @@ def run(cfg: CleanConfig) -> dict:
     if cfg.near_dedup:
         near = NearDup(cfg.num_perm, cfg.threshold, cfg.ngram, cfg.bands, cfg.seed, verify=cfg.verify)
     paths = [Path(p) for p in cfg.inputs]
-    chunks, bad = scan(cfg, Mapper(cfg, filters, near), paths)
-    t1 = time.perf_counter()
-    table = _Table(chunks, paths)
-    clusters, cluster_s, stages = _cluster_step(cfg, table, near, paths)
+    engine = _engine(cfg)
+    try:
+        chunks, bad = engine.scan(cfg, Mapper(cfg, filters, near), paths)
+        t1 = time.perf_counter()
+        table = _Table(chunks, paths)
+        clusters, cluster_s, stages = _cluster_step(cfg, table, near, paths, engine.group)
+    finally:
+        engine.close()
     t2 = time.perf_counter()
     removed = {name: table.status.count(name) for name in [*filters, *stages]}
     too_many = [name for name, count in removed.items() if count > cfg.max_removed * len(table.ids)]
@@ -86,6 +105,7 @@ def run(cfg: CleanConfig) -> dict:
         "cpu_s_per_step": {k: round(v, 4) for k, v in seconds.items()},
         "cluster_s": {k: round(v, 4) for k, v in cluster_s.items()},
         "records_per_s": round(len(table.ids) / max(t3 - t0, 1e-9), 1),
+        "engine": cfg.engine,
     }
     if not table.ids:
         notes.append("the inputs hold no records: nothing to clean (and nothing for imitate train)")
@@ -108,7 +128,7 @@ def run(cfg: CleanConfig) -> dict:
         "notes": notes,
         "examples": _examples(cfg, chunks, table, stages),
         "outputs": {"clean": str(cfg.out), "removed": str(cfg.removed) if cfg.removed else None},
-        "config": to_dict(cfg),
+        "config": {k: v for k, v in to_dict(cfg).items() if k not in _WHERE},  # where it ran is in timing
         "timing": timing,  # the only part that changes between identical runs
     }
     with failed_writes(f"{cfg.out} is complete, the report or the dataset card is not; run the same command again"):
@@ -118,6 +138,18 @@ def run(cfg: CleanConfig) -> dict:
         summary["outputs"]["card"] = str(write_dataset_card(cfg, summary))  # CLEAN_STEM.README.md (imitate/cards.py)
     print_report(summary)
     return summary
+
+
+def _engine(cfg: CleanConfig) -> Any:
+    """Where the map step and the grouping by key run; the steps themselves (Mapper, cluster, verify) are the same."""
+    if cfg.engine == "ray":
+        from imitate.clean.ray_engine import RayEngine  # Ray is imported only here
+
+        return RayEngine(cfg)
+    return LocalEngine(cfg)
+
+
+_WHERE = ("engine", "ray_address")  # how a run was executed, not what it computes: left out of the report's config
 
 
 class _Table:
@@ -149,7 +181,7 @@ class _Table:
 
 
 def _cluster_step(
-    cfg: CleanConfig, table: _Table, near: NearDup | None, paths: list[Path]
+    cfg: CleanConfig, table: _Table, near: NearDup | None, paths: list[Path], group: Any = candidate_edges
 ) -> tuple[dict[str, dict], dict[str, float], list[str]]:
     """Exact, prompt and near dedup in turn over the records still alive; marks the removed ones in `table`."""
     alive = np.array([s == "" for s in table.status], bool)
@@ -184,7 +216,7 @@ def _cluster_step(
         if keys is None or not alive.any():
             clusters[name] = {"clusters": 0, "records_in_clusters": 0, "sizes": {}}
             continue
-        removed_ix, surv_ix, clusters[name] = cluster(keys, alive, table.rank, verify)
+        removed_ix, surv_ix, clusters[name] = cluster(keys, alive, table.rank, verify, group)
         for r, s in zip(removed_ix.tolist(), surv_ix.tolist()):
             table.status[r] = name
             table.dup_of[r] = s
