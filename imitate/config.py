@@ -152,7 +152,10 @@ def resolve_paths(cls: type, data: dict[str, Any], base: Path) -> dict[str, Any]
         if out.get(f.name) is None:
             continue
         if not f.metadata.get(PATH_MARK):
-            out[f.name] = resolve_spec(out[f.name], base, bare=f.name in MODEL_FIELDS)
+            bare = f.name in MODEL_FIELDS
+            v = out[f.name]  # a list of specs: collect's `teacher = ["hf:a", "hf:b"]`
+            out[f.name] = [resolve_spec(x, base, bare=bare) for x in v] if isinstance(v, list) else resolve_spec(
+                v, base, bare=bare)
             continue
 
         def fix(v: Any) -> Any:
