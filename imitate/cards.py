@@ -97,13 +97,17 @@ def command(name: str, cfg: Any, *, special: dict[str, tuple[str, str]] | None =
     parts = ["imitate", name]
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        has_default = f.default is not dataclasses.MISSING
-        if has_default and value == f.default:
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if default is not dataclasses.MISSING and value == default:
             continue
         flag = "--" + f.name.replace("_", "-")
         if isinstance(value, bool):
             on, off = special.get(f.name, (flag, "--no-" + f.name.replace("_", "-")))
             parts.append(on if value else off)
+        elif isinstance(value, dict):  # ROLE=N / KEY=VALUE flags, repeated (the flag as the option spells it)
+            flag = (f.metadata.get("imitate", {}).get("flag") or flag).split("/")[0]
+            for k, v in value.items():
+                parts += [flag, shlex.quote(f"{k}={v if isinstance(v, str) else json.dumps(v)}")]
         elif isinstance(value, (list, tuple)):
             for v in value:
                 parts += [flag, shlex.quote(str(v))]
@@ -136,6 +140,9 @@ def write_dataset_card(cfg: Any, summary: dict) -> Path:
         "inputs": inputs,
         "command": command("clean", cfg),
     }
+    sel = summary.get("select")
+    if sel:  # which answers were kept among several to one prompt, and by whom (the judge model)
+        meta["select"] = {k: v for k, v in sel.items() if k not in ("examples", "notes", "journal")}
     front = {"tags": TAGS + ["synthetic"], "task_categories": ["text-generation"],
              "configs": [{"config_name": "default", "data_files": out.name}], "imitate": meta}
     lines = [f"# {out.name}", "",
@@ -149,6 +156,12 @@ def write_dataset_card(cfg: Any, summary: dict) -> Path:
                      f"{f['tokens_in']} / {f['tokens_out']} | {_money(f['cost_usd'])} |")
     lines += ["", "## Removed", ""]
     lines += [f"- {k}: {v}" for k, v in meta["removed"].items()] or ["- nothing"]
+    if sel:
+        how = ("answers whose final answer is their group's majority (`--select agree`)" if sel["mode"] == "agree"
+               else f"answers scored by the judge `{sel['judge']}` (`--select judge`, keep {sel['keep']}"
+               + (f", score >= {sel['min_judge_score']:g}" if sel.get("min_judge_score") is not None else "") + ")")
+        lines += ["", "## Selection", "", f"Among the answers to the same prompt, kept the {how}: "
+                  f"{sel['removed']} removed over {sel['groups']} groups."]
     lines += ["", "## Reproduce", "", f"```\n{meta['command']}\n```"]
     return write_card(dataset_card_path(out), front, "\n".join(lines))
 

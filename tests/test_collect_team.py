@@ -57,7 +57,8 @@ def cfg(server, tmp_path, teacher=(OA, AN), **kw) -> CollectConfig:
 
 
 def read(path: Path) -> list[dict]:
-    return [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()] if path.exists() else []
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    return [json.loads(ln) for ln in text.splitlines() if ln.strip()]
 
 
 def sent(server, kind: str) -> int:

@@ -58,9 +58,16 @@ def run(cfg: CleanConfig) -> dict:
     t1 = time.perf_counter()
     table = _Table(chunks, paths)
     clusters, cluster_s, stages = _cluster_step(cfg, table, near, paths)
+    selection = None
+    if cfg.select != "none":  # a step of its own after dedup (imitate/clean/select.py)
+        from imitate.clean.select import select
+
+        selection = select(cfg, paths, table)
     t2 = time.perf_counter()
-    removed = {name: table.status.count(name) for name in [*filters, *stages]}
-    too_many = [name for name, count in removed.items() if count > cfg.max_removed * len(table.ids)]
+    removed = {name: table.status.count(name) for name in [*filters, *stages, *(["select"] if selection else [])]}
+    # selection removes by design (--keep best of 5 drops 4 in 5): --max-removed guards the filters and dedup
+    too_many = [name for name, count in removed.items()
+                if name != "select" and count > cfg.max_removed * len(table.ids)]
     if too_many:
         kept = len(table.ids) - sum(removed.values())
         no_timing = {"cpu_s_per_step": {}, "cluster_s": {}}
@@ -101,6 +108,7 @@ def run(cfg: CleanConfig) -> dict:
             "bands": near.bands, "rows": near.rows, "num_perm": cfg.num_perm, "threshold": cfg.threshold,
             "ngram": cfg.ngram, "verify": cfg.verify,
         } if near else None,  # fmt: skip
+        "select": selection,
         "notes": notes,
         "examples": _examples(cfg, chunks, table, stages),
         "outputs": {"clean": str(cfg.out), "removed": str(cfg.removed) if cfg.removed else None},
@@ -128,6 +136,7 @@ class _Table:
         self.details: dict[int, str] = {}
         self.dup_of: dict[int, int] = {}  # removed duplicate -> its survivor
         self.similarity: dict[tuple[int, int], float] = {}  # verified near-duplicate pairs, both ways
+        self.extra: dict[int, dict] = {}  # fields a step adds to a record (selection's `judge`)
         offset = 0
         for c in chunks:
             self.details.update({offset + k: v for k, v in c.details.items()})
@@ -270,10 +279,12 @@ def _write(cfg: CleanConfig, paths: list[Path], table: _Table) -> int:
                         continue  # blank or bad line
                     k, i = i, i + 1
                     if not status[k]:
+                        if k in table.extra:
+                            raw = dumps({**json.loads(raw), **table.extra[k]}).encode("utf-8")
                         fo.write(raw.rstrip(b"\r\n") + b"\n")
                         kept += 1
                     elif tmp_rem is not None:
-                        rec = json.loads(raw)
+                        rec = {**json.loads(raw), **table.extra.get(k, {})}
                         rec["removed"] = {"filter": status[k], "detail": table.details.get(k, "")}
                         if k in table.dup_of:
                             rec["removed"]["duplicate_of"] = table.ids[table.dup_of[k]]
@@ -307,5 +318,9 @@ def print_report(summary: dict) -> None:
         if c["clusters"]:
             sizes = ", ".join(f"{k}: {v}" for k, v in c["sizes"].items())
             console.print(f"{name}: {c['clusters']} clusters over {c['records_in_clusters']} records (sizes {sizes})")
+    if summary.get("select"):
+        from imitate.clean.select import print_selection
+
+        print_selection(console, summary["select"])
     for note in summary["notes"]:
         console.print(f"note: {note}")
