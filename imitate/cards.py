@@ -200,6 +200,9 @@ def write_model_card(out: str | Path, cfg: Any, student: str, summary: dict) -> 
                         feature_kd=cfg.feature_kd, sckd=cfg.sckd)
         if cfg.sckd:
             training.update(sckd_threshold=cfg.sckd_threshold, sckd_on_rate=distill.get("on_rate"))
+        if distill.get("teacher_names"):  # several teachers: their names, shares and how they were mixed
+            training.update(teacher_names=distill["teacher_names"], teacher_shares=distill["teacher_shares"],
+                            teacher_mix=distill["teacher_mix"])
     elif distill.get("mode") not in (None, "none"):
         training.update(kd="graybox (collected top-K logprobs)", kd_weight=cfg.kd_weight, temperature=cfg.temperature)
     meta = {
@@ -235,7 +238,9 @@ def render_model_card(meta: dict, name: str) -> str:
     lines = [f"# {name}", "",
              f"A student trained with imitate by imitation of "
              f"{', '.join(f'`{t}`' for t in meta['record_teachers']) or 'its records'}"
-             + (f", with white-box distillation from `{meta['teacher']}`." if meta["teacher"] else "."), "",
+             + (", with white-box distillation from " + ", ".join(
+                 f"`{t}`" for t in ([meta["teacher"]] if isinstance(meta["teacher"], str) else meta["teacher"])) + "."
+                if meta["teacher"] else "."), "",
              "## Student", "", f"- base: `{meta['student']}`"]
     if origin:
         lines.append(f"- cut from `{origin['teacher']}` by `imitate init-student`: kept decoder layers "

@@ -280,7 +280,8 @@ def judge(cfg: Any, groups: list[list[Member]], table: Any) -> dict:
             removed += 1
     return {
         "mode": "judge", "judge": cfg.judge, "template": template.name, "keep": cfg.keep,
-        "min_judge_score": cfg.min_judge_score, "groups": len(groups), "judged": n_judged, "unjudged": unjudged, "removed": removed,
+        "min_judge_score": cfg.min_judge_score, "groups": len(groups), "judged": n_judged, "unjudged": unjudged,
+        "removed": removed,
         "scores": {t: dict(sorted(c.items(), key=lambda kv: float(kv[0]))) for t, c in sorted(scores.items())},
         "journal": str(journal), "cost_usd": collected.get("cost_usd"),
     }  # fmt: skip

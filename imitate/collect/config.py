@@ -12,7 +12,7 @@ from imitate.options import Checked, opt
 
 
 def teacher_list(values: list[str], flag: str) -> str | list[str]:
-    """`--teacher a --teacher b` -> ["a", "b"]; one teacher stays a plain string (every single-teacher run as before)."""
+    """`--teacher a --teacher b` -> ["a", "b"]; one teacher stays a plain string (single-teacher runs as before)."""
     return values[0] if len(values) == 1 else list(values)
 
 
