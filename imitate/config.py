@@ -125,7 +125,7 @@ MODEL_FIELDS = ("student", "model", "teacher")
 
 
 def resolve_spec(value: Any, base: Path, *, bare: bool = False) -> Any:
-    """'hf:REL' -> 'hf:BASE/REL' when that local path exists; any other value is returned unchanged.
+    """'hf:REL' -> 'hf:BASE/REL' when that local path exists or starts with ./ or ../; other values are unchanged.
 
     A local teacher named in a config file is found relative to the file, like every other path in it; hub ids
     ('hf:Qwen/Qwen2.5-0.5B') and API specs ('openai:gpt-4o-mini') do not exist on disk and are left alone.
@@ -137,7 +137,8 @@ def resolve_spec(value: Any, base: Path, *, bare: bool = False) -> Any:
     if provider not in (None, "hf") or (provider is None and not bare):
         return value
     p = Path(rest).expanduser()
-    if p.is_absolute() or not (base / p).exists():
+    # './x' and '../x' are never hub ids: resolved even before they exist (a teacher an earlier run writes, TAKD)
+    if p.is_absolute() or not ((base / p).exists() or rest.startswith(("./", "../"))):
         return value
     return ("hf:" if provider else "") + os.path.normpath(base / p)
 
