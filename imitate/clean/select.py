@@ -20,7 +20,6 @@ input order), --keep all every answer; --min-judge-score drops those below it. A
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import unicodedata
 from collections import Counter, defaultdict
@@ -129,17 +128,10 @@ class Member:
 
 def groups_of(paths: list[Path], table: Any) -> list[list[Member]]:
     """Live and duplicate records grouped by student view, in input order (records are re-read from the inputs)."""
-    want = {(table.files[k], table.linenos[k]): k for k, s in enumerate(table.status) if s in VOTERS}
     by_view: dict[str, list[Member]] = defaultdict(list)
-    for fi, path in enumerate(paths):
-        with open(path, "rb") as fh:
-            for lineno, raw in enumerate(fh, 1):
-                k = want.get((fi, lineno))
-                if k is None:
-                    continue
-                m = Member(k, json.loads(raw), table.status[k] == "")
-                view = hashlib.sha256(dumps(m.prompt).encode("utf-8")).hexdigest()
-                by_view[view].append(m)
+    for k, rec in table.records(paths, (k for k, s in enumerate(table.status) if s in VOTERS)):
+        m = Member(k, rec, table.status[k] == "")
+        by_view[hashlib.sha256(dumps(m.prompt).encode("utf-8")).hexdigest()].append(m)
     return [g for g in by_view.values() if any(m.live for m in g)]
 
 

@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,16 @@ class _Table:
         self.rank = np.empty(n, np.int64)
         self.rank[order] = np.arange(n)
 
+    def records(self, paths: list, ks: Any) -> Iterator[tuple[int, dict]]:
+        """(k, record) for the records `ks`, re-read from the inputs, in input order."""
+        want = {(self.files[k], self.linenos[k]): k for k in ks}
+        for fi, path in enumerate(paths):
+            with open(path, "rb") as fh:
+                for lineno, raw in enumerate(fh, 1):
+                    k = want.get((fi, lineno))
+                    if k is not None:
+                        yield k, json.loads(raw)
+
 
 def _cluster_step(
     cfg: CleanConfig, table: _Table, near: NearDup | None, paths: list[Path]
@@ -235,15 +246,10 @@ def _mass_removal(cfg: CleanConfig, table: _Table, name: str, count: int, chunks
 
 def _texts(cfg: CleanConfig, table: _Table, ks: set[int]) -> dict[int, str]:
     """A short view of each record in `ks` (re-read from its file): its last prompt turn and its answer."""
-    want = {(table.files[k], table.linenos[k]): k for k in ks}
     out: dict[int, str] = {}
-    for fi, path in enumerate(cfg.inputs):
-        with open(path, "rb") as fh:
-            for lineno, raw in enumerate(fh, 1):
-                k = want.get((fi, lineno))
-                if k is not None:
-                    snip = snippet(json.loads(raw))
-                    out[k] = f"{snip['prompt'][:70]!r} -> {snip['answer'][:70]!r}"
+    for k, rec in table.records(cfg.inputs, ks):
+        snip = snippet(rec)
+        out[k] = f"{snip['prompt'][:70]!r} -> {snip['answer'][:70]!r}"
     return out
 
 
