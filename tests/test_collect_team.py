@@ -179,3 +179,14 @@ def test_self_instruct_tasks_come_from_the_first_teacher_and_every_teacher_answe
     assert gen and all(h["kind"] == "openai" for h in gen)
     before = len(server.history)
     assert run(c)["sent"] == 0 and len(server.history) == before
+
+
+def test_no_wait_then_cancel_with_only_out_cancels_every_teachers_batches(server, tmp_path):
+    c = cfg(server, tmp_path, batch=True, wait=False, poll_interval=0.001, poll_max=0.01)
+    s = run(c)
+    assert s["pending"] == 12 and s["completed"] == 0
+    r = CliRunner().invoke(app, ["collect", "--out", str(c.out), "--cancel", "--base-url", server.base_url + "/v1",
+                                 "--no-progress", "--json"])
+    assert r.exit_code == 0, r.output
+    assert set(json.loads(r.stdout)["teachers"]) == {OA, AN}
+    assert len(server.batch.batches) == 2 and all(b["cancelled"] for b in server.batch.batches.values())
