@@ -32,6 +32,8 @@ Modes (MODES below; add a row by adding an entry):
   sft_op100_t0 (on-policy sampling temperature 0.5 / greedy) and sft_op100_rkl (--kd reverse-kl). The README's
   advice for on-policy KD is to start from an SFT'd student; these rows compare it with the other ways of spending
   the same extra steps. Also printed: the mean step time of each sft_op mode over sft_kd's.
+- kd_weak, team, team_sckd, team_mean, sel_none, sel_agree, takd (issue 25, on request): teams of teachers, answer
+  selection and teacher assistants; see benchmarks/quality_teams.py.
 Targets (issue #10): sft within 0.02 of reference on every task; kd >= sft where the teacher's distribution carries more
 than its argmax (the `choice` task: several valid answers, sampled at collect time); sckd not below kd by more than the
 seed spread. Issue #12: on-policy KD above off-policy KD by more than the seed spread on a task with multi-token
