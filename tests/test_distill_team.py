@@ -201,3 +201,31 @@ def test_team_options_are_checked(tiny_model_dir, team, records_file, tmp_path):
                "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["distill"]["teacher_shares"] == [0.7, 0.3]
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_mixture_and_separate_terms_share_gradients_only_under_forward_kl(beta):
+    """Forward KL is linear in the target: the gradient of sum_k share_k KL(p_k || q) is that of KL(mean p || q) (the
+    two losses differ by a constant), so ungated separate terms train like --teacher-mix mean; reverse KL does not."""
+    from imitate.train.losses import chunked_kd_loss
+    from imitate.train.teachers import mixture_kd_loss
+
+    g = torch.Generator().manual_seed(0)
+    head_s, heads_t = torch.randn(40, 8, generator=g), [torch.randn(40, 6, generator=g) for _ in range(2)]
+    hidden_t = [torch.randn(1, 7, 6, generator=g) for _ in range(2)]
+    labels = torch.tensor([[-100, 3, 5, 1, -100, 2, 9]])
+    shares = [0.7, 0.3]
+
+    def grad(separate: bool) -> torch.Tensor:
+        h = torch.randn(1, 7, 8, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+        if separate:
+            loss = sum(s * chunked_kd_loss(h, head_s, ht, w, labels, beta=beta, chunk_size=2)[0]
+                       for s, ht, w in zip(shares, hidden_t, heads_t))
+        else:
+            loss = mixture_kd_loss(h, head_s, list(zip(hidden_t, heads_t, shares)), labels, beta=beta, chunk_size=2)[0]
+        return torch.autograd.grad(loss, h)[0]
+
+    if beta == 0.0:
+        torch.testing.assert_close(grad(True), grad(False), rtol=1e-4, atol=1e-6)
+    else:
+        assert (grad(True) - grad(False)).abs().max() > 1e-3
