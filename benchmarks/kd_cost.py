@@ -1,4 +1,5 @@
-"""What distillation costs per optimizer step: SFT vs logit KD vs KD + feature KD vs KD + SCKD (+ an unchunked KD loss).
+"""What distillation costs per optimizer step: SFT vs logit KD vs KD + feature KD vs KD + SCKD (+ an unchunked KD loss),
+and with two teachers: one term each, one term each + SCKD (a gate per teacher), --teacher-mix mean.
 
 Same LoRA student, same frozen teacher, same batch, one run; each mode runs `imitate.train.step.accumulate_window`
 (the code `imitate train` runs) + the optimizer step. Printed: median step time and peak memory, each as a ratio to SFT.
@@ -10,7 +11,8 @@ allocator caches or the Python heap.
 
 The shape makes the vocabulary dominate memory, as it does for real LLMs: vocab 32k, student hidden 256 (2 layers),
 teacher hidden 512 (4 layers), batch 4 x 512 tokens with every answer token a target (~2k target tokens: one float32
-[targets x vocab] tensor is 250 MiB).
+[targets x vocab] tensor is 250 MiB). The second teacher is the same shape with other weights; teachers' weights are
+allocated before the step, so they are not in the step's peak (their size is printed apart).
 
     python benchmarks/kd_cost.py                  # CPU (2 cores: ~2 minutes)
     python benchmarks/kd_cost.py --device cuda --batch 8 --seq 1024
@@ -39,10 +41,10 @@ def build_models(args, device):
     student.config.use_cache = False
     student = get_peft_model(student, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
                                                  task_type="CAUSAL_LM"))
-    teacher = llama(args.teacher_hidden, args.teacher_layers, 1).eval().requires_grad_(False)
+    teachers = [llama(args.teacher_hidden, args.teacher_layers, seed).eval().requires_grad_(False) for seed in (1, 2)]
     if args.teacher_dtype == "bfloat16":
-        teacher = teacher.to(torch.bfloat16)
-    return student, teacher
+        teachers = [t.to(torch.bfloat16) for t in teachers]
+    return student, teachers
 
 
 def make_batch(args, device):
@@ -148,7 +150,7 @@ def main() -> None:
 
     accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision="no")
     device = accelerator.device
-    student, teacher = build_models(args, device)
+    student, (teacher, teacher2) = build_models(args, device)
     batch, n_targets = make_batch(args, device)
     cfg = build(TrainConfig, {"data": ["-"], "student": "-", "out": "-", "teacher": "hf:-",
                               "kd_chunk_size": args.chunk})
@@ -164,17 +166,27 @@ def main() -> None:
     regs = FeatureRegressors(pairs, args.student_hidden, args.teacher_hidden).to(device)
     model = accelerator.prepare(student)
     kd = distill.Distiller(cfg, plan(False), teacher)
+    two = {"data": ["-"], "student": "-", "out": "-", "teacher": ["hf:a", "hf:b"], "kd_chunk_size": args.chunk}
+    cfg2, cfg_mean = build(TrainConfig, two), build(TrainConfig, {**two, "teacher_mix": "mean"})
+    plan2, plan_mean = plan(False), plan(False)
+    plan2.terms = ["logit_kd/a", "logit_kd/b"]
+    kd2 = distill.Distiller(cfg2, plan2, teacher, teachers=[teacher, teacher2])
+    kd_mean = distill.Distiller(cfg_mean, plan_mean, teacher, teachers=[teacher, teacher2])
     modes = {
         "SFT": (None, None, []),
         "logit KD (chunked)": (kd, None, []),
         "KD + feature KD": (distill.Distiller(cfg, plan(True), teacher, regs), None, list(regs.parameters())),
         "KD + SCKD": (kd, SCKDGate(params, kd.weights()), []),
         "logit KD, unchunked": (NaiveKD(kd), None, []),
+        "2 teachers, a term each": (kd2, None, []),
+        "2 teachers + SCKD": (kd2, SCKDGate(params, kd2.weights()), []),
+        "2 teachers, mix mean": (kd_mean, None, []),
     }
+    t_mib = sum(p.numel() * p.element_size() for p in teacher.parameters()) / 2**20
     print(f"device {device}; vocab {args.vocab}, student hidden {args.student_hidden} x {args.student_layers} layers "
           f"(LoRA r16), teacher hidden {args.teacher_hidden} x {args.teacher_layers} layers ({args.teacher_dtype}); "
           f"batch {args.batch} x {args.seq} tokens, {n_targets} targets; one float32 [targets x vocab] = "
-          f"{n_targets * args.vocab * 4 / 2**20:.0f} MiB; chunk {args.chunk}")
+          f"{n_targets * args.vocab * 4 / 2**20:.0f} MiB; chunk {args.chunk}; weights {t_mib:.0f} MiB per teacher")
     print("peak memory: " + ("CUDA max_memory_allocated above the pre-step allocation" if device.type == "cuda" else
                              "torch profiler memory events, peak live bytes allocated during one step"))
     results = {}
@@ -190,9 +202,9 @@ def main() -> None:
         del optimizer
     t0, m0 = results["SFT"]
     tkd = results["logit KD (chunked)"][0]
-    print(f"\n{'mode':22s} {'step s':>8s} {'x SFT':>7s} {'x KD':>6s} {'peak MiB':>9s} {'x SFT':>7s}")
+    print(f"\n{'mode':26s} {'step s':>8s} {'x SFT':>7s} {'x KD':>6s} {'peak MiB':>9s} {'x SFT':>7s}")
     for name, (t, m) in results.items():
-        print(f"{name:22s} {t:8.3f} {t / t0:7.2f} {t / tkd:6.2f} {m:9.0f} {m / m0:7.2f}")
+        print(f"{name:26s} {t:8.3f} {t / t0:7.2f} {t / tkd:6.2f} {m:9.0f} {m / m0:7.2f}")
     m_kd, t_sckd = results["logit KD (chunked)"][1], results["KD + SCKD"][0]
     print(f"\ntargets: chunked KD peak <= 1.25x SFT: {m_kd / m0:.2f}x ({'met' if m_kd / m0 <= 1.25 else 'MISSED'}); "
           f"SCKD step <= 1.5x KD: {t_sckd / tkd:.2f}x ({'met' if t_sckd / tkd <= 1.5 else 'MISSED'})")

@@ -32,6 +32,8 @@ Modes (MODES below; add a row by adding an entry):
   sft_op100_t0 (on-policy sampling temperature 0.5 / greedy) and sft_op100_rkl (--kd reverse-kl). The README's
   advice for on-policy KD is to start from an SFT'd student; these rows compare it with the other ways of spending
   the same extra steps. Also printed: the mean step time of each sft_op mode over sft_kd's.
+- kd_weak, team, team_sckd, team_mean, sel_none, sel_agree, takd (issue 25, on request): teams of teachers, answer
+  selection and teacher assistants; see benchmarks/quality_teams.py.
 Targets (issue #10): sft within 0.02 of reference on every task; kd >= sft where the teacher's distribution carries more
 than its argmax (the `choice` task: several valid answers, sampled at collect time); sckd not below kd by more than the
 seed spread. Issue #12: on-policy KD above off-policy KD by more than the seed spread on a task with multi-token
@@ -58,6 +60,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 # the demo's chat template, special tokens and model builder (examples/make_demo_teacher.py)
 from make_demo_teacher import CHAT_TEMPLATE, SPECIAL, new_model  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import quality_teams as teams  # noqa: E402
 
 # Like many real templates, this one writes a space between the role and the content, while its generation prompt
 # stops at the role: a teacher trained on its renderings answers with a leading space (" March 7, 2024").
@@ -365,6 +370,7 @@ class Built:
     held: list[tuple[str, object]]
     teacher_acc: float
     train_cfg: dict  # lr, batch_size, epochs -> steps
+    weak: Path | None = None  # a weaker teacher, for the team modes (benchmarks/quality_teams.py)
 
     @property
     def tok(self):
@@ -462,7 +468,8 @@ def imitate_train(*extra: object) -> Callable[[Built, int, Path], Path]:
         cli("train", "--data", b.records, "--student", b.student, "--out", out, "--full", "--lr", cfg["lr"],
             "--batch-size", cfg["batch_size"], "--epochs", cfg["epochs"], "--eval-split", 0, "--save-every", 0,
             "--seed", seed, "--no-progress",
-            *[f"hf:{b.teacher}" if x == "TEACHER" else b.task.max_tokens if x == "MAXTOK" else x for x in extra])
+            *[f"hf:{b.teacher}" if x == "TEACHER" else f"hf:{b.weak}" if x == "WEAK" else
+              b.task.max_tokens if x == "MAXTOK" else x for x in extra])
         return out
 
     return train
@@ -515,7 +522,8 @@ MODES: dict[str, Callable[[Built, int, Path], Path]] = {
 }
 
 
-EXTRA_MODES = ("sft_op50_pure", "sft_op100_t05", "sft_op100_t0", "sft_op100_rkl")
+EXTRA_MODES = ["sft_op50_pure", "sft_op100_t05", "sft_op100_t0", "sft_op100_rkl"]
+teams.register(sys.modules[__name__], MODES, EXTRA_MODES)  # teams of teachers, selection, TAKD (issue 25)
 
 
 def run_costs(out: Path) -> dict | None:
@@ -528,6 +536,7 @@ def run_costs(out: Path) -> dict | None:
         return None
     rows = [r for r in map(json.loads, path.read_text().splitlines()) if "step_s" in r]  # not the eval_loss rows
     costs = {"step_s": statistics.mean(r["step_s"] for r in rows)}
+    costs.update({k: v for k, v in rows[-1].items() if k.startswith("on_rate/")})  # SCKD: the whole run's on-rates
     on = [r for r in rows if r.get("onpolicy/share", 0) > 0]
     off = [r for r in rows if r.get("onpolicy/share") == 0]
     if on and off:
@@ -581,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
 
         pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"))
     for task in tasks:  # a task's trainings start as soon as it is built, while the next task builds
-        b = built[task.name] = build(task, work, args.quick)
+        b = built[task.name] = teams.prepare(build(task, work, args.quick), modes, args.quick)
         for m in modes:
             for s in seeds:
                 out = (args.runs or work) / task.name / f"{m}-{s}"
@@ -672,6 +681,7 @@ def print_table(table: list[dict], modes: list[str], seeds: list[int], elapsed: 
         print(f"{m} step time on-policy / off-policy (same run): " + ", ".join(
             f"{r['task']} {c['ratio']:.2f}x (generation {c['gen']:.0%} of an on-policy step, {c['len']:.1f} tokens, "
             f"cap hit {c['cap']:.0%})" for r in table if "ratio" in (c := r.get(f"cost/{m}", {}))))
+    teams.report(table, modes)
     print(f"total {elapsed:.0f}s")
 
 

@@ -97,13 +97,17 @@ def command(name: str, cfg: Any, *, special: dict[str, tuple[str, str]] | None =
     parts = ["imitate", name]
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        has_default = f.default is not dataclasses.MISSING
-        if has_default and value == f.default:
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if default is not dataclasses.MISSING and value == default:
             continue
         flag = "--" + f.name.replace("_", "-")
         if isinstance(value, bool):
             on, off = special.get(f.name, (flag, "--no-" + f.name.replace("_", "-")))
             parts.append(on if value else off)
+        elif isinstance(value, dict):  # ROLE=N / KEY=VALUE flags, repeated (the flag as the option spells it)
+            flag = (f.metadata.get("imitate", {}).get("flag") or flag).split("/")[0]
+            for k, v in value.items():
+                parts += [flag, shlex.quote(f"{k}={v if isinstance(v, str) else json.dumps(v)}")]
         elif isinstance(value, (list, tuple)):
             for v in value:
                 parts += [flag, shlex.quote(str(v))]
@@ -136,6 +140,9 @@ def write_dataset_card(cfg: Any, summary: dict) -> Path:
         "inputs": inputs,
         "command": command("clean", cfg),
     }
+    sel = summary.get("select")
+    if sel:  # which answers were kept among several to one prompt, and by whom (the judge model)
+        meta["select"] = {k: v for k, v in sel.items() if k not in ("examples", "notes", "journal")}
     front = {"tags": TAGS + ["synthetic"], "task_categories": ["text-generation"],
              "configs": [{"config_name": "default", "data_files": out.name}], "imitate": meta}
     lines = [f"# {out.name}", "",
@@ -149,6 +156,12 @@ def write_dataset_card(cfg: Any, summary: dict) -> Path:
                      f"{f['tokens_in']} / {f['tokens_out']} | {_money(f['cost_usd'])} |")
     lines += ["", "## Removed", ""]
     lines += [f"- {k}: {v}" for k, v in meta["removed"].items()] or ["- nothing"]
+    if sel:
+        how = ("answers whose final answer is their group's majority (`--select agree`)" if sel["mode"] == "agree"
+               else f"answers scored by the judge `{sel['judge']}` (`--select judge`, keep {sel['keep']}"
+               + (f", score >= {sel['min_judge_score']:g}" if sel.get("min_judge_score") is not None else "") + ")")
+        lines += ["", "## Selection", "", f"Among the answers to the same prompt, kept the {how}: "
+                  f"{sel['removed']} removed over {sel['groups']} groups."]
     lines += ["", "## Reproduce", "", f"```\n{meta['command']}\n```"]
     return write_card(dataset_card_path(out), front, "\n".join(lines))
 
@@ -187,6 +200,9 @@ def write_model_card(out: str | Path, cfg: Any, student: str, summary: dict) -> 
                         feature_kd=cfg.feature_kd, sckd=cfg.sckd)
         if cfg.sckd:
             training.update(sckd_threshold=cfg.sckd_threshold, sckd_on_rate=distill.get("on_rate"))
+        if distill.get("teacher_names"):  # several teachers: their names, shares and how they were mixed
+            training.update(teacher_names=distill["teacher_names"], teacher_shares=distill["teacher_shares"],
+                            teacher_mix=distill["teacher_mix"])
     elif distill.get("mode") not in (None, "none"):
         training.update(kd="graybox (collected top-K logprobs)", kd_weight=cfg.kd_weight, temperature=cfg.temperature)
     meta = {
@@ -222,7 +238,9 @@ def render_model_card(meta: dict, name: str) -> str:
     lines = [f"# {name}", "",
              f"A student trained with imitate by imitation of "
              f"{', '.join(f'`{t}`' for t in meta['record_teachers']) or 'its records'}"
-             + (f", with white-box distillation from `{meta['teacher']}`." if meta["teacher"] else "."), "",
+             + (", with white-box distillation from " + ", ".join(
+                 f"`{t}`" for t in ([meta["teacher"]] if isinstance(meta["teacher"], str) else meta["teacher"])) + "."
+                if meta["teacher"] else "."), "",
              "## Student", "", f"- base: `{meta['student']}`"]
     if origin:
         lines.append(f"- cut from `{origin['teacher']}` by `imitate init-student`: kept decoder layers "

@@ -127,7 +127,7 @@ MODEL_FIELDS = ("student", "model", "teacher")
 
 
 def resolve_spec(value: Any, base: Path, *, bare: bool = False) -> Any:
-    """'hf:REL' -> 'hf:BASE/REL' when that local path exists; any other value is returned unchanged.
+    """'hf:REL' -> 'hf:BASE/REL' when that local path exists or starts with ./ or ../; other values are unchanged.
 
     A local teacher named in a config file is found relative to the file, like every other path in it; hub ids
     ('hf:Qwen/Qwen2.5-0.5B') and API specs ('openai:gpt-4o-mini') do not exist on disk and are left alone.
@@ -140,7 +140,8 @@ def resolve_spec(value: Any, base: Path, *, bare: bool = False) -> Any:
         return value
     p = Path(rest).expanduser()
     try:
-        if p.is_absolute() or not (base / p).exists():
+        # './x' and '../x' are never hub ids: resolved even before they exist (a teacher an earlier run writes, TAKD)
+        if p.is_absolute() or not ((base / p).exists() or rest.startswith(("./", "../"))):
             return value
     except OSError:  # a name too long to be a path (ENAMETOOLONG): not a local model
         return value
@@ -157,7 +158,10 @@ def resolve_paths(cls: type, data: dict[str, Any], base: Path) -> dict[str, Any]
         if out.get(f.name) is None:
             continue
         if not f.metadata.get(PATH_MARK):
-            out[f.name] = resolve_spec(out[f.name], base, bare=f.name in MODEL_FIELDS)
+            bare = f.name in MODEL_FIELDS
+            v = out[f.name]  # a list of specs: collect's `teacher = ["hf:a", "hf:b"]`
+            out[f.name] = [resolve_spec(x, base, bare=bare) for x in v] if isinstance(v, list) else resolve_spec(
+                v, base, bare=bare)
             continue
 
         def fix(v: Any) -> Any:

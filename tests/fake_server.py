@@ -6,6 +6,7 @@ loop) is exercised. Faults are injectable:
     server = FakeServer(latency=0.01).start()        # runs in a thread with its own event loop
     server.enqueue("429", "500", "hang", "malformed") # the next requests get these faults, in order
     server.fail_when["POISON"] = "500"              # any request whose text contains POISON gets a 500, always
+    server.enqueue("500", "500", kind="anthropic")   # faults for the next requests of one wire format only
     server.history                                  # one dict per request: path, body, status, fault
     server.batch                                    # the batch APIs' state and counters (tests/fake_batch.py)
     server.stop()
@@ -70,6 +71,7 @@ class FakeServer:
         self.host, self.port = host, port
         self.responder = responder or default_answer
         self.faults: collections.deque[str] = collections.deque()
+        self.kind_faults: dict[str, collections.deque[str]] = {}  # "openai" / "anthropic" -> faults for that format
         self.fail_when: dict[str, str] = {}
         self.extra_input_tokens = 0  # added to every reported input usage: a tokenizer that counts more than chars/4
         self.batch = BatchBackend(self)  # the batch APIs (tests/fake_batch.py)
@@ -89,10 +91,14 @@ class FakeServer:
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def enqueue(self, *faults: str) -> None:
+    def enqueue(self, *faults: str, kind: str | None = None) -> None:
         """Faults for the next requests, in order: '429' (with Retry-After), any other status ('500', '401'),
-        'hang' (answer after hang_s), 'malformed' (truncated JSON), 'drop' (close the socket)."""
-        self.faults.extend(faults)
+        'hang' (answer after hang_s), 'malformed' (truncated JSON), 'drop' (close the socket).
+        kind: only for requests of that wire format ("openai" or "anthropic"), taken before the shared ones."""
+        if kind is None:
+            self.faults.extend(faults)
+        else:
+            self.kind_faults.setdefault(kind, collections.deque()).extend(faults)
 
     def count(self, path: str | None = None, status: int | None = None) -> int:
         return sum(
@@ -166,8 +172,10 @@ class FakeServer:
         finally:
             writer.close()
 
-    def _next_fault(self, text: str) -> str | None:
+    def _next_fault(self, text: str, kind: str | None = None) -> str | None:
         with self._lock:
+            if self.kind_faults.get(kind):
+                return self.kind_faults[kind].popleft()
             if self.faults:
                 return self.faults.popleft()
             for needle, fault in self.fail_when.items():
@@ -196,7 +204,7 @@ class FakeServer:
         kind = {"/v1/chat/completions": "openai", "/chat/completions": "openai", "/v1/messages": "anthropic"}.get(path)
         if kind is None:
             return 404, {}, {"error": {"message": f"no route {path}"}}
-        fault = self._next_fault(json.dumps(body.get("messages", "")))
+        fault = self._next_fault(json.dumps(body.get("messages", "")), kind)
         entry = {"path": path, "kind": kind, "body": body, "fault": fault, "status": 200, "t": time.time()}
         self.history.append(entry)
         if fault == "429":

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from imitate.errors import UsageError
 from imitate.locks import wait_lock_opt
@@ -24,6 +26,25 @@ def role_bounds(values: list[str], flag: str) -> dict[str, int]:
             raise UsageError(f"{flag} {v!r}: expected ROLE=NUMBER", hint=f"e.g. {flag} assistant=20")
         out[role.strip()] = int(num)
     return out
+
+
+def key_values(values: list[str], flag: str) -> dict[str, Any]:
+    """`--judge-option rpm=60 --judge-option batch=true` -> {"rpm": 60, "batch": True} (values read as JSON, else
+    as strings)."""
+    out: dict[str, Any] = {}
+    for v in values:
+        key, sep, raw = v.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"{flag} {v!r}: expected KEY=VALUE", hint=f"e.g. {flag} rpm=60")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except ValueError:
+            out[key.strip()] = raw
+    return out
+
+
+# collect options a judge run sets itself (what it asks is the records' answers, one sample each)
+JUDGE_OWN = ("teacher", "prompts", "out", "template", "n", "self_instruct", "seed_tasks", "cancel", "dry_run")
 
 
 def _bounds(what: str, example: str) -> object:
@@ -132,9 +153,64 @@ class CleanConfig(Checked):
                                "wins; ties and records without it fall back to input order.",
                                example="usage.output_tokens", default_text="input order")
 
+    # --- selection among the answers to one student view (same messages before the answer): imitate/clean/select.py
+    select: Literal["none", "agree", "judge"] = opt(
+        "none", "After dedup, among the answers that share a student view (samples and teachers): none keeps them "
+        "all; agree keeps the answers whose final answer (--answer-pattern) is the group's majority; judge has "
+        "--judge score each answer and keeps per --keep / --min-judge-score.", example="agree")
+    answer_pattern: str | None = opt(
+        None, "Regex for an answer's final answer (its last match; group 1 if it has one), for --select agree.",
+        example="'#### (.+)'", default_text="the last number, else the normalized last line")
+    no_majority: Literal["keep", "drop"] = opt(
+        "keep", "--select agree: a group with no majority answer (a tie at the top, every answer different, or one "
+        "answer alone) is kept whole or dropped.", example="drop")
+    judge: str | None = opt(None, "--select judge: the judge model as provider:model, asked through the collect "
+                            "engine (journal CLEAN.judge.jsonl, limits, retries, budget, batch; never paid twice).",
+                            example="openai:gpt-4o-mini")
+    judge_template: str | None = opt(None, "--select judge: the rubric, a Jinja2 .j2 file (variables "
+                                     "prompt, answer, teacher); its reply must end with 'Score: N'.",
+                                     example="my_rubric.j2", path=True,
+                                     default_text="built-in: 1-10 for correctness and helpfulness, reason then score")
+    keep: Literal["best", "all"] = opt("best", "--select judge: keep the best-scored answer of each group (ties: the "
+                                       "first in input order), or every answer (with --min-judge-score: every one "
+                                       "at or above it).", example="all")
+    min_judge_score: float | None = opt(None, "--select judge: drop answers scored below this.", example="7",
+                                        ge=1, le=10)
+    judge_options: dict[str, Any] = opt({}, "--select judge: [collect] options for the judge's requests (base-url, "
+                                        "api-key-env, rpm, concurrency, retries, max-cost, batch, max-tokens...); "
+                                        "repeat the flag; in TOML a table.", example="max-cost=2", parse=key_values,
+                                        metavar="KEY=VALUE", flag="--judge-option")
+
+    def judge_config(self, prompts: Path, out: Path) -> Any:
+        """The collect config of the judge's run (temperature 0, 512 tokens unless --judge-option says otherwise)."""
+        from imitate.collect.config import CollectConfig
+        from imitate.config import build
+
+        own = [k for k in self.judge_options if k.replace("-", "_") in JUDGE_OWN]
+        if own:
+            raise UsageError(f"--judge-option {own[0]}: set by the judge run itself",
+                             hint="the judge is --judge; it is asked once per answer")
+        fixed = {"teacher": self.judge, "prompts": prompts, "out": out}
+        return build(CollectConfig, {"temperature": 0.0, "max_tokens": 512}, self.judge_options, fixed,
+                     where="--judge-option")
+
     def check(self) -> None:
         if self.out is None:
             raise UsageError("no output file", hint="give --out CLEAN.jsonl (or out = ... in the [clean] config section)")
+        if self.answer_pattern is not None:
+            try:
+                re.compile(self.answer_pattern)
+            except re.error as exc:
+                raise UsageError(f"--answer-pattern {self.answer_pattern!r} is not a valid regex: {exc}") from None
+        if self.select == "judge":
+            if not self.judge:
+                raise UsageError("--select judge needs --judge provider:model", hint="e.g. --judge openai:gpt-4o-mini")
+            self.judge_config(Path("judge.requests.jsonl"), Path("judge.jsonl"))  # bad options stop here, cheaply
+        elif self.judge or self.judge_options or self.min_judge_score is not None:
+            raise UsageError(f"--judge, --judge-option and --min-judge-score need --select judge (not {self.select})")
+        if self.select != "none" and self.one_per_prompt:
+            raise UsageError("--one-per-prompt leaves one answer per prompt, so --select has nothing to choose from",
+                             hint="use one of them: --select picks which answer to keep")
         for name in ("min_chars", "max_chars", "min_words", "max_words"):
             for role, v in getattr(self, name).items():
                 if role not in LENGTH_ROLES:

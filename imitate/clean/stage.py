@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,9 +82,16 @@ def run(cfg: CleanConfig) -> dict:
         clusters, cluster_s, stages = _cluster_step(cfg, table, near, paths, engine.group)
     finally:
         engine.close()
+    selection = None
+    if cfg.select != "none":  # a step of its own after dedup (imitate/clean/select.py)
+        from imitate.clean.select import select
+
+        selection = select(cfg, paths, table)
     t2 = time.perf_counter()
-    removed = {name: table.status.count(name) for name in [*filters, *stages]}
-    too_many = [name for name, count in removed.items() if count > cfg.max_removed * len(table.ids)]
+    removed = {name: table.status.count(name) for name in [*filters, *stages, *(["select"] if selection else [])]}
+    # selection removes by design (--keep best of 5 drops 4 in 5): --max-removed guards the filters and dedup
+    too_many = [name for name, count in removed.items()
+                if name != "select" and count > cfg.max_removed * len(table.ids)]
     if too_many:
         kept = len(table.ids) - sum(removed.values())
         no_timing = {"cpu_s_per_step": {}, "cluster_s": {}}
@@ -125,6 +133,7 @@ def run(cfg: CleanConfig) -> dict:
             "bands": near.bands, "rows": near.rows, "num_perm": cfg.num_perm, "threshold": cfg.threshold,
             "ngram": cfg.ngram, "verify": cfg.verify,
         } if near else None,  # fmt: skip
+        "select": selection,
         "notes": notes,
         "examples": _examples(cfg, chunks, table, stages),
         "outputs": {"clean": str(cfg.out), "removed": str(cfg.removed) if cfg.removed else None},
@@ -165,6 +174,7 @@ class _Table:
         self.details: dict[int, str] = {}
         self.dup_of: dict[int, int] = {}  # removed duplicate -> its survivor
         self.similarity: dict[tuple[int, int], float] = {}  # verified near-duplicate pairs, both ways
+        self.extra: dict[int, dict] = {}  # fields a step adds to a record (selection's `judge`)
         offset = 0
         for c in chunks:
             self.details.update({offset + k: v for k, v in c.details.items()})
@@ -178,6 +188,16 @@ class _Table:
         order = np.lexsort((np.arange(n), -prio))  # best priority first, then input order
         self.rank = np.empty(n, np.int64)
         self.rank[order] = np.arange(n)
+
+    def records(self, paths: list, ks: Any) -> Iterator[tuple[int, dict]]:
+        """(k, record as the stages read it: content parts joined) for the records `ks`, re-read from the inputs, in
+        input order."""
+        want = {(self.files[k], self.linenos[k]): k for k in ks}
+        for fi, path in enumerate(paths):
+            for lineno, raw in lines(path):  # the bad lines a skip passed over are never read whole
+                k = want.get((fi, lineno))
+                if k is not None:
+                    yield k, as_text(json.loads(raw))
 
 
 def _cluster_step(
@@ -263,14 +283,10 @@ def _mass_removal(cfg: CleanConfig, table: _Table, name: str, count: int, chunks
 
 def _texts(cfg: CleanConfig, table: _Table, ks: set[int]) -> dict[int, str]:
     """A short view of each record in `ks` (re-read from its file): its last prompt turn and its answer."""
-    want = {(table.files[k], table.linenos[k]): k for k in ks}
     out: dict[int, str] = {}
-    for fi, path in enumerate(cfg.inputs):
-        for lineno, raw in lines(path):
-            k = want.get((fi, lineno))
-            if k is not None:
-                snip = snippet(as_text(json.loads(raw)))
-                out[k] = f"{snip['prompt'][:70]!r} -> {snip['answer'][:70]!r}"
+    for k, rec in table.records(cfg.inputs, ks):
+        snip = snippet(rec)
+        out[k] = f"{snip['prompt'][:70]!r} -> {snip['answer'][:70]!r}"
     return out
 
 
@@ -306,10 +322,12 @@ def _write(cfg: CleanConfig, paths: list[Path], table: _Table) -> int:
                         continue  # blank or bad line
                     k, i = i, i + 1
                     if not status[k]:
+                        if k in table.extra:
+                            raw = dumps({**json.loads(raw), **table.extra[k]}).encode("utf-8")
                         fo.write(raw.rstrip(b"\r\n") + b"\n")
                         kept += 1
                     elif tmp_rem is not None:
-                        rec = json.loads(raw)
+                        rec = {**json.loads(raw), **table.extra.get(k, {})}
                         rec["removed"] = {"filter": status[k], "detail": table.details.get(k, "")}
                         if k in table.dup_of:
                             rec["removed"]["duplicate_of"] = table.ids[table.dup_of[k]]
@@ -350,5 +368,9 @@ def print_report(summary: dict) -> None:
         if c["clusters"]:
             sizes = ", ".join(f"{k}: {v}" for k, v in c["sizes"].items())
             console.print(f"{name}: {c['clusters']} clusters over {c['records_in_clusters']} records (sizes {sizes})")
+    if summary.get("select"):
+        from imitate.clean.select import print_selection
+
+        print_selection(console, summary["select"])
     for note in summary["notes"]:
         console.print(f"note: {note}")

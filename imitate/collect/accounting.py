@@ -15,15 +15,24 @@ class Budget:
     answer at --max-tokens. Nothing new is sent once spent + reserved (in flight) + its worst case would pass the limit.
     When its answers arrive the reservation is replaced by what was billed (the usage the provider reports)."""
 
-    def __init__(self, limit: float | None, prices: tuple[float, float] | None):
+    def __init__(self, limit: float | None, prices: tuple[float, float] | None, pot: Budget | None = None):
         self.limit, self.prices = limit, prices or (0.0, 0.0)
-        self.spent = 0.0  # billed so far in this command
+        self.spent = 0.0  # billed so far in this command (with a pot: by this teacher)
         self.reserved = 0.0  # worst cases of what is in flight
+        # several teachers: each has its own Budget (its prices, its spend for the cost table) drawing on one pot,
+        # the command's Budget, which holds the limit
+        self.pot = pot
+
+    def share(self, prices: tuple[float, float] | None) -> Budget:
+        """A teacher's Budget at its own prices, spending from this one's limit."""
+        return Budget(self.limit, prices, pot=self)
 
     def worst(self, tokens_in: int, tokens_out: int) -> float:
         return cost(tokens_in, tokens_out, self.prices) or 0.0
 
     def fits(self, amount: float) -> bool:
+        if self.pot is not None:
+            return self.pot.fits(amount)
         return self.limit is None or self.spent + self.reserved + amount <= self.limit + 1e-12
 
     def reserve(self, amount: float, force: bool = False) -> bool:
@@ -32,33 +41,44 @@ class Budget:
         if not force and not self.fits(amount):
             return False
         self.reserved += amount
+        if self.pot is not None:
+            self.pot.reserved += amount
         return True
 
     def settle(self, amount: float, tokens_in: int, tokens_out: int) -> None:
         """The reservation `amount` is over; charge what was billed."""
-        self.reserved = max(0.0, self.reserved - amount)
-        self.spent += cost(tokens_in, tokens_out, self.prices) or 0.0
+        charged = cost(tokens_in, tokens_out, self.prices) or 0.0
+        for b in (self, self.pot) if self.pot is not None else (self,):
+            b.reserved = max(0.0, b.reserved - amount)
+            b.spent += charged
 
     @property
     def left(self) -> float | None:
         return None if self.limit is None else max(0.0, self.limit - self.spent)
 
 
-def check_estimate(cfg: Any, estimate: dict) -> None:
-    """Refuse (exit 4) before anything is sent when the run's worst case is over --max-cost."""
+def check_estimate(cfg: Any, estimate: dict, more: list[tuple[Any, dict]] | None = None) -> None:
+    """Refuse (exit 4) before anything is sent when the run's worst case is over --max-cost.
+    more: the (config, estimate) of the other teachers of the run; their worst cases add up."""
     from imitate.errors import BudgetExceeded, UsageError
 
     if cfg.max_cost is None:
         return
     if cfg.max_cost <= 0:
         raise UsageError(f"--max-cost must be > 0 USD, got {cfg.max_cost}", hint="leave --max-cost out for no limit")
-    prices = prices_for(cfg.teacher, cfg.price_in, cfg.price_out, batch=cfg.batch)
-    if prices is None:
-        raise UsageError(
-            f"--max-cost needs prices, and none are known for teacher {cfg.teacher!r}",
-            hint="give --price-in and --price-out (USD per million tokens, live prices; --batch halves them)",
-        )
-    worst = cost(estimate["est_tokens_in"], estimate["max_tokens_out"], prices) or 0.0
+    worst = 0.0
+    more = more or []
+    for c, e in [(cfg, estimate), *more]:
+        prices = prices_for(c.teacher, c.price_in, c.price_out, batch=c.batch)
+        if prices is None:
+            raise UsageError(
+                f"--max-cost needs prices, and none are known for teacher {c.teacher!r}",
+                hint="give --price-in and --price-out (USD per million tokens, live prices; --batch halves them)",
+            )
+        worst += cost(e["est_tokens_in"], e["max_tokens_out"], prices) or 0.0
+    if more:
+        estimate = {k: sum(e[k] for e in [estimate, *(e for _, e in more)])
+                    for k in ("would_send", "est_tokens_in")}
     if worst > cfg.max_cost:
         raise BudgetExceeded(
             f"this run could cost up to ${worst:.4f} ({estimate['would_send']} request(s): ~{estimate['est_tokens_in']} "

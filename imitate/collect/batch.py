@@ -53,8 +53,9 @@ def held_ids(out: Path) -> set[str]:
     return BatchLog(path).held() if path.exists() else set()
 
 
-def journaled_teacher(out: Path) -> tuple[str | None, str | None]:
-    """(teacher, base_url) of the last batch logged for OUT, so `--out OUT --cancel` needs nothing else."""
+def journaled_teacher(out: Path) -> tuple[str | list[str] | None, str | None]:
+    """(teacher, base_url) of the last batch logged for OUT, so `--out OUT --cancel` needs nothing else; every
+    teacher with open batches when several teachers share OUT."""
     from imitate.collect.stage import sidecar
 
     log = BatchLog(sidecar(Path(out), "batches"))
@@ -62,7 +63,8 @@ def journaled_teacher(out: Path) -> tuple[str | None, str | None]:
         raise UsageError(f"{out}: no batches to cancel ({log.path} does not list any)",
                          hint="give the --out of an `imitate collect --batch` run")
     last = list(log.intents.values())[-1]
-    return last["teacher"], last.get("base_url")
+    teachers = list(dict.fromkeys(i["teacher"] for i in log.open_intents()))
+    return (teachers if len(teachers) > 1 else last["teacher"]), last.get("base_url")
 
 
 def split(lines: list[tuple[Any, bytes]], max_requests: int, max_bytes: int) -> list[list[tuple[Any, bytes]]]:
@@ -87,12 +89,12 @@ def split(lines: list[tuple[Any, bytes]], max_requests: int, max_bytes: int) -> 
 class BatchRun:
     """One `collect --batch` command: re-attach, submit, wait, turn results into records (see the module doc)."""
 
-    def __init__(self, cfg: Any, engine: Any, base_url: str | None):
+    def __init__(self, cfg: Any, engine: Any, base_url: str | None, log: BatchLog | None = None):
         from imitate.collect.stage import sidecar
 
         self.cfg, self.engine, self.base_url = cfg, engine, base_url
         self.api = batch_api(engine.teacher)
-        self.log = BatchLog(sidecar(engine.out, "batches"))
+        self.log = log or BatchLog(sidecar(engine.out, "batches"))  # one log shared by a run's teachers
         self.stats, self.budget = engine.stats, engine.budget
         self.max_requests = cfg.batch_max_requests or self.api.max_requests
         self.max_bytes = cfg.batch_max_bytes or self.api.max_bytes
@@ -113,7 +115,7 @@ class BatchRun:
             if self.cfg.cancel:
                 await self.cancel()
                 return
-            held = self.log.held()
+            held = self.log.held(self.cfg.teacher)
             free = [j for j in todo if j.request.id not in held]
             rounds = 0
             while True:
@@ -139,12 +141,12 @@ class BatchRun:
                     break
         finally:
             self.progress.close()
-        self.stats.pending = sum(len(i["ids"]) for i in self.log.open_intents())
+        self.stats.pending = sum(len(i["ids"]) for i in self.log.open_intents(self.cfg.teacher))
 
     async def attach(self) -> None:
         """Give every open intent without a batch id its batch (found by its key), or void it."""
         known = {i["batch"] for i in self.log.intents.values() if i["batch"]}
-        for intent in self.log.open_intents():
+        for intent in self.log.open_intents(self.cfg.teacher):
             if intent["batch"] is None:
                 found = await self.call("looking up a batch", self.api.find, intent["key"], intent["t"],
                                         len(intent["ids"]), known)
@@ -227,14 +229,14 @@ class BatchRun:
         delay = self.cfg.poll_interval
         while True:
             changed = False
-            for intent in self.log.open_intents():
+            for intent in self.log.open_intents(self.cfg.teacher):
                 status = await self.call("polling a batch", self.api.status, intent["batch"])
                 self.stats.calls += 1
                 self.progress.show(intent, status)
                 if status.ended:
                     await self.collect(intent, status)
                     changed = True
-            if not self.log.open_intents() or not self.cfg.wait:
+            if not self.log.open_intents(self.cfg.teacher) or not self.cfg.wait:
                 return
             await asyncio.sleep(delay)
             delay = self.cfg.poll_interval if changed else min(delay * 2, self.cfg.poll_max)
@@ -294,7 +296,7 @@ class BatchRun:
 
     async def cancel(self) -> None:
         """--cancel: ask the provider to stop every open batch of OUT; a later run collects what they finished."""
-        opened = [i for i in self.log.open_intents() if i["batch"]]
+        opened = [i for i in self.log.open_intents(self.cfg.teacher) if i["batch"]]
         for intent in opened:
             await self.call("cancelling a batch", self.api.cancel, intent["batch"])
             self.log.write("cancel", intent["key"])

@@ -12,12 +12,19 @@ from imitate.locks import wait_lock_opt
 from imitate.options import Checked, opt
 
 
+def teacher_list(values: list[str], flag: str) -> str | list[str]:
+    """`--teacher a --teacher b` -> ["a", "b"]; one teacher stays a plain string (single-teacher runs as before)."""
+    return values[0] if len(values) == 1 else list(values)
+
+
 @dataclass(frozen=True)
 class CollectConfig(Checked):
-    teacher: str = opt(
+    teacher: str | list[str] = opt(
         help="Teacher as provider:model: openai:MODEL (any OpenAI-compatible server with --base-url), "
-        "anthropic:MODEL, hf:PATH_OR_ID (a local transformers model).",
-        example="openai:gpt-4o-mini",
+        "anthropic:MODEL, hf:PATH_OR_ID (a local transformers model). Repeat the flag (a list in TOML) to ask "
+        "every prompt and sample of each teacher: records carry their teacher; each has its own rate limits, "
+        "retries, cost and resume; --base-url and --api-key-env then apply to the openai: teachers.",
+        example="openai:gpt-4o-mini --teacher anthropic:claude-haiku-4-5", parse=teacher_list, metavar="SPEC",
     )
     out: Path = opt(help="Records JSONL; also the resume journal (finished requests are not sent again).",
                     example="out/records.jsonl", path=True)
@@ -93,15 +100,28 @@ class CollectConfig(Checked):
                                "ends.", example="5", gt=0)
     poll_max: float = opt(300.0, "Longest wait between batch polls, in seconds.", example="60", gt=0)
 
+    @property
+    def teachers(self) -> list[str]:
+        """Every teacher of the run, in the order given."""
+        return [self.teacher] if isinstance(self.teacher, str) else list(self.teacher)
+
     def check(self) -> None:
-        provider, _ = parse_spec(self.teacher)
-        if provider == "anthropic" and self.logprobs:
+        if isinstance(self.teacher, list) and len(self.teacher) == 1:  # `teacher = ["x"]` in TOML: one teacher
+            object.__setattr__(self, "teacher", self.teacher[0])
+        if not self.teachers:
+            raise UsageError("no teacher: give --teacher provider:model (repeat it for several)")
+        repeated = sorted({t for t in self.teachers if self.teachers.count(t) > 1})
+        if repeated:
+            raise UsageError(f"--teacher {repeated[0]} is given twice", hint="name each teacher once; --n N asks "
+                             "each of them N samples")
+        providers = [parse_spec(t)[0] for t in self.teachers]
+        if "anthropic" in providers and self.logprobs:
             raise UsageError("--logprobs is not available from anthropic teachers",
                              hint="use an openai-compatible or hf teacher")
         if self.prompts is None and not self.self_instruct and not self.cancel:
             raise UsageError("no input: give --prompts FILE (or --self-instruct N)")
         if self.batch or self.cancel:
-            if provider not in ("openai", "anthropic"):
+            if not any(p in ("openai", "anthropic") for p in providers):  # several teachers: hf ones run live
                 raise UsageError(f"--batch needs an openai: or anthropic: teacher, not {self.teacher!r}",
                                  hint="hf teachers run locally: leave out --batch")
             if self.self_instruct:

@@ -149,8 +149,9 @@ class BatchLog:
             os.close(fd)
         self._apply(ev)
 
-    def open_intents(self) -> list[dict]:
-        return [i for i in self.intents.values() if i["state"] == "open"]
+    def open_intents(self, teacher: str | None = None) -> list[dict]:
+        """Open intents (of one teacher: several teachers' batches share OUT's log)."""
+        return [i for i in self.intents.values() if i["state"] == "open" and teacher in (None, i.get("teacher"))]
 
-    def held(self) -> set[str]:
-        return {rid for i in self.open_intents() for rid in i["ids"]}
+    def held(self, teacher: str | None = None) -> set[str]:
+        return {rid for i in self.open_intents(teacher) for rid in i["ids"]}

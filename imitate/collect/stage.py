@@ -201,6 +201,10 @@ def make_teacher(cfg: CollectConfig) -> tuple[Any, str | None]:
 @locks_outputs("collect")  # OUT (and an explicit --failures) first: a second run on it stops before anything else
 def run(cfg: CollectConfig) -> dict:
     """Collect the teacher's answers for every input row; returns the accounting summary."""
+    if not isinstance(cfg.teacher, str):  # several teachers: one lane each (imitate.collect.team)
+        from imitate.collect import team
+
+        return team.run(cfg)
     from imitate.collect import templates as prompts
     from imitate.collect.accounting import Budget, check_estimate, dry_run_summary, print_summary, summary
     from imitate.collect.context import load as load_context

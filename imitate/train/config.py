@@ -10,9 +10,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from imitate.collect.config import teacher_list
 from imitate.errors import UsageError
 from imitate.locks import wait_lock_opt
 from imitate.options import Checked, opt
+
+
+def shares(values: list[str], flag: str) -> dict[str, float]:
+    """`--teacher-weight big=0.7,small=0.3` (or the flag repeated) -> {"big": 0.7, "small": 0.3}."""
+    out: dict[str, float] = {}
+    for item in (x for v in values for x in v.split(",") if x.strip()):
+        name, sep, num = item.partition("=")
+        try:
+            out[name.strip()] = float(num)
+        except ValueError:
+            raise UsageError(f"{flag} {item!r}: expected NAME=SHARE", hint=f"e.g. {flag} big=0.7,small=0.3") from None
+        if not sep or not name.strip():
+            raise UsageError(f"{flag} {item!r}: expected NAME=SHARE", hint=f"e.g. {flag} big=0.7,small=0.3")
+    return out
 
 
 @dataclass(frozen=True)
@@ -80,8 +95,18 @@ class TrainConfig(Checked):
     threads: int | None = opt(None, "torch CPU threads: tiny models train faster on one thread, above all on a shared "
                               "CPU.", example="4", ge=1, default_text="by model size (1 below 5M parameters)")
     # --- distillation (see imitate/train/distill.py)
-    teacher: str | None = opt(None, "Local teacher for logit/feature KD (hf:PATH_OR_ID, same tokenizer as the "
-                              "student), run frozen on each batch.", example="hf:./teacher")
+    teacher: str | list[str] | None = opt(
+        None, "Local teacher for logit/feature KD (hf:PATH_OR_ID, same tokenizer as the student), run frozen on each "
+        "batch. Repeat the flag (a list in TOML) to distil from several: one logit KD term per teacher "
+        "(logit_kd/NAME, NAME = the model's directory name), each gated by --sckd on its own.",
+        example="hf:./teacher", parse=teacher_list, metavar="SPEC")
+    teacher_weight: dict[str, float] = opt(
+        {}, "Several teachers: the share of the KD weight each gets, NAME=SHARE (comma-separated or repeated; "
+        "normalized to sum 1).", example="big=0.7,small=0.3", parse=shares, metavar="NAME=SHARE",
+        default_text="equal shares")
+    teacher_mix: Literal["separate", "mean"] = opt(
+        "separate", "Several teachers: one KD term per teacher (separate), or one term against their averaged "
+        "distribution (mean; weighted by --teacher-weight).", example="mean")
     kd: Literal["forward-kl", "reverse-kl", "jsd"] = opt(
         "forward-kl", "KD divergence D: forward-kl = KL(teacher||student), reverse-kl, or jsd (generalized, "
         "--jsd-beta).", example="jsd")
@@ -128,7 +153,18 @@ class TrainConfig(Checked):
                              "answers, so only KD's sequences change (--no-on-policy-ce: KD only, GKD's loss).",
                              example="--no-on-policy-ce", flag="--on-policy-ce/--no-on-policy-ce")
 
+    @property
+    def teachers(self) -> list[str]:
+        """Every local teacher, in the order given ([] without --teacher)."""
+        return [] if not self.teacher else [self.teacher] if isinstance(self.teacher, str) else list(self.teacher)
+
     def check(self) -> None:
+        if isinstance(self.teacher, list) and len(self.teacher) <= 1:  # `teacher = ["hf:x"]` in TOML: one teacher
+            object.__setattr__(self, "teacher", self.teacher[0] if self.teacher else None)
+        if len(self.teachers) > 1 or self.teacher_weight:
+            from imitate.train.teachers import check_team
+
+            check_team(self)
         if self.on_policy and not self.teacher:
             raise UsageError(
                 "--on-policy needs a local teacher to grade the student's own tokens; collected records (gray-box "
@@ -147,14 +183,14 @@ class TrainConfig(Checked):
         if self.sckd and self.precision == "fp16":
             raise UsageError("--sckd writes gradients itself and cannot use fp16 loss scaling",
                              hint="use --precision bf16 or no")
-        if self.teacher:
+        for teacher in self.teachers:
             from imitate.collect.teachers import parse_spec
 
-            provider, _ = parse_spec(self.teacher)
+            provider, _ = parse_spec(teacher)
             if provider != "hf":
                 raise UsageError(
-                    f"--teacher {self.teacher}: white-box distillation needs the teacher's weights (an hf:PATH_OR_ID "
+                    f"--teacher {teacher}: white-box distillation needs the teacher's weights (an hf:PATH_OR_ID "
                     "model)",
-                    hint=f"for an API teacher collect its answers (`imitate collect --teacher {self.teacher}`, add "
+                    hint=f"for an API teacher collect its answers (`imitate collect --teacher {teacher}`, add "
                     "--logprobs K for gray-box KD where the API gives them) and train on the records without --teacher",
                 )

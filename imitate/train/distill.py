@@ -34,8 +34,8 @@ ONPOLICY = "onpolicy_kd"  # logit KD on the student's own answers (imitate/train
 
 def check_options(cfg: Any) -> None:
     """The teacher reference resolves (a local path exists), before anything is loaded; TrainConfig checked the rest."""
-    if cfg.teacher:
-        teacher_ref(cfg.teacher)
+    for spec in cfg.teachers:
+        teacher_ref(spec)
 
 
 def teacher_ref(spec: str) -> str:
@@ -58,6 +58,7 @@ class Plan:
     """What distillation needs, settled before any weights load."""
 
     teacher: str | None = None  # model reference (directory / hub id), None for gray-box or none
+    teachers: list[str] = field(default_factory=list)  # every teacher's reference (several: imitate/train/teachers.py)
     vocab_size: int | None = None  # real vocabulary: logits are cut to it
     pairs: list[tuple[int, int]] = field(default_factory=list)  # feature KD (student layer, teacher layer)
     student_width: int = 0
@@ -84,21 +85,27 @@ def plan_teacher(cfg: Any, tokenizer: Any, student: str) -> Plan:
 
     from imitate.models import model_refs
     from imitate.train import features, vocab
+    from imitate.train.teachers import term_names
 
-    ref = teacher_ref(cfg.teacher)
-    base, _, tok_dir = model_refs(ref)
-    t_conf = _configs(base, cfg.trust_remote_code)
-    try:
-        t_tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ImitateError(f"cannot load the tokenizer of teacher {cfg.teacher}: {str(exc).splitlines()[0]}") from None
-    vocab.check_tokenizers(tokenizer, t_tok, teacher=f"teacher {cfg.teacher}")
-    s_conf = _configs(student, cfg.trust_remote_code)
-    plan = Plan(teacher=ref, student_width=s_conf.hidden_size, teacher_width=t_conf.hidden_size, tokenizer=t_tok)
-    plan.vocab_size = vocab.real_vocab_size(tokenizer, s_conf.vocab_size, t_conf.vocab_size)
+    refs, confs, toks = [], [], []
+    for spec in cfg.teachers:  # several teachers: each must share the student's tokenizer
+        ref = teacher_ref(spec)
+        base, _, tok_dir = model_refs(ref)
+        confs.append(_configs(base, cfg.trust_remote_code))
+        try:
+            t_tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise ImitateError(f"cannot load the tokenizer of teacher {spec}: {str(exc).splitlines()[0]}") from None
+        vocab.check_tokenizers(tokenizer, t_tok, teacher=f"teacher {spec}")
+        refs.append(ref)
+        toks.append(t_tok)
+    s_conf, t_conf = _configs(student, cfg.trust_remote_code), confs[0]
+    plan = Plan(teacher=refs[0], teachers=refs, student_width=s_conf.hidden_size, teacher_width=t_conf.hidden_size,
+                tokenizer=toks[0])
+    plan.vocab_size = min(vocab.real_vocab_size(tokenizer, s_conf.vocab_size, c.vocab_size) for c in confs)
     if cfg.feature_kd:
         plan.pairs = features.parse_pairs(cfg.feature_kd, s_conf.num_hidden_layers, t_conf.num_hidden_layers)
-    plan.terms = [LOGIT] + [features.term_name(p) for p in plan.pairs] + ([ONPOLICY] if cfg.on_policy else [])
+    plan.terms = term_names(cfg) + [features.term_name(p) for p in plan.pairs] + ([ONPOLICY] if cfg.on_policy else [])
     return plan
 
 
@@ -116,12 +123,13 @@ def graybox_plan(tokenizer: Any, student: str, report: dict, trust_remote_code: 
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def load_teacher(cfg: Any, plan: Plan, device: Any) -> Any:
-    """The frozen teacher: eval mode, no parameter requires grad, on `--teacher-device` (default: the student's)."""
+def load_teacher(cfg: Any, plan: Plan, device: Any, ref: str | None = None) -> Any:
+    """A frozen teacher (default the first): eval mode, no parameter requires grad, on `--teacher-device` (default:
+    the student's). Each teacher is loaded once, for the whole run."""
     from imitate.models import load_weights
 
     model = load_weights(  # dtype "auto": bf16/fp16 on CUDA, float32 on CPU
-        plan.teacher, device=str(cfg.teacher_device or device), dtype=cfg.teacher_dtype,
+        ref or plan.teacher, device=str(cfg.teacher_device or device), dtype=cfg.teacher_dtype,
         trust_remote_code=cfg.trust_remote_code,
     )
     model.requires_grad_(False)  # load_weights already put it in eval mode
@@ -148,14 +156,18 @@ def _forward_takes(cls: type, name: str) -> bool:
 class Distiller:
     """Computes the loss terms of one micro-batch and knows their weights.
 
-    teacher: the frozen model or None (gray-box); regressors: `FeatureRegressors` or None.
+    teacher: the frozen model or None (gray-box); regressors: `FeatureRegressors` or None; teachers: every frozen
+    teacher when there are several (teacher is the first of them).
     """
 
     def __init__(self, cfg: Any, plan: Plan, teacher: Any = None, regressors: Any = None,
-                 end_ids: Sequence[int] = ()):
+                 end_ids: Sequence[int] = (), teachers: Sequence[Any] = ()):
         from imitate.train.losses import DIVERGENCES
+        from imitate.train.teachers import shares
 
         self.cfg, self.plan, self.teacher, self.regressors = cfg, plan, teacher, regressors
+        self.teachers = list(teachers) or ([teacher] if teacher is not None else [])
+        self.shares = shares(cfg) if len(self.teachers) > 1 else [1.0]
         self.end_ids = list(end_ids)  # the student's end-of-turn ids: no KD on what its template writes after them
         self.gate = None  # an `SCKDGate` with --sckd (see `setup`)
         self._counts: Any = None  # sckd.OnRates, made on the first logged step
@@ -168,8 +180,13 @@ class Distiller:
 
     def weights(self) -> dict[str, float]:
         """λ of each KD term (CE's weight is 1 − w)."""
-        return {name: (self.w if name in (LOGIT, GRAYBOX, ONPOLICY) else self.cfg.feature_weight)
-                for name in self.plan.terms}
+        from imitate.train.teachers import is_logit
+
+        per_teacher = {}  # separate terms of several teachers: w times each one's share
+        if len(self.teachers) > 1 and self.cfg.teacher_mix == "separate":
+            per_teacher = dict(zip(self.plan.terms[: len(self.teachers)], self.shares))
+        return {name: (self.w * per_teacher.get(name, 1.0) if is_logit(name) or name in (GRAYBOX, ONPOLICY)
+                       else self.cfg.feature_weight) for name in self.plan.terms}
 
     def combine(self, terms: dict) -> Any:
         """The objective as token sums: (1 − w)·CE + Σ λ_i·term_i."""
@@ -200,7 +217,10 @@ class Distiller:
         terms = {"ce": ce}
         hidden = out.hidden_states
         head = unwrap(model).get_output_embeddings()
-        if self.teacher is not None:
+        if len(self.teachers) > 1:
+            taught = teacher_written(batch["input_ids"], labels, self.end_ids)
+            terms.update(self._team_kd(hidden, head, batch, taught))
+        elif self.teacher is not None:
             t_out = self._teacher(batch)
             taught = teacher_written(batch["input_ids"], labels, self.end_ids)  # not the template's text after a turn
             terms[LOGIT] = self._logit_kd(hidden, head, t_out, taught)
@@ -221,31 +241,45 @@ class Distiller:
         out = model(**model_inputs(batch), **extra, output_hidden_states=True, use_cache=False)
         return out.hidden_states, unwrap(model).get_output_embeddings()
 
-    def _teacher(self, batch: dict) -> Any:
-        """The frozen teacher's outputs (hidden states) on the same micro-batch, under no_grad. Records with context
-        bring the teacher's own rows (`batch["teacher"]`, context + messages); its hidden states are then moved to the
-        student's target positions (imitate.train.context.realign)."""
+    def _teacher(self, batch: dict, teacher: Any = None) -> Any:
+        """A frozen teacher's outputs (hidden states; default the first teacher) on the same micro-batch, under
+        no_grad. Records with context bring the teacher's own rows (`batch["teacher"]`, context + messages); its hidden
+        states are then moved to the student's target positions (imitate.train.context.realign)."""
         import torch
 
-        t_dev = self.teacher.device
-        t_extra = {"logits_to_keep": 1} if takes_logits_to_keep(self.teacher) else {}
+        teacher = teacher or self.teacher
+        t_dev = teacher.device
+        t_extra = {"logits_to_keep": 1} if takes_logits_to_keep(teacher) else {}
         inputs = model_inputs(batch["teacher"] if "teacher" in batch else batch)
         with torch.no_grad():
-            out = self.teacher(**{k: v.to(t_dev) for k, v in inputs.items()}, **t_extra,
-                               output_hidden_states=True, use_cache=False)
+            out = teacher(**{k: v.to(t_dev) for k, v in inputs.items()}, **t_extra,
+                          output_hidden_states=True, use_cache=False)
         if "teacher" not in batch:
             return out
         from imitate.train.context import realign
 
         return realign(out, batch)
 
-    def _logit_kd(self, hidden: Any, head: Any, t_out: Any, labels: Any) -> Any:
+    def _logit_kd(self, hidden: Any, head: Any, t_out: Any, labels: Any, teacher: Any = None) -> Any:
         from imitate.train import losses
 
         return losses.chunked_kd_loss(
-            hidden[-1], head, t_out.hidden_states[-1], self.teacher.get_output_embeddings(), labels, beta=self.beta,
-            temperature=self.cfg.temperature, chunk_size=self.cfg.kd_chunk_size, vocab_size=self.plan.vocab_size,
-            t2=self.cfg.t2)[0]
+            hidden[-1], head, t_out.hidden_states[-1], (teacher or self.teacher).get_output_embeddings(), labels,
+            beta=self.beta, temperature=self.cfg.temperature, chunk_size=self.cfg.kd_chunk_size,
+            vocab_size=self.plan.vocab_size, t2=self.cfg.t2)[0]
+
+    def _team_kd(self, hidden: Any, head: Any, batch: dict, taught: Any) -> dict:
+        """Several teachers: one term per teacher (in plan.terms order), or one against their mean distribution."""
+        from imitate.train.teachers import mixture_kd_loss
+
+        if self.cfg.teacher_mix == "separate":  # one teacher's outputs at a time: only its target rows are kept
+            return {name: self._logit_kd(hidden, head, self._teacher(batch, t), taught, t)
+                    for name, t in zip(self.plan.terms, self.teachers)}
+        outs = [(self._teacher(batch, t).hidden_states[-1], t.get_output_embeddings(), share)
+                for t, share in zip(self.teachers, self.shares)]
+        return {LOGIT: mixture_kd_loss(hidden[-1], head, outs, taught, beta=self.beta, temperature=self.cfg.temperature,
+                                       chunk_size=self.cfg.kd_chunk_size, vocab_size=self.plan.vocab_size,
+                                       t2=self.cfg.t2)[0]}
 
     def log(self, row: dict, per_token: list[float], gates: dict, rows: list[dict]) -> None:
         """Add this step's terms (per target token, unweighted) and gates (cosine, on/off, running on-rate since step 1,
@@ -268,6 +302,11 @@ class Distiller:
         if self.teacher is not None:
             out.update(teacher=cfg.teacher, kd=cfg.kd, temperature=cfg.temperature, t2=cfg.t2,
                        vocab_size=self.plan.vocab_size)
+            if len(self.teachers) > 1:
+                from imitate.train.teachers import names
+
+                out.update(teacher_names=names(cfg.teachers), teacher_shares=[round(x, 6) for x in self.shares],
+                           teacher_mix=cfg.teacher_mix)
             if cfg.kd == "jsd":
                 out["jsd_beta"] = cfg.jsd_beta
             if self.plan.pairs:
@@ -284,21 +323,25 @@ def setup(cfg: Any, plan: Plan, accelerator: Any, params: list, end_ids: Sequenc
     """Load the teacher, make the feature regressors (trained by the student's optimizer, checkpointed with it, saved
     beside the output) and, with --sckd, the gate over the student's trainable `params`. end_ids: the student's
     end-of-turn token ids (`models.eos_ids`); the KD terms skip what the chat template writes after them."""
-    teacher = load_teacher(cfg, plan, accelerator.device) if plan.teacher else None
+    teachers = [load_teacher(cfg, plan, accelerator.device, ref) for ref in plan.teachers]  # once, no grad
+    teacher = teachers[0] if teachers else None
     regressors = None
     if plan.pairs:
         from imitate.train.features import FeatureRegressors
 
         regressors = FeatureRegressors(plan.pairs, plan.student_width, plan.teacher_width).to(accelerator.device)
         accelerator.register_for_checkpointing(regressors)
-    distiller = Distiller(cfg, plan, teacher, regressors, end_ids)
+    distiller = Distiller(cfg, plan, teacher, regressors, end_ids, teachers)
     if cfg.sckd:
         from imitate.train.sckd import SCKDGate, distributed_sum
 
         own = {n: list(regressors.maps[n].parameters()) for n in distiller.terms
                if regressors is not None and n in regressors.maps}
         # CE is weighed (1 - w) because the logit / gray-box term takes w: when that term is off, CE gets w back
-        back = {n: distiller.w / (1.0 - distiller.w) for n in distiller.terms if n in (LOGIT, GRAYBOX, ONPOLICY)}
+        from imitate.train.teachers import is_logit
+
+        lam = distiller.weights()  # several teachers: each gives back its own share of w
+        back = {n: lam[n] / (1.0 - distiller.w) for n in distiller.terms if is_logit(n) or n in (GRAYBOX, ONPOLICY)}
         distiller.gate = SCKDGate(params, distiller.weights(), threshold=cfg.sckd_threshold, term_params=own,
                                   reducer=distributed_sum(), give_back=back,
                                   pairs={ONPOLICY: "onpolicy"})  # see onpolicy.py

@@ -233,8 +233,8 @@ def setup(cfg: TrainConfig, data: Prepared) -> Session:
         from imitate.models import choose_threads
 
         n_params = sum(p.numel() for p in model.parameters())
-        if distiller is not None and distiller.teacher is not None:
-            n_params += sum(p.numel() for p in distiller.teacher.parameters())
+        if distiller is not None:
+            n_params += sum(p.numel() for t in distiller.teachers for p in t.parameters())
         torch.set_num_threads(choose_threads(n_params, requested=cfg.threads))
     optimizer = torch.optim.AdamW(params + reg_params_of(distiller), lr=lr, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup * total_steps) if cfg.warmup < 1 else int(cfg.warmup)
