@@ -1,0 +1,169 @@
+"""Cross-tokenizer distillation in `imitate train`: gray-box from collected log-probs aligned by text (OpenAI format
+with `bytes` over the loopback server; an hf teacher of another tokenizer), coverage, and white-box KD from a teacher
+with another tokenizer (one process and 2 CPU ranks under SCKD)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from fake_server import FakeServer
+from test_distill import cfg_for, graybox_records, tokenized, write
+from test_train import WORDS, make_records, metrics
+
+from imitate.train import xtok
+from imitate.train.loop import run
+
+
+@pytest.fixture(scope="module")
+def other_tok_model(tmp_path_factory):
+    """A tiny teacher whose byte-level BPE has another vocabulary size (so other merges) than the student's."""
+    from tiny import make_model
+
+    d = tmp_path_factory.mktemp("other")
+    make_model(d, hidden_size=48, num_layers=2, vocab_size=300, seed=3)
+    return d
+
+
+@pytest.fixture(scope="module")
+def char_teacher(tmp_path_factory):
+    """A tiny teacher with a character-level tokenizer (and the same chat template as the student's)."""
+    from tiny import make_char_tokenizer, make_model
+
+    d = tmp_path_factory.mktemp("char")
+    make_char_tokenizer(d / "tok")
+    make_model(d / "model", hidden_size=48, num_layers=2, seed=4, tokenizer_dir=d / "tok")
+    return d / "model"
+
+
+def openai_records(tmp_path, answers: list[str]) -> list[dict]:
+    """Records collected with `imitate collect --teacher openai:...` from the loopback server, top-3 log-probs with
+    `bytes`: each word is one teacher token, its space in front."""
+    from imitate.collect.stage import CollectConfig
+    from imitate.collect.stage import run as collect
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(len(answers))))
+    by_prompt = {f"q{i}": a for i, a in enumerate(answers)}
+    with FakeServer(latency=0.0, responder=lambda body, _: by_prompt[body["messages"][-1]["content"]]) as server:
+        collect(CollectConfig(prompts=prompts, teacher="openai:fake", base_url=server.base_url + "/v1",
+                              out=tmp_path / "c.jsonl", logprobs=3, progress=False))
+    return [json.loads(x) for x in (tmp_path / "c.jsonl").read_text().splitlines()]
+
+
+def test_graybox_from_openai_logprobs_with_bytes(tiny_model_dir, tmp_path):
+    """The API's tokens are not the student's (each word is one API token; the student splits some words), yet every
+    token both start at the same offset is graded: the sampled token counts for the student's token there and the
+    alternatives (" two~1" ...) merge onto the longest student token they begin with. Step 1's logged term equals a
+    reference built here from the records by hand."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from imitate.train.losses import sparse_topk_divergence
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    answers = [" ".join(WORDS[: 2 + i % 6]) for i in range(8)] + ["seven 🙂 日本", "hello world, tiny"]
+    records = openai_records(tmp_path, answers)
+    assert all(r["logprobs"][0]["bytes"] for r in records)
+    data = write(tmp_path / "lp.jsonl", records)
+    summary = run(cfg_for(data, tiny_model_dir, tmp_path / "g", max_steps=1, grad_accum=3, batch_size=4))
+    g = summary["distill"]["graybox"]
+    assert summary["distill"]["mode"] == "graybox" and g["by_text"] == len(records)
+    assert g["records"] == len(records) and 0.3 < g["coverage"] < 1.0  # split words, the end marker + "\n"
+    assert g["per_record"]["min"] > 0 and g["taught_tokens"] == g["aligned"]
+
+    # the reference: word-level teacher tokens over the student's tokens of the same words
+    student = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    table = xtok.token_bytes(tok)  # checked against the texts in test_xtok.py
+    total, n_targets, aligned = 0.0, 0, 0
+    for r, (ids, labels) in zip(records, tokenized(records, tok)):
+        run_pos = [p for p, x in enumerate(labels) if x != -100]
+        n_targets += len(run_pos)
+        pieces = [table[labels[p]] for p in run_pos[:-2]]  # answer tokens, not <|end|> "\n"
+        starts = [sum(len(x) for x in pieces[:k]) for k in range(len(pieces))]
+        rows, want_ids, want_lps = [], [], []
+        offset = 0
+        for e in r["logprobs"]:
+            if offset in starts:
+                k = starts.index(offset)
+                s_star = labels[run_pos[k]]
+                mass = {s_star: math.exp(e["logprob"])}
+                for alt in e["top"][1:]:  # " two~1": the longest student token it begins with
+                    data_ = bytes(alt["bytes"])
+                    best = max((i for i in range(len(tok)) if table[i] and data_.startswith(table[i])),
+                               key=lambda i: len(table[i]))
+                    mass[best] = mass.get(best, 0.0) + math.exp(alt["logprob"])
+                rows.append(run_pos[k])
+                want_ids.append(list(mass))
+                want_lps.append([math.log(v) for v in mass.values()])
+            offset += len(bytes(e["bytes"]))
+        aligned += len(rows)
+        if not rows:
+            continue
+        width = max(len(x) for x in want_ids)
+        t_ids = torch.tensor([x + [-1] * (width - len(x)) for x in want_ids])
+        t_lps = torch.tensor([x + [0.0] * (width - len(x)) for x in want_lps])
+        with torch.no_grad():
+            logits = student(input_ids=torch.tensor([ids])).logits[0]
+            total += sparse_topk_divergence(logits[rows], t_ids, t_lps).sum().item()
+    assert aligned == g["aligned"]
+    assert metrics(tmp_path / "g")[0]["graybox_kd"] == pytest.approx(total / n_targets, rel=1e-5)
+
+
+def test_graybox_from_an_hf_teacher_of_another_tokenizer_aligns_by_text(tiny_model_dir, other_tok_model, tmp_path):
+    """Records of an hf teacher with another vocabulary (its ids and byte-level token strings, no `bytes`: records
+    written before bytes were stored) align by text through the teacher's tokenizer; they used to train CE only."""
+    from transformers import AutoTokenizer
+
+    t_tok = AutoTokenizer.from_pretrained(other_tok_model)
+    records = graybox_records(make_records(6), t_tok, f"hf:{other_tok_model}")
+    # graybox_records tokenizes with the tokenizer it is given: the teacher's
+    summary = run(cfg_for(write(tmp_path / "lp.jsonl", records), tiny_model_dir, tmp_path / "g", max_steps=2))
+    g = summary["distill"]["graybox"]
+    assert summary["distill"]["mode"] == "graybox" and g["by_text"] == 6 and g["text_mismatch"] == 0
+    assert g["coverage"] > 0.3 and "graybox_kd" in metrics(tmp_path / "g")[0]
+
+
+def test_graybox_text_mismatch_trains_ce_only_with_a_note(tiny_model_dir, other_tok_model, tmp_path):
+    """Log-probs whose text is not the answer's (here: the student's ids read as the teacher's) align nothing."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    records = graybox_records(make_records(6), tok, f"hf:{other_tok_model}")
+    for r in records:
+        for e in r["logprobs"]:
+            e["id"] = (e["id"] * 7 + 3) % 300
+    summary = run(cfg_for(write(tmp_path / "lp.jsonl", records), tiny_model_dir, tmp_path / "g", max_steps=1))
+    d = summary["distill"]
+    assert d["mode"] == "none" and d["graybox"]["aligned"] == 0 and "CE only" in d["graybox"]["note"]
+    assert d["graybox"]["text_mismatch"] == 6 and d["graybox"]["coverage"] == 0.0
+    assert "graybox_kd" not in metrics(tmp_path / "g")[0]
+    # and --no-graybox ignores the logprobs altogether
+    assert "distill" not in run(cfg_for(write(tmp_path / "lp.jsonl", records), tiny_model_dir, tmp_path / "n",
+                                        max_steps=1, graybox=False))
+
+
+def test_same_tokenizer_graybox_by_text_equals_todays_alignment(tiny_model_dir):
+    """Identical tokenizers: aligning by text gives today's token-by-token rows (ids and log-probs), row for row."""
+    from transformers import AutoTokenizer
+
+    from imitate.train.teacher_tokens import _rows_to_tensors
+    from imitate.train.vocab import align_logprobs
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    table = xtok.token_bytes(tok)
+    proj = xtok.Projector(tok)
+    for r, (ids, labels) in zip(graybox_records(make_records(8, seed=5), tok, "openai:x"), tokenized(make_records(
+            8, seed=5), tok)):
+        r["logprobs"] = r["logprobs"][:-1]  # as collected: no entry for the end token
+        for e in r["logprobs"]:
+            e["bytes"] = list(table[e["id"]])
+            for a in e["top"]:
+                a["bytes"] = list(table[a["id"]]) if table[a["id"]] else None  # special: by name
+        want_ids, want_lps, counts = align_logprobs(r["logprobs"], torch.tensor(labels), tok)
+        rows, got_counts = xtok.graybox_rows(r["logprobs"], labels, proj)
+        got_ids, got_lps = _rows_to_tensors(rows, len(labels))
+        assert got_counts["aligned"] == counts["aligned"] == len(r["logprobs"])
+        torch.testing.assert_close(got_ids, want_ids)
+        torch.testing.assert_close(got_lps, want_lps, rtol=1e-6, atol=1e-6)
