@@ -97,10 +97,12 @@ def test_mismatched_tokenizer_refused_before_weights_load(tiny_model_dir, other_
     loaded = []
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
                         lambda *a, **k: loaded.append(a) or pytest.fail("weights loaded before the tokenizer check"))
+    # another tokenizer distills by text (tests/test_xtok_train.py); feature KD cannot, and is refused first
     res = invoke("--data", data_file, "--student", tiny_model_dir, "--teacher", f"hf:{other_tok_model}",
-                 "--out", tmp_path / "o", "--no-progress")
+                 "--feature-kd", "auto", "--out", tmp_path / "o", "--no-progress")
     assert res.exit_code != 0 and not loaded
-    assert "does not share the student's tokenizer" in res.stderr and "black-box" in res.stderr, res.stderr
+    assert "--feature-kd needs a teacher that shares the student's tokenizer" in res.stderr, res.stderr
+    assert "vocabularies differ" in res.stderr
     assert "Traceback" not in res.output
 
 

@@ -167,3 +167,138 @@ def test_same_tokenizer_graybox_by_text_equals_todays_alignment(tiny_model_dir):
         assert got_counts["aligned"] == counts["aligned"] == len(r["logprobs"])
         torch.testing.assert_close(got_ids, want_ids)
         torch.testing.assert_close(got_lps, want_lps, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# white-box: a teacher with another tokenizer
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_cli_white_box_kd_from_a_teacher_with_another_tokenizer(tiny_model_dir, other_tok_model, tmp_path):
+    """--teacher hf:X with another vocabulary used to be refused; now it trains, reports what differs and how much
+    of the answers the teacher grades (summary, metrics, model card)."""
+    from test_train import invoke
+
+    data = write(tmp_path / "d.jsonl", make_records(12))
+    out = tmp_path / "x"
+    res = invoke("--data", data, "--student", tiny_model_dir, "--teacher", f"hf:{other_tok_model}", "--out", out,
+                 "--max-steps", "2", "--batch-size", "4", "--no-progress", "--json")
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)["distill"]
+    assert d["mode"] == "logit" and d["terms"] == ["logit_kd"] and "vocabularies differ" in d["cross_tokenizer"]
+    cov = d["coverage"]
+    assert 0.3 < cov["coverage"] <= 1.0 and cov["records"] == 12 and cov["per_record"]["min"] > 0
+    rows = [r for r in metrics(out) if "loss" in r]
+    assert all(r["logit_kd"] > 0 and 0 < r["kd_coverage"] <= 1 for r in rows)
+    card = (out / "README.md").read_text()
+    assert "kd_coverage" in card and "another tokenizer" in card
+
+
+@pytest.mark.parametrize("args, expect", [(["--feature-kd", "auto"], "--feature-kd needs a teacher that shares"),
+                                          (["--on-policy", "0.5"], "--on-policy needs a teacher that shares")])
+def test_cross_tokenizer_refuses_what_needs_the_same_tokens(args, expect, tiny_model_dir, other_tok_model, tmp_path):
+    from test_train import invoke
+
+    res = invoke("--data", write(tmp_path / "d.jsonl", make_records(4)), "--student", tiny_model_dir, "--teacher",
+                 f"hf:{other_tok_model}", "--out", tmp_path / "o", "--no-progress", *args)
+    assert res.exit_code in (1, 2) and expect in res.stderr, res.stderr
+
+
+def test_white_box_term_in_the_loop_equals_a_naive_reference(tiny_model_dir, char_teacher, tmp_path):
+    """Step 1's logged cross-tokenizer term (the LoRA B = 0 student is the base model) == a reference built here:
+    a character-level teacher starts a token at every character, so every student answer token (and the end token)
+    is paired with the teacher's character at its byte offset; the divergence is test_xtok's float64 loop."""
+    from test_xtok import naive_xtok
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    records = make_records(8, seed=4)
+    data = write(tmp_path / "d.jsonl", records)
+    summary = run(cfg_for(data, tiny_model_dir, tmp_path / "o", teacher=f"hf:{char_teacher}", max_steps=1,
+                          grad_accum=2, kd_chunk_size=5, temperature=1.3))
+    row = metrics(tmp_path / "o")[0]
+    s_tok, t_tok = AutoTokenizer.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(char_teacher)
+    student = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(char_teacher).eval()
+    s_vocab = {s_tok.decode([i]): i for i in range(len(s_tok)) if i not in s_tok.all_special_ids}
+    t_map = []
+    for i in range(len(t_tok)):
+        name = t_tok.convert_ids_to_tokens(i)
+        if i == t_tok.eos_token_id:
+            t_map.append(s_tok.eos_token_id)
+        elif i in t_tok.all_special_ids:
+            t_map.append(s_tok.convert_tokens_to_ids(name) if name in s_tok.get_vocab() else -1)
+        else:
+            t_map.append(s_vocab.get(name, -1))  # one ASCII character: the student's byte token of it
+    t_map = torch.tensor(t_map)
+    total, n_targets, n_pairs = 0.0, 0, 0
+    for (s_ids, s_lab), (t_ids, t_lab) in zip(tokenized(records, s_tok), tokenized(records, t_tok)):
+        s_run = [p for p, x in enumerate(s_lab) if x != -100]
+        t_run = [p for p, x in enumerate(t_lab) if x != -100]
+        n_targets += len(s_run)
+        pairs, offset = [], 0
+        for p in s_run[:-2]:  # answer tokens: each starts at a character, which the teacher has at that offset
+            pairs.append((p, t_run[offset]))
+            offset += len(s_tok.decode([s_lab[p]]))
+        pairs.append((s_run[-2], t_run[-2]))  # the end tokens
+        with torch.no_grad():
+            s_logits = student(input_ids=torch.tensor([s_ids])).logits[0]
+            t_logits = teacher(input_ids=torch.tensor([t_ids])).logits[0]
+        sp, tp = [a for a, _ in pairs], [b for _, b in pairs]
+        s_star, t_star = torch.tensor([s_lab[p] for p in sp]), torch.tensor([t_lab[p] for p in tp])
+        total += naive_xtok(s_logits[sp], t_logits[tp], t_map, s_star, t_star, 0.0, 1.3).sum().item() * 1.3**2
+        n_pairs += len(pairs)
+    assert summary["distill"]["coverage"]["taught_tokens"] == n_pairs
+    assert row["logit_kd"] == pytest.approx(total / n_targets, rel=1e-4)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_identical_tokenizers_through_the_text_path_give_todays_kd(tiny_model_dir, tiny_teacher_dir, tmp_path, beta):
+    """Identical tokenizers keep today's path (plan_teacher); forced through the cross-tokenizer path instead, the
+    same micro-batch gives today's logit KD term to 1e-6 (relative): every answer token and the end token are
+    paired with themselves, the map is the identity, no mass is unmatched."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from imitate.train.data import collate, load_examples, teacher_written
+    from imitate.train.losses import chunked_kd_loss
+    from imitate.train.xtok_loss import xtok_kd_loss
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    data = write(tmp_path / "d.jsonl", make_records(6, seed=7))
+    examples, _ = load_examples([data], tok, max_length=256, with_messages=True)
+    plan = xtok.WhiteBox(tokenizer=AutoTokenizer.from_pretrained(tiny_teacher_dir), vocab_size=len(tok), why="")
+    report = xtok.prepare_whitebox(examples, tok, plan, 256)
+    assert report["coverage"] == pytest.approx(1 - 6 / sum(e.n_targets for e in examples))  # all but the "\n"
+    assert torch.equal(plan.t_map, torch.arange(len(tok)))
+    batch = collate(examples, pad_id=tok.pad_token_id, packing=False)
+    batch.update(xtok.batch_tensors(examples, batch, tok.pad_token_id))
+    student = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval()
+    with torch.no_grad():
+        hs = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     output_hidden_states=True).hidden_states[-1]
+        ht = teacher(input_ids=batch["xtok_input_ids"], attention_mask=batch["xtok_attention_mask"],
+                     output_hidden_states=True).hidden_states[-1]
+    assert torch.equal(batch["xtok_input_ids"], batch["input_ids"])
+    labels = teacher_written(batch["input_ids"], batch["labels"], [tok.eos_token_id])
+    kw = dict(beta=beta, temperature=1.7, chunk_size=7, vocab_size=len(tok))
+    today, n = chunked_kd_loss(hs, student.lm_head, ht, teacher.lm_head, labels, **kw)
+    new, m = xtok_kd_loss(hs, student.lm_head, ht, teacher.lm_head, batch["xtok_s_index"], batch["xtok_t_index"],
+                          batch["xtok_s_star"], batch["xtok_t_star"], plan.t_map, teacher_vocab_size=len(tok), **kw)
+    assert n == m
+    assert new.item() == pytest.approx(today.item(), rel=1e-6)
+
+
+def test_sckd_with_a_cross_tokenizer_term_two_processes_match_one(tiny_model_dir, other_tok_model, tmp_path):
+    """2 CPU ranks (gloo) x grad-accum 1 == 1 process x grad-accum 2 under --sckd with the cross-tokenizer term gated
+    (threshold -1 forces it on): the same decisions, gradients and logged terms on both."""
+    from test_train import two_ranks_match_accumulation
+
+    data = write(tmp_path / "d.jsonl", make_records(12, seed=3))
+    args = ["--data", data, "--student", tiny_model_dir, "--teacher", f"hf:{other_tok_model}", "--sckd",
+            "--sckd-threshold", "-1", "--max-steps", "3", "--batch-size", "2", "--lora-dropout", "0",
+            "--eval-split", "0", "--lr", "1e-2", "--no-progress"]
+    summary, ddp, single = two_ranks_match_accumulation(args, tmp_path)
+    assert summary["devices"] == 2 and summary["distill"]["on_rate"]["logit_kd"] == 1.0
+    for x, y in zip(metrics(ddp), metrics(single)):
+        for key in ("loss", "logit_kd", "kd_coverage"):
+            assert x[key] == pytest.approx(y[key], rel=1e-4)

@@ -41,6 +41,10 @@ class Example:
     teacher: str | None = None
     topk: Any = None
     answer_token_ids: list[int] | None = None  # the record's generated ids (hf teachers), for the round-trip check
+    # cross-tokenizer white-box KD only (imitate/train/xtok.py): the conversation the teacher saw until its own
+    # tokenization is made, then that tokenization and the positions paired with the student's (`xtok.TeacherView`)
+    messages: list[dict] | None = None
+    teacher_view: Any = None
 
     @property
     def n_targets(self) -> int:
@@ -181,11 +185,13 @@ def load_examples(
     overlong: str = "truncate",
     loss_on: str = "final",
     with_logprobs: bool = False,
+    with_messages: bool = False,
 ) -> tuple[list[Example], DataStats]:
     """Read records (errors name file:line), tokenize them and apply the --overlong policy.
 
-    with_logprobs: keep each record's `logprobs` and `teacher` on its Example (for gray-box KD)."""
-    from imitate.records import read_records
+    with_logprobs: keep each record's `logprobs` and `teacher` on its Example (for gray-box KD).
+    with_messages: keep the conversation the teacher saw (`records.teacher_messages`; cross-tokenizer KD)."""
+    from imitate.records import read_records, teacher_messages
 
     stats = DataStats()
     out: list[Example] = []
@@ -215,6 +221,8 @@ def load_examples(
                      answer_token_ids=line.data.get("answer_token_ids"))
         if with_logprobs and line.data.get("logprobs"):
             ex.logprobs = line.data["logprobs"]
+        if with_messages:
+            ex.messages = teacher_messages(line.data)
         if ex.n_targets == 0:
             stats.dropped_no_target += 1
             continue

@@ -318,6 +318,70 @@ def teacher_view(messages: list[dict], ex: Any, teacher: Any, t_table: list[byte
     return TeacherView(t_ids, pairs)
 
 
+@dataclass
+class WhiteBox:
+    """The cross-tokenizer part of a white-box plan (`distill.Plan.xtok`): settled from tokenizers, no weights."""
+
+    tokenizer: Any  # the teacher's, with its own chat template (the student's when it has none)
+    vocab_size: int  # the teacher's real vocabulary: its logits are cut to it
+    why: str  # how the two tokenizers differ (vocab.check_tokenizers' message)
+    t_map: Any = None  # [V_t] int64: student id of each teacher id, -1 unmatched (Projector.teacher_map)
+    report: dict = field(default_factory=dict)  # coverage (see coverage_report) and the template note
+
+
+def prepare_whitebox(examples: list, student: Any, plan: WhiteBox, max_length: int) -> dict:
+    """Give every example its `TeacherView` (from `Example.messages`, the conversation the teacher saw, which is
+    dropped here) and build the teacher -> student map. Returns the coverage report."""
+    import torch
+
+    proj = Projector(student)
+    plan.t_map = torch.tensor(proj.teacher_map(plan.tokenizer), dtype=torch.long)
+    t_table = cached_token_bytes(plan.tokenizer)
+    taught, targets, where = [], [], []
+    for ex in examples:
+        ex.teacher_view = teacher_view(ex.messages, ex, plan.tokenizer, t_table, proj.table, proj.end, max_length)
+        ex.messages = None
+        taught.append(len(ex.teacher_view.pairs))
+        targets.append(len(final_run(ex.labels)))
+        where.append(ex.where)
+    report = coverage_report(taught, targets, where)
+    report["matched_teacher_tokens"] = int((plan.t_map >= 0).sum())
+    report["teacher_tokens"] = int(plan.t_map.numel())
+    return {**plan.report, **report}
+
+
+def batch_tensors(examples: list, batch: dict, pad_id: int) -> dict:
+    """The teacher's micro-batch (its own tokens, right-padded) and the paired positions, for `xtok_loss.xtok_kd_loss`:
+    xtok_input_ids / xtok_attention_mask [B, L_t]; xtok_s_index / xtok_t_index [N] flat indices into the student's
+    [rows × L] and the teacher's [B × L_t] positions; xtok_s_star / xtok_t_star [N] their targets. The student's
+    batch may be padded or one packed row (`data.collate`)."""
+    import torch
+
+    views = [getattr(ex, "teacher_view", None) for ex in examples]
+    width = max((len(v.input_ids) for v in views if v is not None), default=1)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    s_len = batch["input_ids"].shape[1]
+    packed = "position_ids" in batch and "attention_mask" not in batch
+    s_idx, t_idx, s_star, t_star = [], [], [], []
+    offset = 0
+    for r, (ex, v) in enumerate(zip(examples, views)):
+        base = offset if packed else r * s_len
+        offset += len(ex.input_ids)
+        if v is None or not v.pairs:
+            continue
+        ids[r, : len(v.input_ids)] = torch.tensor(v.input_ids)
+        mask[r, : len(v.input_ids)] = 1
+        for sp, tp, ss, ts in v.pairs:
+            s_idx.append(base + sp)
+            t_idx.append(r * width + tp)
+            s_star.append(ss)
+            t_star.append(ts)
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    return {"xtok_input_ids": ids, "xtok_attention_mask": mask, "xtok_s_index": as_long(s_idx),
+            "xtok_t_index": as_long(t_idx), "xtok_s_star": as_long(s_star), "xtok_t_star": as_long(t_star)}
+
+
 def coverage_report(taught: list[int], targets: list[int], where: list[str]) -> dict:
     """Share of answer target tokens that receive a teacher distribution: overall, and per record (the spread and the
     lowest few records)."""
