@@ -125,7 +125,7 @@ def test_graybox_from_an_hf_teacher_of_another_tokenizer_aligns_by_text(tiny_mod
     assert g["coverage"] > 0.3 and "graybox_kd" in metrics(tmp_path / "g")[0]
 
 
-def test_graybox_text_mismatch_trains_ce_only_with_a_note(tiny_model_dir, other_tok_model, tmp_path):
+def test_graybox_text_mismatch_trains_ce_only_with_a_note(tiny_model_dir, other_tok_model, tmp_path, capsys):
     """Log-probs whose text is not the answer's (here: the student's ids read as the teacher's) align nothing."""
     from transformers import AutoTokenizer
 
@@ -138,6 +138,9 @@ def test_graybox_text_mismatch_trains_ce_only_with_a_note(tiny_model_dir, other_
     d = summary["distill"]
     assert d["mode"] == "none" and d["graybox"]["aligned"] == 0 and "CE only" in d["graybox"]["note"]
     assert d["graybox"]["text_mismatch"] == 6 and d["graybox"]["coverage"] == 0.0
+    err = capsys.readouterr().err  # warned before training, with the reason
+    assert "Warning: the teacher's distribution covers only 0% of the answer tokens (floor 50%)" in err
+    assert err.index("Warning") < err.index("trained 1 step")
     assert "graybox_kd" not in metrics(tmp_path / "g")[0]
     # and --no-graybox ignores the logprobs altogether
     assert "distill" not in run(cfg_for(write(tmp_path / "lp.jsonl", records), tiny_model_dir, tmp_path / "n",

@@ -78,8 +78,8 @@ class TrainConfig(Checked):
     threads: int | None = opt(None, "torch CPU threads: tiny models train faster on one thread, above all on a shared "
                               "CPU.", example="4", ge=1, default_text="by model size (1 below 5M parameters)")
     # --- distillation (see imitate/train/distill.py)
-    teacher: str | None = opt(None, "Local teacher for logit/feature KD (hf:PATH_OR_ID, same tokenizer as the "
-                              "student), run frozen on each batch.", example="hf:./teacher")
+    teacher: str | None = opt(None, "Local teacher for logit/feature KD (hf:PATH_OR_ID), run frozen on each batch; "
+                              "another tokenizer is aligned by text (logit KD only).", example="hf:./teacher")
     kd: Literal["forward-kl", "reverse-kl", "jsd"] = opt(
         "forward-kl", "KD divergence D: forward-kl = KL(teacher||student), reverse-kl, or jsd (generalized, "
         "--jsd-beta).", example="jsd")
