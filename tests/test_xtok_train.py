@@ -108,6 +108,9 @@ def test_graybox_from_openai_logprobs_with_bytes(tiny_model_dir, tmp_path):
             logits = student(input_ids=torch.tensor([ids])).logits[0]
             total += sparse_topk_divergence(logits[rows], t_ids, t_lps).sum().item()
     assert aligned == g["aligned"]
+    # coverage: graded tokens over the answers' tokens through the end marker (not the template's "\n" after it)
+    assert g["answer_tokens"] == n_targets - len(records) and g["coverage"] == pytest.approx(aligned / (
+        n_targets - len(records)))
     assert metrics(tmp_path / "g")[0]["graybox_kd"] == pytest.approx(total / n_targets, rel=1e-5)
 
 
@@ -250,7 +253,9 @@ def test_white_box_term_in_the_loop_equals_a_naive_reference(tiny_model_dir, cha
         s_star, t_star = torch.tensor([s_lab[p] for p in sp]), torch.tensor([t_lab[p] for p in tp])
         total += naive_xtok(s_logits[sp], t_logits[tp], t_map, s_star, t_star, 0.0, 1.3).sum().item() * 1.3**2
         n_pairs += len(pairs)
-    assert summary["distill"]["coverage"]["taught_tokens"] == n_pairs
+    cov = summary["distill"]["coverage"]
+    assert cov["taught_tokens"] == n_pairs and cov["coverage"] == 1.0  # every answer token and the end token
+    assert row["kd_coverage"] == 1.0
     assert row["logit_kd"] == pytest.approx(total / n_targets, rel=1e-4)
 
 
@@ -270,7 +275,7 @@ def test_identical_tokenizers_through_the_text_path_give_todays_kd(tiny_model_di
     examples, _ = load_examples([data], tok, max_length=256, with_messages=True)
     plan = xtok.WhiteBox(tokenizer=AutoTokenizer.from_pretrained(tiny_teacher_dir), vocab_size=len(tok), why="")
     report = xtok.prepare_whitebox(examples, tok, plan, 256)
-    assert report["coverage"] == pytest.approx(1 - 6 / sum(e.n_targets for e in examples))  # all but the "\n"
+    assert report["coverage"] == 1.0 and report["answer_tokens"] == sum(e.n_targets for e in examples) - 6  # no "\n"
     assert torch.equal(plan.t_map, torch.arange(len(tok)))
     batch = collate(examples, pad_id=tok.pad_token_id, packing=False)
     batch.update(xtok.batch_tensors(examples, batch, tok.pad_token_id))

@@ -277,6 +277,8 @@ def fit(cfg: TrainConfig, data: Prepared, s: Session, stop_after: int | None = N
     targets = [e.n_targets for e in data.train_ex]
     graybox = data.kd_plan is not None and distill.GRAYBOX in data.kd_plan.terms
     cross = data.kd_plan.xtok if data.kd_plan is not None else None  # cross-tokenizer white-box KD
+    graded = [xtok.answer_targets(e.labels, xtok.end_ids(data.tokenizer)) for e in data.train_ex] \
+        if cross is not None or graybox else []  # per example: the answer tokens a teacher could grade
     metrics_path = Path(cfg.out) / "metrics.jsonl"
     bar = ProgressBar(s.total_steps, s.start, enabled=cfg.progress and accelerator.is_main_process)
     model.train()
@@ -301,7 +303,7 @@ def fit(cfg: TrainConfig, data: Prepared, s: Session, stop_after: int | None = N
             micro.append(collate(exs, pad_id=pad_id, packing=cfg.packing))
             if graybox:
                 micro[-1]["topk_ids"], micro[-1]["topk_logprobs"] = teacher_tokens.graybox_tensors(exs, micro[-1])
-            if cross:
+            if cross is not None:
                 micro[-1].update(xtok.batch_tensors(exs, micro[-1], cross.tokenizer.pad_token_id or 0))
         taught = None  # answer tokens of this process's micro-batches that a teacher distribution grades
         if cross is not None or graybox:
@@ -329,11 +331,11 @@ def fit(cfg: TrainConfig, data: Prepared, s: Session, stop_after: int | None = N
                "tokens": s.tokens_seen, "tokens_per_s": n_tokens / dt if dt > 0 else None, "step_s": dt}
         if grad_norm is not None:
             row["grad_norm"] = float(grad_norm)
-        if taught is not None:  # the share of the window's target tokens the teacher graded (all processes)
+        if taught is not None:  # the share of the window's answer tokens the teacher graded (all processes)
             import torch
 
             got = accelerator.reduce(torch.tensor(float(taught), device=accelerator.device), reduction="sum")
-            row["kd_coverage"] = float(got) / max(n_targets, 1)
+            row["kd_coverage"] = float(got) / max(sum(graded[i] for i in real), 1)
         if distiller is not None:
             distiller.log(row, sums[1:], policy.present(gates) if policy is not None else gates, s.rows)
         if policy is not None:  # drops the values of terms (and CE) no micro-batch of the window had

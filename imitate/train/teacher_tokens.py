@@ -189,7 +189,7 @@ def prepare_graybox(examples: list, tokenizer: Any) -> dict:
         for k in ("aligned", "unaligned", "unmapped_top"):
             report[k] += counts[k]
         taught.append(counts["aligned"])
-        targets.append(counts["aligned"] + counts["unaligned"])
+        targets.append(xtok.answer_targets(labels, xtok.end_ids(tokenizer)))
         where.append(ex.where)
         rows_at = (ids >= 0).any(-1).nonzero().squeeze(-1)
         if rows_at.numel():

@@ -162,6 +162,14 @@ def final_run(labels: list[int]) -> list[int]:
     return run[::-1]
 
 
+def answer_targets(labels: list[int], end: list[int]) -> int:
+    """Target tokens of the final assistant turn up to and including its end-of-turn token: what a teacher could
+    grade (the text a template writes after the end token is no teacher's). The denominator of the coverage."""
+    run = final_run(labels)
+    k = next((i for i, p in enumerate(run) if labels[p] in end), len(run) - 1)
+    return k + 1
+
+
 def answer_text(messages: list[dict]) -> bytes:
     """The final assistant turn's bytes without leading whitespace: the text both tokenizations are laid over."""
     last = next(m["content"] for m in reversed(messages) if m["role"] == "assistant")
@@ -342,7 +350,7 @@ def prepare_whitebox(examples: list, student: Any, plan: WhiteBox, max_length: i
         ex.teacher_view = teacher_view(ex.messages, ex, plan.tokenizer, t_table, proj.table, proj.end, max_length)
         ex.messages = None
         taught.append(len(ex.teacher_view.pairs))
-        targets.append(len(final_run(ex.labels)))
+        targets.append(answer_targets(ex.labels, proj.end))
         where.append(ex.where)
     report = coverage_report(taught, targets, where)
     report["matched_teacher_tokens"] = int((plan.t_map >= 0).sum())
@@ -383,8 +391,8 @@ def batch_tensors(examples: list, batch: dict, pad_id: int) -> dict:
 
 
 def coverage_report(taught: list[int], targets: list[int], where: list[str]) -> dict:
-    """Share of answer target tokens that receive a teacher distribution: overall, and per record (the spread and the
-    lowest few records)."""
+    """Share of answer tokens (`answer_targets`: through the end-of-turn token) that receive a teacher distribution:
+    overall, and per record (the spread and the lowest few records)."""
     total, got = sum(targets), sum(taught)
     per = sorted((t / n if n else 0.0, w) for t, n, w in zip(taught, targets, where))
     shares = [s for s, _ in per]
