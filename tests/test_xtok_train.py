@@ -256,6 +256,10 @@ def test_white_box_term_in_the_loop_equals_a_naive_reference(tiny_model_dir, cha
     cov = summary["distill"]["coverage"]
     assert cov["taught_tokens"] == n_pairs and cov["coverage"] == 1.0  # every answer token and the end token
     assert row["kd_coverage"] == 1.0
+    # packed rows (one row per micro-batch, the teacher's side padded) pair the same positions: the same term
+    run(cfg_for(data, tiny_model_dir, tmp_path / "p", teacher=f"hf:{char_teacher}", max_steps=1, grad_accum=2,
+                kd_chunk_size=5, temperature=1.3, packing=True, batch_size=1, max_length=256))
+    assert metrics(tmp_path / "p")[0]["logit_kd"] == pytest.approx(total / n_targets, rel=1e-4)
     assert row["logit_kd"] == pytest.approx(total / n_targets, rel=1e-4)
 
 
