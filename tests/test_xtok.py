@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny import make_char_tokenizer, make_sp_tokenizer, make_tokenizer
 
 from imitate.train import xtok
@@ -185,6 +186,15 @@ def test_sorted_l1_is_uld():
     a, b = torch.tensor([[0.1, 0.5, 0.0]]), torch.tensor([[0.2, 0.3]])
     assert sorted_l1(a, b).item() == pytest.approx(abs(0.5 - 0.3) + abs(0.1 - 0.2))
     assert sorted_l1(b, b).item() == 0.0
+    # the top-k shortcut against a full sort, sparse and dense rows, either side wider
+    g = torch.Generator().manual_seed(3)
+    for wa, wb, keep in ((50, 40, 0.1), (30, 60, 0.5), (20, 20, 1.0)):
+        a = torch.rand(4, wa, generator=g) * (torch.rand(4, wa, generator=g) < keep)
+        b = torch.rand(4, wb, generator=g)
+        w = max(wa, wb)
+        full = (F.pad(a, (0, w - wa)).sort(-1, descending=True).values
+                - F.pad(b, (0, w - wb)).sort(-1, descending=True).values).abs().sum(-1)
+        torch.testing.assert_close(sorted_l1(a, b), full, rtol=1e-5, atol=1e-6)
 
 
 def test_chunked_term_equals_unchunked_and_its_gradient_matches():

@@ -53,13 +53,17 @@ def log_divergence(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> tor
 
 
 def sorted_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """ULD's distance: Σ_k |sort↓(a)_k − sort↓(b)_k| per row, the shorter row zero-padded. a: [N, A], b: [N, B]."""
+    """ULD's distance: Σ_k |sort↓(a)_k − sort↓(b)_k| per row, the shorter row zero-padded. a: [N, A], b: [N, B], both
+    ≥ 0. Only the top k of each row is sorted, k = the most nonzero entries a row of `a` has (a few unmatched teacher
+    tokens, usually): past them `a` is 0, so the rest of the sum is what `b` holds beyond its own top k. Exact."""
     import torch.nn.functional as F
 
-    width = max(a.shape[-1], b.shape[-1])
-    sa = F.pad(a, (0, width - a.shape[-1])).sort(-1, descending=True).values
-    sb = F.pad(b, (0, width - b.shape[-1])).sort(-1, descending=True).values
-    return (sa - sb).abs().sum(-1)
+    k = max(int((a > 0).sum(-1).max()) if a.numel() else 0, 1)
+    ta = a.topk(min(k, a.shape[-1]), -1).values
+    tb = b.topk(min(k, b.shape[-1]), -1).values
+    width = max(ta.shape[-1], tb.shape[-1])
+    ta, tb_pad = F.pad(ta, (0, width - ta.shape[-1])), F.pad(tb, (0, width - tb.shape[-1]))
+    return (ta - tb_pad).abs().sum(-1) + (b.sum(-1) - tb.sum(-1)).clamp(min=0.0)
 
 
 def xtok_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t_map: torch.Tensor,
@@ -75,26 +79,49 @@ def xtok_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 
     n, v_s = student_logits.shape
     log_q = torch.log_softmax(student_logits.float() / temperature, -1)
-    log_p = torch.log_softmax(teacher_logits.float() / temperature, -1).to(log_q.device)
-    rows = torch.arange(n, device=log_q.device)
-    # where each teacher token's mass goes: its student id, or column v_s (unmatched); rule 1 per row
-    dest = t_map.to(log_q.device).masked_fill(t_map.to(log_q.device) < 0, v_s).expand(n, -1).clone()
-    dest[rows, t_star.to(log_q.device)] = s_star.to(log_q.device)
-    # merged log-masses by a log-sum-exp per destination (exact for a one-to-one map: today's log-probabilities)
-    top = torch.full((n, v_s + 1), float("-inf"), device=log_q.device).scatter_reduce(1, dest, log_p, "amax")
-    top_safe = torch.where(top > float("-inf"), top, torch.zeros_like(top))
-    sums = torch.zeros_like(top).scatter_add_(1, dest, (log_p - top_safe.gather(1, dest)).exp())
-    log_merged = torch.where(top > float("-inf"), sums.log() + top_safe, top)
+    with torch.no_grad():  # the teacher's side: no graph; its temporaries die with `_merge`
+        log_p = torch.log_softmax(teacher_logits.float() / temperature, -1).to(log_q.device)
+        log_merged, unmatched = _merge(log_p, t_map.to(log_q.device), s_star.to(log_q.device),
+                                       t_star.to(log_q.device), v_s)
     image = log_merged[:, :v_s] > float("-inf")  # student tokens that receive teacher mass
     q_rest = torch.logsumexp(log_q.masked_fill(image, float("-inf")), -1, keepdim=True)
     # every student token receives mass, yet some teacher mass is unmatched: the student has no rest to move, so
     # that bucket adds nothing to the KL (ULD below still compares the unmatched mass)
     q_rest = torch.where(q_rest > float("-inf"), q_rest, log_merged[:, v_s:])
-    d = log_divergence(log_merged, torch.cat([log_q.masked_fill(~image, float("-inf")), q_rest], -1), beta)
-    unmatched = dest == v_s
-    if uld_weight and (bool(unmatched.any()) or not bool(image.all())):
-        d = d + uld_weight * sorted_l1(log_p.exp().masked_fill(~unmatched, 0.0), log_q.exp().masked_fill(image, 0.0))
+    if beta == 0.0:  # forward KL, the default, written like `losses.divergence` (no masked copy of the student)
+        with torch.no_grad():
+            p_m = log_merged.exp()
+            l_m = log_merged.masked_fill(p_m == 0, 0.0)
+        rest = p_m[:, v_s] > 0
+        d = (p_m[:, :v_s] * (l_m[:, :v_s] - log_q)).sum(-1) + torch.where(
+            rest, p_m[:, v_s] * (l_m[:, v_s] - torch.where(rest, q_rest[:, 0], l_m[:, v_s])), 0.0)
+    else:
+        d = log_divergence(log_merged, torch.cat([log_q.masked_fill(~image, float("-inf")), q_rest], -1), beta)
+    if uld_weight and (unmatched is not None or not bool(image.all())):
+        p_un = log_p.exp().masked_fill_(~unmatched, 0.0) if unmatched is not None else log_p.new_zeros((n, 1))
+        d = d + uld_weight * sorted_l1(p_un, log_q.exp().masked_fill(image, 0.0))
     return d
+
+
+def _merge(log_p: torch.Tensor, t_map: torch.Tensor, s_star: torch.Tensor, t_star: torch.Tensor,
+           v_s: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The teacher's log-probabilities [N, V_t] summed per destination: [N, V_s + 1] log-masses (column V_s = the
+    unmatched mass, −inf = none), by a log-sum-exp (exact for a one-to-one map: today's log-probabilities); and the
+    [N, V_t] mask of unmatched teacher tokens (None when there are none)."""
+    import torch
+
+    n = log_p.shape[0]
+    rows = torch.arange(n, device=log_p.device)
+    # where each teacher token's mass goes: its student id, or column v_s (unmatched); rule 1 per row
+    dest = t_map.masked_fill(t_map < 0, v_s).expand(n, -1).clone()
+    dest[rows, t_star] = s_star
+    top = torch.full((n, v_s + 1), float("-inf"), device=log_p.device).scatter_reduce_(1, dest, log_p, "amax")
+    has = top > float("-inf")
+    top.masked_fill_(~has, 0.0)
+    sums = torch.zeros_like(top).scatter_add_(1, dest, (log_p - top.gather(1, dest)).exp_())
+    log_merged = sums.log_().add_(top).masked_fill_(~has, float("-inf"))
+    unmatched = dest == v_s
+    return log_merged, (unmatched if bool(unmatched.any()) else None)
 
 
 def xtok_kd_loss(student_hidden: torch.Tensor, student_head: Any, teacher_hidden: torch.Tensor, teacher_head: Any,
