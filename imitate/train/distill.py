@@ -5,6 +5,8 @@ train.py exactly like the cross-entropy):
 - logit KD (`--teacher hf:...`): the frozen teacher runs under no_grad on the same micro-batch; the term is
   T² · Σ_tokens D(teacher_T, student_T) over target (assistant) tokens, computed chunk by chunk from the two models'
   final hidden states and output heads (`losses.chunked_kd_loss`), so [tokens × vocab] logits never exist whole.
+  A teacher with another tokenizer reads its own tokenization of the conversation instead, and the term is taken at
+  the positions where both tokenizations of the answer start a token (`xtok.py`, `xtok_loss.xtok_kd_loss`).
 - feature KD (`--feature-kd`): per (student layer, teacher layer) pair, MSE between a learned linear map of the
   student's hidden state and the teacher's, over target tokens (`features.FeatureRegressors`; trained with the student).
 - gray-box KD (records with collected top-K `logprobs`, no `--teacher`): `losses.sparse_topk_kd` against the collected

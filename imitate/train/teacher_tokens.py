@@ -3,7 +3,8 @@
 - The round-trip check (`check_teacher_tokens`, `refuse_token_mismatch`): records of an hf teacher carry the ids it
   generated; the student's chat template must reproduce them, else logit KD would grade text the teacher never wrote.
 - Gray-box alignment (`prepare_graybox`, `graybox_tensors`): collected top-K log-probs -> rows aligned with the
-  examples' targets, for `losses.sparse_topk_kd`.
+  examples' targets, for `losses.sparse_topk_kd`; token by token for the student's own tokenizer, by text
+  (imitate/train/xtok.py) for any other.
 Both need to know whether a record's teacher shares the student's tokenizer (`_teacher_tokenizer`, one loader and
 check for both).
 """
