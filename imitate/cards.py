@@ -205,6 +205,13 @@ def write_model_card(out: str | Path, cfg: Any, student: str, summary: dict) -> 
                             teacher_mix=distill["teacher_mix"])
     elif distill.get("mode") not in (None, "none"):
         training.update(kd="graybox (collected top-K logprobs)", kd_weight=cfg.kd_weight, temperature=cfg.temperature)
+    coverage = distill.get("coverage") or {}
+    if coverage.get("coverage") is not None:  # share of answer tokens a teacher distribution graded (xtok.py)
+        per = coverage.get("per_record") or {}
+        training["kd_coverage"] = (f"{coverage['coverage']:.1%} of {coverage.get('answer_tokens')} answer tokens"
+                                   + (f" (per record: min {per['min']:.0%}, median {per['median']:.0%})" if per else ""))
+    if distill.get("cross_tokenizer"):
+        training["teacher_tokenizer"] = "another tokenizer, aligned by text: " + distill["cross_tokenizer"]
     meta = {
         "teacher": cfg.teacher,  # white-box KD teacher (None: trained on the records alone)
         "record_teachers": teachers,  # who wrote the answers

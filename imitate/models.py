@@ -343,6 +343,14 @@ def generate_batch(
         top_lp, top_id = torch.stack(top_v, 1).tolist(), torch.stack(top_i, 1).tolist()  # [batch][step][K]
     stop_set = set(stop)
     vocab: dict[int, str] = {}
+    if logprobs:  # each token's bytes, for cross-tokenizer KD (a decoded piece of an emoji is only "\ufffd")
+        from imitate.train.xtok import cached_token_bytes
+
+        table = cached_token_bytes(tokenizer)
+
+        def bytes_of(i: int) -> list[int] | None:
+            b = table[i] if 0 <= i < len(table) else None
+            return list(b) if b is not None else None
 
     def text_of(i: int) -> str:
         if i not in vocab:
@@ -357,8 +365,10 @@ def generate_batch(
         if logprobs:
             entries = []
             for t, tok in enumerate(answer):
-                top = [{"token": text_of(i), "id": i, "logprob": v} for v, i in zip(top_lp[b][t], top_id[b][t])]
-                entries.append({"token": text_of(tok), "id": tok, "logprob": picked_lp[b][t], "top": top})
+                top = [{"token": text_of(i), "id": i, "logprob": v, "bytes": bytes_of(i)}
+                       for v, i in zip(top_lp[b][t], top_id[b][t])]
+                entries.append({"token": text_of(tok), "id": tok, "logprob": picked_lp[b][t], "bytes": bytes_of(tok),
+                                "top": top})
         completions.append(
             Completion(
                 # the text exactly as generated: no stripping, no "clean-up" of spaces around punctuation

@@ -34,8 +34,12 @@ ANSWER_TOKEN_IDS: the assistant text is the decoded `answer_token_ids`, kept exa
 tokenizer it checks that this gives back these ids (see imitate.train.teacher_tokens.check_teacher_tokens).
 
 LOGPROBS: a list with one entry per generated token,
-`{"token": str, "id": int | None, "logprob": float, "top": [{"token": str, "id": int | None, "logprob": float}, ...]}`;
-`id` is the teacher's token id when the teacher reports it (hf teachers, vLLM), else null.
+`{"token": str, "id": int | None, "logprob": float, "bytes": [int] | None, "top": [{"token": str, "id": int | None,
+"logprob": float, "bytes": [int] | None}, ...]}`;
+`id` is the teacher's token id when the teacher reports it (hf teachers, vLLM), else null. `bytes` is the token's UTF-8
+bytes (OpenAI's field; hf teachers write it too): a token may hold part of a character, which its string cannot show.
+Records without `bytes` (older ones) are read by their token strings. A student with another tokenizer is aligned with
+these tokens by text (imitate/train/xtok.py).
 
 CONTENT PARTS: a turn's `content` may also be a list of text parts, `[{"type": "text", "text": "..."}, ...]` (the
 OpenAI and TRL conversational form). Every stage reads such a turn as its parts' texts concatenated in order (as chat

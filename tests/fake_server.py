@@ -301,10 +301,12 @@ def openai_reply(server: FakeServer, body: dict) -> dict:
         if body.get("logprobs"):
             k = int(body.get("top_logprobs") or 0)
             content = []
-            for j, w in enumerate(words):
+            for j, w in enumerate(words):  # one token per word, the space in front of it included (as GPT's)
+                w = w if j == 0 else " " + w
                 lp = -0.1 * (j % 5)
                 tops = [{"token": w, "logprob": lp, "bytes": list(w.encode())}]
-                tops += [{"token": f"{w}~{t}", "logprob": lp - 1 - t, "bytes": None} for t in range(1, k)]
+                tops += [{"token": f"{w}~{t}", "logprob": lp - 1 - t, "bytes": list(f"{w}~{t}".encode())}
+                         for t in range(1, k)]
                 content.append({"token": w, "logprob": lp, "bytes": list(w.encode()), "top_logprobs": tops[:k]})
             choice["logprobs"] = {"content": content, "refusal": None}
         choices.append(choice)

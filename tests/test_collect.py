@@ -87,7 +87,8 @@ def test_n_samples_share_one_call_and_logprobs_are_stored(server, tmp_path):
     assert {r["sample"] for r in recs} == {0, 1, 2}
     lp = recs[0]["logprobs"]
     assert len(lp) == len(recs[0]["messages"][-1]["content"].split(" "))
-    assert set(lp[0]) == {"token", "id", "logprob", "top"} and len(lp[0]["top"]) == 2
+    assert set(lp[0]) == {"token", "id", "logprob", "bytes", "top"} and len(lp[0]["top"]) == 2
+    assert bytes(lp[0]["bytes"]).decode() == lp[0]["token"] and lp[0]["top"][0]["bytes"] == lp[0]["bytes"]
     # raising --n later only asks for the new samples
     run(cfg(server, tmp_path, n=4, logprobs=2))
     assert len(read(c.out)) == 12 and server.count() == 6

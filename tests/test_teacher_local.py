@@ -99,6 +99,10 @@ def test_logprobs_consistency(loaded):
             assert sum(math.exp(lp) for lp in lps) <= 1 + 1e-6
             assert e["token"] == tok.decode([e["id"]])
         assert "".join(e["token"] for e in c.logprobs) == tok.decode([e["id"] for e in c.logprobs])
+        # the bytes spell the text too, and each alternative carries its own
+        assert b"".join(bytes(e["bytes"]) for e in c.logprobs).decode(errors="replace") == c.text
+        assert all(bytes(a["bytes"]).decode(errors="replace") == a["token"] for e in c.logprobs for a in e["top"]
+                   if a["id"] not in tok.all_special_ids)
 
 
 def test_logprobs_match_a_plain_forward(loaded):

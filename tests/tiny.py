@@ -142,3 +142,52 @@ def run_torchrun(args: list, out: str | Path, nproc: int = 2):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def _save_fast(tok, out: str | Path | None, chat_template: str | None):
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>",
+                                   eos_token="<|end|>", unk_token="<|unk|>" if "<|unk|>" in tok.get_vocab() else None)
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        fast.save_pretrained(out)
+    return fast
+
+
+def make_char_tokenizer(out: str | Path | None = None, chat_template: str | None = CHAT_TEMPLATE,
+                        extra: str = ""):
+    """A character-level tokenizer: one token per character of the corpus (+ `extra`), `<|unk|>` for the rest."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    chars = sorted(set("".join(CORPUS) + extra + " \n"))
+    vocab = {t: i for i, t in enumerate(SPECIAL + ["<|unk|>"] + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(SPECIAL)
+    return _save_fast(tok, out, chat_template)
+
+
+def make_sp_tokenizer(out: str | Path | None = None, chat_template: str | None = CHAT_TEMPLATE):
+    """A SentencePiece-style BPE (`▁` for spaces, a dummy prefix, `<0xAB>` byte fallback, like Llama 2's) with a
+    hand-made vocabulary: the corpus's characters, 256 byte pieces and a few merges; anything else falls back to bytes."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    chars = sorted(set("".join(CORPUS).replace(" ", "")) | {"▁"})
+    merges = [("▁", "t"), ("h", "e"), ("▁t", "he"), ("▁", "w"), ("o", "r"), ("▁w", "or"), ("▁", "h"), ("e", "l"),
+              ("▁h", "el"), ("l", "o"), ("▁hel", "lo"), ("i", "n"), ("▁", "s"), ("e", "v"), ("e", "n"), ("ev", "en"),
+              ("▁s", "even")]
+    pieces = SPECIAL + [f"<0x{b:02X}>" for b in range(256)] + chars + ["".join(m) for m in merges]
+    vocab: dict[str, int] = {}
+    for p in pieces:
+        vocab.setdefault(p, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, fuse_unk=False))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = None
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens(SPECIAL)
+    return _save_fast(tok, out, chat_template)

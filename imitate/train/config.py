@@ -96,9 +96,9 @@ class TrainConfig(Checked):
                               "CPU.", example="4", ge=1, default_text="by model size (1 below 5M parameters)")
     # --- distillation (see imitate/train/distill.py)
     teacher: str | list[str] | None = opt(
-        None, "Local teacher for logit/feature KD (hf:PATH_OR_ID, same tokenizer as the student), run frozen on each "
-        "batch. Repeat the flag (a list in TOML) to distil from several: one logit KD term per teacher "
-        "(logit_kd/NAME, NAME = the model's directory name), each gated by --sckd on its own.",
+        None, "Local teacher for logit/feature KD (hf:PATH_OR_ID), run frozen on each batch; another tokenizer is "
+        "aligned by text (logit KD only, one teacher). Repeat the flag (a list in TOML) to distil from several: one "
+        "logit KD term per teacher (logit_kd/NAME, NAME = the model's directory name), each gated by --sckd on its own.",
         example="hf:./teacher", parse=teacher_list, metavar="SPEC")
     teacher_weight: dict[str, float] = opt(
         {}, "Several teachers: the share of the KD weight each gets, NAME=SHARE (comma-separated or repeated; "

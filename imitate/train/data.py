@@ -45,6 +45,10 @@ class Example:
     # answer tokens (imitate.train.context); None: the teacher reads `input_ids`
     teacher_ids: list[int] | None = None
     teacher_labels: list[int] | None = None
+    # cross-tokenizer white-box KD only (imitate/train/xtok.py): the conversation the teacher saw until its own
+    # tokenization is made, then that tokenization and the positions paired with the student's (`xtok.TeacherView`)
+    messages: list[dict] | None = None
+    teacher_view: Any = None
 
     @property
     def n_targets(self) -> int:
@@ -189,14 +193,16 @@ def load_examples(
     loss_on: str = "final",
     with_logprobs: bool = False,
     teacher_tokenizer: Any = None,
+    with_messages: bool = False,
 ) -> tuple[list[Example], DataStats]:
     """Read records (errors name file:line), tokenize them and apply the --overlong policy.
 
     The student's tokens are the record's `messages` only, never its `context`.
     with_logprobs: keep each record's `logprobs` and `teacher` on its Example (for gray-box KD).
     teacher_tokenizer: a white-box teacher's tokenizer; records with `context` get the teacher's view of context +
-    messages (imitate.train.context.teacher_view, which refuses a record whose answer tokenizes differently there)."""
-    from imitate.records import read_records
+    messages (imitate.train.context.teacher_view, which refuses a record whose answer tokenizes differently there).
+    with_messages: keep the conversation the teacher saw (`records.teacher_messages`; cross-tokenizer KD)."""
+    from imitate.records import read_records, teacher_messages
 
     stats = DataStats()
     out: list[Example] = []
@@ -226,6 +232,8 @@ def load_examples(
                      answer_token_ids=line.data.get("answer_token_ids"))
         if with_logprobs and line.data.get("logprobs"):
             ex.logprobs = line.data["logprobs"]
+        if with_messages:
+            ex.messages = teacher_messages(line.data)
         if ex.n_targets == 0:
             stats.dropped_no_target += 1
             continue

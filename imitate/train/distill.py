@@ -5,6 +5,8 @@ train.py exactly like the cross-entropy):
 - logit KD (`--teacher hf:...`): the frozen teacher runs under no_grad on the same micro-batch; the term is
   T² · Σ_tokens D(teacher_T, student_T) over target (assistant) tokens, computed chunk by chunk from the two models'
   final hidden states and output heads (`losses.chunked_kd_loss`), so [tokens × vocab] logits never exist whole.
+  A teacher with another tokenizer reads its own tokenization of the conversation instead, and the term is taken at
+  the positions where both tokenizations of the answer start a token (`xtok.py`, `xtok_loss.xtok_kd_loss`).
 - feature KD (`--feature-kd`): per (student layer, teacher layer) pair, MSE between a learned linear map of the
   student's hidden state and the teacher's, over target tokens (`features.FeatureRegressors`; trained with the student).
 - gray-box KD (records with collected top-K `logprobs`, no `--teacher`): `losses.sparse_topk_kd` against the collected
@@ -64,6 +66,7 @@ class Plan:
     student_width: int = 0
     teacher_width: int = 0
     graybox: dict | None = None  # the gray-box report (counts, notes), None when gray-box is not used
+    xtok: Any = None  # `xtok.WhiteBox` when the teacher's tokenizer is not the student's (cross-tokenizer KD)
     terms: list[str] = field(default_factory=list)  # KD term names, in order
     tokenizer: Any = None  # the white-box teacher's tokenizer: its chat template renders records' context + messages
 
@@ -88,7 +91,8 @@ def plan_teacher(cfg: Any, tokenizer: Any, student: str) -> Plan:
     from imitate.train.teachers import term_names
 
     refs, confs, toks = [], [], []
-    for spec in cfg.teachers:  # several teachers: each must share the student's tokenizer
+    s_conf = _configs(student, cfg.trust_remote_code)
+    for spec in cfg.teachers:
         ref = teacher_ref(spec)
         base, _, tok_dir = model_refs(ref)
         confs.append(_configs(base, cfg.trust_remote_code))
@@ -96,16 +100,45 @@ def plan_teacher(cfg: Any, tokenizer: Any, student: str) -> Plan:
             t_tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=cfg.trust_remote_code)
         except (OSError, ValueError) as exc:
             raise ImitateError(f"cannot load the tokenizer of teacher {spec}: {str(exc).splitlines()[0]}") from None
-        vocab.check_tokenizers(tokenizer, t_tok, teacher=f"teacher {spec}")
+        try:
+            vocab.check_tokenizers(tokenizer, t_tok, teacher=f"teacher {spec}")
+        except ImitateError as exc:
+            if len(cfg.teachers) > 1:  # several teachers: each must share the student's tokenizer
+                raise
+            # one teacher with another tokenizer: KD by text alignment (imitate/train/xtok.py)
+            return _cross_plan(cfg, ref, tokenizer, t_tok, s_conf, confs[0], exc.message)
         refs.append(ref)
         toks.append(t_tok)
-    s_conf, t_conf = _configs(student, cfg.trust_remote_code), confs[0]
+    t_conf = confs[0]
     plan = Plan(teacher=refs[0], teachers=refs, student_width=s_conf.hidden_size, teacher_width=t_conf.hidden_size,
                 tokenizer=toks[0])
     plan.vocab_size = min(vocab.real_vocab_size(tokenizer, s_conf.vocab_size, c.vocab_size) for c in confs)
     if cfg.feature_kd:
         plan.pairs = features.parse_pairs(cfg.feature_kd, s_conf.num_hidden_layers, t_conf.num_hidden_layers)
     plan.terms = term_names(cfg) + [features.term_name(p) for p in plan.pairs] + ([ONPOLICY] if cfg.on_policy else [])
+    return plan
+
+
+def _cross_plan(cfg: Any, ref: str, tokenizer: Any, t_tok: Any, s_conf: Any, t_conf: Any, why: str) -> Plan:
+    """The plan of a teacher with another tokenizer: one logit term on the positions where both tokenizations of an
+    answer start a token (xtok.py), the teacher reading the conversation in its own chat template."""
+    from imitate.train import vocab, xtok
+
+    for flag, on in (("--feature-kd", cfg.feature_kd), ("--on-policy", cfg.on_policy)):
+        if on:
+            raise UsageError(
+                f"{flag} needs a teacher that shares the student's tokenizer ({why})",
+                hint=f"drop {flag}: cross-tokenizer KD aligns the two models' output distributions by text, "
+                "not their hidden states or the student's own samples")
+    note = {}
+    if not getattr(t_tok, "chat_template", None):
+        t_tok.chat_template = tokenizer.chat_template
+        note["teacher_template"] = "the teacher's tokenizer has no chat template: it reads the student's"
+    plan = Plan(teacher=ref, teachers=[ref], student_width=s_conf.hidden_size, teacher_width=t_conf.hidden_size,
+                terms=[LOGIT])
+    plan.vocab_size = vocab.real_vocab_size(tokenizer, s_conf.vocab_size, s_conf.vocab_size)
+    t_size = vocab.real_vocab_size(t_tok, t_conf.vocab_size, t_conf.vocab_size)
+    plan.xtok = xtok.WhiteBox(tokenizer=t_tok, vocab_size=t_size, why=why, report=note)
     return plan
 
 
@@ -217,7 +250,9 @@ class Distiller:
         terms = {"ce": ce}
         hidden = out.hidden_states
         head = unwrap(model).get_output_embeddings()
-        if len(self.teachers) > 1:
+        if self.plan.xtok is not None:
+            terms[LOGIT] = self._xtok_kd(hidden, head, batch)
+        elif len(self.teachers) > 1:
             taught = teacher_written(batch["input_ids"], labels, self.end_ids)
             terms.update(self._team_kd(hidden, head, batch, taught))
         elif self.teacher is not None:
@@ -259,6 +294,27 @@ class Distiller:
         from imitate.train.context import realign
 
         return realign(out, batch)
+
+    def _xtok_kd(self, hidden: Any, head: Any, batch: dict) -> Any:
+        """The cross-tokenizer KD term: the teacher reads its own tokens (`xtok.batch_tensors`) under no_grad."""
+        import torch
+
+        from imitate.train.xtok_loss import xtok_kd_loss
+
+        if not batch["xtok_s_index"].numel():  # no shared boundary in this micro-batch (or a padding one)
+            return hidden[-1].new_zeros((), dtype=torch.float32)
+        t_dev = self.teacher.device
+        extra = {"logits_to_keep": 1} if takes_logits_to_keep(self.teacher) else {}
+        with torch.no_grad():
+            t_out = self.teacher(input_ids=batch["xtok_input_ids"].to(t_dev),
+                                 attention_mask=batch["xtok_attention_mask"].to(t_dev), **extra,
+                                 output_hidden_states=True, use_cache=False)
+        x = self.plan.xtok
+        return xtok_kd_loss(
+            hidden[-1], head, t_out.hidden_states[-1], self.teacher.get_output_embeddings(), batch["xtok_s_index"],
+            batch["xtok_t_index"], batch["xtok_s_star"], batch["xtok_t_star"], x.t_map, beta=self.beta,
+            temperature=self.cfg.temperature, chunk_size=self.cfg.kd_chunk_size, vocab_size=self.plan.vocab_size,
+            teacher_vocab_size=x.vocab_size, t2=self.cfg.t2)[0]
 
     def _logit_kd(self, hidden: Any, head: Any, t_out: Any, labels: Any, teacher: Any = None) -> Any:
         from imitate.train import losses
@@ -311,8 +367,12 @@ class Distiller:
                 out["jsd_beta"] = cfg.jsd_beta
             if self.plan.pairs:
                 out.update(feature_pairs=[list(p) for p in self.plan.pairs], feature_weight=cfg.feature_weight)
+            if self.plan.xtok is not None:  # cross-tokenizer: what differs, and how much of the answers it grades
+                out.update(cross_tokenizer=self.plan.xtok.why, coverage=self.plan.xtok.report)
         else:
             out["graybox"] = self.plan.graybox
+            out["coverage"] = {k: self.plan.graybox[k] for k in ("coverage", "taught_tokens", "answer_tokens",
+                                                                  "records", "per_record") if k in self.plan.graybox}
         if cfg.sckd:
             out["sckd_threshold"] = cfg.sckd_threshold
             out["on_rate"] = on_rates(rows, self.terms)

@@ -28,7 +28,7 @@ from typing import Any
 from imitate.cards import write_model_card
 from imitate.errors import ImitateError, InputError, UsageError
 from imitate.locks import locks_outputs
-from imitate.train import checkpoint, distill, onpolicy, teacher_tokens, trackers
+from imitate.train import checkpoint, distill, onpolicy, teacher_tokens, trackers, xtok
 from imitate.train.config import TrainConfig
 from imitate.train.data import Example, collate, load_examples, plan_batches, split_eval, windows
 from imitate.train.outputs import ProgressBar, append_metrics, peak_memory_mb, read_metrics, save_outputs, write_metrics
@@ -161,11 +161,15 @@ def prepare(cfg: TrainConfig) -> Prepared:
     student = resolve_student(cfg.student)
     tokenizer = load_tokenizer(cfg, student)
     kd_plan = distill.plan_teacher(cfg, tokenizer, student) if cfg.teacher else None  # tokenizers + configs only
+    cross = kd_plan is not None and kd_plan.xtok is not None  # a teacher with another tokenizer
     examples, stats = load_examples(cfg.data, tokenizer, max_length=cfg.max_length, overlong=cfg.overlong,
                                     loss_on=cfg.loss_on, with_logprobs=cfg.graybox and not cfg.teacher,
-                                    teacher_tokenizer=kd_plan.tokenizer if kd_plan is not None else None)
+                                    teacher_tokenizer=kd_plan.tokenizer if kd_plan is not None else None,
+                                    with_messages=cross)
     if not examples:
         raise no_examples_error(cfg, stats)
+    if cross:  # the teacher's own tokenization of each conversation, paired with the student's by text
+        kd_plan.xtok.report = xtok.prepare_whitebox(examples, tokenizer, kd_plan.xtok, cfg.max_length)
     token_check = teacher_tokens.check_teacher_tokens(examples, tokenizer, cfg.max_length)  # the teacher's own tokens?
     if token_check["retokenized"]:  # records with context: the teacher grades the ids now trained (train/context.py)
         from imitate.train.context import resplice
@@ -199,6 +203,9 @@ def setup(cfg: TrainConfig, data: Prepared) -> Session:
     if check["mismatched"]:
         log(accelerator, f"{check['mismatched']} of {check['checked']} answers do not tokenize back to the "
             f"teacher's generated tokens in the student's chat template; first: {'; '.join(check['first'])}")
+    coverage = data.graybox_report if data.kd_plan is None or data.kd_plan.xtok is None else data.kd_plan.xtok.report
+    if coverage and (warning := xtok.low_coverage(coverage)):  # before any step: the teacher grades little
+        log(accelerator, "Warning: " + warning)
     if stats.truncated or stats.dropped_overlong or stats.dropped_no_target:
         log(accelerator, f"{stats.truncated + stats.dropped_overlong} record(s) longer than --max-length "
             f"{cfg.max_length} (longest {stats.longest} tokens): {stats.truncated} truncated, "
@@ -276,6 +283,9 @@ def fit(cfg: TrainConfig, data: Prepared, s: Session, stop_after: int | None = N
     lengths = [len(e.input_ids) for e in data.train_ex]
     targets = [e.n_targets for e in data.train_ex]
     graybox = data.kd_plan is not None and distill.GRAYBOX in data.kd_plan.terms
+    cross = data.kd_plan.xtok if data.kd_plan is not None else None  # cross-tokenizer white-box KD
+    graded = [xtok.answer_targets(e.labels, xtok.end_ids(data.tokenizer)) for e in data.train_ex] \
+        if cross is not None or graybox else []  # per example: the answer tokens a teacher could grade
     metrics_path = Path(cfg.out) / "metrics.jsonl"
     bar = ProgressBar(s.total_steps, s.start, enabled=cfg.progress and accelerator.is_main_process)
     model.train()
@@ -300,6 +310,13 @@ def fit(cfg: TrainConfig, data: Prepared, s: Session, stop_after: int | None = N
             micro.append(collate(exs, pad_id=pad_id, packing=cfg.packing))
             if graybox:
                 micro[-1]["topk_ids"], micro[-1]["topk_logprobs"] = teacher_tokens.graybox_tensors(exs, micro[-1])
+            if cross is not None:
+                micro[-1].update(xtok.batch_tensors(exs, micro[-1], cross.tokenizer.pad_token_id or 0))
+        taught = None  # answer tokens of this process's micro-batches that a teacher distribution grades
+        if cross is not None or graybox:
+            key = "xtok_s_index" if cross is not None else "topk_ids"
+            taught = sum(int(b[key].numel()) if cross is not None else int((b[key] >= 0).any(-1).sum())
+                         for b in micro if "onpolicy" not in b)
         denoms = None  # per-term token counts for the logged values when they differ from n_targets
         if policy is not None:
             n_targets, denoms = policy.denominators(accelerator, micro, window, targets, distiller.terms)
@@ -321,6 +338,11 @@ def fit(cfg: TrainConfig, data: Prepared, s: Session, stop_after: int | None = N
                "tokens": s.tokens_seen, "tokens_per_s": n_tokens / dt if dt > 0 else None, "step_s": dt}
         if grad_norm is not None:
             row["grad_norm"] = float(grad_norm)
+        if taught is not None:  # the share of the window's answer tokens the teacher graded (all processes)
+            import torch
+
+            got = accelerator.reduce(torch.tensor(float(taught), device=accelerator.device), reduction="sum")
+            row["kd_coverage"] = float(got) / max(sum(graded[i] for i in real), 1)
         if distiller is not None:
             distiller.log(row, sums[1:], policy.present(gates) if policy is not None else gates, s.rows)
         if policy is not None:  # drops the values of terms (and CE) no micro-batch of the window had

@@ -3,7 +3,8 @@
 - The round-trip check (`check_teacher_tokens`, `refuse_token_mismatch`): records of an hf teacher carry the ids it
   generated; the student's chat template must reproduce them, else logit KD would grade text the teacher never wrote.
 - Gray-box alignment (`prepare_graybox`, `graybox_tensors`): collected top-K log-probs -> rows aligned with the
-  examples' targets, for `losses.sparse_topk_kd`.
+  examples' targets, for `losses.sparse_topk_kd`; token by token for the student's own tokenizer, by text
+  (imitate/train/xtok.py) for any other.
 Both need to know whether a record's teacher shares the student's tokenizer (`_teacher_tokenizer`, one loader and
 check for both).
 """
@@ -49,6 +50,7 @@ def _teacher_tokenizer(spec: str | None, tokenizer: Any, cache: dict) -> tuple[b
             try:
                 t_tok = AutoTokenizer.from_pretrained(model_refs(resolve_model(model))[2])
                 at_hand = True
+                cache[("tok", spec)] = t_tok
                 vocab.check_tokenizers(tokenizer, t_tok, teacher=spec)
             except ImitateError as exc:
                 why = exc.message if at_hand else None
@@ -56,12 +58,6 @@ def _teacher_tokenizer(spec: str | None, tokenizer: Any, cache: dict) -> tuple[b
                 pass  # not at hand here
         cache[spec] = (at_hand, why)
     return cache[spec]
-
-
-def _teacher_tokenizer_ok(spec: str | None, tokenizer: Any, cache: dict) -> str | None:
-    """None when the record's teacher may share the student's tokenizer, else why not. Teachers not at hand cannot be
-    checked by name, so their log-probs are trusted only as far as their tokens match the targets."""
-    return _teacher_tokenizer(spec, tokenizer, cache)[1]
 
 
 MAX_TOKEN_MISMATCH = 0.03  # KD refuses above this fraction of checked records whose answer tokens differ
@@ -156,41 +152,88 @@ def refuse_token_mismatch(report: dict) -> None:
 def prepare_graybox(examples: list, tokenizer: Any) -> dict:
     """Align every example's collected logprobs with its targets (sets `Example.topk`, drops `Example.logprobs`).
 
-    Returns the report for the summary: records with logprobs, aligned / unaligned target tokens, refused teachers.
-    A record's token is aligned while the collected tokens match the tokenized answer (ids, else token strings); the
-    first mismatch ends its alignment and the rest of that answer trains on CE only.
+    A teacher known to share the student's tokenizer (an hf teacher at hand that passes `check_tokenizers`) is
+    aligned token by token (`vocab.align_logprobs`); so is a teacher not at hand whose tokens all match the student's.
+    Any other record (an hf teacher of another family, an API whose tokens differ) is aligned by TEXT
+    (`xtok.graybox_rows`): each collected entry grades the student's token that starts at the same byte offset of
+    the answer. Returns the report for the summary: records with logprobs, aligned / unaligned target tokens,
+    coverage (overall and per record), how many records went by text.
     """
     import torch
 
-    from imitate.train import vocab
+    from imitate.train import vocab, xtok
 
-    report = {"records_with_logprobs": 0, "aligned": 0, "unaligned": 0, "unmapped_top": 0, "refused": {}}
+    report: dict[str, Any] = {"records_with_logprobs": 0, "aligned": 0, "unaligned": 0, "unmapped_top": 0,
+                              "by_text": 0, "text_mismatch": 0}
     cache: dict = {}
+    proj = None
+    taught, targets, where = [], [], []
     for ex in examples:
         if not ex.logprobs:
             continue
         report["records_with_logprobs"] += 1
-        labels = torch.tensor(_final_run(ex.labels))
-        why = _teacher_tokenizer_ok(ex.teacher, tokenizer, cache)
-        if why is not None:
-            report["refused"][ex.teacher] = why
-            report["unaligned"] += int((labels != IGNORE).sum())
-            ex.logprobs = None
-            continue
-        ids, lps, counts = vocab.align_logprobs(ex.logprobs, labels, tokenizer)
+        labels = _final_run(ex.labels)
+        at_hand, why = _teacher_tokenizer(ex.teacher, tokenizer, cache)
+        counts = None
+        if why is None:
+            ids, lps, counts = vocab.align_logprobs(ex.logprobs, torch.tensor(labels), tokenizer)
+            if not at_hand and counts["aligned"] < len(ex.logprobs):  # not the student's tokens: go by text
+                counts = None
+        if counts is None:
+            proj = proj or xtok.Projector(tokenizer)
+            entries = _with_teacher_bytes(ex.logprobs, cache.get(("tok", ex.teacher)))
+            rows, counts = xtok.graybox_rows(entries, labels, proj)
+            report["by_text"] += 1
+            report["text_mismatch"] += int(not rows)
+            ids, lps = _rows_to_tensors(rows, len(labels))
         ex.logprobs = None
         for k in ("aligned", "unaligned", "unmapped_top"):
             report[k] += counts[k]
-        rows = (ids >= 0).any(-1).nonzero().squeeze(-1)
-        if rows.numel():
-            a, b = int(rows[0]), int(rows[-1]) + 1
+        taught.append(counts["aligned"])
+        targets.append(xtok.answer_targets(labels, xtok.end_ids(tokenizer)))
+        where.append(ex.where)
+        rows_at = (ids >= 0).any(-1).nonzero().squeeze(-1)
+        if rows_at.numel():
+            a, b = int(rows_at[0]), int(rows_at[-1]) + 1
             ex.topk = (a, ids[a:b].clone(), lps[a:b].clone())
     total = report["aligned"] + report["unaligned"]
     report["aligned_fraction"] = report["aligned"] / total if total else 0.0
+    report.update(xtok.coverage_report(taught, targets, where))
     if report["records_with_logprobs"] and not report["aligned"]:
-        report["note"] = ("no collected log-prob could be aligned with the student's tokens (another tokenizer?): "
-                          "trained on CE only")
+        report["note"] = ("no collected log-prob could be aligned with the student's tokens (the records' text does "
+                          "not match the student's rendering of the answers): trained on CE only")
     return report
+
+
+def _with_teacher_bytes(entries: list[dict], t_tok: Any) -> list[dict]:
+    """Entries (and their `top` alternatives) with `bytes` filled in from the teacher's tokenizer, when it is at hand
+    and the entry has an id but no bytes (records of hf teachers written before `bytes` was stored)."""
+    if t_tok is None:
+        return entries
+    from imitate.train.xtok import cached_token_bytes
+
+    table = cached_token_bytes(t_tok)
+
+    def fill(e: dict) -> dict:
+        i = e.get("id")
+        if e.get("bytes") or i is None or not 0 <= int(i) < len(table) or table[int(i)] is None:
+            return e
+        return {**e, "bytes": list(table[int(i)])}
+
+    return [{**fill(e), "top": [fill(a) for a in e.get("top") or []]} for e in entries]
+
+
+def _rows_to_tensors(rows: dict, length: int) -> tuple[Any, Any]:
+    """{label position: [(id, log p), ...]} -> ids [L, K] (-1 = empty) and log-probs [L, K]."""
+    import torch
+
+    width = max((len(r) for r in rows.values()), default=1)
+    ids = torch.full((length, width), -1, dtype=torch.long)
+    lps = torch.zeros((length, width), dtype=torch.float32)
+    for p, pairs in rows.items():
+        ids[p, : len(pairs)] = torch.tensor([i for i, _ in pairs])
+        lps[p, : len(pairs)] = torch.tensor([lp for _, lp in pairs])
+    return ids, lps
 
 
 def graybox_tensors(examples: list, batch: dict) -> tuple[Any, Any]:

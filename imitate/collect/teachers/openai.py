@@ -72,8 +72,11 @@ class OpenAITeacher(SDKTeacher):
                     "token": t["token"],
                     "id": t.get("id"),
                     "logprob": t["logprob"],
+                    # the token's UTF-8 bytes: a token string cannot hold part of a character (emoji, CJK), bytes
+                    # can; cross-tokenizer KD aligns by them (imitate/train/xtok.py)
+                    "bytes": t.get("bytes"),
                     "top": [
-                        {"token": a["token"], "id": a.get("id"), "logprob": a["logprob"]}
+                        {"token": a["token"], "id": a.get("id"), "logprob": a["logprob"], "bytes": a.get("bytes")}
                         for a in t.get("top_logprobs") or []
                     ],
                 }
