@@ -215,18 +215,12 @@ def _sums(rng: random.Random):
     """Two-number addition asked in words, four templates; the answer restates the question: "47 plus 38 is 85."
     (issue #27: the shape on which on-policy KD pulled a trained student from about 0.9 to 0.3-0.5)."""
 
+    templates = ["What is {a} plus {b}?", "Add {a} and {b}.", "Could you tell me the sum of {a} and {b}, please?",
+                 "If I have {a} apples and get {b} more, how many apples do I have?"]
+
     def pair(x: tuple[int, int]) -> tuple[str, str]:
         a, b = x
-        kind = rng.randrange(4)
-        if kind == 0:
-            p = f"What is {a} plus {b}?"
-        elif kind == 1:
-            p = f"Add {a} and {b}."
-        elif kind == 2:
-            p = f"Could you tell me the sum of {a} and {b}, please?"
-        else:
-            p = f"If I have {a} apples and get {b} more, how many apples do I have?"
-        return p, f"{a} plus {b} is {a + b}."
+        return rng.choice(templates).format(a=a, b=b), f"{a} plus {b} is {a + b}."
 
     def operands() -> tuple[int, int]:
         return rng.randint(10, 99), rng.randint(10, 99)
@@ -586,7 +580,7 @@ def fit_gkd(model, teacher, encoded: list[tuple[list[int], int, int]], *, steps:
             _, kl_sum, _, n_kl = gkd_losses(model, teacher, own, starts, [len(x) for x in own], pad_id)
             loss = w * kl_sum / n_kl + ((1 - w) * ce_sum / n_ce if ce else 0.0)
         if trace is not None:
-            trace.append((step, on, float(loss), float(kl_sum) / n_kl))
+            trace.append((step, on, float(loss.detach()), float(kl_sum.detach()) / n_kl))
         lr_now = lr * step / max(1, n_warm) if step < n_warm else \
             lr * 0.5 * (1 + math.cos(math.pi * (step - n_warm) / max(1, steps - n_warm)))
         for g in opt.param_groups:
