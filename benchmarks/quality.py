@@ -1,9 +1,10 @@
-"""Does `imitate train` teach a student what a plain training loop would? Held-out accuracy on 4 tasks (+1 on request).
+"""Does `imitate train` teach a student what a plain training loop would? Held-out accuracy on 4 tasks (+2 on request).
 
     python benchmarks/quality.py                          # all tasks, all modes, 3 seeds
     python benchmarks/quality.py --quick                  # fewer steps and 1 seed: a smoke run
     python benchmarks/quality.py --tasks lists,choice --seeds 2 --modes reference,sft
     python benchmarks/quality.py --tasks carry --modes sft,sft_kd,sft_op100     # long answers, on request only
+    python benchmarks/quality.py --tasks sums --modes sft,gkd50_pure,op50_rkl_pure   # issue #27, on request only
 
 Each task looks like users' data: several prompt templates (so length says which kind of question it is), answers of
 its own length, held-out prompts the teacher never trained on. For each task the benchmark
@@ -40,6 +41,12 @@ Modes (MODES below; add a row by adding an entry):
   (--teacher), gray-box KD from the records' top-5 and top-20 log-probs. Printed: each minus x_sft, and x_kd's gain over
   x_sft as a share of kd's gain over sft (the same-tokenizer student). Target: that share >= 0.5 on `choice`, no x_ mode
   below x_sft by more than the seed spread, x_gb20 >= x_sft.
+- gkd50, gkd100 (+ _pure): the reference GKD loop (`fit_gkd`, written here, sharing only data and models with
+  imitate): `fit`'s batches and schedule, 0.5·CE + 0.5·reverse KL on the collected answers; from half-way, with
+  probability λ a step is on-policy (the student samples at temperature 1 with a plain no-cache, no-padding loop
+  and trains 0.5·token-mean reverse KL on its tokens, + 0.5·CE on the records' answers unless _pure).
+  op50_rkl, op100_rkl (+ _pure): imitate with the same loss (`--kd reverse-kl`, `--no-on-policy-ce` for _pure).
+  All on request (--modes).
 Targets (issue #10): sft within 0.02 of reference on every task; kd >= sft where the teacher's distribution carries more
 than its argmax (the `choice` task: several valid answers, sampled at collect time); sckd not below kd by more than the
 seed spread. Issue #12: on-policy KD above off-policy KD by more than the seed spread on a task with multi-token
@@ -99,6 +106,7 @@ class Task:
     train: dict = field(default_factory=dict)  # lr, batch_size, epochs for every mode
     max_tokens: int = 24
     demo: bool = False  # the shipped demo teacher / student / prompt files
+    teacher_shape: dict | None = None  # None: TEACHER_SHAPE
 
 
 def _lists(rng: random.Random):
@@ -214,6 +222,24 @@ def _carry(rng: random.Random):
     return teach, collect, [(pair(x)[0], sum(x)) for x in held]
 
 
+def _sums(rng: random.Random):
+    """Two-number addition asked in words, four templates; the answer restates the question: "47 plus 38 is 85."
+    (issue #27: the shape on which on-policy KD pulled a trained student from about 0.9 to 0.3-0.5)."""
+
+    templates = ["What is {a} plus {b}?", "Add {a} and {b}.", "Could you tell me the sum of {a} and {b}, please?",
+                 "If I have {a} apples and get {b} more, how many apples do I have?"]
+
+    def pair(x: tuple[int, int]) -> tuple[str, str]:
+        a, b = x
+        return rng.choice(templates).format(a=a, b=b), f"{a} plus {b} is {a + b}."
+
+    def operands() -> tuple[int, int]:
+        return rng.randint(10, 99), rng.randint(10, 99)
+
+    teach, collect, held = _split(operands, pair, n_collect=1500)
+    return teach, collect, [(pair(x)[0], f"{x[0]} plus {x[1]} is {sum(x)}.") for x in held]
+
+
 def _check_carry(answer: str, truth: object) -> bool:
     """Only the final sum counts (what a user of the answer reads)."""
     return answer.strip().rsplit("so ", 1)[-1].strip() == str(truth)
@@ -249,8 +275,15 @@ TASKS: dict[str, Task] = {
     # on request (--tasks carry): long answers (20-40 tokens) whose steps depend on each other, for on-policy KD
     "carry": Task("carry", _carry, _check_carry, teacher_steps=1500, max_tokens=48,
                   train={"lr": 3e-3, "batch_size": 16, "epochs": 12}),
+    # on request (--tasks sums), issue #27: addition in words, four templates, a leading space (SPACE_TEMPLATE), answers
+    # of 13-14 tokens, 1463 records; the teacher (0.41M parameters, 3.3x the student: the issue's 15x teacher took too
+    # long to train on a shared CPU) reaches 1.000 held-out and is near-deterministic; batch 32 and 1472 steps as there
+    "sums": Task("sums", _sums, _exact, template=SPACE_TEMPLATE, teacher_steps=900, max_tokens=16,
+                 teacher_shape={"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+                                "num_attention_heads": 4},
+                 train={"lr": 3e-3, "batch_size": 32, "epochs": 32}),
 }
-EXTRA_TASKS = ("carry",)
+EXTRA_TASKS = ("carry", "sums")
 
 TEACHER_SHAPE = {"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 3, "num_attention_heads": 4}
 STUDENT_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}  # the demo student's
@@ -437,7 +470,7 @@ def build(task: Task, work: Path, quick: bool, cross: bool = False) -> Built:
         else:
             tok = make_tokenizer(teacher, [f"{p} {a}" for p, a in teach[:5000]] + ["system user assistant"],
                                  task.template)
-            model = new_model(tok, TEACHER_SHAPE, seed=1)
+            model = new_model(tok, task.teacher_shape or TEACHER_SHAPE, seed=1)
             t0 = time.time()
             steps = task.teacher_steps // (3 if quick else 1)
             fit(model, answer_batches(tok, teach), steps=steps, batch_size=64, lr=3e-3, seed=1,
@@ -477,32 +510,153 @@ def score(task: Task, *, model_dir: Path, tok, held: list[tuple[str, object]]) -
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def reference(b: Built, seed: int, out: Path) -> Path:
-    from transformers import AutoModelForCausalLM
-
+def reference_records(b: Built) -> list[tuple[list[int], int, int]]:
+    """The records as the reference loops train them: (prompt as generation prompt + the teacher's answer text as
+    written + end token + what the template writes after it (here "\n"), number of prompt ids, number of ids through
+    the end token). imitate trains that tail too, so the reference does, and the columns differ only in the loop."""
     from imitate.records import read_records
 
-    pairs = []
-    for ln in read_records([b.records], need_assistant=True):
-        msgs = ln.data["messages"]
-        pairs.append((msgs[-2]["content"], msgs[-1]["content"]))
     tok = b.tok
-    # what the template writes after an assistant turn's end token (here "\n"): imitate trains it too, so the
-    # reference does, and the two columns differ only in the loop
     probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
     rendered = tok.apply_chat_template(probe, tokenize=False)
     tail = tok(rendered[rendered.rindex(tok.eos_token) + len(tok.eos_token):], add_special_tokens=False)["input_ids"]
-    encoded = []
-    for p, a in pairs:  # the prompt as generation prompt, the teacher's answer text as written, end token, tail
-        p_ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
-                                        return_dict=True)["input_ids"]
-        a_ids = tok(a, add_special_tokens=False)["input_ids"]
-        encoded.append((list(p_ids) + a_ids + [tok.eos_token_id] + tail, len(p_ids)))
+    out = []
+    for ln in read_records([b.records], need_assistant=True):
+        msgs = ln.data["messages"]
+        p_ids = tok.apply_chat_template([{"role": "user", "content": msgs[-2]["content"]}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=True)["input_ids"]
+        a_ids = tok(msgs[-1]["content"], add_special_tokens=False)["input_ids"]
+        ids = list(p_ids) + a_ids + [tok.eos_token_id]
+        out.append((ids + tail, len(p_ids), len(ids)))
+    return out
+
+
+def reference(b: Built, seed: int, out: Path) -> Path:
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(b.student)
-    fit(model, encoded, steps=b.train_cfg["steps"], batch_size=b.train_cfg["batch_size"], lr=b.train_cfg["lr"],
-        seed=seed, pad_id=tok.pad_token_id)
+    fit(model, [(ids, n) for ids, n, _ in reference_records(b)], steps=b.train_cfg["steps"],
+        batch_size=b.train_cfg["batch_size"], lr=b.train_cfg["lr"], seed=seed, pad_id=b.tok.pad_token_id)
     model.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def sample_answers(model, prompts: list[list[int]], *, eos_id: int, max_tokens: int, gen) -> list[list[int]]:
+    """The student's answers at temperature 1, the plain way: prompts of equal length together (no padding at all),
+    a full forward per new token (no cache), a token drawn from softmax of the last position, stop after the end
+    token (kept) or at max_tokens."""
+    import torch
+
+    answers: list[list[int]] = [[] for _ in prompts]
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(len(p), []).append(i)
+    with torch.no_grad():
+        for rows in groups.values():
+            seqs = torch.tensor([prompts[i] for i in rows])
+            live = list(range(len(rows)))
+            for _ in range(max_tokens):
+                probs = torch.softmax(model(input_ids=seqs[live]).logits[:, -1].double(), -1)
+                nxt = torch.multinomial(probs, 1, generator=gen)
+                seqs = torch.cat([seqs, torch.zeros(len(rows), 1, dtype=torch.long)], 1)
+                seqs[live, -1] = nxt[:, 0]
+                for k, r in enumerate(live):
+                    answers[rows[r]].append(int(nxt[k, 0]))
+                live = [r for k, r in enumerate(live) if int(nxt[k, 0]) != eos_id]
+                if not live:
+                    break
+    return answers
+
+
+def gkd_losses(model, teacher, seqs: list[list[int]], starts: list[int], ends: list[int], pad_id: int):
+    """(CE summed over each sequence's tokens [starts, len), reverse KL(student || teacher) at temperature 1 summed
+    over the positions predicting tokens [starts, ends), and the two token counts): full logits, one padded batch
+    (right padding, so positions need no care)."""
+    import torch
+    import torch.nn.functional as F
+
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    ce_at = torch.zeros((len(seqs), width), dtype=torch.bool)  # positions t whose NEXT token is trained
+    kd_at = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for r, (x, a, e) in enumerate(zip(seqs, starts, ends)):
+        ids[r, : len(x)], mask[r, : len(x)] = torch.tensor(x), 1
+        ce_at[r, a - 1 : len(x) - 1] = True
+        kd_at[r, a - 1 : e - 1] = True
+    logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    nxt = torch.roll(ids, -1, 1)
+    ce = F.cross_entropy(logits[ce_at], nxt[ce_at], reduction="sum")
+    with torch.no_grad():
+        t_logp = torch.log_softmax(teacher(input_ids=ids, attention_mask=mask).logits.float()[kd_at], -1)
+    s_logp = torch.log_softmax(logits[kd_at], -1)
+    rkl = (s_logp.exp() * (s_logp - t_logp)).sum()
+    return ce, rkl, int(ce_at.sum()), int(kd_at.sum())
+
+
+def fit_gkd(model, teacher, encoded: list[tuple[list[int], int, int]], *, steps: int, batch_size: int, lr: float,
+            seed: int, pad_id: int, eos_id: int, lam: float, max_tokens: int, w: float = 0.5, ce: bool = True,
+            first: int | None = None, warmup: float = 0.03, trace: list | None = None) -> None:
+    """THE REFERENCE GKD LOOP: `fit`'s batches, schedule and clipping; each step's loss is token means. Off-policy
+    steps: (1 - w)·CE + w·reverse KL on the collected answers (KL through the end token, not the template's tail).
+    From step `first` (default: half the steps), with probability lam a step is on-policy: the student samples its
+    answers (temperature 1, at most max_tokens, `sample_answers`) and trains w·(token-mean reverse KL to the teacher
+    on its own tokens), plus (1 - w)·CE on the same records' collected answers when `ce`. trace: gets one
+    (step, on-policy, loss, KL per token) tuple per step."""
+    import torch
+
+    rng, coin = random.Random(seed), random.Random(seed + 1)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    n_warm, first = int(warmup * steps), steps // 2 if first is None else first
+    teacher.eval()
+    order: list[int] = []
+    for step in range(steps):
+        if len(order) < batch_size:
+            order += rng.sample(range(len(encoded)), len(encoded))
+        batch, order = [encoded[i] for i in order[:batch_size]], order[batch_size:]
+        on = step >= first and coin.random() < lam
+        seqs, starts, ends = [x for x, _, _ in batch], [n for _, n, _ in batch], [e for _, _, e in batch]
+        ce_sum, kl_sum, n_ce, n_kl = gkd_losses(model, teacher, seqs, starts, ends, pad_id)
+        loss = (1 - w) * ce_sum / n_ce + w * kl_sum / n_kl
+        if on:
+            model.eval()  # no dropout while sampling
+            answers = sample_answers(model, [x[:n] for x, n, _ in batch], eos_id=eos_id, max_tokens=max_tokens,
+                                     gen=gen)
+            model.train()
+            own = [x[:n] + a for (x, n, _), a in zip(batch, answers)]
+            _, kl_sum, _, n_kl = gkd_losses(model, teacher, own, starts, [len(x) for x in own], pad_id)
+            loss = w * kl_sum / n_kl + ((1 - w) * ce_sum / n_ce if ce else 0.0)
+        if trace is not None:
+            trace.append((step, on, float(loss.detach()), float(kl_sum.detach()) / n_kl))
+        lr_now = lr * step / max(1, n_warm) if step < n_warm else \
+            lr * 0.5 * (1 + math.cos(math.pi * (step - n_warm) / max(1, steps - n_warm)))
+        for g in opt.param_groups:
+            g["lr"] = lr_now
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    model.eval()
+
+
+def reference_gkd(lam: float, ce: bool = True) -> Callable[[Built, int, Path], Path]:
+    """The reference GKD loop (`fit_gkd`) as a mode: random-init student, half the steps off-policy first."""
+
+    def train(b: Built, seed: int, out: Path) -> Path:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(b.student)
+        teacher = AutoModelForCausalLM.from_pretrained(b.teacher)
+        tok = b.tok
+        fit_gkd(model, teacher, reference_records(b), steps=b.train_cfg["steps"], batch_size=b.train_cfg["batch_size"],
+                lr=b.train_cfg["lr"], seed=seed, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, lam=lam,
+                max_tokens=b.task.max_tokens, ce=ce)
+        model.save_pretrained(out, safe_serialization=True)
+        return out
+
+    return train
 
 
 def imitate_train(*extra: object) -> Callable[[Built, int, Path], Path]:
@@ -548,6 +702,16 @@ MODES: dict[str, Callable[[Built, int, Path], Path]] = {
     "op50": imitate_train(*on_policy(0.5)),
     "op100": imitate_train(*on_policy(1.0)),
     "op50_sckd": imitate_train(*on_policy(0.5, "--sckd")),
+    # issue #27: the reference GKD loop (fit_gkd) and imitate with its loss (reverse KL, w 0.5), both from a random
+    # init with half the steps off-policy first; "_pure": on-policy steps train KD only (--no-on-policy-ce)
+    "gkd50": reference_gkd(0.5),
+    "gkd100": reference_gkd(1.0),
+    "gkd50_pure": reference_gkd(0.5, ce=False),
+    "gkd100_pure": reference_gkd(1.0, ce=False),
+    "op50_rkl": imitate_train(*on_policy(0.5, "--kd", "reverse-kl")),
+    "op100_rkl": imitate_train(*on_policy(1.0, "--kd", "reverse-kl")),
+    "op50_rkl_pure": imitate_train(*on_policy(0.5, "--kd", "reverse-kl", "--no-on-policy-ce")),
+    "op100_rkl_pure": imitate_train(*on_policy(1.0, "--kd", "reverse-kl", "--no-on-policy-ce")),
     # from an SFT'd student (the README's advice for on-policy): the sft run, then as many steps again
     "sft_sft": after_sft(),
     "sft_kd": after_sft("--teacher", "TEACHER"),
@@ -584,7 +748,8 @@ MODES.update({
     "x_gb20": cross_train(20),  # gray-box from the records' top-20
 })
 X_MODES = ("x_sft", "x_kd", "x_gb5", "x_gb20")
-EXTRA_MODES = ["sft_op50_pure", "sft_op100_t05", "sft_op100_t0", "sft_op100_rkl", *X_MODES]
+EXTRA_MODES = ["sft_op50_pure", "sft_op100_t05", "sft_op100_t0", "sft_op100_rkl", "gkd50", "gkd100", "gkd50_pure",
+               "gkd100_pure", "op50_rkl", "op100_rkl", "op50_rkl_pure", "op100_rkl_pure", *X_MODES]
 teams.register(sys.modules[__name__], MODES, EXTRA_MODES)  # teams of teachers, selection, TAKD (issue 25)
 
 

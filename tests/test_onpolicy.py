@@ -1,5 +1,5 @@
 """On-policy distillation (`imitate train --on-policy λ`): generation, batch building, the loss against a naive
-reference, λ = 0 / λ = 1 identities, SCKD pairing, resume, DDP, CLI errors."""
+reference, λ = 0 / λ = 1 identities, SCKD pairing, resume, DDP, CLI errors, one step against a plain GKD step."""
 
 from __future__ import annotations
 
@@ -483,3 +483,113 @@ def test_usage_errors(args, expect, tiny_model_dir, tiny_teacher_dir, mixed_file
     res = invoke("--data", mixed_file, "--student", tiny_model_dir, "--out", tmp_path / "o", *args)
     assert res.exit_code == 2, res.output
     assert expect in res.output and "Error:" in res.output
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# one on-policy step against a plain GKD step (issue #27)
+# ---------------------------------------------------------------------------------------------------------------------
+
+# Like many real templates (and the quality benchmark's `dates` and `sums`): a space between the role and the content,
+# a generation prompt that stops at the role, so answers start with a space token
+SPACE_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}<|end|>\n{% endfor %}"
+                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def sums_records(n, seed):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.choice([rng.randint(1, 9), rng.randint(10, 99), rng.randint(100, 999)]), rng.randint(1, 99)
+        p = rng.choice([f"What is {a} plus {b}?", f"Add {a} and {b}.", f"Could you tell me the sum of {a} and {b}?"])
+        out.append({"messages": [{"role": "user", "content": p},
+                                 {"role": "assistant", "content": f" {a} plus {b} is {a + b}."}]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def sums_models(tmp_path_factory):
+    """(dir, records file, student, teacher): a space-template tokenizer, a random teacher, and a student fine-tuned on
+    "47 plus 38 is 85."-shaped records, so that it answers with a leading space and stops at <|end|>."""
+    from tiny import make_model, make_tokenizer
+
+    d = tmp_path_factory.mktemp("sums")
+    make_tokenizer(d / "tok", chat_template=SPACE_TEMPLATE)
+    make_model(d / "init", tokenizer_dir=d / "tok", chat_template=SPACE_TEMPLATE, hidden_size=32, seed=0)
+    make_model(d / "teacher", tokenizer_dir=d / "tok", chat_template=SPACE_TEMPLATE, hidden_size=48, num_layers=3,
+               seed=1)
+    data = write(d / "train.jsonl", sums_records(64, seed=1))
+    run(cfg_for(data, d / "init", d / "student", full=True, batch_size=8, lr=1e-2, warmup=0.1, max_steps=60))
+    return d, write(d / "op.jsonl", sums_records(8, seed=2)), d / "student", d / "teacher"
+
+
+@pytest.mark.parametrize("kd, ce", [("reverse-kl", False), ("reverse-kl", True), ("forward-kl", False)])
+def test_one_onpolicy_step_equals_a_plain_gkd_step(sums_models, kd, ce):
+    """One on-policy window of the loop (sampling at temperature 1 from left-padded prompts of different lengths,
+    answers with a leading space, ending at <|end|> or at the cap) against a plain GKD step on the SAME sampled
+    tokens: each sequence alone (no padding), prompt from the chat template, full logits; loss
+    (w·Σ KD over the answer tokens [+ (1 - w)·Σ CE of the records' answers]) / tokens, and its gradient, parameter by
+    parameter."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from imitate.train import loop
+    from imitate.train.distill import ONPOLICY
+    from imitate.train.step import accumulate_window
+
+    d, data, student_dir, teacher_dir = sums_models
+    w = 0.4
+    cfg = cfg_for(data, student_dir, d / f"o-{kd}-{ce}", teacher=f"hf:{teacher_dir}", full=True, kd=kd, kd_weight=w,
+                  on_policy=1.0, on_policy_warmup=0.0, on_policy_ce=ce, on_policy_max_tokens=14, batch_size=8,
+                  max_grad_norm=0.0)
+    prep = loop.prepare(cfg)
+    s = loop.setup(cfg, prep)
+    window = s.plan(0)[:1]
+    assert s.policy.kinds(0, window) == [True]
+    exs = [prep.train_ex[i] for i in window[0]]
+    batch = s.policy.batch(s.accelerator, s.model, exs, 0, 0)
+    n, _ = s.policy.denominators(s.accelerator, [batch], window, [e.n_targets for e in prep.train_ex], s.distiller.terms)
+    sums, _ = accumulate_window(s.accelerator, s.model, [batch], n, s.distiller, None, s.vocab_size)
+    got = {k: p.grad for k, p in s.model.named_parameters()}
+
+    # the reference, from the records' text and the sampled token ids only
+    tok = AutoTokenizer.from_pretrained(student_dir)
+    student = AutoModelForCausalLM.from_pretrained(student_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    records = [json.loads(x) for x in data.read_text().splitlines()]
+    ids, labels = batch["input_ids"].tolist(), batch["labels"]
+    space, end = tok.convert_tokens_to_ids("Ġ"), tok.eos_token_id
+    kd_sum, ce_sum, n_gen, n_ref, answers = 0.0, 0.0, 0, 0, []
+    for row, ex in enumerate(exs):
+        rec = records[int(ex.where.rsplit(":", 1)[1].split()[0]) - 1]
+        prompt = tok.apply_chat_template(rec["messages"][:-1], add_generation_prompt=True, tokenize=True,
+                                         return_dict=True)["input_ids"]
+        answer = [t for t, lab in zip(ids[row][1:], labels[row][:-1].tolist()) if lab != IGNORE]
+        assert ids[row][: len(prompt)] == list(prompt)  # the student answered the record's own prompt
+        full = torch.tensor([list(prompt) + answer])
+        s_logits = student(input_ids=full).logits[0, len(prompt) - 1 : -1].double()
+        with torch.no_grad():
+            t_logits = teacher(input_ids=full).logits[0, len(prompt) - 1 : -1].double()
+        s_lp, t_lp = F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1)
+        if kd == "reverse-kl":
+            kd_sum = kd_sum + (s_lp.exp() * (s_lp - t_lp)).sum()
+        else:
+            kd_sum = kd_sum + (t_lp.exp() * (t_lp - s_lp)).sum()
+        n_gen += len(answer)
+        answers.append(answer)
+        if ce:  # the record's answer as the teacher wrote it after the prompt, <|end|>, the template's "\n" after it
+            ref = list(prompt) + tok(rec["messages"][-1]["content"] + "<|end|>\n", add_special_tokens=False)["input_ids"]
+            logits = student(input_ids=torch.tensor([ref])).logits[0, len(prompt) - 1 : -1].double()
+            ce_sum = ce_sum + F.cross_entropy(logits, torch.tensor(ref[len(prompt):]), reduction="sum")
+            n_ref += len(ref) - len(prompt)
+    # the case the issue describes: a leading space, answers of different lengths, some ending at <|end|>
+    assert sum(a[0] == space for a in answers) >= len(answers) // 2
+    assert len({len(a) for a in answers}) > 1 and any(a[-1] == end for a in answers)
+    assert len({len(tok.apply_chat_template(r["messages"][:-1], add_generation_prompt=True, tokenize=False))
+                for r in records}) > 1  # prompts of different lengths: generation was left-padded
+    names = ["ce", *s.distiller.terms]
+    assert float(sums[names.index(ONPOLICY)]) == pytest.approx(float(kd_sum.detach()), rel=1e-5)
+    assert n == n_gen + n_ref
+    loss = (w * kd_sum + (1 - w) * ce_sum) / (n_gen + n_ref)
+    want = dict(zip([k for k, _ in student.named_parameters()], torch.autograd.grad(loss, list(student.parameters()))))
+    for k, g in got.items():
+        torch.testing.assert_close(g.double(), want[k].double(), rtol=1e-4, atol=1e-7)
