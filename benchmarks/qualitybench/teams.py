@@ -28,16 +28,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from make_demo_teacher import new_model
+
+from .build import TEACHER_SHAPE, answer_batches, cli, fit, score
+from .runs import imitate_train
+
 TEAM_MODES = ("kd_weak", "team", "team_sckd", "team_mean")
 MODES_HERE = (*TEAM_MODES, "sel_none", "sel_agree", "takd")
-Q: Any = None  # the quality module (run as __main__ or imported): its task helpers and training modes
 
 
-def register(quality: Any, modes: dict[str, Callable], extra: list[str]) -> None:
-    """Add this file's modes to quality.MODES, as modes run on request only."""
-    global Q
-    Q = quality
-    imitate_train = Q.imitate_train
+def register(modes: dict[str, Callable], extra: list[str]) -> None:
+    """Add this file's modes to MODES (modes.py), as modes run on request only."""
     modes.update({
         "kd_weak": imitate_train("--teacher", "WEAK"),
         "team": imitate_train("--teacher", "TEACHER", "--teacher", "WEAK"),
@@ -67,15 +68,15 @@ def weak_teacher(b: Any, quick: bool) -> Path:
     tok = b.tok
     if not (out / "model.safetensors").exists():
         teach, _, _ = b.task.make(random.Random(1234))  # the teacher's own training pairs
-        model = Q.new_model(tok, Q.TEACHER_SHAPE, seed=2)
+        model = new_model(tok, TEACHER_SHAPE, seed=2)
         steps = b.task.teacher_steps // (15 if quick else 5)
         t0 = time.time()
-        Q.fit(model, Q.answer_batches(tok, teach), steps=steps, batch_size=64, lr=3e-3, seed=2, pad_id=tok.pad_token_id,
+        fit(model, answer_batches(tok, teach), steps=steps, batch_size=64, lr=3e-3, seed=2, pad_id=tok.pad_token_id,
             warmup=0.05)
         tok.save_pretrained(out)
         model.save_pretrained(out, safe_serialization=True)
         print(f"[{b.task.name}] weak teacher: {steps} steps in {time.time() - t0:.0f}s", file=sys.stderr)
-    acc = Q.score(b.task, model_dir=out, tok=tok, held=b.held)
+    acc = score(b.task, model_dir=out, tok=tok, held=b.held)
     print(f"[{b.task.name}] weak teacher held-out {acc:.3f} (teacher {b.teacher_acc:.3f})", file=sys.stderr)
     return out
 
@@ -109,9 +110,9 @@ def selected(select: str) -> Callable:
     def train(b: Any, seed: int, out: Path) -> Path:
         clean = b.records.with_name(f"noisy5-{select}.jsonl")
         if not clean.exists():  # the same for every seed
-            Q.cli("clean", b.records.with_name("noisy5.jsonl"), "--out", clean, "--select", select,
+            cli("clean", b.records.with_name("noisy5.jsonl"), "--out", clean, "--select", select,
                 "--no-exact-dedup", "--no-near-dedup", "--max-removed", 1)
-        return Q.imitate_train("--max-steps", b.train_cfg["steps"])(dataclasses.replace(b, records=clean), seed, out)
+        return imitate_train("--max-steps", b.train_cfg["steps"])(dataclasses.replace(b, records=clean), seed, out)
 
     return train
 
@@ -123,9 +124,9 @@ def takd(b: Any, seed: int, out: Path) -> Path:
     layers = max(2, round(AutoConfig.from_pretrained(b.teacher).num_hidden_layers / 2))
     cut, assistant = out.with_name(out.name + "-cut"), out.with_name(out.name + "-assistant")
     if not (cut / "model.safetensors").exists():
-        Q.cli("init-student", "--teacher", f"hf:{b.teacher}", "--layers", layers, "--out", cut)
-    Q.imitate_train("--teacher", "TEACHER")(dataclasses.replace(b, student=cut), seed, assistant)
-    return Q.imitate_train("--teacher", f"hf:{assistant}")(b, seed, out)
+        cli("init-student", "--teacher", f"hf:{b.teacher}", "--layers", layers, "--out", cut)
+    imitate_train("--teacher", "TEACHER")(dataclasses.replace(b, student=cut), seed, assistant)
+    return imitate_train("--teacher", f"hf:{assistant}")(b, seed, out)
 
 
 def report(table: list[dict], modes: list[str]) -> None:
