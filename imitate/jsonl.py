@@ -67,6 +67,16 @@ def lines(path: str | os.PathLike, limit: int | None = None) -> Iterator[tuple[i
             yield lineno, TooLong(size)
 
 
+def pick(paths: list, want: dict) -> Iterator[tuple[Any, bytes]]:
+    """(want[(file index, line number)], raw line) for the lines `want` names, re-read from `paths` in input order.
+    Only lines a first pass already parsed are named, so a TooLong line is never among them."""
+    for fi, path in enumerate(paths):
+        for lineno, raw in lines(path):  # the bad lines a skip passed over are never read whole
+            key = want.get((fi, lineno))
+            if key is not None:
+                yield key, raw
+
+
 def parse(raw: bytes | str | TooLong) -> tuple[Any, str | None]:
     """(value, None) or (None, why the line is not JSON we can read)."""
     if isinstance(raw, TooLong):

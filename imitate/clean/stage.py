@@ -33,7 +33,7 @@ from imitate.clean.scan import Chunk, LocalEngine, Mapper, snippet
 from imitate.clean.verify import pair_similarity
 from imitate.config import to_dict
 from imitate.errors import ImitateError, InputError, UsageError
-from imitate.jsonl import lines
+from imitate.jsonl import lines, pick
 from imitate.locks import locks_outputs
 from imitate.records import as_text, dumps
 from imitate.writes import failed_writes, is_write_failure, remove_quietly, write_error
@@ -192,12 +192,8 @@ class _Table:
     def records(self, paths: list, ks: Any) -> Iterator[tuple[int, dict]]:
         """(k, record as the stages read it: content parts joined) for the records `ks`, re-read from the inputs, in
         input order."""
-        want = {(self.files[k], self.linenos[k]): k for k in ks}
-        for fi, path in enumerate(paths):
-            for lineno, raw in lines(path):  # the bad lines a skip passed over are never read whole
-                k = want.get((fi, lineno))
-                if k is not None:
-                    yield k, as_text(json.loads(raw))
+        for k, raw in pick(paths, {(self.files[k], self.linenos[k]): k for k in ks}):
+            yield k, as_text(json.loads(raw))
 
 
 def _cluster_step(

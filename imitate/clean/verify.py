@@ -16,7 +16,7 @@ import numpy as np
 
 from imitate.clean.dedup import NearDup
 from imitate.clean.keys import near_turns
-from imitate.jsonl import lines
+from imitate.jsonl import pick
 from imitate.records import as_text
 
 BATCH = 2000  # candidate records shingled together
@@ -61,14 +61,10 @@ def pair_similarity(
         batch_nodes.clear()
         batch_turns.clear()
 
-    for fi, path in enumerate(paths):
-        for lineno, raw in lines(path):  # the bad lines a skip passed over are never read whole
-            node = want.get((fi, lineno))
-            if node is None:
-                continue
-            batch_nodes.append(node)
-            batch_turns.append(near_turns(as_text(json.loads(raw)), on)[1])
-            if len(batch_nodes) >= BATCH:
-                flush()
+    for node, raw in pick(paths, want):
+        batch_nodes.append(node)
+        batch_turns.append(near_turns(as_text(json.loads(raw)), on)[1])
+        if len(batch_nodes) >= BATCH:
+            flush()
     flush()
     return sims
