@@ -301,7 +301,9 @@ def run_cmd(
     if json_:
         emit(result, True)
     else:
-        typer.echo(pl.format_report(result))
+        from imitate.pipeline_report import format_report
+
+        typer.echo(format_report(result))
     if result["exit_code"]:
         raise typer.Exit(result["exit_code"])
 

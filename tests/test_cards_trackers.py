@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from imitate.cards import sha256
 from imitate.cli import app
-from imitate.evaluate import rouge_l
+from imitate.scoring import rouge_l
 
 runner = CliRunner()
 NUMBERS = "one two three four five six seven eight nine ten eleven twelve".split()

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from imitate.cli import app
 from imitate.errors import InputError
-from imitate.evaluate import EvalConfig, normalize, read_items, run, score
+from imitate.evaluate import EvalConfig, read_items, run
+from imitate.scoring import normalize, score
 
 PROMPTS = ["Write 347 in words.", "What is the capital of France?", "hello world"]
 MAX_TOKENS = 6
