@@ -17,9 +17,9 @@ import numpy as np
 
 from imitate.cards import record_facts
 from imitate.clean.config import CleanConfig
-from imitate.clean.dedup import NearDup, candidate_edges, exact_key, stable_hash64
+from imitate.clean.dedup import NearDup, candidate_edges, exact_key
 from imitate.clean.filters import Predicate, apply
-from imitate.clean.keys import conversation_text, near_turns, normalized_messages, prompt_guard, split_turns
+from imitate.clean.keys import RecordTexts
 from imitate.errors import InputError
 from imitate.jsonl import TooLong, lines, parse
 from imitate.records import as_text, assistant_text, prompt_messages, record_problem
@@ -128,29 +128,24 @@ class Mapper:
         out.exact = np.zeros(n, np.uint64)
         out.prompt = np.zeros(n, np.uint64)
         t = time.perf_counter()
-        memo: dict = {}  # normal forms of prompt turns, for the records of this chunk
-        norm = [normalized_messages(r, memo) for r in kept]  # once per record, for every key below
+        texts = RecordTexts(cfg.near_on, cfg.one_per_prompt, self.near is not None)  # prompts: once per chunk
+        facts = [texts(r) for r in kept]  # (exact key's text, prompt key, near-dedup turns, guard) of each record
         secs["normalize"] = time.perf_counter() - t
         if cfg.exact_dedup:
             t = time.perf_counter()
-            out.exact[ix] = np.fromiter((exact_key(conversation_text(m)) for m in norm), np.uint64, len(kept))
+            out.exact[ix] = np.fromiter((exact_key(f[0]) for f in facts), np.uint64, len(kept))
             secs["exact_dup"] = time.perf_counter() - t
         if cfg.one_per_prompt:
             t = time.perf_counter()
-            keys = (exact_key(conversation_text(split_turns(m)[0])) for m in norm)
-            out.prompt[ix] = np.fromiter(keys, np.uint64, len(kept))
+            out.prompt[ix] = np.fromiter((f[1] for f in facts), np.uint64, len(kept))
             secs["prompt_dup"] = time.perf_counter() - t
         if self.near is not None:
             t = time.perf_counter()
             out.bands = np.zeros((n, self.near.bands), np.uint64)
             out.sketch = np.zeros((n, self.near.hasher.num_perm), np.uint8)
             if kept:
-                turns, guards, memo = [], np.zeros(len(kept), np.uint64), {}  # memo: guard tokens by prompt
-                for k, r in enumerate(kept):
-                    roles, texts = near_turns(r, cfg.near_on, norm[k])
-                    turns.append(texts)
-                    guards[k] = stable_hash64(prompt_guard(r, roles, memo))
-                out.bands[ix], out.sketch[ix] = self.near.keys_and_sketch(turns, guards)
+                guards = np.fromiter((f[3] for f in facts), np.uint64, len(kept))
+                out.bands[ix], out.sketch[ix] = self.near.keys_and_sketch([f[2] for f in facts], guards)
             secs["near_dup"] = time.perf_counter() - t
         out.priority = np.full(n, -math.inf)
         if cfg.priority:
