@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from imitate.clean.dedup import NearDup
-from imitate.clean.keys import near_turns, normalized_messages
+from imitate.clean.keys import RecordTexts
 from imitate.jsonl import parse, pick
 from imitate.records import as_text
 
@@ -61,13 +61,12 @@ def pair_similarity(
         batch_nodes.clear()
         batch_turns.clear()
 
-    memo: dict[str, str] = {}  # normal forms of prompt turns (as in the map step)
+    texts = RecordTexts(on, prompt_key=False, near=False)  # the turns, prompts computed once (as in the map step)
     for node, raw in pick(paths, want):
         batch_nodes.append(node)
-        record = as_text(parse(raw)[0])  # (a line the map step parsed)
-        batch_turns.append(near_turns(record, on, normalized_messages(record, memo))[1])
-        if len(memo) > 100_000:
-            memo.clear()
+        batch_turns.append(texts(as_text(parse(raw)[0]))[2])  # (a line the map step parsed)
+        if len(texts.memo) > 10_000:
+            texts.memo.clear()
         if len(batch_nodes) >= BATCH:
             flush()
     flush()
