@@ -30,7 +30,8 @@ def test_batched_similarities_equal_the_pairwise_similarity():
     rng = np.random.default_rng(0)
 
     def turn_sets(k: int) -> list[np.ndarray]:  # small alphabets, so pairs share shingles; some sets empty
-        return [np.unique(rng.integers(0, 40, int(rng.integers(0, 25))).astype(np.uint32)) for _ in range(k)]
+        sets = [rng.integers(0, 40, int(rng.integers(0, 25))) for _ in range(k)]
+        return [np.unique(s).astype(np.uint32) for s in sets]
 
     pairs = [(turn_sets(int(rng.integers(1, 4))), turn_sets(int(rng.integers(1, 4)))) for _ in range(2000)]
     pairs += [(a, [x.copy() for x in a]) for a, _ in pairs[:50]]  # identical records: 1.0
@@ -44,7 +45,7 @@ def test_batched_similarities_equal_the_pairwise_similarity():
 def records() -> list[dict]:
     rnd = random.Random(3)
     prompts = ["Write a paragraph.", "What is 12 + 30?", "Explain `parse_date` and parseDate.", "  Twice   THREE  ",
-               "Ｆｕｌｌ width １２ and x²", "写一段话。", "line one\n\n  indented line\r\nlast"]  # fmt: skip
+               "Ｆｕｌｌ width １２ and x²", "写一段话。", "line one\n\n  indented\r\nlast"]  # fmt: skip
     out = []
     for i in range(300):
         p, a = rnd.choice(prompts), f"Answer {i}: " + " ".join(rnd.choice(prompts) for _ in range(3))
@@ -64,7 +65,8 @@ def records() -> list[dict]:
         elif shape == 5:
             msgs = [{"role": "user", "content": p}, {"role": "assistant", "content": ""}]
         else:
-            msgs = [{"role": "user", "content": ""}, {"role": "tool", "content": p}, {"role": "assistant", "content": a}]
+            msgs = [{"role": "user", "content": ""}, {"role": "tool", "content": p},
+                    {"role": "assistant", "content": a}]  # fmt: skip
         out.append({"messages": msgs})
     return out
 
@@ -84,7 +86,8 @@ def test_record_texts_equal_the_plain_key_functions(on):
 
 def test_parse_fast_path_gives_json_loads_values_and_errors():
     lines = ['{"a": 1}\n', '{"a": [1, 2, {"b": null}]}\r\n', '  {"a": 1}  \n', '{"a": 1} x\n', '{"a": 1}{"b": 2}',
-             "\ufeff{}", "[1, 2]", "3", '"s"', "", "\n", "{", '{"a": NaN}', "[" * 100_000, '{"a": "\\ud800"}']  # fmt: skip
+             "\ufeff{}", "[1, 2]", "3", '"s"', "", "\n", "{", '{"a": NaN}', "[" * 100_000,
+             '{"a": "\\ud800"}']  # fmt: skip
     for line in lines:
         try:
             want = (json.loads(line), None)
@@ -106,7 +109,7 @@ def corpus(path: Path, bare_cr: bool) -> Path:
         rec = {"id": str(i), "teacher": rnd.choice(["openai:gpt-4o-mini", "a:b", None, 3]),
                "usage": rnd.choice([{"input_tokens": 3, "output_tokens": 5}, {"output_tokens": "7"}, None, [1]]),
                "messages": [{"role": "user", "content": f"Question {i % 50}"},
-                            {"role": "assistant", "content": f"An answer about item {i % 90} that is long enough."}]}  # fmt: skip
+                            {"role": "assistant", "content": f"An answer about item {i % 90}, long enough."}]}  # fmt: skip
         lines.append(dumps(rec).encode())
         if i % 97 == 5:
             lines += [b"{not json", b'{"messages": [], "usage": {"input_tokens": 11}}', b"[1, 2]", b"", b"  "]

@@ -370,11 +370,10 @@ def _sum_counts(chunks: list[Chunk], kept: list[np.ndarray | None]) -> Counted:
     teachers: dict[str, int] = {}
     for c, keep in zip(chunks, kept):
         ix, tok = (c.teacher, c.tokens) if keep is None else (c.teacher[keep], c.tokens[keep])
-        if keep is None:
-            records, tokens_in, tokens_out = records + c.bad_counted[0], tokens_in + c.bad_counted[1], tokens_out + c.bad_counted[2]
-        records += len(ix)
-        tokens_in += int(tok[:, 0].sum())
-        tokens_out += int(tok[:, 1].sum())
+        bad = c.bad_counted if keep is None else [0, 0, 0]
+        records += len(ix) + bad[0]
+        tokens_in += int(tok[:, 0].sum()) + bad[1]
+        tokens_out += int(tok[:, 1].sum()) + bad[2]
         named = ix[ix >= 0]
         first = np.unique(named, return_index=True)  # each teacher's first record, for the order of first mention
         counts = np.bincount(named, minlength=len(c.teachers))
