@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 import imitate.cards as cards
 import imitate.clean.stage as stage
 from imitate.clean.dedup import NearDup, exact_key, stable_hash64
+from imitate.clean.filters import refusal, required_run
 from imitate.clean.keys import (
     RecordTexts,
     conversation_text,
@@ -109,7 +111,7 @@ def corpus(path: Path, bare_cr: bool) -> Path:
         rec = {"id": str(i), "teacher": rnd.choice(["openai:gpt-4o-mini", "a:b", None, 3]),
                "usage": rnd.choice([{"input_tokens": 3, "output_tokens": 5}, {"output_tokens": "7"}, None, [1]]),
                "messages": [{"role": "user", "content": f"Question {i % 50}"},
-                            {"role": "assistant", "content": f"An answer about item {i % 90}, long enough."}]}  # fmt: skip
+                            {"role": "assistant", "content": f"An answer about item {i % 90}, long."}]}  # fmt: skip
         lines.append(dumps(rec).encode())
         if i % 97 == 5:
             lines += [b"{not json", b'{"messages": [], "usage": {"input_tokens": 11}}', b"[1, 2]", b"", b"  "]
@@ -141,3 +143,25 @@ def test_dataset_card_counts_from_the_map_step_equal_its_own_read(tmp_path, monk
     assert clean("slow", 1) == fast
     assert read == ["clean.jsonl", "in.jsonl"]
     assert b"openai:gpt-4o-mini" in fast
+
+
+def test_refusal_prefilter_skips_only_texts_without_a_match():
+    pats = [r"(?:trained|developed|made) by (?:openai|meta)\b", r"my name is (?:claude|qwen)", r"x(?i:hello)yz",
+            r"(?:foo|bar) baz+", r"a\.b\.c", r"he(?:llo)? wor", r"(?i)abc def", r"[a]bc d"]  # fmt: skip
+    pieces = ["trained", "made", " by ", "openai", "meta", "my name is ", "claude", "x", "hello", "HELLO", "yz",
+              "foo", "bar", " baz", "z", "a.b.c", "abc", "he", "llo", " wor", " ", "abc def", "ABC DEF",
+              "bc d"]  # fmt: skip
+    rnd = random.Random(2)
+    texts = ["".join(rnd.choice(pieces) for _ in range(rnd.randint(1, 8))) for _ in range(5000)]
+    compiled = [re.compile(p) for p in pats]
+    assert [required_run(p) for p in compiled][:2] == [" by ", "my name is "]
+    hits = 0
+    for text in texts:
+        for p in compiled:
+            m, run = p.search(text), required_run(p)
+            assert m is None or run is None or run in text
+            hits += m is not None
+        low = text.lower()  # (the filter reads the answer lowercased)
+        want = next((f"matched {m.group(0)!r}" for p in compiled if (m := p.search(low))), None)
+        assert refusal({"messages": [{"role": "assistant", "content": text}]}, patterns=compiled) == want
+    assert hits > 500

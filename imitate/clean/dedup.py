@@ -262,14 +262,18 @@ def candidate_edges(keys: np.ndarray, max_pairs_bucket: int = 0) -> np.ndarray:
     """
     keys = keys.reshape(len(keys), -1)
     nodes = np.arange(len(keys), dtype=np.int64)
-    return unique_edges([bucket_edges(keys[:, col], nodes, max_pairs_bucket) for col in range(keys.shape[1])])
+    return unique_edges(
+        [bucket_edges(keys[:, col], nodes, max_pairs_bucket, nodes_sorted=True) for col in range(keys.shape[1])]
+    )
 
 
-def bucket_edges(k: np.ndarray, nodes: np.ndarray, max_pairs_bucket: int = 0) -> np.ndarray:
+def bucket_edges(k: np.ndarray, nodes: np.ndarray, max_pairs_bucket: int = 0, nodes_sorted: bool = False) -> np.ndarray:
     """The edges of one band's buckets: rows (key k[i], record nodes[i]) in any order, every member of a bucket among
     them (a shuffle by key brings them together). Star edges from the bucket's smallest node; all pairs of a bucket of
-    up to `max_pairs_bucket` members. [E, 2] int64, not yet unique (`unique_edges`)."""
-    order = np.lexsort((nodes, k))  # by key, then node: a bucket's first member is its smallest node
+    up to `max_pairs_bucket` members. [E, 2] int64, not yet unique (`unique_edges`). nodes_sorted: the rows are in
+    ascending node order, so a stable sort by key alone gives the same order (one key: ~2x quicker)."""
+    # by key, then node: a bucket's first member is its smallest node
+    order = np.argsort(k, kind="stable") if nodes_sorted else np.lexsort((nodes, k))
     ks, ns = k[order], nodes[order]
     new = np.ones(len(ks), bool)
     new[1:] = ks[1:] != ks[:-1]
@@ -471,7 +475,9 @@ class NearDup:
         key = np.sort((owner.astype(np.uint64) << np.uint64(32)) | (h >> np.uint64(32)))  # one sort: turn, hash
         key = key[np.concatenate(([True], key[1:] != key[:-1]))]  # (np.unique: 100x slower in numpy 2.4)
         turn = (key >> np.uint64(32)).astype(np.int64)
-        per_turn = np.split(key.astype(np.uint32), np.flatnonzero(np.diff(turn)) + 1)  # every turn owns >= 1
+        cuts = [0, *(np.flatnonzero(np.diff(turn)) + 1).tolist(), len(key)]  # every turn owns >= 1
+        hashes = key.astype(np.uint32)
+        per_turn = [hashes[a:b] for a, b in zip(cuts[:-1], cuts[1:])]  # (slices: np.split costs 3x more)
         out: list[list[np.ndarray]] = [[] for _ in records]
         for r, arr in zip(record_of.tolist(), per_turn):
             out[r].append(arr)
