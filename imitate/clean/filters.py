@@ -171,11 +171,12 @@ def required_run(pattern: re.Pattern) -> str | None:
     return best if len(best) >= 3 else None
 
 
-def refusal(record: dict, *, patterns: list[re.Pattern]) -> str | None:
+def refusal(record: dict, *, patterns: list[re.Pattern], runs: list[str | None] | None = None) -> str | None:
+    """runs: `required_run` of each pattern (build_filters computes them once: hashing a compiled pattern for the
+    cache costs as much as a search)."""
     # curly apostrophes are folded here, once, so phrases and `re:` lines alike match "I’m" as "I'm"
     text = assistant_text(record).lower().replace("\u2019", "'")
-    for pattern in patterns:
-        run = required_run(pattern)
+    for pattern, run in zip(patterns, runs or [required_run(p) for p in patterns]):
         if run is not None and run not in text:
             continue
         m = pattern.search(text)
@@ -334,7 +335,8 @@ def build_filters(cfg: Any, notes: list[str] | None = None) -> dict[str, Predica
         out["ratio"] = functools.partial(ratio, min_ratio=cfg.min_ratio, max_ratio=cfg.max_ratio)
     if cfg.drop_refusals:
         files = ([DEFAULT_REFUSALS] if cfg.default_refusals else []) + list(cfg.refusals)
-        out["refusal"] = functools.partial(refusal, patterns=load_patterns(files))
+        patterns = load_patterns(files)
+        out["refusal"] = functools.partial(refusal, patterns=patterns, runs=[required_run(p) for p in patterns])
     if cfg.drop_repetitive:
         out["repetition"] = functools.partial(
             repetition,
