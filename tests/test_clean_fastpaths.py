@@ -165,3 +165,21 @@ def test_refusal_prefilter_skips_only_texts_without_a_match():
         want = next((f"matched {m.group(0)!r}" for p in compiled if (m := p.search(low))), None)
         assert refusal({"messages": [{"role": "assistant", "content": text}]}, patterns=compiled) == want
     assert hits > 500
+
+
+def test_plain_record_check_agrees_with_record_problem_and_as_text():
+    from imitate.clean.scan import _plain
+    from imitate.records import as_text, record_problem
+
+    ok = {"role": "user", "content": "hi"}
+    values = [None, 1, "s", [], {}, {"messages": []}, {"messages": [ok]}, {"messages": ok},
+              {"messages": [ok, {"role": "assistant", "content": ""}]}, {"messages": [ok], "context": []},
+              {"messages": [ok], "context": [ok]}, {"messages": [ok], "context": {}}, {"messages": [ok], "context": 0},
+              {"messages": [{"role": "robot", "content": "x"}]}, {"messages": [{"role": ["user"], "content": "x"}]},
+              {"messages": [{"role": "user"}]}, {"messages": [{"content": "x"}]}, {"messages": [ok, 3]},
+              {"messages": [{"role": "user", "content": None}]},
+              {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}]}]  # fmt: skip
+    for v in values:
+        plain = _plain(v)
+        assert not plain or (record_problem(v) is None and as_text(v) is v), v
+    assert [_plain(v) for v in values].count(True) == 3

@@ -22,7 +22,7 @@ from imitate.clean.filters import Predicate, apply
 from imitate.clean.keys import RecordTexts
 from imitate.errors import InputError
 from imitate.jsonl import TooLong, lines, parse
-from imitate.records import as_text, assistant_text, prompt_messages, record_problem
+from imitate.records import ROLES, as_text, assistant_text, prompt_messages, record_problem
 
 
 @dataclass
@@ -181,11 +181,34 @@ def _count_bad(raw: bytes | TooLong, into: list[int]) -> bool:
     return t is None
 
 
+_ROLES = frozenset(ROLES)
+
+
+def _plain(rec: Any) -> bool:
+    """The common record, checked in one pass: valid (`record_problem` is None) and all text already (`as_text` gives
+    it back as is) -- every message an object with a known role and a string content, no context."""
+    if type(rec) is not dict:
+        return False
+    msgs = rec.get("messages")
+    if type(msgs) is not list or not msgs:
+        return False
+    for m in msgs:
+        if type(m) is not dict or type(m.get("content")) is not str:
+            return False
+        role = m.get("role")
+        if type(role) is not str or role not in _ROLES:
+            return False
+    context = rec.get("context")
+    return context is None or (type(context) is list and not context)
+
+
 def _parse(raw: bytes | TooLong) -> tuple[dict | None, str | None]:
     """(record, None) or (None, why the line is not a record)."""
     rec, why = parse(raw)  # not UTF-8, not JSON, nested too deeply, too long (imitate/jsonl.py)
     if why:
         return None, why
+    if _plain(rec):
+        return rec, None
     problem = record_problem(rec)
     return (None, problem) if problem else (as_text(rec), None)  # filters and keys read text; the write pass copies raw
 
