@@ -104,7 +104,7 @@ def test_parse_fast_path_gives_json_loads_values_and_errors():
             assert got[0] is None and got[1] is not None and (got == want or "UTF-8" in got[1])
 
 
-def corpus(path: Path, bare_cr: bool) -> Path:
+def corpus(path: Path, odd: str) -> Path:
     rnd = random.Random(7)
     lines = []
     for i in range(400):
@@ -116,15 +116,18 @@ def corpus(path: Path, bare_cr: bool) -> Path:
         if i % 97 == 5:
             lines += [b"{not json", b'{"messages": [], "usage": {"input_tokens": 11}}', b"[1, 2]", b"", b"  "]
     lines.insert(3, b'{"id": "x", "messages": [{"role": "user", "content": "\xff"}], "usage": {"input_tokens": 2}}')
-    if bare_cr:
+    if odd == "bare CR":  # a text-mode read sees two lines
         lines.insert(9, b'{"id": "cr",\r"messages": [{"role": "user", "content": "hi"}]}')
+    if odd == "huge count":  # past int32
+        big = b'{"id": "big", "usage": {"input_tokens": 3000000000}, "messages": [{"role": "user", "content": "x"}]}'
+        lines.insert(9, big)
     path.write_bytes(b"\n".join(lines) + b"\n")
     return path
 
 
-@pytest.mark.parametrize("bare_cr", [False, True])
-def test_dataset_card_counts_from_the_map_step_equal_its_own_read(tmp_path, monkeypatch, bare_cr):
-    src = corpus(tmp_path / "in.jsonl", bare_cr)
+@pytest.mark.parametrize("odd", ["", "bare CR", "huge count"])
+def test_dataset_card_counts_from_the_map_step_equal_its_own_read(tmp_path, monkeypatch, odd):
+    src = corpus(tmp_path / "in.jsonl", odd)
     read: list[str] = []
     count = cards._count
     monkeypatch.setattr(cards, "_count", lambda p: (read.append(Path(p).name), count(p))[1])
@@ -136,7 +139,7 @@ def test_dataset_card_counts_from_the_map_step_equal_its_own_read(tmp_path, monk
         return card.replace(name, "X").replace(" --workers 2", "").encode()  # (the command says how it ran)
 
     fast = clean("fast", 1)
-    assert read == (["clean.jsonl", "in.jsonl"] if bare_cr else [])  # a bare \r: the card reads the files itself
+    assert read == (["clean.jsonl", "in.jsonl"] if odd else [])  # the card reads the files itself
     assert clean("fast2", 2) == fast
     monkeypatch.setattr(stage, "_counted", lambda *a: {})
     read.clear()

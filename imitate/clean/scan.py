@@ -45,7 +45,7 @@ class Chunk:
     # what the dataset card counts (cards.record_facts), so that it need not read the files again:
     teachers: list[str] = field(default_factory=list)  # teachers named by the records, in order of first mention
     teacher: np.ndarray | None = None  # [n] int32: index into `teachers`, -1 = none
-    tokens: np.ndarray | None = None  # [n, 2] int64: input, output tokens
+    tokens: np.ndarray | None = None  # [n, 2] int32: input, output tokens (a count past int32: the card reads)
     bad_counted: list[int] = field(default_factory=lambda: [0, 0, 0])  # records, tokens in, out of the bad lines
     counted: bool = True  # False: a line the card would count otherwise (a bare \r in it...): it reads the file
 
@@ -101,8 +101,9 @@ class Mapper:
         if out.counted:
             out.teachers, out.teacher = list(names), np.array(teacher, np.int32)
             try:
-                out.tokens = np.array(tokens, np.int64).reshape(len(tokens), 2)
-                out.counted = bool(np.abs(out.tokens).max(initial=0) < 2**31)  # sums of up to 2^32 fit in int64
+                wide = np.array(tokens, np.int64).reshape(len(tokens), 2)
+                out.counted = bool(np.abs(wide).max(initial=0) < 2**31)  # (sums are taken in int64)
+                out.tokens = wide.astype(np.int32) if out.counted else None
             except OverflowError:
                 out.counted = False
         n = len(records)

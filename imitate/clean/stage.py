@@ -372,8 +372,8 @@ def _sum_counts(chunks: list[Chunk], kept: list[np.ndarray | None]) -> Counted:
         ix, tok = (c.teacher, c.tokens) if keep is None else (c.teacher[keep], c.tokens[keep])
         bad = c.bad_counted if keep is None else [0, 0, 0]
         records += len(ix) + bad[0]
-        tokens_in += int(tok[:, 0].sum()) + bad[1]
-        tokens_out += int(tok[:, 1].sum()) + bad[2]
+        tokens_in += int(tok[:, 0].sum(dtype=np.int64)) + bad[1]  # (up to 2^32 records of < 2^31 tokens each)
+        tokens_out += int(tok[:, 1].sum(dtype=np.int64)) + bad[2]
         named = ix[ix >= 0]
         first = np.unique(named, return_index=True)  # each teacher's first record, for the order of first mention
         counts = np.bincount(named, minlength=len(c.teachers))
