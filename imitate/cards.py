@@ -57,8 +57,32 @@ def sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def data_facts(path: str | Path) -> dict:
-    """sha256, record count, teachers and collection tokens/cost of a records file (no record is validated here)."""
+def record_facts(rec: Any) -> tuple[str | None, int, int]:
+    """(teacher, input tokens, output tokens) of one parsed line of a records file, as `data_facts` counts them."""
+    if not isinstance(rec, dict):
+        return None, 0, 0
+    t = rec.get("teacher")
+    usage = rec.get("usage") if isinstance(rec.get("usage"), dict) else {}
+    return t if isinstance(t, str) else None, int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0)
+
+
+Counted = tuple[int, dict[str, int], int, int]  # (records, teacher -> records, tokens in, tokens out)
+
+
+def data_facts(path: str | Path, counted: Counted | None = None) -> dict:
+    """sha256, record count, teachers and collection tokens/cost of a records file (no record is validated here).
+    counted: the counts, when the caller already has them (`imitate clean` gathers them in its map step); else the
+    file is read for them."""
+    if counted is None:
+        counted = _count(path)
+    records, teachers, tokens_in, tokens_out = counted
+    costs = [cost(tokens_in, tokens_out, prices_for(t)) for t in teachers]  # per-teacher prices, one teacher usually
+    known = None if any(c is None for c in costs) or len(teachers) > 1 else (costs[0] if costs else 0.0)
+    return {"path": str(path), "sha256": sha256(path), "records": records, "teachers": teachers,
+            "tokens_in": tokens_in, "tokens_out": tokens_out, "cost_usd": known}
+
+
+def _count(path: str | Path) -> Counted:
     teachers: dict[str, int] = {}
     tokens_in = tokens_out = records = 0
     with open(path, encoding="utf-8", errors="replace") as fh:  # clean --on-bad-line skip passes bad bytes
@@ -70,18 +94,12 @@ def data_facts(path: str | Path) -> dict:
                 rec = json.loads(line)
             except (json.JSONDecodeError, RecursionError):
                 continue
-            if not isinstance(rec, dict):
-                continue
-            t = rec.get("teacher")
-            if isinstance(t, str):
+            t, n_in, n_out = record_facts(rec)
+            if t is not None:
                 teachers[t] = teachers.get(t, 0) + 1
-            usage = rec.get("usage") if isinstance(rec.get("usage"), dict) else {}
-            tokens_in += int(usage.get("input_tokens") or 0)
-            tokens_out += int(usage.get("output_tokens") or 0)
-    costs = [cost(tokens_in, tokens_out, prices_for(t)) for t in teachers]  # per-teacher prices, one teacher usually
-    known = None if any(c is None for c in costs) or len(teachers) > 1 else (costs[0] if costs else 0.0)
-    return {"path": str(path), "sha256": sha256(path), "records": records, "teachers": teachers,
-            "tokens_in": tokens_in, "tokens_out": tokens_out, "cost_usd": known}
+            tokens_in += n_in
+            tokens_out += n_out
+    return records, teachers, tokens_in, tokens_out
 
 
 def dataset_card_path(clean_out: str | Path) -> Path:
@@ -126,11 +144,13 @@ def _hub_id(ref: str | None) -> str | None:
 # ------------------------------------------------------------------------------------------------ dataset card
 
 
-def write_dataset_card(cfg: Any, summary: dict) -> Path:
-    """The card of `imitate clean`'s output: its records, where they came from, what was removed and why."""
+def write_dataset_card(cfg: Any, summary: dict, counted: dict[str, Counted] | None = None) -> Path:
+    """The card of `imitate clean`'s output: its records, where they came from, what was removed and why.
+    counted: str(path) -> the counts of that file (output or input), where known; other files are read for them."""
     out = Path(cfg.out)
-    facts = data_facts(out)
-    inputs = [data_facts(p) for p in cfg.inputs]
+    counted = counted or {}
+    facts = data_facts(out, counted.get(str(out)))
+    inputs = [data_facts(p, counted.get(str(p))) for p in cfg.inputs]
     meta = {
         "records": summary["out"],
         "input_records": summary["in"],

@@ -148,10 +148,37 @@ def _trie_regex(phrases: list[list[str]]) -> str:
     return emit(trie)
 
 
-def refusal(record: dict, *, patterns: list[re.Pattern]) -> str | None:
+@functools.lru_cache(maxsize=256)
+def required_run(pattern: re.Pattern) -> str | None:
+    """Characters that every match of `pattern` contains in a row (its longest run of plain characters outside any
+    group, alternative or repeat; 3 or more), or None: a substring test that skips the search where it would fail.
+    `re` skips ahead quickly only to a literal a pattern starts with; "(?:trained|made) by ..." does not."""
+    if pattern.flags & re.IGNORECASE:
+        return None
+    try:
+        from re import _constants as c  # (sre_parse: the parser `re.compile` itself runs)
+        from re import _parser
+
+        items = list(_parser.parse(pattern.pattern, pattern.flags))
+    except Exception:  # noqa: BLE001  (a private module: without it, every text is searched)
+        return None
+    while len(items) == 1 and items[0][0] is c.SUBPATTERN and not items[0][1][1] and not items[0][1][2]:
+        items = list(items[0][1][3])  # a group around the whole pattern, without flags of its own
+    best, run = "", ""
+    for op, arg in items:
+        run = run + chr(arg) if op is c.LITERAL else ""
+        best = max(best, run, key=len)
+    return best if len(best) >= 3 else None
+
+
+def refusal(record: dict, *, patterns: list[re.Pattern], runs: list[str | None] | None = None) -> str | None:
+    """runs: `required_run` of each pattern (build_filters computes them once: hashing a compiled pattern for the
+    cache costs as much as a search)."""
     # curly apostrophes are folded here, once, so phrases and `re:` lines alike match "I’m" as "I'm"
     text = assistant_text(record).lower().replace("\u2019", "'")
-    for pattern in patterns:
+    for pattern, run in zip(patterns, runs or [required_run(p) for p in patterns]):
+        if run is not None and run not in text:
+            continue
         m = pattern.search(text)
         if m:
             return f"matched {m.group(0)!r}"
@@ -308,7 +335,8 @@ def build_filters(cfg: Any, notes: list[str] | None = None) -> dict[str, Predica
         out["ratio"] = functools.partial(ratio, min_ratio=cfg.min_ratio, max_ratio=cfg.max_ratio)
     if cfg.drop_refusals:
         files = ([DEFAULT_REFUSALS] if cfg.default_refusals else []) + list(cfg.refusals)
-        out["refusal"] = functools.partial(refusal, patterns=load_patterns(files))
+        patterns = load_patterns(files)
+        out["refusal"] = functools.partial(refusal, patterns=patterns, runs=[required_run(p) for p in patterns])
     if cfg.drop_repetitive:
         out["repetition"] = functools.partial(
             repetition,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
+from imitate.clean.dedup import exact_key, stable_hash64
 from imitate.records import prompt_messages
 
 # --- normal form -------------------------------------------------------------------------------------------------
@@ -57,7 +58,12 @@ def normalize(text: str) -> str:
     """The normal form both dedups compare: NFKC (digit-making characters kept), case folded, whitespace folded
     (leading indentation of each line kept). Digits and punctuation are never touched."""
     text = nfkc(text).casefold()
-    if not _LINE_BREAK.search(text):  # one line (most answers): the same result as below, 3x faster
+    if text.isascii():  # (a substring test per ASCII line break is ~4x quicker than the regex's search)
+        one_line = not ("\n" in text or "\r" in text or "\v" in text or "\f" in text or "\x1c" in text
+                        or "\x1d" in text or "\x1e" in text)
+    else:
+        one_line = not _LINE_BREAK.search(text)
+    if one_line:  # one line (most answers): the same result as below, 3x faster
         return " ".join(text.split())
     out = []
     for line in text.strip().splitlines():
@@ -68,9 +74,24 @@ def normalize(text: str) -> str:
     return "\n".join(out)
 
 
-def normalized_messages(record: dict) -> list[tuple[str, str]]:
-    """(role, normalized content) of every message: computed once per record, shared by every dedup key."""
-    return [(str(m.get("role")), normalize(m.get("content") or "")) for m in record.get("messages") or []]
+def normalized_messages(record: dict, memo: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    """(role, normalized content) of every message: computed once per record, shared by every dedup key.
+    memo: normal forms of turns before the last one, shared by the records of a chunk (prompts repeat: n answers
+    per prompt, one system prompt for a whole run); the last turn, usually a unique answer, is not kept."""
+    msgs = record.get("messages") or []
+    if memo is None:
+        return [(str(m.get("role")), normalize(m.get("content") or "")) for m in msgs]
+    out = []
+    last = len(msgs) - 1
+    for j, m in enumerate(msgs):
+        text = m.get("content") or ""
+        norm = memo.get(text) if j < last else None
+        if norm is None:
+            norm = normalize(text)
+            if j < last:
+                memo[text] = norm
+        out.append((str(m.get("role")), norm))
+    return out
 
 
 def split_turns(norm: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], str]:
@@ -138,9 +159,49 @@ def guard_tokens(text: str) -> list[str]:
     return out
 
 
-def prompt_guard(record: dict, roles: list[str]) -> str:
+def prompt_guard(record: dict, roles: list[str], memo: dict[tuple[str, ...], str] | None = None) -> str:
     """The guard string of a record: the roles of its compared turns, then the guard tokens of its prompt turns
-    (system turns left out, as in `near_turns`)."""
-    prompt = [m for m in prompt_messages(record) if m.get("role") != "system"]
-    toks = [t for m in prompt for t in guard_tokens(m.get("content") or "")]
-    return "\x1e".join(roles) + "\x1d" + "\x1f".join(toks)
+    (system turns left out, as in `near_turns`). memo: the tokens part by prompt turns, shared by the records of a
+    chunk (records with the same prompt have the same tokens)."""
+    prompt = tuple(m.get("content") or "" for m in prompt_messages(record) if m.get("role") != "system")
+    toks = memo.get(prompt) if memo is not None else None
+    if toks is None:
+        toks = "\x1f".join([t for text in prompt for t in guard_tokens(text)])
+        if memo is not None:
+            memo[prompt] = toks
+    return "\x1e".join(roles) + "\x1d" + toks
+
+
+# --- every key's text of a chunk's records, prompts computed once -------------------------------------------------
+
+
+class RecordTexts:
+    """What the dedup keys read from each record -- the exact key's text, the prompt key, near-dedup's turns and
+    guard -- with everything that comes from the prompt (the turns before the final answer) computed once per
+    distinct prompt: prompts repeat (n answers per prompt, templates, one system prompt for a run). The same values
+    as `conversation_text`, `split_turns`, `near_turns` and `prompt_guard` give; one instance per chunk."""
+
+    def __init__(self, on: str = "both", prompt_key: bool = False, near: bool = True):
+        self.on, self.want_prompt, self.want_near = on, prompt_key, near
+        self.memo: dict[tuple, tuple[str, int, list[str], int]] = {}
+
+    def __call__(self, record: dict) -> tuple[str, int, list[str], int]:
+        """(text of the exact key, prompt key (0 unless asked for), near-dedup turns, guard hash (0 unless near))."""
+        msgs = record.get("messages") or []
+        if not msgs or msgs[-1].get("role") != "assistant":  # no final answer (kept with --keep-failed)
+            return self._texts(record, normalized_messages(record))
+        answer = normalize(msgs[-1].get("content") or "")
+        key = tuple((m.get("role"), m.get("content") or "") for m in msgs[:-1])
+        got = self.memo.get(key)
+        if got is None:  # the record's prompt with an empty answer: the answer's slot is the last turn
+            stand_in = {"messages": [*msgs[:-1], {"role": "assistant", "content": ""}]}
+            conv, pkey, turns, guard = self._texts(stand_in, normalized_messages(stand_in))
+            got = self.memo[key] = (conv, pkey, turns[:-1] if self.on != "prompt" else turns, guard)
+        head, pkey, turns, guard = got
+        return head + answer, pkey, turns + [answer] if self.on != "prompt" else turns, guard
+
+    def _texts(self, record: dict, norm: Turns) -> tuple[str, int, list[str], int]:
+        pkey = exact_key(conversation_text(split_turns(norm)[0])) if self.want_prompt else 0
+        roles, turns = near_turns(record, self.on, norm)
+        guard = stable_hash64(prompt_guard(record, roles)) if self.want_near else 0
+        return conversation_text(norm), pkey, turns, guard

@@ -57,6 +57,8 @@ def repetition_stats_batch(texts: list[str], *, stop_below: float = 0.0) -> dict
     k = len(texts)
     stats: dict[str, np.ndarray] = {name: np.zeros(k) for name in _REP_NAMES}
     for i, text in enumerate(texts):
+        if "\n" not in text:  # one line, one paragraph: nothing repeats (the statistics stay 0)
+            continue
         lines = [ln.strip() for ln in text.split("\n") if _ALNUM.search(ln)]
         paras = [p.strip() for p in re.split(r"\n\s*\n", text) if _ALNUM.search(p)]
         stats["dup_line_frac"][i], stats["dup_line_char_frac"][i] = _dup_fraction(lines)

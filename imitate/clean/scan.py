@@ -3,6 +3,7 @@ this process or in `--workers` processes. Only small per-record facts come back 
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections import deque
@@ -14,13 +15,14 @@ from typing import Any
 
 import numpy as np
 
+from imitate.cards import record_facts
 from imitate.clean.config import CleanConfig
-from imitate.clean.dedup import NearDup, candidate_edges, exact_key, stable_hash64
+from imitate.clean.dedup import NearDup, candidate_edges, exact_key
 from imitate.clean.filters import Predicate, apply
-from imitate.clean.keys import conversation_text, near_turns, normalized_messages, prompt_guard, split_turns
+from imitate.clean.keys import RecordTexts
 from imitate.errors import InputError
 from imitate.jsonl import TooLong, lines, parse
-from imitate.records import as_text, assistant_text, prompt_messages, record_problem
+from imitate.records import ROLES, as_text, assistant_text, prompt_messages, record_problem
 
 
 @dataclass
@@ -40,6 +42,12 @@ class Chunk:
     sketch: np.ndarray | None = None  # [n, num_perm] uint8: b-bit MinHash, to drop hopeless candidates cheaply
     priority: np.ndarray | None = None  # [n] float64
     seconds: dict[str, float] = field(default_factory=dict)
+    # what the dataset card counts (cards.record_facts), so that it need not read the files again:
+    teachers: list[str] = field(default_factory=list)  # teachers named by the records, in order of first mention
+    teacher: np.ndarray | None = None  # [n] int32: index into `teachers`, -1 = none
+    tokens: np.ndarray | None = None  # [n, 2] int32: input, output tokens (a count past int32: the card reads)
+    bad_counted: list[int] = field(default_factory=lambda: [0, 0, 0])  # records, tokens in, out of the bad lines
+    counted: bool = True  # False: a line the card would count otherwise (a bare \r in it...): it reads the file
 
 
 def _field(record: dict, dotted: str) -> Any:
@@ -68,14 +76,36 @@ class Mapper:
         cfg, out = self.cfg, Chunk(path=path)
         t = time.perf_counter()
         records: list[dict] = []
+        names: dict[str, int] = {}
+        teacher: list[int] = []
+        tokens: list[tuple[int, int]] = []
         for lineno, raw in lines:
+            if out.counted and not (isinstance(raw, bytes) and _one_text_line(raw)):
+                out.counted = False
             rec, why = _parse(raw)
             if why:
                 out.bad.append((lineno, why))
+                out.counted = out.counted and _count_bad(raw, out.bad_counted)
                 continue
             records.append(rec)
             out.linenos.append(lineno)
             out.ids.append(str(rec.get("id") or f"{Path(path).name}:{lineno}"))
+            if out.counted:
+                try:
+                    who, n_in, n_out = record_facts(rec)
+                except Exception:  # noqa: BLE001  (a usage count int() refuses: the card's own read says so)
+                    out.counted = False
+                    continue
+                teacher.append(-1 if who is None else names.setdefault(who, len(names)))
+                tokens.append((n_in, n_out))
+        if out.counted:
+            out.teachers, out.teacher = list(names), np.array(teacher, np.int32)
+            try:
+                wide = np.array(tokens, np.int64).reshape(len(tokens), 2)
+                out.counted = bool(np.abs(wide).max(initial=0) < 2**31)  # (sums are taken in int64)
+                out.tokens = wide.astype(np.int32) if out.counted else None
+            except OverflowError:
+                out.counted = False
         n = len(records)
         out.status = [""] * n
         secs = {"parse": time.perf_counter() - t}
@@ -99,28 +129,24 @@ class Mapper:
         out.exact = np.zeros(n, np.uint64)
         out.prompt = np.zeros(n, np.uint64)
         t = time.perf_counter()
-        norm = [normalized_messages(r) for r in kept]  # once per record, for every key below
+        texts = RecordTexts(cfg.near_on, cfg.one_per_prompt, self.near is not None)  # prompts: once per chunk
+        facts = [texts(r) for r in kept]  # (exact key's text, prompt key, near-dedup turns, guard) of each record
         secs["normalize"] = time.perf_counter() - t
         if cfg.exact_dedup:
             t = time.perf_counter()
-            out.exact[ix] = np.fromiter((exact_key(conversation_text(m)) for m in norm), np.uint64, len(kept))
+            out.exact[ix] = np.fromiter((exact_key(f[0]) for f in facts), np.uint64, len(kept))
             secs["exact_dup"] = time.perf_counter() - t
         if cfg.one_per_prompt:
             t = time.perf_counter()
-            keys = (exact_key(conversation_text(split_turns(m)[0])) for m in norm)
-            out.prompt[ix] = np.fromiter(keys, np.uint64, len(kept))
+            out.prompt[ix] = np.fromiter((f[1] for f in facts), np.uint64, len(kept))
             secs["prompt_dup"] = time.perf_counter() - t
         if self.near is not None:
             t = time.perf_counter()
             out.bands = np.zeros((n, self.near.bands), np.uint64)
             out.sketch = np.zeros((n, self.near.hasher.num_perm), np.uint8)
             if kept:
-                turns, guards = [], np.zeros(len(kept), np.uint64)
-                for k, r in enumerate(kept):
-                    roles, texts = near_turns(r, cfg.near_on, norm[k])
-                    turns.append(texts)
-                    guards[k] = stable_hash64(prompt_guard(r, roles))
-                out.bands[ix], out.sketch[ix] = self.near.keys_and_sketch(turns, guards)
+                guards = np.fromiter((f[3] for f in facts), np.uint64, len(kept))
+                out.bands[ix], out.sketch[ix] = self.near.keys_and_sketch([f[2] for f in facts], guards)
             secs["near_dup"] = time.perf_counter() - t
         out.priority = np.full(n, -math.inf)
         if cfg.priority:
@@ -129,11 +155,61 @@ class Mapper:
         return out
 
 
+def _one_text_line(raw: bytes) -> bool:
+    """Whether the card's read of the file (text mode: a bare \\r also ends a line) sees this line as one line."""
+    return b"\r" not in raw or (raw.count(b"\r") == 1 and raw.endswith(b"\r\n"))
+
+
+def _count_bad(raw: bytes | TooLong, into: list[int]) -> bool:
+    """Add a bad line to [records, tokens in, tokens out] as the card counts it (it reads lines that are not
+    records too); False when only the card's own read can tell (a teacher in it: the order of first mention)."""
+    if not isinstance(raw, bytes):
+        return False
+    line = raw.decode("utf-8", errors="replace")
+    if not line.strip():
+        return True
+    into[0] += 1
+    try:
+        rec = json.loads(line)
+    except (json.JSONDecodeError, RecursionError):
+        return True
+    try:
+        t, n_in, n_out = record_facts(rec)
+    except Exception:  # noqa: BLE001
+        return False
+    into[1] += n_in
+    into[2] += n_out
+    return t is None
+
+
+_ROLES = frozenset(ROLES)
+
+
+def _plain(rec: Any) -> bool:
+    """The common record, checked in one pass: valid (`record_problem` is None) and all text already (`as_text` gives
+    it back as is) -- every message an object with a known role and a string content, no context."""
+    if type(rec) is not dict:
+        return False
+    msgs = rec.get("messages")
+    if type(msgs) is not list or not msgs:
+        return False
+    for m in msgs:
+        if type(m) is not dict or type(m.get("content")) is not str:
+            return False
+        role = m.get("role")
+        if type(role) is not str or role not in _ROLES:
+            return False
+    context = rec.get("context")
+    return context is None or (type(context) is list and not context)
+
+
 def _parse(raw: bytes | TooLong) -> tuple[dict | None, str | None]:
     """(record, None) or (None, why the line is not a record)."""
     rec, why = parse(raw)  # not UTF-8, not JSON, nested too deeply, too long (imitate/jsonl.py)
     if why:
         return None, why
+    if _plain(rec):
+        return rec, None
     problem = record_problem(rec)
     return (None, problem) if problem else (as_text(rec), None)  # filters and keys read text; the write pass copies raw
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from imitate.cards import write_dataset_card
+from imitate.cards import Counted, write_dataset_card
 from imitate.clean.config import CleanConfig
 from imitate.clean.dedup import NearDup, candidate_edges, cluster
 from imitate.clean.filters import build_filters
@@ -144,7 +144,8 @@ def run(cfg: CleanConfig) -> dict:
         if cfg.report:
             Path(cfg.report).parent.mkdir(parents=True, exist_ok=True)
             Path(cfg.report).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        summary["outputs"]["card"] = str(write_dataset_card(cfg, summary))  # CLEAN_STEM.README.md (imitate/cards.py)
+        card = write_dataset_card(cfg, summary, _counted(cfg, paths, chunks, table))  # imitate/cards.py
+        summary["outputs"]["card"] = str(card)  # CLEAN_STEM.README.md
     print_report(summary)
     return summary
 
@@ -339,6 +340,46 @@ def _write(cfg: CleanConfig, paths: list[Path], table: _Table) -> int:
     if tmp_rem is not None:
         os.replace(tmp_rem, cfg.removed)
     return kept
+
+
+def _counted(cfg: CleanConfig, paths: list[Path], chunks: list[Chunk], table: _Table) -> dict[str, Counted]:
+    """What the dataset card counts in each input and in CLEAN (records, teachers in order of first mention,
+    tokens), from the map step's facts: the card then reads each file only for its sha256. A file with a line the
+    card would count otherwise (`Chunk.counted`) is left out: the card reads it."""
+    names = [str(p) for p in paths]
+    if len(set(names)) < len(names) or str(cfg.out) in names:
+        return {}
+    out: dict[str, Counted] = {}
+    for name in names:
+        mine = [c for c in chunks if c.path == name]
+        if all(c.counted for c in mine):
+            out[name] = _sum_counts(mine, [None] * len(mine))
+    if len(out) == len(names) and not table.extra:  # CLEAN: the kept lines, verbatim
+        kept, offset = [], 0
+        for c in chunks:
+            kept.append(np.array([s == "" for s in table.status[offset : offset + len(c.ids)]], bool))
+            offset += len(c.ids)
+        out[str(cfg.out)] = _sum_counts(chunks, kept)
+    return out
+
+
+def _sum_counts(chunks: list[Chunk], kept: list[np.ndarray | None]) -> Counted:
+    """(records, teachers, tokens in, tokens out) of the chunks' records (those `kept`, or all of them with their
+    bad lines, for None)."""
+    records = tokens_in = tokens_out = 0
+    teachers: dict[str, int] = {}
+    for c, keep in zip(chunks, kept):
+        ix, tok = (c.teacher, c.tokens) if keep is None else (c.teacher[keep], c.tokens[keep])
+        bad = c.bad_counted if keep is None else [0, 0, 0]
+        records += len(ix) + bad[0]
+        tokens_in += int(tok[:, 0].sum(dtype=np.int64)) + bad[1]  # (up to 2^32 records of < 2^31 tokens each)
+        tokens_out += int(tok[:, 1].sum(dtype=np.int64)) + bad[2]
+        named = ix[ix >= 0]
+        first = np.unique(named, return_index=True)  # each teacher's first record, for the order of first mention
+        counts = np.bincount(named, minlength=len(c.teachers))
+        for k in first[0][np.argsort(first[1])].tolist():
+            teachers[c.teachers[k]] = teachers.get(c.teachers[k], 0) + int(counts[k])
+    return records, teachers, tokens_in, tokens_out
 
 
 def print_report(summary: dict) -> None:

@@ -8,15 +8,14 @@ candidate. Records are shingled in batches, as numpy work; each pair costs a few
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from imitate.clean.dedup import NearDup
-from imitate.clean.keys import near_turns
-from imitate.jsonl import pick
+from imitate.clean.keys import RecordTexts
+from imitate.jsonl import parse, pick
 from imitate.records import as_text
 
 BATCH = 2000  # candidate records shingled together
@@ -52,18 +51,22 @@ def pair_similarity(
             return
         store.update(zip(batch_nodes, near.turn_sets(batch_turns)))
         last = batch_nodes[-1]
+        ready = []
         while ptr < len(order) and v_list[order[ptr]] <= last:
-            e = order[ptr]
-            sims[e] = near.similarity(store[u_list[e]], store[v_list[e]])
+            ready.append(order[ptr])
             ptr += 1
+        sims[ready] = near.similarities([(store[u_list[e]], store[v_list[e]]) for e in ready])
         for k in [k for k in store if last_use[k] <= last]:
             del store[k]
         batch_nodes.clear()
         batch_turns.clear()
 
+    texts = RecordTexts(on, prompt_key=False, near=False)  # the turns, prompts computed once (as in the map step)
     for node, raw in pick(paths, want):
         batch_nodes.append(node)
-        batch_turns.append(near_turns(as_text(json.loads(raw)), on)[1])
+        batch_turns.append(texts(as_text(parse(raw)[0]))[2])  # (a line the map step parsed)
+        if len(texts.memo) > 10_000:
+            texts.memo.clear()
         if len(batch_nodes) >= BATCH:
             flush()
     flush()
