@@ -13,7 +13,7 @@ import pytest
 
 import imitate.cards as cards
 import imitate.clean.stage as stage
-from imitate.clean.dedup import NearDup, exact_key, stable_hash64
+from imitate.clean.dedup import NearDup
 from imitate.clean.filters import refusal, required_run
 from imitate.clean.keys import (
     RecordTexts,
@@ -23,6 +23,7 @@ from imitate.clean.keys import (
     prompt_guard,
     split_turns,
 )
+from imitate.clean.minhash import exact_key, stable_hash64
 from imitate.clean.stage import CleanConfig, run
 from imitate.jsonl import parse
 from imitate.records import dumps

@@ -9,21 +9,23 @@ import numpy as np
 import pytest
 
 from imitate.clean.dedup import (
-    MinHasher,
     NearDup,
-    Shingler,
     candidate_edges,
     components,
-    exact_key,
     jaccard,
-    ngram_hashes,
     optimal_bands,
     recall_bands,
     select,
+)
+from imitate.clean.keys import guard_tokens, nfkc, normalize
+from imitate.clean.minhash import (
+    MinHasher,
+    Shingler,
+    exact_key,
+    ngram_hashes,
     word_counts,
     word_tokens,
 )
-from imitate.clean.keys import guard_tokens, nfkc, normalize
 
 WORDS = [f"w{i}" for i in range(3000)]
 

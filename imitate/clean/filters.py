@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from imitate.clean.dedup import WORD_RE, ngram_hashes, word_tokens
+from imitate.clean.minhash import WORD_RE, ngram_hashes, word_tokens
 from imitate.clean.repetition import repetition, repetition_batch
 from imitate.errors import InputError
 from imitate.records import assistant_text, content_text, iter_jsonl, prompt_messages

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
-from imitate.clean.dedup import exact_key, stable_hash64
+from imitate.clean.minhash import exact_key, stable_hash64
 from imitate.records import prompt_messages
 
 # --- normal form -------------------------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 
 from imitate.clean.config import CleanConfig
-from imitate.clean.dedup import bucket_edges, fmix64, unique_edges
+from imitate.clean.dedup import bucket_edges, unique_edges
+from imitate.clean.minhash import fmix64
 from imitate.clean.scan import Chunk, Mapper, check_bad
 from imitate.errors import ImitateError
 

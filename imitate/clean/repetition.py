@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from imitate.clean.dedup import ngram_hashes, word_counts, word_tokens
+from imitate.clean.minhash import ngram_hashes, word_counts, word_tokens
 from imitate.records import assistant_text
 
 _ALNUM = re.compile(r"\w")

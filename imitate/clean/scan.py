@@ -17,9 +17,10 @@ import numpy as np
 
 from imitate.cards import record_facts
 from imitate.clean.config import CleanConfig
-from imitate.clean.dedup import NearDup, candidate_edges, exact_key
+from imitate.clean.dedup import NearDup, candidate_edges
 from imitate.clean.filters import Predicate, apply
 from imitate.clean.keys import RecordTexts
+from imitate.clean.minhash import exact_key
 from imitate.errors import InputError
 from imitate.jsonl import TooLong, lines, parse
 from imitate.records import ROLES, as_text, assistant_text, prompt_messages, record_problem
