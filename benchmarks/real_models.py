@@ -123,8 +123,23 @@ def train_imitate(job: dict) -> dict:
     for k in ("sckd", "on_policy", "on_policy_warmup", "on_policy_max_tokens", "on_policy_temperature"):
         if k in job:
             kw[k] = job[k]
+    from imitate.train import loop
+
+    fit, spent = loop.fit, {}
+
+    def timed_fit(*args, **kwargs):  # CPU seconds of the training loop, the window imitate's tokens/s comes from
+        c0 = time.process_time()
+        try:
+            return fit(*args, **kwargs)
+        finally:
+            spent["cpu_s"] = time.process_time() - c0
+
+    loop.fit = timed_fit
     summary = run(build(TrainConfig, kw))
-    return {"tokens_per_s": summary["tokens_per_s"], "loss": summary["train_loss"], "model": job["out"]}
+    rows = [json.loads(x) for x in (Path(job["out"]) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    tokens = max((r.get("tokens", 0) for r in rows), default=0)  # real tokens trained (no padding)
+    return {"tokens_per_s": summary["tokens_per_s"], "loss": summary["train_loss"], "model": job["out"],
+            "tokens": tokens, "train_cpu_s": spent["cpu_s"]}
 
 
 def train_trl(job: dict) -> dict:
@@ -152,12 +167,13 @@ def train_trl(job: dict) -> dict:
     peft = LoraConfig(r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=s["lora_dropout"],
                       target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft)
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     result = trainer.train()
-    seconds = time.time() - t0
+    seconds, cpu_s = time.time() - t0, time.process_time() - c0
     trainer.save_model(job["out"])
     tokens = getattr(trainer, "_total_train_tokens", None) or getattr(trainer.state, "num_input_tokens_seen", 0)
-    return {"tokens_per_s": tokens / seconds, "loss": result.training_loss, "model": job["out"]}
+    return {"tokens_per_s": tokens / seconds, "loss": result.training_loss, "model": job["out"], "tokens": tokens,
+            "train_cpu_s": cpu_s}
 
 
 def score(job: dict, model: str) -> dict:
@@ -270,12 +286,19 @@ def mean_sd(xs: list) -> str:
     return f"{statistics.mean(xs):.3f}±{statistics.stdev(xs):.3f}"
 
 
+def per_cpu_s(r: dict) -> float | None:
+    """Train tokens per CPU second of the training loop (all threads): unlike tokens/s, hardly moved by what else
+    runs on a shared machine."""
+    return r["tokens"] / r["train_cpu_s"] if r.get("tokens") and r.get("train_cpu_s") else None
+
+
 def table(task: str, out: dict) -> str:
     res, trl = out["results"], [r for r in out["results"]["trl_lora"] if "error" not in r]
     trl_tps = statistics.mean([r["tokens_per_s"] for r in trl if r.get("tokens_per_s")] or [float("nan")])
     trl_rss = statistics.mean([r["peak_rss_mb"] for r in trl if r.get("peak_rss_mb")] or [float("nan")])
+    trl_cpu = statistics.mean([per_cpu_s(r) for r in trl if per_cpu_s(r)] or [float("nan")])
     cols = ["behaviour", "rouge_l", "exact", "nll"] if task == "baking" else ["rouge_l", "exact", "nll"]
-    head = f"{'mode':<22}" + "".join(f"{c:>16}" for c in cols) + f"{'tokens/s':>10}{'x TRL':>7}{'peak RSS MB':>13}" \
+    head = f"{'mode':<22}" + "".join(f"{c:>16}" for c in cols) + f"{'tokens/s':>10}{'x TRL':>7}{'tok/CPU s':>11}{'x TRL':>7}{'peak RSS MB':>13}" \
         f"{'x TRL':>7}{'train s':>9}"
     lines = [head]
     if task == "baking":
@@ -295,6 +318,8 @@ def table(task: str, out: dict) -> str:
             row += f"{statistics.mean(tps):>10.0f}{statistics.mean(tps) / trl_tps:>7.2f}"
         else:
             row += f"{'-':>10}{'-':>7}"
+        cpu = [per_cpu_s(r) for r in rs if per_cpu_s(r)]
+        row += f"{statistics.mean(cpu):>11.0f}{statistics.mean(cpu) / trl_cpu:>7.2f}" if cpu else f"{'-':>11}{'-':>7}"
         row += f"{statistics.mean(rss):>13.0f}{statistics.mean(rss) / trl_rss:>7.2f}"
         row += f"{statistics.mean([r['train_s'] for r in rs]):>9.0f}" if rs[0].get("train_s") else f"{'-':>9}"
         lines.append(row)
@@ -312,8 +337,11 @@ def targets(out: dict) -> list[str]:
         q_im, q_trl = [r["rouge_l"] for r in im], [r["rouge_l"] for r in trl]
         spread = (max(q_trl) - min(q_trl)) if len(q_trl) > 1 else 0.0
         ok_q = statistics.mean(q_im) >= statistics.mean(q_trl) - spread
+        cpu = [per_cpu_s(r) for r in im + trl]
+        cpu_note = f" (per CPU second x{statistics.mean(cpu[:len(im)]) / statistics.mean(cpu[len(im):]):.2f})" \
+            if all(cpu) else ""
         notes.append(f"LoRA SFT vs TRL: ROUGE-L {statistics.mean(q_im):.3f} vs {statistics.mean(q_trl):.3f} "
-                     f"(TRL seed spread {spread:.3f}) {'met' if ok_q else 'MISSED'}; tokens/s x{tps:.2f} "
+                     f"(TRL seed spread {spread:.3f}) {'met' if ok_q else 'MISSED'}; tokens/s x{tps:.2f}{cpu_note} "
                      f"({'met' if tps >= 1.5 else 'MISSED'}, target >= 1.5); peak RSS x{rss:.2f} "
                      f"({'met' if rss <= 1.0 else 'MISSED'}, target <= 1)")
     teacher = out["teacher"]["behaviour"]
