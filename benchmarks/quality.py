@@ -46,7 +46,8 @@ Modes (MODES in qualitybench/modes.py; add a row by adding an entry):
   models with imitate): `fit`'s batches and schedule, 0.5·CE + 0.5·reverse KL on the collected answers; from
   half-way, with probability λ a step is on-policy (the student samples at temperature 1 with a plain no-cache,
   no-padding loop and trains 0.5·token-mean reverse KL on its tokens, + 0.5·CE on the records' answers unless _pure).
-  op50_rkl, op100_rkl (+ _pure): imitate with the same loss (`--kd reverse-kl`, `--no-on-policy-ce` for _pure).
+  op50_rkl, op100_rkl (+ _pure): imitate with the same loss (`--kd reverse-kl`, `--no-on-policy-ce` for _pure);
+  op50_rkl_sckd: op50_rkl plus `--sckd`.
   All on request (--modes).
 Targets (issue #10): sft within 0.02 of reference on every task; kd >= sft where the teacher's distribution carries more
 than its argmax (the `choice` task: several valid answers, sampled at collect time); sckd not below kd by more than the

@@ -28,6 +28,7 @@ MODES: dict[str, Callable[[Built, int, Path], Path]] = {
     "op100_rkl": imitate_train(*on_policy(1.0, "--kd", "reverse-kl")),
     "op50_rkl_pure": imitate_train(*on_policy(0.5, "--kd", "reverse-kl", "--no-on-policy-ce")),
     "op100_rkl_pure": imitate_train(*on_policy(1.0, "--kd", "reverse-kl", "--no-on-policy-ce")),
+    "op50_rkl_sckd": imitate_train(*on_policy(0.5, "--kd", "reverse-kl", "--sckd")),
     # from an SFT'd student (the README's advice for on-policy): the sft run, then as many steps again
     "sft_sft": after_sft(),
     "sft_kd": after_sft("--teacher", "TEACHER"),
@@ -53,5 +54,5 @@ MODES.update({
 })
 X_MODES = ("x_sft", "x_kd", "x_gb5", "x_gb20")
 EXTRA_MODES = ["sft_op50_pure", "sft_op100_t05", "sft_op100_t0", "sft_op100_rkl", "gkd50", "gkd100", "gkd50_pure",
-               "gkd100_pure", "op50_rkl", "op100_rkl", "op50_rkl_pure", "op100_rkl_pure", *X_MODES]
+               "gkd100_pure", "op50_rkl", "op100_rkl", "op50_rkl_pure", "op100_rkl_pure", "op50_rkl_sckd", *X_MODES]
 teams.register(MODES, EXTRA_MODES)  # teams of teachers, selection, TAKD (issue 25)
