@@ -79,7 +79,6 @@ def test_record_texts_equal_the_plain_key_functions(on):
     texts = RecordTexts(on, prompt_key=True, near=True)
     for rec in records():
         norm = normalized_messages(rec)
-        assert normalized_messages(rec, {}) == norm
         roles, turns = near_turns(rec, on, norm)
         want = (conversation_text(norm), exact_key(conversation_text(split_turns(norm)[0])), turns,
                 stable_hash64(prompt_guard(rec, roles)))  # fmt: skip

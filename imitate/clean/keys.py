@@ -74,24 +74,9 @@ def normalize(text: str) -> str:
     return "\n".join(out)
 
 
-def normalized_messages(record: dict, memo: dict[str, str] | None = None) -> list[tuple[str, str]]:
-    """(role, normalized content) of every message: computed once per record, shared by every dedup key.
-    memo: normal forms of turns before the last one, shared by the records of a chunk (prompts repeat: n answers
-    per prompt, one system prompt for a whole run); the last turn, usually a unique answer, is not kept."""
-    msgs = record.get("messages") or []
-    if memo is None:
-        return [(str(m.get("role")), normalize(m.get("content") or "")) for m in msgs]
-    out = []
-    last = len(msgs) - 1
-    for j, m in enumerate(msgs):
-        text = m.get("content") or ""
-        norm = memo.get(text) if j < last else None
-        if norm is None:
-            norm = normalize(text)
-            if j < last:
-                memo[text] = norm
-        out.append((str(m.get("role")), norm))
-    return out
+def normalized_messages(record: dict) -> list[tuple[str, str]]:
+    """(role, normalized content) of every message: computed once per record, shared by every dedup key."""
+    return [(str(m.get("role")), normalize(m.get("content") or "")) for m in record.get("messages") or []]
 
 
 def split_turns(norm: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], str]:
@@ -159,17 +144,12 @@ def guard_tokens(text: str) -> list[str]:
     return out
 
 
-def prompt_guard(record: dict, roles: list[str], memo: dict[tuple[str, ...], str] | None = None) -> str:
+def prompt_guard(record: dict, roles: list[str]) -> str:
     """The guard string of a record: the roles of its compared turns, then the guard tokens of its prompt turns
-    (system turns left out, as in `near_turns`). memo: the tokens part by prompt turns, shared by the records of a
-    chunk (records with the same prompt have the same tokens)."""
-    prompt = tuple(m.get("content") or "" for m in prompt_messages(record) if m.get("role") != "system")
-    toks = memo.get(prompt) if memo is not None else None
-    if toks is None:
-        toks = "\x1f".join([t for text in prompt for t in guard_tokens(text)])
-        if memo is not None:
-            memo[prompt] = toks
-    return "\x1e".join(roles) + "\x1d" + toks
+    (system turns left out, as in `near_turns`)."""
+    prompt = [m for m in prompt_messages(record) if m.get("role") != "system"]
+    toks = [t for m in prompt for t in guard_tokens(m.get("content") or "")]
+    return "\x1e".join(roles) + "\x1d" + "\x1f".join(toks)
 
 
 # --- every key's text of a chunk's records, prompts computed once -------------------------------------------------
