@@ -375,3 +375,18 @@ def test_checkpointing_every_n_without_gradient_checkpointing_is_refused(tiny_mo
 
     with pytest.raises(UsageError, match="--gradient-checkpointing-every 2.*off"):
         cfg_for(data_file, tiny_model_dir, tmp_path / "run", gradient_checkpointing_every=2).check()
+
+
+def test_checkpointing_every_n_on_a_model_without_checkpointing_layers_is_refused(tiny_model_dir, monkeypatch):
+    import transformers.modeling_layers
+    from transformers import AutoModelForCausalLM
+
+    from imitate.errors import UsageError
+    from imitate.train.student import checkpoint_layers
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert checkpoint_layers(model, 2) > 0
+    monkeypatch.setattr(transformers.modeling_layers, "GradientCheckpointingLayer", type("NoSuchLayer", (), {}))
+    with pytest.raises(UsageError, match="cannot be checkpointed one by one"):
+        checkpoint_layers(model, 2)
+    assert checkpoint_layers(model, 1) == 0  # every layer: the model's own switch, nothing to choose

@@ -113,6 +113,10 @@ def checkpoint_layers(model, every: int = 1) -> int:
 
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if every > 1 and not layers:
+        raise UsageError(f"--gradient-checkpointing-every {every}: this model's layers cannot be checkpointed one by "
+                         f"one ({type(model).__name__} has no transformers GradientCheckpointingLayer)",
+                         hint="drop --gradient-checkpointing-every to checkpoint the whole model")
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = i % every == 0
     return sum(layer.gradient_checkpointing for layer in layers)
