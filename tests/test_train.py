@@ -130,9 +130,20 @@ def test_loss_decreases(tiny_model_dir, data_file, tmp_path):
     assert not (out / "checkpoints").exists()
 
 
-def test_lora_outputs_reload_merge_and_generate(tiny_model_dir, data_file, tmp_path):
-    out = tmp_path / "run"
-    run(cfg_for(data_file, tiny_model_dir, out, max_steps=4, merge=True, gradient_checkpointing=True))
+def test_lora_outputs_reload_merge_and_generate(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    from imitate.train import student
+
+    out, seen = tmp_path / "run", []
+    plain = student.checkpoint_layers
+
+    def spy(model, every):
+        seen.append((every, plain(model, every)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(student, "checkpoint_layers", spy)
+    run(cfg_for(data_file, tiny_model_dir, out, max_steps=4, merge=True, gradient_checkpointing=True,
+                gradient_checkpointing_every=2))
+    assert seen == [(2, 1)]  # the tiny model's 2 layers: the first recomputes, the second keeps its activations
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

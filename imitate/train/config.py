@@ -67,13 +67,14 @@ class TrainConfig(Checked):
                         "order stays random).",
                         example="--packing", flag="--packing/--no-packing")
     gradient_checkpointing: bool = opt(False, "Recompute each decoder layer's activations in backward: less "
-                                       "memory, about 50% more compute (see --gradient-checkpointing-every).",
+                                       "memory, more compute (49% more CPU time on SmolLM2-135M LoRA; see "
+                                       "--gradient-checkpointing-every).",
                                        example="--gradient-checkpointing",
                                        flag="--gradient-checkpointing/--no-gradient-checkpointing")
     gradient_checkpointing_every: int = opt(
         1, "With --gradient-checkpointing, recompute only every N-th decoder layer (2: half of them, about half the "
-        "memory saving; on SmolLM2-135M LoRA it cost 4-32% more compute where every layer cost 49%).", example="2",
-        ge=1)
+        "memory saving; on SmolLM2-135M LoRA it cost 20-32% more CPU time over 3 seeds where every layer cost "
+        "49%).", example="2", ge=1)
     precision: Literal["auto", "bf16", "fp16", "no"] = opt(
         "auto", "Mixed precision: auto = bf16 on CUDA when supported, else fp32 (a precision in your accelerate "
         "config wins over auto).", example="bf16")

@@ -111,12 +111,16 @@ def checkpoint_layers(model, every: int = 1) -> int:
     The rest keep their activations, so about 1/every of full checkpointing's memory saving remains."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # newer transformers 5.x choose the layers themselves
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     if every > 1 and not layers:
         raise UsageError(f"--gradient-checkpointing-every {every}: this model's layers cannot be checkpointed one by "
                          f"one ({type(model).__name__} has no transformers GradientCheckpointingLayer)",
                          hint="drop --gradient-checkpointing-every to checkpoint the whole model")
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(layers):  # what newer versions did already; older ones checkpoint every layer
         layer.gradient_checkpointing = i % every == 0
     return sum(layer.gradient_checkpointing for layer in layers)
