@@ -522,13 +522,15 @@ def sums_models(tmp_path_factory):
     return d, write(d / "op.jsonl", sums_records(8, seed=2)), d / "student", d / "teacher"
 
 
-@pytest.mark.parametrize("kd, ce", [("reverse-kl", False), ("reverse-kl", True), ("forward-kl", False)])
-def test_one_onpolicy_step_equals_a_plain_gkd_step(sums_models, kd, ce):
+@pytest.mark.parametrize("kd, ce, cut", [("reverse-kl", False, 0), ("reverse-kl", True, 0), ("forward-kl", False, 0),
+                                         ("reverse-kl", False, 0.5), ("reverse-kl", True, 0.5)])
+def test_one_onpolicy_step_equals_a_plain_gkd_step(sums_models, kd, ce, cut):
     """One on-policy window of the loop (sampling at temperature 1 from left-padded prompts of different lengths,
     answers with a leading space, ending at <|end|> or at the cap) against a plain GKD step on the SAME sampled
     tokens: each sequence alone (no padding), prompt from the chat template, full logits; loss
     (w·Σ KD over the answer tokens [+ (1 - w)·Σ CE of the records' answers]) / tokens, and its gradient, parameter by
-    parameter."""
+    parameter. With --on-policy-cut P the KD sum and the token count stop at each answer's first token whose teacher
+    probability is below P times the teacher's top token's (that token's own position still counts)."""
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -540,13 +542,13 @@ def test_one_onpolicy_step_equals_a_plain_gkd_step(sums_models, kd, ce):
     w = 0.4
     cfg = cfg_for(data, student_dir, d / f"o-{kd}-{ce}", teacher=f"hf:{teacher_dir}", full=True, kd=kd, kd_weight=w,
                   on_policy=1.0, on_policy_warmup=0.0, on_policy_ce=ce, on_policy_max_tokens=14, batch_size=8,
-                  max_grad_norm=0.0)
+                  max_grad_norm=0.0, on_policy_cut=cut)
     prep = loop.prepare(cfg)
     s = loop.setup(cfg, prep)
     window = s.plan(0)[:1]
     assert s.policy.kinds(0, window) == [True]
     exs = [prep.train_ex[i] for i in window[0]]
-    batch = s.policy.batch(s.accelerator, s.model, exs, 0, 0)
+    batch = s.policy.batch(s.accelerator, s.model, exs, 0, 0, s.distiller)
     n, _ = s.policy.denominators(s.accelerator, [batch], window, [e.n_targets for e in prep.train_ex], s.distiller.terms)
     sums, _ = accumulate_window(s.accelerator, s.model, [batch], n, s.distiller, None, s.vocab_size)
     got = {k: p.grad for k, p in s.model.named_parameters()}
@@ -556,25 +558,31 @@ def test_one_onpolicy_step_equals_a_plain_gkd_step(sums_models, kd, ce):
     student = AutoModelForCausalLM.from_pretrained(student_dir)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
     records = [json.loads(x) for x in data.read_text().splitlines()]
-    ids, labels = batch["input_ids"].tolist(), batch["labels"]
+    ids = batch["input_ids"].tolist()
     space, end = tok.convert_tokens_to_ids("Ġ"), tok.eos_token_id
-    kd_sum, ce_sum, n_gen, n_ref, answers = 0.0, 0.0, 0, 0, []
+    kd_sum, ce_sum, n_gen, n_ref, answers, n_cut = 0.0, 0.0, 0, 0, [], 0
     for row, ex in enumerate(exs):
         rec = records[int(ex.where.rsplit(":", 1)[1].split()[0]) - 1]
         prompt = tok.apply_chat_template(rec["messages"][:-1], add_generation_prompt=True, tokenize=True,
                                          return_dict=True)["input_ids"]
-        answer = [t for t, lab in zip(ids[row][1:], labels[row][:-1].tolist()) if lab != IGNORE]
+        answer = ids[row][len(prompt) : int(batch["attention_mask"][row].sum())]  # the sampled tokens, cut or not
         assert ids[row][: len(prompt)] == list(prompt)  # the student answered the record's own prompt
         full = torch.tensor([list(prompt) + answer])
         s_logits = student(input_ids=full).logits[0, len(prompt) - 1 : -1].double()
         with torch.no_grad():
             t_logits = teacher(input_ids=full).logits[0, len(prompt) - 1 : -1].double()
+        if cut:  # KD up to and including the first token the teacher finds implausible
+            gap = t_logits.gather(1, torch.tensor(answer)[:, None])[:, 0] - t_logits.max(-1).values
+            bad = (gap < math.log(cut)).nonzero()
+            keep = int(bad[0]) + 1 if len(bad) else len(answer)
+            n_cut += keep < len(answer)
+            s_logits, t_logits = s_logits[:keep], t_logits[:keep]
         s_lp, t_lp = F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1)
         if kd == "reverse-kl":
             kd_sum = kd_sum + (s_lp.exp() * (s_lp - t_lp)).sum()
         else:
             kd_sum = kd_sum + (t_lp.exp() * (t_lp - s_lp)).sum()
-        n_gen += len(answer)
+        n_gen += len(s_lp)
         answers.append(answer)
         if ce:  # the record's answer as the teacher wrote it after the prompt, <|end|>, the template's "\n" after it
             ref = list(prompt) + tok(rec["messages"][-1]["content"] + "<|end|>\n", add_special_tokens=False)["input_ids"]
@@ -586,6 +594,9 @@ def test_one_onpolicy_step_equals_a_plain_gkd_step(sums_models, kd, ce):
     assert len({len(a) for a in answers}) > 1 and any(a[-1] == end for a in answers)
     assert len({len(tok.apply_chat_template(r["messages"][:-1], add_generation_prompt=True, tokenize=False))
                 for r in records}) > 1  # prompts of different lengths: generation was left-padded
+    if cut:  # the cut happened, and not everywhere at the first token
+        assert 0 < n_cut == batch["onpolicy"]["cut"] and batch["onpolicy"]["graded"] == n_gen
+        assert len(exs) < n_gen < batch["onpolicy"]["tokens"]
     names = ["ce", *s.distiller.terms]
     assert float(sums[names.index(ONPOLICY)]) == pytest.approx(float(kd_sum.detach()), rel=1e-5)
     assert n == n_gen + n_ref
@@ -593,3 +604,45 @@ def test_one_onpolicy_step_equals_a_plain_gkd_step(sums_models, kd, ce):
     want = dict(zip([k for k, _ in student.named_parameters()], torch.autograd.grad(loss, list(student.parameters()))))
     for k, g in got.items():
         torch.testing.assert_close(g.double(), want[k].double(), rtol=1e-4, atol=1e-7)
+
+
+def test_cut_ends_at_each_answer_in_a_packed_row(tiny_teacher_dir):
+    """`Distiller.grade` on a packed on-policy row holding three answers: each answer loses exactly its targets after
+    its own first implausible token (by the teacher's logits on that row), a cut never runs into the next answer,
+    and P = 0 keeps every target."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from imitate.train.distill import Distiller
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval()
+    rng = random.Random(5)
+    exs = [onpolicy.onpolicy_example([rng.randrange(3, 60) for _ in range(p)], [rng.randrange(3, 60) for _ in range(a)],
+                                     "x", 64) for p, a in ((4, 6), (3, 5), (5, 7))]
+    batch = collate(exs, pad_id=0, packing=True)
+    vocab = teacher.config.vocab_size
+    with torch.no_grad():  # each answer alone: what the packed row's block-diagonal attention must give
+        logits = torch.cat([teacher(input_ids=torch.tensor([ex.input_ids])).logits[0].double() for ex in exs])
+    labels = batch["labels"][0].clone()
+    at = (labels != IGNORE).nonzero()[:, 0].tolist()
+    gap = {i: float(logits[i, labels[i]] - logits[i, :vocab].max()) for i in at}
+    low = sorted(gap.values())
+    p = math.exp((low[len(low) // 3] + low[len(low) // 3 + 1]) / 2)  # about a third of the tokens implausible
+    want, start = labels.clone(), 0
+    for ex in exs:  # the same answers, one at a time, in the packed row's coordinates
+        span = [i for i in at if start <= i < start + len(ex.input_ids)]
+        bad = [i for i in span if gap[i] < math.log(p)]
+        if bad:
+            want[[i for i in span if i > bad[0]]] = IGNORE
+        start += len(ex.input_ids)
+    assert (want != labels).any() and (want[at] != IGNORE).sum() > len(exs)
+    d = Distiller(SimpleNamespace(kd="reverse-kl", kd_weight=0.5, kd_chunk_size=5),
+                  SimpleNamespace(vocab_size=vocab, terms=[]), teacher)
+    cut = d.grade(batch, p)
+    assert torch.equal(batch["labels"][0], want)
+    assert cut == sum(any(gap[i] < math.log(p) for i in at if s <= i < s + len(ex.input_ids))
+                      for s, ex in zip([0, len(exs[0].input_ids), len(exs[0].input_ids) + len(exs[1].input_ids)], exs))
+    assert batch["teacher_out"].hidden_states[-1].shape[:2] == batch["input_ids"].shape
+    again = collate(exs, pad_id=0, packing=True)
+    assert d.grade(again, 0.0) == 0 and torch.equal(again["labels"], collate(exs, pad_id=0, packing=True)["labels"])

@@ -29,6 +29,12 @@ MODES: dict[str, Callable[[Built, int, Path], Path]] = {
     "op50_rkl_pure": imitate_train(*on_policy(0.5, "--kd", "reverse-kl", "--no-on-policy-ce")),
     "op100_rkl_pure": imitate_train(*on_policy(1.0, "--kd", "reverse-kl", "--no-on-policy-ce")),
     "op50_rkl_sckd": imitate_train(*on_policy(0.5, "--kd", "reverse-kl", "--sckd")),
+    # the same, with KD cut after the first sampled token the teacher finds implausible (--on-policy-cut, min-p 0.1)
+    "op50_rkl_cut": imitate_train(*on_policy(0.5, "--kd", "reverse-kl", "--on-policy-cut", 0.1)),
+    "op100_rkl_cut": imitate_train(*on_policy(1.0, "--kd", "reverse-kl", "--on-policy-cut", 0.1)),
+    "op50_rkl_pure_cut": imitate_train(*on_policy(0.5, "--kd", "reverse-kl", "--no-on-policy-ce", "--on-policy-cut", 0.1)),
+    "op100_rkl_pure_cut": imitate_train(*on_policy(1.0, "--kd", "reverse-kl", "--no-on-policy-ce", "--on-policy-cut",
+                                                   0.1)),
     # from an SFT'd student (the README's advice for on-policy): the sft run, then as many steps again
     "sft_sft": after_sft(),
     "sft_kd": after_sft("--teacher", "TEACHER"),
@@ -54,5 +60,6 @@ MODES.update({
 })
 X_MODES = ("x_sft", "x_kd", "x_gb5", "x_gb20")
 EXTRA_MODES = ["sft_op50_pure", "sft_op100_t05", "sft_op100_t0", "sft_op100_rkl", "gkd50", "gkd100", "gkd50_pure",
-               "gkd100_pure", "op50_rkl", "op100_rkl", "op50_rkl_pure", "op100_rkl_pure", "op50_rkl_sckd", *X_MODES]
+               "gkd100_pure", "op50_rkl", "op100_rkl", "op50_rkl_pure", "op100_rkl_pure", "op50_rkl_sckd", "op50_rkl_cut", "op100_rkl_cut",
+               "op50_rkl_pure_cut", "op100_rkl_pure_cut", *X_MODES]
 teams.register(MODES, EXTRA_MODES)  # teams of teachers, selection, TAKD (issue 25)

@@ -153,6 +153,10 @@ class TrainConfig(Checked):
                                        example="0.7", ge=0)
     on_policy_max_tokens: int = opt(256, "Longest answer the student may write; one without end-of-turn counts as a "
                                     "cap hit.", example="128", ge=1)
+    on_policy_cut: float = opt(0.0, "KD on a sampled answer stops after the first token the teacher finds implausible: "
+                               "probability below P times that of its most likely token (min-p); the teacher's "
+                               "view of the text after such a token teaches nothing it was trained for. 0 = grade "
+                               "every token (GKD).", example="0.1", ge=0, le=1)
     # On by default: without it λ = 1 never trains on the collected answers, and in the benchmark that fell below SFT
     # on lists and carry; with it lists was level and choice kept most of its gain (docs/benchmarks.md, On-policy distillation).
     on_policy_ce: bool = opt(True, "On-policy micro-batches also train CE (weight 1 - w) on their records' collected "

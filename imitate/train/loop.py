@@ -45,6 +45,8 @@ def fingerprint(cfg: TrainConfig, n_train: int) -> dict:
             "teacher", "feature_kd", "sckd", "graybox")  # the KD ones decide what trains (regressors) and how
     if cfg.on_policy:  # only then, so checkpoints of runs without --on-policy stay resumable
         keys += ("on_policy", "on_policy_warmup", "on_policy_temperature", "on_policy_max_tokens", "on_policy_ce")
+        if cfg.on_policy_cut:  # only then, so on-policy checkpoints written before the option stay resumable
+            keys += ("on_policy_cut",)
     return {**{k: str(getattr(cfg, k)) for k in keys}, "train_examples": n_train}
 
 
@@ -305,7 +307,7 @@ def fit(cfg: TrainConfig, data: Prepared, s: Session, stop_after: int | None = N
         for j, b in enumerate(window[rank * ga : (rank + 1) * ga], start=rank * ga):
             exs = materialize(b, data.train_ex, stand_in)
             if kinds[j]:  # the student writes this micro-batch's answers
-                micro.append(policy.batch(accelerator, model, exs, step, j))
+                micro.append(policy.batch(accelerator, model, exs, step, j, distiller))
                 continue
             micro.append(collate(exs, pad_id=pad_id, packing=cfg.packing))
             if graybox:

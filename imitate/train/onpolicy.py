@@ -129,8 +129,8 @@ class OnPolicy:
         # the records' own answers of on-policy prompts take part: as SCKD's paired CE, or as --on-policy-ce's CE
         # (not with --kd-weight 1, where CE weighs nothing)
         self.references = bool(cfg.sckd or (cfg.on_policy_ce and cfg.kd_weight < 1))
-        self.totals = {"micro": 0, "onpolicy": 0, "sequences": 0, "tokens": 0, "capped": 0, "gen_s": 0.0,
-                       "step_s": 0.0}
+        self.totals = {"micro": 0, "onpolicy": 0, "sequences": 0, "tokens": 0, "capped": 0, "graded": 0, "cut": 0,
+                       "gen_s": 0.0, "step_s": 0.0}
         self._step: dict = {}
         self._terms: list[str] = []
 
@@ -139,9 +139,11 @@ class OnPolicy:
                                                      self.first_step), "real": sum(b is not None for b in window)}
         return self._step["flags"]
 
-    def batch(self, accelerator: Any, model: Any, examples: list[Example], step: int, j: int) -> dict:
+    def batch(self, accelerator: Any, model: Any, examples: list[Example], step: int, j: int,
+              distiller: Any = None) -> dict:
         """The on-policy micro-batch for `examples` (micro-batch j of the window at `step`), with the dataset version
-        under "reference" when --sckd pairs it or --on-policy-ce trains it (see the module doc)."""
+        under "reference" when --sckd pairs it or --on-policy-ce trains it (see the module doc). With --on-policy-cut
+        the distiller's teacher grades the answers first and the targets after an implausible token are dropped."""
         t0 = time.time()
         prompts = [prompt_of(ex) for ex in examples]
         with accelerator.autocast():
@@ -152,7 +154,9 @@ class OnPolicy:
         exs = [onpolicy_example(p, a, ex.where, self.cfg.max_length) for p, a, ex in zip(prompts, answers, examples)]
         add_onpolicy_views(exs, examples, answers)  # records with context: the teacher grades with it in front
         out = collate(exs, pad_id=self.pad_id, packing=self.cfg.packing)
-        out["onpolicy"] = {"sequences": len(answers), "tokens": sum(map(len, answers)), "capped": sum(capped)}
+        cut = distiller.grade(out, self.cfg.on_policy_cut) if self.cfg.on_policy_cut and distiller else 0
+        out["onpolicy"] = {"sequences": len(answers), "tokens": sum(map(len, answers)), "capped": sum(capped),
+                           "graded": int((out["labels"] != IGNORE).sum()), "cut": cut}
         if self.references:
             out["reference"] = collate(examples, pad_id=self.pad_id, packing=self.cfg.packing)
         self._step["gen_s"] += time.time() - t0
@@ -174,12 +178,13 @@ class OnPolicy:
             return data, None
         ref = sum(targets[i] for b, on in zip(window, flags) if on for i in b) if self.references else 0
         own = [m["onpolicy"] for m in micro if "onpolicy" in m]
-        local = torch.tensor([[s[k] for k in ("sequences", "tokens", "capped")] for s in own] or [[0, 0, 0]],
+        keys = ("sequences", "tokens", "capped", "graded", "cut")
+        local = torch.tensor([[s[k] for k in keys] for s in own] or [[0] * len(keys)],
                              dtype=torch.float64, device=accelerator.device).sum(0)
-        seqs, gen, capped = (int(x) for x in accelerator.reduce(local, reduction="sum").tolist())
-        counts = [data + ref] + [gen if name == ONPOLICY else data for name in terms]
-        self._step.update(sequences=seqs, tokens=gen, capped=capped, counts=counts)
-        return data + ref + gen, counts
+        seqs, gen, capped, graded, cut = (int(x) for x in accelerator.reduce(local, reduction="sum").tolist())
+        counts = [data + ref] + [graded if name == ONPOLICY else data for name in terms]
+        self._step.update(sequences=seqs, tokens=gen, capped=capped, graded=graded, cut=cut, counts=counts)
+        return data + ref + graded, counts
 
     def present(self, gates: dict) -> dict:
         """The SCKD gate decisions of the terms this window had micro-batches for (an absent term is no decision)."""
@@ -203,10 +208,12 @@ class OnPolicy:
         t["step_s"] += step_s
         row["onpolicy/share"] = n_on / max(s["real"], 1)
         if n_on:
-            for k in ("sequences", "tokens", "capped"):
+            for k in ("sequences", "tokens", "capped", "graded", "cut"):
                 t[k] += s[k]
             row["onpolicy/gen_tokens"] = s["tokens"] / max(s["sequences"], 1)
             row["onpolicy/cap_hit"] = s["capped"] / max(s["sequences"], 1)
+            if self.cfg.on_policy_cut:
+                row["onpolicy/cut"] = s["cut"] / max(s["sequences"], 1)
         row["gen_s"], row["train_s"] = s["gen_s"], step_s - s["gen_s"]
 
     def summary(self, rows: list[dict]) -> dict:
@@ -218,4 +225,7 @@ class OnPolicy:
                 "share": sum(shares) / len(shares) if shares else 0.0,
                 "mean_gen_tokens": t["tokens"] / t["sequences"] if t["sequences"] else None,
                 "cap_hit_rate": t["capped"] / t["sequences"] if t["sequences"] else None,
+                "cut": self.cfg.on_policy_cut,
+                "cut_rate": t["cut"] / t["sequences"] if t["sequences"] else None,
+                "graded_share": t["graded"] / t["tokens"] if t["tokens"] else None,
                 "gen_s": t["gen_s"], "train_s": t["step_s"] - t["gen_s"]}
