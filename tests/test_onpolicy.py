@@ -607,7 +607,7 @@ def test_one_onpolicy_step_equals_a_plain_gkd_step(sums_models, kd, ce, cut):
 
 
 def test_cut_ends_at_each_answer_in_a_packed_row(tiny_teacher_dir):
-    """`Distiller.grade` on a packed on-policy row holding three answers: each answer loses exactly its targets after
+    """`onpolicy.cut_implausible` on a packed on-policy row holding three answers: each answer loses exactly its targets after
     its own first implausible token (by the teacher's logits on that row), a cut never runs into the next answer,
     and P = 0 keeps every target."""
     from types import SimpleNamespace
@@ -639,10 +639,10 @@ def test_cut_ends_at_each_answer_in_a_packed_row(tiny_teacher_dir):
     assert (want != labels).any() and (want[at] != IGNORE).sum() > len(exs)
     d = Distiller(SimpleNamespace(kd="reverse-kl", kd_weight=0.5, kd_chunk_size=5),
                   SimpleNamespace(vocab_size=vocab, terms=[]), teacher)
-    cut = d.grade(batch, p)
+    cut = onpolicy.cut_implausible(d, batch, p)
     assert torch.equal(batch["labels"][0], want)
     assert cut == sum(any(gap[i] < math.log(p) for i in at if s <= i < s + len(ex.input_ids))
                       for s, ex in zip([0, len(exs[0].input_ids), len(exs[0].input_ids) + len(exs[1].input_ids)], exs))
     assert batch["teacher_out"].hidden_states[-1].shape[:2] == batch["input_ids"].shape
     again = collate(exs, pad_id=0, packing=True)
-    assert d.grade(again, 0.0) == 0 and torch.equal(again["labels"], collate(exs, pad_id=0, packing=True)["labels"])
+    assert onpolicy.cut_implausible(d, again, 0.0) == 0 and torch.equal(again["labels"], collate(exs, pad_id=0, packing=True)["labels"])

@@ -240,7 +240,7 @@ class Distiller:
         chunk, vocab_size = self.cfg.kd_chunk_size, self.plan.vocab_size
         if "onpolicy" in batch:
             hidden, head = self._student(model, batch)
-            t_out = batch.get("teacher_out") or self._teacher(batch)  # `grade` may have run the teacher already
+            t_out = batch.get("teacher_out") or self._teacher(batch)  # `teacher_view` may have run the teacher already
             kd = self._logit_kd(hidden, head, t_out, labels)
             zero = kd.new_zeros(())
             terms = {"ce": zero, **{name: zero for name in self.terms}, ONPOLICY: kd}
@@ -270,47 +270,15 @@ class Distiller:
                                                    chunk_size=chunk, vocab_size=vocab_size)[0]
         return terms
 
-    def grade(self, batch: dict, min_p: float) -> int:
-        """--on-policy-cut: in an on-policy micro-batch, drop the targets after the first sampled token whose teacher
-        probability is below min_p times the teacher's most likely token's at that position (z_token - z_max <
-        log min_p, temperature 1). The position that sampled it keeps its target: its prefix is one the teacher
-        accepts, and its distribution says what should have come instead. Each answer is a run of targets (packed
-        rows hold several), and a cut ends at its run. Keeps the teacher's outputs in batch["teacher_out"] for
-        `losses`; returns how many sequences were cut."""
-        import math
+    def teacher_view(self, batch: dict) -> tuple[Any, Any, int]:
+        """(the teacher's last hidden layer at the student's positions, its output head, the vocabulary size) for an
+        on-policy micro-batch. The pass is kept in batch["teacher_out"], so `losses` reuses it instead of running the
+        teacher again (onpolicy.cut_implausible reads the teacher's distributions before the loss)."""
         from types import SimpleNamespace
-
-        import torch
 
         last = self._teacher(batch).hidden_states[-1]  # the only layer the on-policy KD term reads
         batch["teacher_out"] = SimpleNamespace(hidden_states=(last,))
-        labels = batch["labels"]
-        at = (labels != IGNORE).nonzero(as_tuple=True)
-        if not at[0].numel():
-            return 0
-        h = last[tuple(i.to(last.device) for i in at)]
-        head, n_vocab = self.teacher.get_output_embeddings(), self.plan.vocab_size
-        tokens = labels[at].to(h.device)
-        gaps = []
-        with torch.no_grad():
-            for a in range(0, h.shape[0], self.cfg.kd_chunk_size):
-                z = head(h[a : a + self.cfg.kd_chunk_size])[:, :n_vocab].float()
-                gaps.append(z.gather(1, tokens[a : a + z.shape[0], None])[:, 0] - z.max(1).values)
-        bad = (torch.cat(gaps) < math.log(min_p)).tolist() if min_p > 0 else [False] * len(tokens)
-        rows, cols = at[0].tolist(), at[1].tolist()
-        cut, drop, last, cutting = 0, [], None, False
-        for r, c, b in zip(rows, cols, bad):
-            if last is None or last != (r, c - 1):  # a new run of targets: a new answer
-                cutting = False
-            if cutting:
-                drop.append((r, c))
-            elif b:
-                cutting, cut = True, cut + 1
-            last = (r, c)
-        if drop:
-            r, c = zip(*drop)
-            labels[list(r), list(c)] = IGNORE
-        return cut
+        return last, self.teacher.get_output_embeddings(), self.plan.vocab_size
 
     def _student(self, model: Any, batch: dict) -> tuple[Any, Any]:
         """(the student's hidden states, its output head) for a micro-batch."""

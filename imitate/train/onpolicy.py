@@ -77,6 +77,45 @@ def onpolicy_example(prompt: list[int], answer: list[int], where: str, max_lengt
     return Example(ids, shift_targets(ids, mask), where + " (on-policy)")
 
 
+def cut_implausible(distiller: Any, batch: dict, min_p: float) -> int:
+    """--on-policy-cut: in an on-policy micro-batch, drop the targets after the first sampled token whose teacher
+    probability is below min_p times the teacher's most likely token's at that position (z_token - z_max <
+    log min_p, temperature 1). The position that sampled it keeps its target: its prefix is one the teacher
+    accepts, and its distribution says what should have come instead. Each answer is a run of targets (packed
+    rows hold several), and a cut ends at its run. The teacher's pass stays in the batch for the loss
+    (`Distiller.teacher_view`); returns how many sequences were cut."""
+    import math
+
+    import torch
+
+    hidden, head, n_vocab = distiller.teacher_view(batch)
+    labels = batch["labels"]
+    at = (labels != IGNORE).nonzero(as_tuple=True)
+    if not at[0].numel():
+        return 0
+    h = hidden[tuple(i.to(hidden.device) for i in at)]
+    tokens = labels[at].to(h.device)
+    chunk, gaps = distiller.cfg.kd_chunk_size, []
+    with torch.no_grad():
+        for a in range(0, h.shape[0], chunk):
+            z = head(h[a : a + chunk])[:, :n_vocab].float()
+            gaps.append(z.gather(1, tokens[a : a + z.shape[0], None])[:, 0] - z.max(1).values)
+    bad = (torch.cat(gaps) < math.log(min_p)).tolist() if min_p > 0 else [False] * len(tokens)
+    cut, drop, prev, cutting = 0, [], None, False
+    for r, c, b in zip(at[0].tolist(), at[1].tolist(), bad):
+        if prev != (r, c - 1):  # a new run of targets: a new answer
+            cutting = False
+        if cutting:
+            drop.append((r, c))
+        elif b:
+            cutting, cut = True, cut + 1
+        prev = (r, c)
+    if drop:
+        r, c = zip(*drop)
+        labels[list(r), list(c)] = IGNORE
+    return cut
+
+
 def generate(model: Any, prompts: list[list[int]], *, pad_id: int, stop_ids: Sequence[int], max_tokens: int,
              temperature: float, seed: int) -> tuple[list[list[int]], list[bool]]:
     """The student's answers to `prompts` (token ids), one batched `generate` call: left-padded, KV cache, no_grad, in
@@ -115,6 +154,9 @@ def generate(model: Any, prompts: list[list[int]], *, pad_id: int, stop_ids: Seq
     return answers, capped
 
 
+COUNTS = ("sequences", "tokens", "capped", "graded", "cut")  # per on-policy micro-batch, summed over ranks and steps
+
+
 class OnPolicy:
     """The on-policy side of a training run: picks micro-batches, generates, builds their batches, counts.
 
@@ -129,8 +171,7 @@ class OnPolicy:
         # the records' own answers of on-policy prompts take part: as SCKD's paired CE, or as --on-policy-ce's CE
         # (not with --kd-weight 1, where CE weighs nothing)
         self.references = bool(cfg.sckd or (cfg.on_policy_ce and cfg.kd_weight < 1))
-        self.totals = {"micro": 0, "onpolicy": 0, "sequences": 0, "tokens": 0, "capped": 0, "graded": 0, "cut": 0,
-                       "gen_s": 0.0, "step_s": 0.0}
+        self.totals = {"micro": 0, "onpolicy": 0, **dict.fromkeys(COUNTS, 0), "gen_s": 0.0, "step_s": 0.0}
         self._step: dict = {}
         self._terms: list[str] = []
 
@@ -154,7 +195,7 @@ class OnPolicy:
         exs = [onpolicy_example(p, a, ex.where, self.cfg.max_length) for p, a, ex in zip(prompts, answers, examples)]
         add_onpolicy_views(exs, examples, answers)  # records with context: the teacher grades with it in front
         out = collate(exs, pad_id=self.pad_id, packing=self.cfg.packing)
-        cut = distiller.grade(out, self.cfg.on_policy_cut) if self.cfg.on_policy_cut and distiller else 0
+        cut = cut_implausible(distiller, out, self.cfg.on_policy_cut) if self.cfg.on_policy_cut and distiller else 0
         out["onpolicy"] = {"sequences": len(answers), "tokens": sum(map(len, answers)), "capped": sum(capped),
                            "graded": int((out["labels"] != IGNORE).sum()), "cut": cut}
         if self.references:
@@ -178,8 +219,7 @@ class OnPolicy:
             return data, None
         ref = sum(targets[i] for b, on in zip(window, flags) if on for i in b) if self.references else 0
         own = [m["onpolicy"] for m in micro if "onpolicy" in m]
-        keys = ("sequences", "tokens", "capped", "graded", "cut")
-        local = torch.tensor([[s[k] for k in keys] for s in own] or [[0] * len(keys)],
+        local = torch.tensor([[s[k] for k in COUNTS] for s in own] or [[0] * len(COUNTS)],
                              dtype=torch.float64, device=accelerator.device).sum(0)
         seqs, gen, capped, graded, cut = (int(x) for x in accelerator.reduce(local, reduction="sum").tolist())
         counts = [data + ref] + [graded if name == ONPOLICY else data for name in terms]
@@ -208,7 +248,7 @@ class OnPolicy:
         t["step_s"] += step_s
         row["onpolicy/share"] = n_on / max(s["real"], 1)
         if n_on:
-            for k in ("sequences", "tokens", "capped", "graded", "cut"):
+            for k in COUNTS:
                 t[k] += s[k]
             row["onpolicy/gen_tokens"] = s["tokens"] / max(s["sequences"], 1)
             row["onpolicy/cap_hit"] = s["capped"] / max(s["sequences"], 1)
