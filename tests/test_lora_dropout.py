@@ -1,0 +1,140 @@
+"""LoRA dropout that saves a bool mask instead of a float copy (imitate.train.lora_dropout): the same loss and
+gradients as peft's own dropout given the same masks, fewer bytes kept for backward, adapters unchanged."""
+
+from __future__ import annotations
+
+import torch
+
+from imitate.train.lora_dropout import _MaskedA, dropped_linear, fuse_lora_dropout
+
+
+def test_dropped_linear_matches_autograd_through_an_explicit_mask():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(3, 5, 7) > 0.3
+    up = torch.randn(3, 5, 4, dtype=torch.float64)
+    (dropped_linear(x, mask, w, 0.3) * up).sum().backward()
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    (torch.nn.functional.linear(x * mask / 0.7, w) * up).sum().backward()
+    assert torch.allclose(gx, x.grad) and torch.allclose(gw, w.grad)
+    assert torch.autograd.gradcheck(lambda a, b: dropped_linear(a, mask, b, 0.3), (x.detach().requires_grad_(),
+                                                                                w.detach().requires_grad_()))
+
+
+def _lora(model_dir, dropout=0.2):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.config.use_cache = False
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear",
+                                             task_type="CAUSAL_LM", init_lora_weights=False))  # B != 0: A gets grads
+    return model
+
+
+def _grads(model, ids):
+    model.zero_grad()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_fused_model_equals_peft_dropout_with_the_same_masks(tiny_model_dir, monkeypatch):
+    """Record the masks the fused layers draw, replay them through peft's own dropout modules: same loss, same
+    gradient for every LoRA weight; evaluation is unchanged; the adapter's weights and keys are unchanged."""
+    from peft import get_peft_model_state_dict
+
+    ids = torch.randint(0, 300, (2, 12))
+    fused, plain = _lora(tiny_model_dir), _lora(tiny_model_dir)
+    keys = sorted(get_peft_model_state_dict(fused))
+    fused.eval(), plain.eval()
+    with torch.no_grad():
+        before = fused(input_ids=ids).logits
+    n_linear = sum(1 for m in fused.modules() if type(m).__name__ == "Linear" and hasattr(m, "lora_A"))
+    assert fuse_lora_dropout(fused) == n_linear > 0
+    assert fuse_lora_dropout(fused) == 0  # nothing left to move
+    with torch.no_grad():
+        assert torch.equal(fused(input_ids=ids).logits, before)
+    assert sorted(get_peft_model_state_dict(fused)) == keys
+
+    masks: list[torch.Tensor] = []
+    draw = _MaskedA.draw_mask
+
+    def recording(self, x):
+        masks.append(draw(self, x))
+        return masks[-1]
+
+    monkeypatch.setattr(_MaskedA, "draw_mask", recording)
+    fused.train(), plain.train()
+    loss_f, grads_f = _grads(fused, ids)
+    assert len(masks) == n_linear and 0.6 < torch.cat([m.flatten() for m in masks]).float().mean() < 0.95
+
+    replay = iter(masks)
+
+    class Replay(torch.nn.Module):  # peft's dropout call site, fed the fused run's masks in call order
+        def forward(self, x):
+            return x * next(replay) / 0.8
+
+    for m in plain.modules():
+        if hasattr(m, "lora_dropout"):
+            for name in list(m.lora_dropout):
+                m.lora_dropout[name] = Replay()
+    loss_p, grads_p = _grads(plain, ids)
+    assert torch.allclose(loss_f, loss_p)
+    assert grads_f.keys() == grads_p.keys()
+    for name in grads_f:
+        assert torch.allclose(grads_f[name], grads_p[name], atol=1e-6), name
+
+
+def test_fused_dropout_keeps_fewer_bytes_for_backward(tiny_model_dir):
+    """What autograd keeps for backward in one training forward shrinks (the dropped copies are gone)."""
+    ids = torch.randint(0, 300, (4, 32))
+
+    def saved_bytes(model) -> int:
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        model.train()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, labels=ids)
+        return sum(seen.values())
+
+    plain = saved_bytes(_lora(tiny_model_dir))
+    fused_model = _lora(tiny_model_dir)
+    fuse_lora_dropout(fused_model)
+    fused = saved_bytes(fused_model)
+    weights = sum(p.numel() * p.element_size() for p in fused_model.parameters())
+    assert fused < plain and (plain - fused) > 0.2 * (plain - weights), (plain, fused, weights)
+
+
+def test_recompute_under_checkpointing_draws_the_same_masks(tiny_model_dir):
+    """Gradient checkpointing runs the forward again in backward: the fused layers must draw the same masks then
+    (torch restores the random state), so the gradients equal a run without checkpointing from the same seed."""
+    from imitate.train.student import checkpoint_layers
+
+    ids = torch.randint(0, 300, (2, 12))
+    runs = []
+    for checkpointed in (False, True):
+        model = _lora(tiny_model_dir)
+        fuse_lora_dropout(model)
+        if checkpointed:
+            checkpoint_layers(model.base_model.model)
+        model.train()
+        torch.manual_seed(7)
+        runs.append(_grads(model, ids))
+    (loss_a, ga), (loss_b, gb) = runs
+    assert torch.allclose(loss_a, loss_b)
+    for name in ga:
+        assert torch.allclose(ga[name], gb[name], atol=1e-6), name
+
+
+def test_no_dropout_leaves_the_model_as_peft_made_it(tiny_model_dir):
+    model = _lora(tiny_model_dir, 0.0)
+    assert fuse_lora_dropout(model) == 0
+    assert not any(isinstance(m, _MaskedA) for m in model.modules())
