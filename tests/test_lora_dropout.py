@@ -138,3 +138,20 @@ def test_no_dropout_leaves_the_model_as_peft_made_it(tiny_model_dir):
     model = _lora(tiny_model_dir, 0.0)
     assert fuse_lora_dropout(model) == 0
     assert not any(isinstance(m, _MaskedA) for m in model.modules())
+
+
+def test_dropped_linear_under_bf16_autocast_matches_the_plain_product():
+    """Mixed precision (accelerate's bf16 autocast): the same bf16 output and, within float rounding, the same
+    float32 gradients as autocast's own linear over the dropped-out input."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 7, 16, requires_grad=True)
+    w = torch.randn(8, 16, requires_grad=True)
+    mask = torch.rand(4, 7, 16) > 0.1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, plain = dropped_linear(x, mask, w, 0.1), torch.nn.functional.linear(x * mask / 0.9, w)
+    assert fused.dtype == plain.dtype == torch.bfloat16 and torch.equal(fused, plain)
+    up = torch.randn(4, 7, 8)
+    got = torch.autograd.grad((fused.float() * up).sum(), (x, w))
+    want = torch.autograd.grad((plain.float() * up).sum(), (x, w))
+    for g, h in zip(got, want):
+        assert g.dtype == h.dtype == torch.float32 and torch.allclose(g, h, atol=1e-4)

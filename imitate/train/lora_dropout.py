@@ -41,7 +41,7 @@ class _DroppedLinear(torch.autograd.Function):
         x, mask, weight = ctx.saved_tensors
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad @ weight.to(grad.dtype)) * mask * ctx.scale
+            grad_x = (grad @ weight.to(grad.dtype)).to(x.dtype) * mask * ctx.scale  # in x's dtype, as autograd
         if ctx.needs_input_grad[2]:
             dropped = (x * mask * ctx.scale).reshape(-1, x.shape[-1])
             grad_w = (grad.reshape(-1, grad.shape[-1]).t() @ dropped.to(grad.dtype)).to(weight.dtype)
