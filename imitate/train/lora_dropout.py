@@ -66,7 +66,7 @@ class _MaskedA(torch.nn.Linear):
     def draw_mask(self, x: torch.Tensor) -> torch.Tensor:
         """Keep each element with probability 1 - p (under gradient checkpointing the recompute draws the same mask:
         torch restores the random state)."""
-        return torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - self.dropout_p)
+        return torch.empty_like(x).bernoulli_(1.0 - self.dropout_p).bool()  # drawn as torch's dropout draws it
 
 
 def fuse_lora_dropout(model: Any) -> int:
