@@ -29,6 +29,14 @@ MODES: dict[str, Callable[[Built, int, Path], Path]] = {
     "op50_rkl_pure": imitate_train(*on_policy(0.5, "--kd", "reverse-kl", "--no-on-policy-ce")),
     "op100_rkl_pure": imitate_train(*on_policy(1.0, "--kd", "reverse-kl", "--no-on-policy-ce")),
     "op50_rkl_sckd": imitate_train(*on_policy(0.5, "--kd", "reverse-kl", "--sckd")),
+    # the same with imitate's default divergence, forward KL (op50 and op100 above are its CE-kept rows)
+    "gkd50_fkl": reference_gkd(0.5, forward=True),
+    "gkd100_fkl": reference_gkd(1.0, forward=True),
+    "gkd50_fkl_pure": reference_gkd(0.5, ce=False, forward=True),
+    "gkd100_fkl_pure": reference_gkd(1.0, ce=False, forward=True),
+    "op50_pure": imitate_train(*on_policy(0.5, "--no-on-policy-ce")),
+    "op100_pure": imitate_train(*on_policy(1.0, "--no-on-policy-ce")),
+    "op100_jsd": imitate_train(*on_policy(1.0, "--kd", "jsd")),
     # the same, with KD cut after the first sampled token the teacher finds implausible (--on-policy-cut, min-p 0.1)
     "op50_rkl_cut": imitate_train(*on_policy(0.5, "--kd", "reverse-kl", "--on-policy-cut", 0.1)),
     "op100_rkl_cut": imitate_train(*on_policy(1.0, "--kd", "reverse-kl", "--on-policy-cut", 0.1)),
@@ -60,6 +68,7 @@ MODES.update({
 })
 X_MODES = ("x_sft", "x_kd", "x_gb5", "x_gb20")
 EXTRA_MODES = ["sft_op50_pure", "sft_op100_t05", "sft_op100_t0", "sft_op100_rkl", "gkd50", "gkd100", "gkd50_pure",
-               "gkd100_pure", "op50_rkl", "op100_rkl", "op50_rkl_pure", "op100_rkl_pure", "op50_rkl_sckd", "op50_rkl_cut", "op100_rkl_cut",
+               "gkd100_pure", "op50_rkl", "op100_rkl", "op50_rkl_pure", "op100_rkl_pure", "op50_rkl_sckd", "gkd50_fkl", "gkd100_fkl", "gkd50_fkl_pure",
+               "gkd100_fkl_pure", "op50_pure", "op100_pure", "op100_jsd", "op50_rkl_cut", "op100_rkl_cut",
                "op50_rkl_pure_cut", "op100_rkl_pure_cut", *X_MODES]
 teams.register(MODES, EXTRA_MODES)  # teams of teachers, selection, TAKD (issue 25)

@@ -69,10 +69,11 @@ def sample_answers(model, prompts: list[list[int]], *, eos_id: int, max_tokens: 
     return answers
 
 
-def gkd_losses(model, teacher, seqs: list[list[int]], starts: list[int], ends: list[int], pad_id: int):
-    """(CE summed over each sequence's tokens [starts, len), reverse KL(student || teacher) at temperature 1 summed
-    over the positions predicting tokens [starts, ends), and the two token counts): full logits, one padded batch
-    (right padding, so positions need no care)."""
+def gkd_losses(model, teacher, seqs: list[list[int]], starts: list[int], ends: list[int], pad_id: int,
+               forward: bool = False):
+    """(CE summed over each sequence's tokens [starts, len), reverse KL(student || teacher) at temperature 1 (forward:
+    KL(teacher || student)) summed over the positions predicting tokens [starts, ends), and the two token counts):
+    full logits, one padded batch (right padding, so positions need no care)."""
     import torch
     import torch.nn.functional as F
 
@@ -91,18 +92,19 @@ def gkd_losses(model, teacher, seqs: list[list[int]], starts: list[int], ends: l
     with torch.no_grad():
         t_logp = torch.log_softmax(teacher(input_ids=ids, attention_mask=mask).logits.float()[kd_at], -1)
     s_logp = torch.log_softmax(logits[kd_at], -1)
-    rkl = (s_logp.exp() * (s_logp - t_logp)).sum()
-    return ce, rkl, int(ce_at.sum()), int(kd_at.sum())
+    kl = (t_logp.exp() * (t_logp - s_logp)).sum() if forward else (s_logp.exp() * (s_logp - t_logp)).sum()
+    return ce, kl, int(ce_at.sum()), int(kd_at.sum())
 
 
 def fit_gkd(model, teacher, encoded: list[tuple[list[int], int, int]], *, steps: int, batch_size: int, lr: float,
             seed: int, pad_id: int, eos_id: int, lam: float, max_tokens: int, w: float = 0.5, ce: bool = True,
-            first: int | None = None, warmup: float = 0.03, trace: list | None = None) -> None:
+            first: int | None = None, warmup: float = 0.03, trace: list | None = None, forward: bool = False) -> None:
     """THE REFERENCE GKD LOOP: `fit`'s batches, schedule and clipping; each step's loss is token means. Off-policy
     steps: (1 - w)·CE + w·reverse KL on the collected answers (KL through the end token, not the template's tail).
     From step `first` (default: half the steps), with probability lam a step is on-policy: the student samples its
     answers (temperature 1, at most max_tokens, `sample_answers`) and trains w·(token-mean reverse KL to the teacher
-    on its own tokens), plus (1 - w)·CE on the same records' collected answers when `ce`. trace: gets one
+    on its own tokens), plus (1 - w)·CE on the same records' collected answers when `ce`. forward: KL(teacher ||
+    student) in place of the reverse KL, on both kinds of step. trace: gets one
     (step, on-policy, loss, KL per token) tuple per step."""
     import torch
 
@@ -119,7 +121,7 @@ def fit_gkd(model, teacher, encoded: list[tuple[list[int], int, int]], *, steps:
         batch, order = [encoded[i] for i in order[:batch_size]], order[batch_size:]
         on = step >= first and coin.random() < lam
         seqs, starts, ends = [x for x, _, _ in batch], [n for _, n, _ in batch], [e for _, _, e in batch]
-        ce_sum, kl_sum, n_ce, n_kl = gkd_losses(model, teacher, seqs, starts, ends, pad_id)
+        ce_sum, kl_sum, n_ce, n_kl = gkd_losses(model, teacher, seqs, starts, ends, pad_id, forward)
         loss = (1 - w) * ce_sum / n_ce + w * kl_sum / n_kl
         if on:
             model.eval()  # no dropout while sampling
@@ -127,7 +129,7 @@ def fit_gkd(model, teacher, encoded: list[tuple[list[int], int, int]], *, steps:
                                      gen=gen)
             model.train()
             own = [x[:n] + a for (x, n, _), a in zip(batch, answers)]
-            _, kl_sum, _, n_kl = gkd_losses(model, teacher, own, starts, [len(x) for x in own], pad_id)
+            _, kl_sum, _, n_kl = gkd_losses(model, teacher, own, starts, [len(x) for x in own], pad_id, forward)
             loss = w * kl_sum / n_kl + ((1 - w) * ce_sum / n_ce if ce else 0.0)
         if trace is not None:
             trace.append((step, on, float(loss.detach()), float(kl_sum.detach()) / n_kl))
@@ -142,7 +144,7 @@ def fit_gkd(model, teacher, encoded: list[tuple[list[int], int, int]], *, steps:
     model.eval()
 
 
-def reference_gkd(lam: float, ce: bool = True) -> Callable[[Built, int, Path], Path]:
+def reference_gkd(lam: float, ce: bool = True, forward: bool = False) -> Callable[[Built, int, Path], Path]:
     """The reference GKD loop (`fit_gkd`) as a mode: random-init student, half the steps off-policy first."""
 
     def train(b: Built, seed: int, out: Path) -> Path:
@@ -153,7 +155,7 @@ def reference_gkd(lam: float, ce: bool = True) -> Callable[[Built, int, Path], P
         tok = b.tok
         fit_gkd(model, teacher, reference_records(b), steps=b.train_cfg["steps"], batch_size=b.train_cfg["batch_size"],
                 lr=b.train_cfg["lr"], seed=seed, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, lam=lam,
-                max_tokens=b.task.max_tokens, ce=ce)
+                max_tokens=b.task.max_tokens, ce=ce, forward=forward)
         model.save_pretrained(out, safe_serialization=True)
         return out
 

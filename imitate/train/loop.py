@@ -206,8 +206,9 @@ def setup(cfg: TrainConfig, data: Prepared) -> Session:
         log(accelerator, f"{check['mismatched']} of {check['checked']} answers do not tokenize back to the "
             f"teacher's generated tokens in the student's chat template; first: {'; '.join(check['first'])}")
     coverage = data.graybox_report if data.kd_plan is None or data.kd_plan.xtok is None else data.kd_plan.xtok.report
-    if coverage and (warning := xtok.low_coverage(coverage)):  # before any step: the teacher grades little
-        log(accelerator, "Warning: " + warning)
+    for warning in (coverage and xtok.low_coverage(coverage), onpolicy.divergence_warning(cfg.on_policy, cfg.kd)):
+        if warning:  # before any step: the teacher grades little, or grades in a way that hurt
+            log(accelerator, "Warning: " + warning)
     if stats.truncated or stats.dropped_overlong or stats.dropped_no_target:
         log(accelerator, f"{stats.truncated + stats.dropped_overlong} record(s) longer than --max-length "
             f"{cfg.max_length} (longest {stats.longest} tokens): {stats.truncated} truncated, "

@@ -45,6 +45,20 @@ from imitate.train.data import IGNORE, Example, collate, shift_targets
 from imitate.train.distill import ONPOLICY
 
 
+def divergence_warning(on_policy: float, kd: str) -> str | None:
+    """The warning for on-policy KD with reverse KL, or None. On the quality benchmark's `sums` task (issue #27) it
+    pulled students below SFT, some seeds collapsing, in imitate and in a plain GKD loop alike, where forward KL on the
+    same schedule stayed level with SFT (docs/benchmarks.md#on-policy-divergence). Against a near-deterministic
+    teacher, reverse KL charges the student log(1/p) for every bit of mass on a token the teacher all but rules out
+    (p ~ e^-15 there), so its loss is set by the teacher's tail, not by the student's mistakes."""
+    if not (on_policy > 0 and kd == "reverse-kl"):
+        return None
+    return ("--kd reverse-kl with --on-policy: in the quality benchmark, reverse KL on the student's own answers "
+            "pulled students below an SFT run of the same steps (some seeds collapsed; a plain GKD loop did the same), "
+            "where forward-kl (the default) did not. Keep this run only if it beats SFT on held-out prompts; see "
+            "docs/benchmarks.md#on-policy-divergence")
+
+
 def warmup_steps(fraction: float, total_steps: int) -> int:
     """Optimizer steps trained off-policy before the first on-policy micro-batch."""
     return int(fraction * total_steps)
