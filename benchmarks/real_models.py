@@ -20,7 +20,8 @@ imitate LoRA SFT; imitate LoRA SFT with --gradient-checkpointing (GC); imitate L
 context + messages on the baking task); imitate full fine-tuning (SFT); TRL SFTTrainer + peft LoRA (same rank, alpha,
 dropout, targets, lr, warm-up and cosine schedule, batch, steps, max length, completion-only loss, threads). TRL keeps
 its SFTConfig default of gradient checkpointing on (recompute in backward: less memory, more time), imitate's default
-is off, so "imitate LoRA SFT + GC" is the like-for-like row for speed and memory. Train tokens/s counts real tokens
+is off, so "imitate LoRA SFT + GC" is the like-for-like row for speed and memory (run on the baking task only,
+unless --modes names it). Train tokens/s counts real tokens
 of the training loop (TRL: its own count of attention-mask tokens), model loading and tokenization outside the
 timing for both; peak RSS is the worker's max RSS when training ends (before its eval). Prompts:
 data/smollm2_prompts.jsonl (train) and data/smollm2_heldout.jsonl (held out), written for examples/smollm2.toml.
@@ -52,6 +53,8 @@ CONTEXT = [
      "content": "Answer: Soft rain on the roof, / puddles hold the grey sky, / the garden drinks deep."},
 ]
 MODES = ("untrained", "lora_sft", "lora_sft_gc", "lora_kd", "full_sft", "trl_lora")
+# the default run's modes per task: the checkpointing row (speed and memory beside TRL) only where the targets are read
+DEFAULT_MODES = {"baking": MODES, "cut": tuple(m for m in MODES if m != "lora_sft_gc")}
 LABELS = {"teacher": "teacher + context", "untrained": "untrained", "lora_sft": "imitate LoRA SFT",
           "lora_sft_gc": "imitate LoRA SFT + GC", "lora_kd": "imitate LoRA KD", "full_sft": "imitate full FT",
           "trl_lora": "TRL SFTTrainer LoRA"}
@@ -266,7 +269,7 @@ def run_task(task: str, a: argparse.Namespace, work: Path) -> dict:
     s = settings(a)
     results: dict[str, list[dict]] = {m: [] for m in MODES}
     for seed in range(a.seeds):
-        for mode in a.modes.split(","):
+        for mode in a.modes.split(",") if a.modes else DEFAULT_MODES[task]:
             if mode == "untrained" and seed > 0:
                 continue
             job = dict(mode=mode, task=task, seed=seed, settings=s, data=str(train), heldout=str(heldout),
@@ -423,7 +426,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run of a few minutes")
     p.add_argument("--tasks", default="baking,cut", help="comma-separated: baking, cut")
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")
+    p.add_argument("--modes", default=None, help=f"comma-separated subset of {', '.join(MODES)} (default: all; "
+                   "the cut task leaves out lora_sft_gc)")
     p.add_argument("--seeds", type=int, default=1, help="seeds per trained mode (the spread needs >= 2)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for every mode")
     p.add_argument("--gc-every", type=int, default=1, help="lora_sft_gc: checkpoint every N-th layer "
@@ -440,7 +444,7 @@ def main() -> None:
     TEACHER = a.teacher
     if a.gc_every > 1:
         LABELS["lora_sft_gc"] = f"imitate LoRA SFT + GC/{a.gc_every}"
-    if not set(a.modes.split(",")) <= set(MODES):
+    if a.modes and not set(a.modes.split(",")) <= set(MODES):
         p.error(f"--modes: choose from {', '.join(MODES)}")
     if a.worker:
         print("RESULT " + json.dumps(worker(json.loads(a.worker))), flush=True)
