@@ -69,6 +69,12 @@ def test_fused_model_equals_peft_dropout_with_the_same_masks(tiny_model_dir, mon
 
     monkeypatch.setattr(_MaskedA, "draw_mask", recording)
     fused.train(), plain.train()
+    with torch.no_grad():  # a training-mode forward without autograd drops out too, as peft's does
+        torch.manual_seed(3)
+        a = fused(input_ids=ids).logits
+        torch.manual_seed(3)
+        assert torch.equal(a, fused(input_ids=ids).logits) and not torch.equal(a, before)
+    masks.clear()
     loss_f, grads_f = _grads(fused, ids)
     assert len(masks) == n_linear and 0.6 < torch.cat([m.flatten() for m in masks]).float().mean() < 0.95
 

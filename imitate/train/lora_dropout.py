@@ -59,9 +59,12 @@ class _MaskedA(torch.nn.Linear):
     dropout_p: float = 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and self.dropout_p > 0 and torch.is_grad_enabled()):
+        if not (self.training and self.dropout_p > 0):
             return super().forward(x)
-        return dropped_linear(x, self.draw_mask(x), self.weight, self.dropout_p)
+        mask = self.draw_mask(x)
+        if not torch.is_grad_enabled():  # nothing is saved: peft's own product, the same draw
+            return F.linear(x * mask / (1.0 - self.dropout_p), self.weight)
+        return dropped_linear(x, mask, self.weight, self.dropout_p)
 
     def draw_mask(self, x: torch.Tensor) -> torch.Tensor:
         """Keep each element with probability 1 - p (under gradient checkpointing the recompute draws the same mask:
