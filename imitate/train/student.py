@@ -14,7 +14,6 @@ from imitate.errors import ImitateError, UsageError
 from imitate.train import distill
 from imitate.train.config import TrainConfig
 from imitate.train.data import check_chat_template
-from imitate.train.lora_dropout import fuse_lora_dropout
 
 
 def resolve_student(spec: str) -> str:
@@ -88,6 +87,8 @@ def load_student(cfg: TrainConfig, student: str, mixed: str | None) -> Any:
     if cfg.full:
         return model
     from peft import LoraConfig, get_peft_model
+
+    from imitate.train.lora_dropout import fuse_lora_dropout  # torch at import: loaded here, with the weights
 
     targets = cfg.target_modules if cfg.target_modules == "all-linear" else [
         t.strip() for t in cfg.target_modules.split(",") if t.strip()
