@@ -302,12 +302,14 @@ def compare(n_ours: int, n_ds: int, threshold: float, num_perm: int, pool: list[
 class PeakRSS:
     """Peak RSS, sampled every 0.2 s, of this process (the driver), of the processes doing the map (local worker
     processes, or Ray's `ray::` worker processes), and of Ray's own daemons (GCS, raylet, ...), each summed over its
-    processes at one instant. Needs psutil."""
+    processes at one instant. Needs psutil. When the machine's available memory falls under `floor` bytes it stops the
+    run (kills the processes under this one, exits 3): a benchmark must not make the kernel's OOM killer pick a
+    process of someone else's on a shared machine."""
 
-    def __init__(self):
+    def __init__(self, floor: int = 1 << 30):
         import psutil
 
-        self.psutil, self.proc = psutil, psutil.Process()
+        self.psutil, self.proc, self.floor = psutil, psutil.Process(), floor
         self.peak = {"driver": 0, "workers": 0, "ray daemons": 0}
         self._stop = threading.Event()
 
@@ -323,6 +325,17 @@ class PeakRSS:
                 pass
         for k, v in now.items():
             self.peak[k] = max(self.peak[k], v)
+        avail = self.psutil.virtual_memory().available
+        if avail < self.floor:
+            print(f"\nstopped: the machine has {avail / 2**30:.2f} GiB available (under {self.floor / 2**30:.1f}); "
+                  f"peak RSS so far {', '.join(f'{k} {v / 2**30:.2f} GiB' for k, v in self.peak.items())}",
+                  file=sys.__stderr__, flush=True)  # fmt: skip
+            for p in self.proc.children(recursive=True):
+                try:
+                    p.kill()
+                except self.psutil.Error:
+                    pass
+            os._exit(3)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -342,17 +355,32 @@ class PeakRSS:
 PROMPTS = ["Explain this in your own words.", "Summarize the following.", "What does this mean?", "Rewrite this."]
 
 
-def generate(n: int, pool: list[str], out: Path, shards: int = 1) -> dict[str, str]:
+def generate(n: int, pool: list[str], out: Path, shards: int = 1, jobs: int = 1) -> dict[str, str]:
     """Records: a prompt (a template with an item number, so prompts differ) and a generated answer; planted copies
     keep the prompt and edit the answer (one word, an appended sentence, case and whitespace). Written to `shards`
-    files out-00.jsonl ... in turn (copies land in other shards than their original). Returns copy id -> kind."""
+    files out-00.jsonl ... holding consecutive ranges of ids. With jobs == 1 one stream (seed 1) runs through all
+    shards, so a copy near a shard boundary lands in the next shard; with jobs > 1 each shard is its own stream (seed
+    1 + shard) written by one of `jobs` processes, and copies stay in their shard. Returns copy id -> kind."""
+    per = -(-n // shards)
+    spans = [(k, k * per, min(n, (k + 1) * per)) for k in range(shards)]
+    if jobs <= 1:
+        return _generate(pool, out, per, 1, 0, n)
+    import multiprocessing as mp
+
+    with mp.get_context("fork").Pool(min(jobs, shards)) as workers:
+        parts = workers.starmap(_generate, [(pool, out, per, 1 + k, a, b) for k, a, b in spans])
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def _generate(pool: list[str], out: Path, per: int, seed: int, start: int, stop: int) -> dict[str, str]:
+    """Ids start..stop-1 from one stream of `Texts(pool, seed)`, written to the shard files of `per` ids each."""
     from imitate.records import dumps
 
     planted: dict[str, str] = {}
     prompts: dict[int, str] = {}
-    files = [open(out.with_name(f"{out.stem}-{k:02d}.jsonl"), "w", encoding="utf-8") for k in range(shards)]
-    per = -(-n // shards)
-    for i, (a, j, kind) in enumerate(Texts(pool, seed=1)(n)):
+    files: dict[int, object] = {}
+    for i, (a, j, kind) in enumerate(Texts(pool, seed=seed)(stop - start), start):
+        j = j + start if j >= 0 else -1
         prompts[i] = prompts[j] if j >= 0 else f"{PROMPTS[i % len(PROMPTS)]} (item {i})"
         if j >= 0:
             planted[f"r{i:08d}"] = kind
@@ -365,23 +393,27 @@ def generate(n: int, pool: list[str], out: Path, shards: int = 1) -> dict[str, s
             "finish_reason": "stop",
             "usage": {"input_tokens": 10, "output_tokens": 100},
         }
-        files[i // per].write(dumps(rec) + "\n")
-    for fh in files:
+        k = i // per
+        if k not in files:
+            files[k] = open(out.with_name(f"{out.stem}-{k:02d}.jsonl"), "w", encoding="utf-8")
+        files[k].write(dumps(rec) + "\n")
+    for fh in files.values():
         fh.close()
     return planted
 
 
 def big_run(n: int, workers: int, keep: bool, pool: list[str], engines: list[str], shards: int) -> None:
-    """The whole `imitate clean` on n generated records (in `shards` files, read through a glob) with each engine."""
+    """The whole `imitate clean` on n generated records (in `shards` files, read through a glob) with each engine;
+    the shards are generated by `workers` processes side by side."""
     from imitate.clean.stage import CleanConfig, run
 
     tmp = Path(tempfile.mkdtemp(prefix="imitate_bench_"))
     t = time.perf_counter()
-    planted = generate(n, pool, tmp / "records.jsonl", shards)
+    planted = generate(n, pool, tmp / "records.jsonl", shards, jobs=workers)
     t_gen = time.perf_counter() - t
     size = sum(f.stat().st_size for f in tmp.glob("records-*.jsonl"))
     print(f"\nfull `imitate clean` (default filters + exact + near dedup with the exact check) on {n} records, "
-          f"{size / 1e9:.2f} GB in {shards} shard(s), {len(planted)} planted copies (generated in {t_gen:.0f} s); "
+          f"{size / 1e9:.2f} GB in {shards} shard(s), {len(planted)} planted copies (generated in {t_gen:.0f} s by {min(workers, shards)} processes); "
           f"load average before: {os.getloadavg()[0]:.1f}")  # fmt: skip
     print(f"{'engine':34}{'wall s':>9}{'CPU s':>9}{'rec/CPU s':>11}{'driver GiB':>12}{'workers GiB':>13}"
           f"{'ray daemons':>13}{'out':>10}{'same bytes':>12}")  # fmt: skip
