@@ -229,7 +229,7 @@ def test_onpolicy_loss_and_sckd_pairing_equal_a_naive_reference(sft_student, tin
 def test_on_policy_ce_trains_the_records_answers_beside_kd_on_the_students_own(sft_student, tiny_teacher_dir,
                                                                               mixed_file, tmp_path):
     """The default --on-policy-ce, without --sckd, λ = 1, greedy, one window: the step's gradient is that of
-    ((1 - w)·CE(collected answers) + w·KD(separately generated answers)) / (their token counts), computed naively;
+    (1 - w)·CE(collected answers) / their tokens + w·KD(separately generated answers) / theirs, computed naively;
     with --no-on-policy-ce it is that of w·KD / (generated tokens)."""
     import torch.nn.functional as F
 
@@ -254,7 +254,7 @@ def test_on_policy_ce_trains_the_records_answers_beside_kd_on_the_students_own(s
     kd, ce, n_gen, n_ref = naive_sums(student, teacher, tok, records, full, forward_kl)
     assert row["onpolicy_kd"] == pytest.approx(kd.item() / n_gen, rel=1e-4)
     assert row["loss"] == pytest.approx(ce.item() / n_ref, rel=1e-5)  # the records' answers, as with --sckd
-    grads = torch.autograd.grad(((1 - w) * ce + w * kd) / (n_gen + n_ref), list(student.parameters()),
+    grads = torch.autograd.grad((1 - w) * ce / n_ref + w * kd / n_gen, list(student.parameters()),
                                 retain_graph=True)
     assert row["grad_norm"] == pytest.approx(math.sqrt(sum(float((g * g).sum()) for g in grads)), rel=1e-3)
     # the same run with --no-on-policy-ce takes no CE: a different gradient
@@ -531,8 +531,9 @@ def test_one_onpolicy_step_equals_a_plain_gkd_step(sums_models, kd, ce, cut):
     """One on-policy window of the loop (sampling at temperature 1 from left-padded prompts of different lengths,
     answers with a leading space, ending at <|end|> or at the cap) against a plain GKD step on the SAME sampled
     tokens: each sequence alone (no padding), prompt from the chat template, full logits; loss
-    (w·Σ KD over the answer tokens [+ (1 - w)·Σ CE of the records' answers]) / tokens, and its gradient, parameter by
-    parameter. With --on-policy-cut P the KD sum and the token count stop at each answer's first token whose teacher
+    w·(Σ KD over the answer tokens) / answer tokens [+ (1 - w)·(Σ CE of the records' answers) / their tokens], and its
+    gradient, parameter by parameter. (Until #27's second look the loop divided both sums by all their tokens
+    together: with the CE kept, half this gradient.) With --on-policy-cut P the KD sum and the token count stop at each answer's first token whose teacher
     probability is below P times the teacher's top token's (that token's own position still counts)."""
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -553,7 +554,8 @@ def test_one_onpolicy_step_equals_a_plain_gkd_step(sums_models, kd, ce, cut):
     exs = [prep.train_ex[i] for i in window[0]]
     batch = s.policy.batch(s.accelerator, s.model, exs, 0, 0, s.distiller)
     n, _ = s.policy.denominators(s.accelerator, [batch], window, [e.n_targets for e in prep.train_ex], s.distiller.terms)
-    sums, _ = accumulate_window(s.accelerator, s.model, [batch], n, s.distiller, None, s.vocab_size)
+    sums, _ = accumulate_window(s.accelerator, s.model, [batch], n, s.distiller, None, s.vocab_size,
+                                s.policy.kd_scale)
     got = {k: p.grad for k, p in s.model.named_parameters()}
 
     # the reference, from the records' text and the sampled token ids only
@@ -602,8 +604,9 @@ def test_one_onpolicy_step_equals_a_plain_gkd_step(sums_models, kd, ce, cut):
         assert len(exs) < n_gen < batch["onpolicy"]["tokens"]
     names = ["ce", *s.distiller.terms]
     assert float(sums[names.index(ONPOLICY)]) == pytest.approx(float(kd_sum.detach()), rel=1e-5)
-    assert n == n_gen + n_ref
-    loss = (w * kd_sum + (1 - w) * ce_sum) / (n_gen + n_ref)
+    # the plain GKD step's loss (the benchmark's reference loop, GKD, TRL): each term a mean over its own tokens
+    assert n == (n_ref if ce else n_gen)
+    loss = w * kd_sum / n_gen + ((1 - w) * ce_sum / n_ref if ce else 0.0)
     want = dict(zip([k for k, _ in student.named_parameters()], torch.autograd.grad(loss, list(student.parameters()))))
     for k, g in got.items():
         torch.testing.assert_close(g.double(), want[k].double(), rtol=1e-4, atol=1e-7)

@@ -323,7 +323,8 @@ def fit(cfg: TrainConfig, data: Prepared, s: Session, stop_after: int | None = N
         denoms = None  # per-term token counts for the logged values when they differ from n_targets
         if policy is not None:
             n_targets, denoms = policy.denominators(accelerator, micro, window, targets, distiller.terms)
-        sums, gates = accumulate_window(accelerator, model, micro, n_targets, distiller, gate, s.vocab_size)
+        sums, gates = accumulate_window(accelerator, model, micro, n_targets, distiller, gate, s.vocab_size,
+                                        policy.kd_scale if policy is not None else 1.0)
         grad_norm = None
         if cfg.max_grad_norm > 0:
             clip = list(model.parameters()) + reg_params if reg_params else model.parameters()

@@ -18,10 +18,15 @@ Which micro-batches: a seeded coin per (seed, step, micro-batch index in the win
 talking. Generation is seeded the same way (in a forked RNG, so dropout and the rest of training draw the same numbers
 as without it).
 
-The loss denominator (loop.py's token-sum convention): the positions that carry a loss in the window, over all ranks —
-dataset targets + generated tokens (+ with --sckd or --on-policy-ce the reference answers of on-policy prompts).
-Generated lengths are known only after generation, so a window with on-policy micro-batches costs one small
-all-reduce.
+The loss denominator (loop.py's token-sum convention): the positions that carry a loss in the window, over all ranks.
+An on-policy micro-batch weighs what it would weigh as a dataset micro-batch: with --on-policy-ce (or --sckd) its
+records' reference answers count (dataset targets + reference targets), and its KD sum is scaled by reference /
+generated tokens (`kd_scale`), so a window of on-policy micro-batches trains (1 - w)·(CE per reference token) + w·(KD
+per generated token), the plain GKD step's loss. (Counting the generated tokens in the denominator as well, as
+imitate did until #27, halved every on-policy micro-batch's gradient against a dataset one's: the student learned at
+about half the rate from the on-policy half-way point on.) With --no-on-policy-ce the generated tokens are the count:
+w·(KD per generated token). Generated lengths are known only after generation, so a window with on-policy
+micro-batches costs one small all-reduce.
 
 SCKD pairing: each KD kind is its own gated term — `logit_kd` on dataset micro-batches, `onpolicy_kd` on on-policy
 ones — and each is compared with the CE gradient of the SAME prompts' collected answers: for `logit_kd` the dataset
@@ -228,6 +233,7 @@ class OnPolicy:
         flags = self._step["flags"]
         data = sum(targets[i] for b, on in zip(window, flags) if b is not None and not on for i in b)
         self._terms = list(terms)
+        self._step["kd_scale"] = 1.0
         if not any(flags):  # today's window: the logged values divide by n_targets as without --on-policy
             self._step["counts"] = [data] + [0 if name == ONPOLICY else data for name in terms]
             return data, None
@@ -238,7 +244,16 @@ class OnPolicy:
         seqs, gen, capped, graded, cut = (int(x) for x in accelerator.reduce(local, reduction="sum").tolist())
         counts = [data + ref] + [graded if name == ONPOLICY else data for name in terms]
         self._step.update(sequences=seqs, tokens=gen, capped=capped, graded=graded, cut=cut, counts=counts)
-        return data + ref + graded, counts
+        if self.references:  # the on-policy records weigh their reference tokens, as dataset records do
+            self._step["kd_scale"] = ref / graded if graded else 1.0
+            return data + ref, counts
+        return data + graded, counts
+
+    @property
+    def kd_scale(self) -> float:
+        """The factor on this window's on-policy KD sums in the loss (see the module docstring; 1 without
+        references). Set by `denominators`."""
+        return self._step.get("kd_scale", 1.0)
 
     def present(self, gates: dict) -> dict:
         """The SCKD gate decisions of the terms this window had micro-batches for (an absent term is no decision)."""

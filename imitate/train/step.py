@@ -33,31 +33,35 @@ def backward(accelerator: Any, loss: Any, scale: float) -> None:
 
 
 def accumulate_window(accelerator: Any, model: Any, micro: list[dict], n_targets: int, distiller: Any = None,
-                      gate: Any = None, vocab_size: int | None = None) -> tuple[Any, dict]:
+                      gate: Any = None, vocab_size: int | None = None, onpolicy_scale: float = 1.0) -> tuple[Any, dict]:
     """Forward + backward this process's micro-batches of one window; the gradients sum up in `.grad` (synchronised
     across processes on the last one). Returns (this process's token sums [CE, then each KD term] as a detached
     float64 vector, the SCKD gate report {term: {"cos", "on"}} or {}).
 
     n_targets: target tokens of the WHOLE window, all processes (the loss denominator).
+    onpolicy_scale: the factor on on-policy micro-batches' KD sums in the loss (`OnPolicy.kd_scale`); the returned
+    sums are unscaled.
     distiller: `imitate.train.distill.Distiller` (KD terms) or None (plain SFT). gate: `imitate.train.sckd.SCKDGate` or None.
     With a gate nothing is backpropagated: the gate takes each loss's gradient separately (`torch.autograd.grad`), so
     the forwards run under `no_sync` and the gradients are averaged over ranks here, after the gate has decided.
     """
     import torch
 
-    from imitate.train.distill import average_grads
+    from imitate.train.distill import ONPOLICY, average_grads
 
     world = accelerator.num_processes
     names = ["ce"] + (distiller.terms if distiller is not None else [])
     sums = torch.zeros(len(names), device=accelerator.device, dtype=torch.float64)
     for batch in micro:
         batch = to_device(batch, accelerator.device)
+        scale = {ONPOLICY: onpolicy_scale} if "onpolicy" in batch and onpolicy_scale != 1.0 else {}
         if gate is not None:
             # the gate's autograd.grad never fires DDP's gradient hooks: keep DDP from waiting for them
             with accelerator.accumulate(model), accelerator.no_sync(model), accelerator.autocast():
                 terms = distiller.losses(model, batch)
                 s = world / max(n_targets, 1)  # mean over ranks below turns this into 1 / n_targets of the sum
-                gate.accumulate(terms["ce"] * ((1.0 - distiller.w) * s), {n: terms[n] * s for n in distiller.terms},
+                gate.accumulate(terms["ce"] * ((1.0 - distiller.w) * s),
+                                {n: terms[n] * (s * scale.get(n, 1.0)) for n in distiller.terms},
                                 group="onpolicy" if "onpolicy" in batch else "")  # SCKD pairing: see onpolicy.py
         else:
             with accelerator.accumulate(model), accelerator.autocast():
@@ -66,7 +70,7 @@ def accumulate_window(accelerator: Any, model: Any, micro: list[dict], n_targets
                     loss = combine(terms)
                 else:
                     terms = distiller.losses(model, batch)
-                    loss = distiller.combine(terms)
+                    loss = distiller.combine({**terms, **{n: terms[n] * k for n, k in scale.items()}})
                 backward(accelerator, loss, world * accelerator.gradient_accumulation_steps / max(n_targets, 1))
         sums += torch.stack([terms[n].detach().double().to(sums.device) for n in names])
     report = {}
