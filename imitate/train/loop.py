@@ -8,7 +8,8 @@ optimizer steps) -> `save` (final eval, outputs, summary).
 One optimizer step = one WINDOW of micro-batches: `batch_size` examples (or a packed row) per micro-batch, `grad_accum`
 micro-batches per process, on every process. The loss of a step is (sum of token losses over the window, all ranks) /
 (number of target tokens in the window, all ranks): a long answer weighs by its tokens whichever micro-batch it falls
-in. Every rank knows the whole window from the batch plan, so the denominator needs no communication.
+in. Every rank knows the whole window from the batch plan, so the denominator needs no communication. (With
+--on-policy, generated tokens and the scale of their KD sum come from `OnPolicy.denominators`: one all-reduce.)
 
 The pieces it wires: imitate/train/student.py (the student's reference, tokenizer, weights), imitate/train/step.py (one
 window: forward, loss terms, backward; the held-out loss). Distillation (imitate/train/distill.py: teacher, KD terms,

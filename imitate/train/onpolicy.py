@@ -224,7 +224,9 @@ class OnPolicy:
 
     def denominators(self, accelerator: Any, micro: list[dict], window: Sequence[Any], targets: Sequence[int],
                      terms: list[str]) -> tuple[int, list[float] | None]:
-        """(the window's loss denominator, per-term token counts for the logged per-token values: [CE, *terms]).
+        """(the window's loss denominator, per-term token counts for the logged per-token values: [CE, *terms]); sets
+        `kd_scale`. The denominator: dataset targets + the on-policy records' reference targets with references, else
+        dataset targets + graded tokens (module docstring).
 
         Dataset targets come from the batch plan (every rank knows the window); generated tokens are summed over the
         ranks (one all-reduce, only in windows that hold an on-policy micro-batch)."""

@@ -28,7 +28,7 @@ def combine(terms: dict) -> Any:
 
 def backward(accelerator: Any, loss: Any, scale: float) -> None:
     """Backpropagate `loss * scale`. accelerate divides by grad_accum and DDP averages over ranks; `scale` undoes both,
-    so the accumulated gradient is d(sum of window token losses)/dθ / (window target tokens)."""
+    so the accumulated gradient is d(sum of window token losses)/dθ / (the window's loss denominator)."""
     accelerator.backward(loss * scale)
 
 
@@ -38,7 +38,8 @@ def accumulate_window(accelerator: Any, model: Any, micro: list[dict], n_targets
     across processes on the last one). Returns (this process's token sums [CE, then each KD term] as a detached
     float64 vector, the SCKD gate report {term: {"cos", "on"}} or {}).
 
-    n_targets: target tokens of the WHOLE window, all processes (the loss denominator).
+    n_targets: the loss denominator, the WHOLE window's, all processes: its target tokens (with on-policy
+    micro-batches, `OnPolicy.denominators`).
     onpolicy_scale: the factor on on-policy micro-batches' KD sums in the loss (`OnPolicy.kd_scale`); the returned
     sums are unscaled.
     distiller: `imitate.train.distill.Distiller` (KD terms) or None (plain SFT). gate: `imitate.train.sckd.SCKDGate` or None.
