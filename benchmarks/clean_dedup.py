@@ -90,8 +90,8 @@ class Texts:
     def edit(self, text: str) -> tuple[str, str]:
         rng = self.rng
         kind = int(rng.integers(0, 3))
-        if kind == 0:
-            spots = [m.span() for m in re.finditer(r"[A-Za-z]{3,}", text)]
+        spots = [m.span() for m in re.finditer(r"[A-Za-z]{3,}", text)] if kind == 0 else []
+        if kind == 0 and spots:  # (a text without a word to change gets the case/space edit)
             a, b = spots[int(rng.integers(0, len(spots)))]
             return text[:a] + self.words[int(rng.integers(0, len(self.words)))] + text[b:], "one word"
         if kind == 1:
