@@ -473,6 +473,19 @@ def test_cli_on_policy_end_to_end(sft_student, tiny_teacher_dir, mixed_file, tmp
     assert summary["mean_gen_tokens"] <= 5 and summary["gen_s"] > 0
 
 
+@pytest.mark.parametrize("args, warned", [
+    (["--on-policy", "1", "--no-on-policy-ce"], True),  # λ 1 never trains on the collected answers again
+    (["--on-policy", "1"], False), (["--on-policy", "0.5", "--no-on-policy-ce"], False),
+    (["--on-policy", "1", "--no-on-policy-ce", "--sckd"], False),  # SCKD trains the records' CE beside the gate
+])
+def test_cli_warns_before_kd_only_lambda_one(sft_student, tiny_teacher_dir, mixed_file, tmp_path, args, warned):
+    res = invoke("--data", mixed_file, "--student", sft_student, "--teacher", f"hf:{tiny_teacher_dir}", *args,
+                 "--on-policy-warmup", "0.5", "--on-policy-max-tokens", "3", "--max-steps", "2", "--eval-split", "0",
+                 "--no-progress", "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    assert ("Warning: --on-policy 1 with --no-on-policy-ce" in res.stderr) == warned, res.stderr
+
+
 @pytest.mark.parametrize("args, expect", [
     (["--on-policy", "1.5"], "--on-policy must be >= 0 and <= 1"),
     (["--on-policy", "0.5", "--on-policy-warmup", "1"], "--on-policy-warmup must be >= 0 and < 1"),

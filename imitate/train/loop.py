@@ -207,7 +207,8 @@ def setup(cfg: TrainConfig, data: Prepared) -> Session:
         log(accelerator, f"{check['mismatched']} of {check['checked']} answers do not tokenize back to the "
             f"teacher's generated tokens in the student's chat template; first: {'; '.join(check['first'])}")
     coverage = data.graybox_report if data.kd_plan is None or data.kd_plan.xtok is None else data.kd_plan.xtok.report
-    for warning in (coverage and xtok.low_coverage(coverage), onpolicy.divergence_warning(cfg.on_policy, cfg.kd)):
+    for warning in (coverage and xtok.low_coverage(coverage), onpolicy.divergence_warning(cfg.on_policy, cfg.kd),
+                    onpolicy.ce_warning(cfg.on_policy, cfg.on_policy_ce, cfg.sckd)):
         if warning:  # before any step: the teacher grades little, or grades in a way that hurt
             log(accelerator, "Warning: " + warning)
     if stats.truncated or stats.dropped_overlong or stats.dropped_no_target:
