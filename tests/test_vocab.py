@@ -43,6 +43,26 @@ def test_same_vocabulary_with_other_special_tokens_is_refused(tok, tiny_tokenize
         check_tokenizers(tok, other)
 
 
+def test_a_tokenizer_without_pad_matches_one_padded_with_eos(tiny_tokenizer_dir):
+    """The student gets pad = eos when it has none (student.load_tokenizer) before the check; a teacher loaded from
+    the same files keeps none (seen with a GGUF teacher on transformers 5.17): the same tokenizer, not another one.
+    A pad token other than eos still differs."""
+    from transformers import AutoTokenizer
+
+    bare = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    bare.pad_token = None
+    assert bare.pad_token_id is None
+    padded = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    padded.pad_token = padded.eos_token
+    check_tokenizers(padded, bare)
+    check_tokenizers(bare, padded)
+    other = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    other.pad_token = other.bos_token if other.bos_token != other.eos_token else other.unk_token
+    assert other.pad_token not in (None, other.eos_token)
+    with pytest.raises(ImitateError, match="special tokens differ"):
+        check_tokenizers(padded, other)
+
+
 def test_check_runs_on_tokenizer_dirs_without_weights(tiny_tokenizer_dir):
     # the fixture directory holds no model weights at all: the check needs tokenizers only
     assert not list(tiny_tokenizer_dir.glob("*.safetensors"))

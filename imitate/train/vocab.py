@@ -36,6 +36,9 @@ SAMPLE_TEXTS = (
 def _special_tokens(tok: Any) -> dict[str, Any]:
     names = ("bos_token", "eos_token", "pad_token", "unk_token")
     out: dict[str, Any] = {n: getattr(tok, n, None) for n in names}
+    # no pad token means imitate's default, the end-of-sequence token (student.load_tokenizer sets it on the student
+    # before this check; a teacher's tokenizer is compared as loaded): padding is masked, never a target or a text
+    out["pad_token"] = out["pad_token"] or out["eos_token"]
     out["all_special"] = sorted((str(t), tok.convert_tokens_to_ids(t)) for t in getattr(tok, "all_special_tokens", []))
     return out
 
