@@ -665,3 +665,15 @@ def test_cut_ends_at_each_answer_in_a_packed_row(tiny_teacher_dir):
     assert batch["teacher_out"].hidden_states[-1].shape[:2] == batch["input_ids"].shape
     again = collate(exs, pad_id=0, packing=True)
     assert onpolicy.cut_implausible(d, again, 0.0) == 0 and torch.equal(again["labels"], collate(exs, pad_id=0, packing=True)["labels"])
+
+
+def test_to_device_moves_the_reference_batch_of_an_on_policy_micro_batch():
+    """On CUDA the on-policy CE (--on-policy-ce, the default) failed: batch["reference"] stayed on the CPU (seen on
+    an H200 in benchmarks/gpu_check.sh). The meta device stands in for the GPU here."""
+    from imitate.train.step import to_device
+
+    batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "onpolicy": {"tokens": 4},
+             "reference": {"input_ids": torch.ones(2, 5, dtype=torch.long), "labels": torch.zeros(2, 5)}}
+    out = to_device(batch, "meta")
+    assert out["input_ids"].device.type == "meta" and out["onpolicy"] == {"tokens": 4}
+    assert all(t.device.type == "meta" for t in out["reference"].values())

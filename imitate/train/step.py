@@ -97,7 +97,10 @@ def materialize(batch_idx: list[int] | None, examples: list[Example], stand_in: 
 
 
 def to_device(batch: dict, device: Any) -> dict:
-    return {k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}
+    """The batch's tensors on `device`, those of nested batches too (an on-policy micro-batch carries its records'
+    collected answers as batch["reference"])."""
+    return {k: (v.to(device) if hasattr(v, "to") else to_device(v, device) if isinstance(v, dict) else v)
+            for k, v in batch.items()}
 
 
 def evaluate(accelerator: Any, model: Any, examples: list[Example], cfg: TrainConfig, pad_id: int,
