@@ -241,6 +241,7 @@ def answer_nll(model: Any, tokenizer: Any, conversations: list[list[dict]], batc
     from imitate.train.data import Example, collate, encode, shift_targets
     from imitate.train.distill import unwrap
     from imitate.train.losses import chunked_ce, forward_ce
+    from imitate.train.step import to_device
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -250,7 +251,7 @@ def answer_nll(model: Any, tokenizer: Any, conversations: list[list[dict]], batc
     for sl in _chunks(len(conversations), batch_size):
         rows = [encode(tokenizer, conv) for conv in conversations[sl]]
         batch = collate([Example(r, shift_targets(r, m), "") for r, m in rows], pad_id=pad, packing=False)
-        batch = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}
+        batch = to_device(batch, device)
         with torch.inference_mode():
             _, outputs = forward_ce(model, batch, vocab_size=vocab_size)
             hidden, head = outputs.hidden_states[-1], unwrap(model).get_output_embeddings()
