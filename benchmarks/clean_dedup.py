@@ -362,13 +362,13 @@ def generate(n: int, pool: list[str], out: Path, shards: int = 1, jobs: int = 1)
     shards, so a copy near a shard boundary lands in the next shard; with jobs > 1 each shard is its own stream (seed
     1 + shard) written by one of `jobs` processes, and copies stay in their shard. Returns copy id -> kind."""
     per = -(-n // shards)
-    spans = [(k, k * per, min(n, (k + 1) * per)) for k in range(shards)]
     if jobs <= 1:
         return _generate(pool, out, per, 1, 0, n)
     import multiprocessing as mp
 
+    spans = [(pool, out, per, 1 + k, k * per, min(n, (k + 1) * per)) for k in range(shards)]
     with mp.get_context("fork").Pool(min(jobs, shards)) as workers:
-        parts = workers.starmap(_generate, [(pool, out, per, 1 + k, a, b) for k, a, b in spans])
+        parts = workers.starmap(_generate, spans)
     return {k: v for part in parts for k, v in part.items()}
 
 
