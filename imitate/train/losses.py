@@ -117,7 +117,8 @@ def _chunked_head_function():
     """The autograd Function behind the chunked losses (built on first use, so torch is imported lazily).
 
     forward(hidden [N, H], weight [V', H], bias [V'] | None, chunk_loss, chunk_size, vocab_size, needs_grad) -> scalar:
-    Σ over chunks of `chunk_loss(float32 logits [c, vocab_size], start, end)`. When a gradient is needed, each chunk is
+    Σ over chunks of `chunk_loss(float32 logits [c, vocab_size], start, end)` (chunk_loss given as [N] target ids: the
+    cross-entropy, through `_chunk_ce`). When a gradient is needed, each chunk is
     differentiated right away (a local graph over that chunk's logits only) and just the gradient with respect to the
     chunk's hidden rows ([c, H], small) is kept, plus the head's weight gradient when the head is trainable. The chunk's
     logits are freed before the next chunk starts, so the peak is one chunk's logits (+ softmax and gradient), forward
@@ -136,13 +137,18 @@ def _chunked_head_function():
             ]
             for start in range(0, hidden.shape[0], chunk_size):
                 end = min(start + chunk_size, hidden.shape[0])
-                with torch.enable_grad():
-                    h = hidden[start:end].detach().requires_grad_(needs_grad[0])
-                    w = weight.detach().requires_grad_(needs_grad[1])
-                    b = bias.detach().requires_grad_(needs_grad[2]) if bias is not None else None
-                    loss = chunk_loss(torch.nn.functional.linear(h, w, b)[:, :vocab_size].float(), start, end)
-                    wanted = [t for t, need in zip((h, w, b), needs_grad) if need]
-                    local = list(torch.autograd.grad(loss, wanted)) if wanted else []
+                if isinstance(chunk_loss, torch.Tensor):
+                    loss, local = _chunk_ce(hidden[start:end].detach(), weight.detach(),
+                                            bias.detach() if bias is not None else None,
+                                            chunk_loss[start:end], vocab_size, needs_grad)
+                else:
+                    with torch.enable_grad():
+                        h = hidden[start:end].detach().requires_grad_(needs_grad[0])
+                        w = weight.detach().requires_grad_(needs_grad[1])
+                        b = bias.detach().requires_grad_(needs_grad[2]) if bias is not None else None
+                        loss = chunk_loss(torch.nn.functional.linear(h, w, b)[:, :vocab_size].float(), start, end)
+                        wanted = [t for t, need in zip((h, w, b), needs_grad) if need]
+                        local = list(torch.autograd.grad(loss, wanted)) if wanted else []
                 total += loss.detach()
                 del loss  # drops the chunk's graph, and with it the chunk's logits
                 if needs_grad[0]:
@@ -165,6 +171,41 @@ def _chunked_head_function():
     return ChunkedHeadLoss
 
 
+def _chunk_ce(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, targets: torch.Tensor, vocab_size: int,
+              needs_grad: tuple) -> tuple[torch.Tensor, list]:
+    """One chunk's cross-entropy sum and its gradients [w.r.t. h, w, b as `needs_grad` asks], without autograd: the
+    gradient of CE w.r.t. the logits is softmax − one-hot, written over the float32 logits in place, so a chunk holds
+    one float32 [c, vocab] buffer and one copy in the head's compute dtype (autograd would keep the logits, the
+    log-softmax and the gradient: three float32 buffers). The products run in the dtype of the forward's logits
+    (under autocast the same lower precision as autograd's backward of the linear)."""
+    import torch
+
+    logits = torch.nn.functional.linear(h, w, b)[:, :vocab_size]
+    dtype = logits.dtype
+    z = logits.float()
+    del logits
+    lse = torch.logsumexp(z, dim=-1)
+    loss = (lse - z.gather(1, targets[:, None]).squeeze(1)).sum()
+    if not any(needs_grad):
+        return loss, []
+    z.sub_(lse[:, None]).exp_()
+    z[torch.arange(z.shape[0], device=z.device), targets] -= 1.0
+    g = z.to(dtype)
+    del z
+    local = []
+    if needs_grad[0]:
+        local.append(g @ w[:vocab_size].to(dtype))
+    if needs_grad[1]:
+        gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        gw[:vocab_size] = g.T @ h.to(dtype)
+        local.append(gw)
+    if needs_grad[2]:
+        gb = torch.zeros(b.shape, dtype=torch.float32, device=b.device)
+        gb[:vocab_size] = g.float().sum(0)
+        local.append(gb)
+    return loss, local
+
+
 def _head_params(head: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight [V, H], bias [V] | None) of an output head given as a weight tensor or an nn.Linear-like module."""
     import torch
@@ -180,9 +221,11 @@ def _head_params(head: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def _chunked_head_loss(
-    hidden: torch.Tensor, head: Any, chunk_loss: Callable, chunk_size: int, vocab_size: int | None
+    hidden: torch.Tensor, head: Any, chunk_loss: Callable | torch.Tensor, chunk_size: int, vocab_size: int | None
 ) -> torch.Tensor:
-    """Run `_chunked_head_function` on [N, H] rows; grads flow to `hidden` and to the head when they require grad."""
+    """Run `_chunked_head_function` on [N, H] rows; grads flow to `hidden` and to the head when they require grad.
+    chunk_loss: a function of (float32 logits, start, end), or [N] target ids for the cross-entropy, whose gradient
+    `_chunk_ce` writes in place (a third of the generic path's peak)."""
     import torch
 
     weight, bias = _head_params(head)
@@ -218,15 +261,9 @@ def chunked_ce(
     labels: [B, L] targets aligned with `hidden` (as `data.shift_targets` / `shift_labels` make them), -100 = no target.
     Returns (scalar float32 sum of −log q(label), number of target tokens).
     """
-    import torch.nn.functional as F
-
     rows, idx = _target_rows(hidden, labels != IGNORE)
     targets = labels.reshape(-1)[idx].to(hidden.device)
-
-    def chunk_loss(logits, start, end):
-        return F.cross_entropy(logits, targets[start:end], reduction="sum")
-
-    return _chunked_head_loss(rows, head, chunk_loss, chunk_size, vocab_size), int(idx.numel())
+    return _chunked_head_loss(rows, head, targets, chunk_size, vocab_size), int(idx.numel())
 
 
 def forward_ce(
