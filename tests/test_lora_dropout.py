@@ -140,10 +140,86 @@ def test_recompute_under_checkpointing_draws_the_same_masks(tiny_model_dir):
         assert torch.allclose(ga[name], gb[name], atol=1e-6), name
 
 
-def test_no_dropout_leaves_the_model_as_peft_made_it(tiny_model_dir):
-    model = _lora(tiny_model_dir, 0.0)
-    assert fuse_lora_dropout(model) == 0
-    assert not any(isinstance(m, _MaskedA) for m in model.modules())
+def test_no_dropout_moves_only_the_cast_and_trains_as_peft(tiny_model_dir):
+    ids = torch.randint(0, 300, (2, 12))
+    model, plain = _lora(tiny_model_dir, 0.0), _lora(tiny_model_dir, 0.0)
+    assert fuse_lora_dropout(model) > 0
+    assert all(m.dropout_p == 0.0 for m in model.modules() if isinstance(m, _MaskedA))
+    model.train(), plain.train()
+    (loss_a, ga), (loss_b, gb) = _grads(model, ids), _grads(plain, ids)
+    assert torch.equal(loss_a, loss_b) and all(torch.equal(ga[n], gb[n]) for n in ga)
+
+
+def _bf16_lora(model_dir, dropout):
+    """A bf16 base with float32 adapters, as `imitate train` builds it for bf16 mixed precision."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    model.config.use_cache = False
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear",
+                                            task_type="CAUSAL_LM", init_lora_weights=False))
+
+
+def test_under_autocast_the_input_is_not_copied_to_float32_and_training_is_unchanged(tiny_model_dir, monkeypatch):
+    """bf16 base, float32 adapters, bf16 autocast: peft casts each adapted layer's input to float32 and autograd keeps
+    that copy; the fused layers take the bf16 input as it is. Same loss and adapter gradients as peft's path with
+    the same masks (dropout 0.2) or none (0.0); fewer bytes kept for backward."""
+    ids = torch.randint(0, 300, (2, 12))
+    draw = _MaskedA.draw_mask
+    for p in (0.2, 0.0):
+        fused, plain = _bf16_lora(tiny_model_dir, p), _bf16_lora(tiny_model_dir, p)
+        assert next(fused.parameters()).dtype == torch.bfloat16
+        assert {q.dtype for q in fused.parameters() if q.requires_grad} == {torch.float32}
+        fuse_lora_dropout(fused)
+        masks: list[torch.Tensor] = []
+        monkeypatch.setattr(_MaskedA, "draw_mask", lambda self, x: masks.append(draw(self, x)) or masks[-1])
+        replay = iter(masks)
+
+        class Replay(torch.nn.Module):
+            def forward(self, x):
+                assert x.dtype == torch.float32  # peft's copy
+                return x * next(replay) / (1 - p)
+
+        if p:
+            for m in plain.modules():
+                if hasattr(m, "lora_dropout"):
+                    for name in list(m.lora_dropout):
+                        m.lora_dropout[name] = Replay()
+        fused.train(), plain.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss_f, grads_f = _grads(fused, ids)
+            loss_p, grads_p = _grads(plain, ids)
+        assert torch.equal(loss_f, loss_p), p
+        for name in grads_f:
+            assert grads_f[name].dtype == torch.float32
+            assert torch.allclose(grads_f[name], grads_p[name], rtol=1e-3, atol=1e-6), (p, name)
+
+    def float32_saved(model) -> int:  # float32 activations kept for backward (the adapters' weights left out)
+        weights = {q.untyped_storage().data_ptr() for q in model.parameters()}
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if t.dtype == torch.float32 and ptr not in weights:
+                seen[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, labels=ids)
+        return sum(seen.values())
+
+    model = _bf16_lora(tiny_model_dir, 0.2)
+    fuse_lora_dropout(model)
+    model.train()
+    fused_bytes = float32_saved(model)
+    for m in model.modules():
+        if hasattr(m, "cast_input_dtype_enabled"):
+            m.cast_input_dtype_enabled = True  # peft's cast back on: the float32 copies return
+    copied_bytes = float32_saved(model)
+    hidden = model.config.hidden_size * ids.numel() * 4
+    assert copied_bytes - fused_bytes >= 4 * model.config.num_hidden_layers * hidden, (copied_bytes, fused_bytes)
 
 
 def test_dropped_linear_under_bf16_autocast_matches_the_plain_product():

@@ -54,11 +54,18 @@ def dropped_linear(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, p:
 
 
 class _MaskedA(torch.nn.Linear):
-    """A LoRA `A` layer (its class swapped in place, weights untouched) that applies its dropout itself."""
+    """A LoRA `A` layer (its class swapped in place, weights untouched) that applies its dropout itself, and peft's
+    cast of the input to the adapter's dtype only where it is needed: outside autocast. Under autocast (mixed
+    precision: a bf16 base, float32 adapters) the product runs in bf16 whatever the input's dtype, so peft's float32
+    copy of the input changed nothing but the memory: every adapted layer kept one for backward (q, k and v each
+    their own). The input stays as it comes; the outputs and gradients are those of peft's path, bit for bit
+    (tested)."""
 
     dropout_p: float = 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.weight.dtype)  # peft's `_cast_input_dtype`, turned off on the layer for this
         if not (self.training and self.dropout_p > 0):
             return super().forward(x)
         mask = self.draw_mask(x)
@@ -68,28 +75,34 @@ class _MaskedA(torch.nn.Linear):
 
     def draw_mask(self, x: torch.Tensor) -> torch.Tensor:
         """Keep each element with probability 1 - p (under gradient checkpointing the recompute draws the same mask:
-        torch restores the random state)."""
-        return torch.empty_like(x).bernoulli_(1.0 - self.dropout_p).bool()  # drawn as torch's dropout draws it
+        torch restores the random state). Drawn over a float32 (or float64) tensor, as torch's dropout draws it on
+        the float32 input peft used to pass, so a bf16 input gets the masks it got before."""
+        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        return torch.empty(x.shape, dtype=dtype, device=x.device).bernoulli_(1.0 - self.dropout_p).bool()
 
 
 def fuse_lora_dropout(model: Any) -> int:
-    """Move every plain LoRA linear layer's dropout (p > 0) into its `A` layer (see the module's docstring); returns
-    how many layers changed. Layers of other kinds (embeddings, convolutions, DoRA and other variants) are left as
-    peft made them."""
+    """Move every plain LoRA linear layer's dropout (p > 0) and its input cast into its `A` layer (see the module's
+    docstring and `_MaskedA`); returns how many layers changed. Layers of other kinds (embeddings, convolutions, DoRA
+    and other variants) are left as peft made them."""
     from peft.tuners.lora import Linear as LoraLinear
 
     changed = 0
     for module in model.modules():
         if not isinstance(module, LoraLinear):
             continue
+        moved = 0
         for name, dropout in list(module.lora_dropout.items()):
             a = module.lora_A[name] if name in module.lora_A else None
-            p = getattr(dropout, "p", 0.0)
-            if (not isinstance(dropout, torch.nn.Dropout) or p <= 0 or type(a) is not torch.nn.Linear
+            p = getattr(dropout, "p", 0.0) if isinstance(dropout, torch.nn.Dropout) else 0.0
+            if (type(dropout) not in (torch.nn.Dropout, torch.nn.Identity) or type(a) is not torch.nn.Linear
                     or a.bias is not None or name in getattr(module, "lora_variant", {})):
                 continue
             a.__class__ = _MaskedA
             a.dropout_p = float(p)
             module.lora_dropout[name] = torch.nn.Identity()
-            changed += 1
+            moved += 1
+        if moved and moved == len(module.lora_A):  # every adapter casts for itself now (peft reads this flag)
+            module.cast_input_dtype_enabled = False
+        changed += moved
     return changed
