@@ -135,6 +135,7 @@ def train_imitate(job: dict) -> dict:
     fit, spent = loop.fit, {}
 
     def timed_fit(*args, **kwargs):  # CPU seconds of the training loop, the window imitate's tokens/s comes from
+        spent["start_mem_mb"] = start_mem_mb()
         c0 = time.process_time()
         try:
             return fit(*args, **kwargs)
@@ -146,7 +147,15 @@ def train_imitate(job: dict) -> dict:
     rows = [json.loads(x) for x in (Path(job["out"]) / "metrics.jsonl").read_text().splitlines() if x.strip()]
     tokens = max((r.get("tokens", 0) for r in rows), default=0)  # real tokens trained (no padding)
     return {"tokens_per_s": summary["tokens_per_s"], "loss": summary["train_loss"], "model": job["out"],
-            "tokens": tokens, "train_cpu_s": spent["cpu_s"]}
+            "tokens": tokens, "train_cpu_s": spent["cpu_s"], "start_mem_mb": spent["start_mem_mb"]}
+
+
+def start_mem_mb() -> float | None:
+    """GPU memory held when training starts (model, adapters, optimizer set up): the part of the peak that is not the
+    steps' activations. None on CPU."""
+    import torch
+
+    return torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else None
 
 
 def train_trl(job: dict) -> dict:
@@ -174,14 +183,23 @@ def train_trl(job: dict) -> dict:
         disable_tqdm=True, dataloader_num_workers=0)
     peft = LoraConfig(r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=s["lora_dropout"],
                       target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft)
+    from transformers import TrainerCallback
+
+    at_start: dict = {}
+
+    class StartMemory(TrainerCallback):
+        def on_train_begin(self, *args, **kwargs):
+            at_start["mb"] = start_mem_mb()
+
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft,
+                         callbacks=[StartMemory()])
     t0, c0 = time.time(), time.process_time()
     result = trainer.train()
     seconds, cpu_s = time.time() - t0, time.process_time() - c0
     trainer.save_model(job["out"])
     tokens = getattr(trainer, "_total_train_tokens", None) or getattr(trainer.state, "num_input_tokens_seen", 0)
     return {"tokens_per_s": tokens / seconds, "loss": result.training_loss, "model": job["out"], "tokens": tokens,
-            "train_cpu_s": cpu_s}
+            "train_cpu_s": cpu_s, "start_mem_mb": at_start.get("mb")}
 
 
 def score(job: dict, model: str) -> dict:
@@ -205,7 +223,13 @@ def worker(job: dict) -> dict:
         res: dict = {"tokens_per_s": None, "loss": None, "model": job["student"]}
     else:
         t0 = time.time()
+        snapshot = job.get("device") == "cuda" and job["mode"] in os.environ.get("GPU_CHECK_SNAPSHOT", "").split(",")
+        if snapshot:  # the allocator's history, to see what the peak is made of (torch.cuda.memory._snapshot format)
+            torch.cuda.memory._record_memory_history(max_entries=200000, stacks="python")
         res = train_trl(job) if job["mode"] == "trl_lora" else train_imitate(job)
+        if snapshot:
+            torch.cuda.memory._dump_snapshot(job["out"] + ".memory.pickle")
+            torch.cuda.memory._record_memory_history(enabled=None)
         res["train_s"] = time.time() - t0
     res["peak_rss_mb"] = peak_rss_mb()
     if job.get("device") == "cuda":
@@ -410,15 +434,17 @@ def gpu_check(a: argparse.Namespace, work: Path) -> None:
     where = f"CUDA {torch.cuda.get_device_name(0)}, bf16" if cuda else "CPU, float32"
     print(f"\n{TEACHER}, {where}, {s['steps']} steps x batch {s['batch']}, LoRA r {s['lora_r']}; "
           f"teacher answers collected in {collect_s:.0f} s")
-    print(f"{'mode':<16}{'tokens/s':>10}{'x TRL':>7}{'peak MB':>10}{'x TRL':>7}{'train loss':>12}{'wall s':>8}")
+    print(f"{'mode':<16}{'tokens/s':>10}{'x TRL':>7}{'peak MB':>10}{'x TRL':>7}{'at start MB':>13}{'train loss':>12}"
+          f"{'wall s':>8}")
     for mode, r in rows.items():
         if "error" in r:
             print(f"{mode:<16}  failed: {r['error']}")
             continue
         x_tps = r["tokens_per_s"] / trl["tokens_per_s"] if "error" not in trl else float("nan")
         x_mem = r[mem] / trl[mem] if "error" not in trl else float("nan")
-        print(f"{mode:<16}{r['tokens_per_s']:>10.0f}{x_tps:>7.2f}{r[mem]:>10.0f}{x_mem:>7.2f}{r['loss']:>12.4f}"
-              f"{r['wall_s']:>8.0f}")
+        start = f"{r['start_mem_mb']:.0f}" if r.get("start_mem_mb") is not None else "-"
+        print(f"{mode:<16}{r['tokens_per_s']:>10.0f}{x_tps:>7.2f}{r[mem]:>10.0f}{x_mem:>7.2f}{start:>13}"
+              f"{r['loss']:>12.4f}{r['wall_s']:>8.0f}")
 
 
 def main() -> None:
