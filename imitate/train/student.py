@@ -84,7 +84,10 @@ def load_student(cfg: TrainConfig, student: str, mixed: str | None) -> Any:
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         checkpoint_layers(model, cfg.gradient_checkpointing_every)
+    from imitate.train.fused_mlp import fuse_gated_mlps  # torch at import: loaded here, with the weights
+
     if cfg.full:
+        fuse_gated_mlps(model, cfg.gradient_checkpointing)  # SiLU and the product recomputed in backward
         return model
     from peft import LoraConfig, get_peft_model
 
@@ -100,6 +103,7 @@ def load_student(cfg: TrainConfig, student: str, mixed: str | None) -> Any:
     except ValueError as exc:
         raise UsageError(f"--target-modules {cfg.target_modules}: {exc}") from None
     fuse_lora_dropout(model)  # the same dropout, saving a 1-byte mask instead of a float copy of each layer's input
+    fuse_gated_mlps(model, cfg.gradient_checkpointing)  # SiLU and the product recomputed in backward
     return model
 
 
