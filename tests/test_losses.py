@@ -379,23 +379,6 @@ def test_chunked_ce_gradients_with_bias_head_grad_and_vocab_cut(bias, cut):
         torch.testing.assert_close(a, 2.0 * b, rtol=1e-4, atol=1e-5)
 
 
-def test_chunked_ce_under_bf16_autocast_matches_autograd_of_the_same_ops():
-    """The hand-written gradient in bf16 equals what autograd computes for linear -> float -> cross-entropy under
-    autocast (the path it replaced), to bf16 rounding."""
-    g = torch.Generator().manual_seed(3)
-    hs = torch.randn(40, HS, generator=g, dtype=torch.bfloat16, requires_grad=True)
-    ws = torch.randn(V, HS, generator=g, dtype=torch.bfloat16)
-    labels = torch.randint(0, V, (1, 40), generator=g)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref = F.cross_entropy(F.linear(hs, ws).float(), labels[0], reduction="sum")
-        (ref_g,) = torch.autograd.grad(ref, [hs])
-        got, _ = chunked_ce(hs[None], ws, labels, chunk_size=16)
-        (got_g,) = torch.autograd.grad(got, [hs])
-    torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
-    assert got_g.dtype == torch.bfloat16
-    torch.testing.assert_close(got_g, ref_g, rtol=2e-2, atol=2e-2)
-
-
 def test_chunked_ce_holds_one_float32_chunk_of_logits_at_a_time():
     g = torch.Generator().manual_seed(0)
     vocab, n_tok, chunk = 4000, 256, 16
@@ -413,3 +396,78 @@ def test_chunked_ce_holds_one_float32_chunk_of_logits_at_a_time():
         t = labels.reshape(-1)[idx]
         _chunked_head_loss(rows, ws, lambda z, a, b: F.cross_entropy(z, t[a:b], reduction="sum"), chunk, None).backward()
     assert generic.peak >= 2 * one
+
+
+def _kd_through_autograd(hs, head, ht, wt, labels, temperature, vocab):
+    """chunked_kd_loss's forward KL taken through autograd (the generic chunk path), for comparison."""
+    from imitate.train.losses import _chunked_head_loss, _target_rows
+
+    rows, idx = _target_rows(hs, labels != -100)
+    t_rows = ht.reshape(-1, ht.shape[-1])[idx]
+
+    def chunk_loss(z, a, b):
+        return divergence(z, (t_rows[a:b] @ wt.T)[:, :vocab].float(), 0.0, temperature).sum()
+
+    return _chunked_head_loss(rows, head, chunk_loss, 4, vocab) * temperature**2
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("bias", [False, True])
+def test_forward_kl_written_by_hand_equals_autograd(temperature, bias):
+    hs, ws, ht, wt, labels = _setup(head_grad=True)
+    cut = V - 3
+    head = torch.nn.Linear(HS, V, bias=bias)
+    head.weight.data.copy_(ws.detach())
+    wanted = [hs, head.weight] + ([head.bias] if bias else [])
+    ref = _kd_through_autograd(hs, head, ht, wt, labels, temperature, cut)
+    ref_g = torch.autograd.grad(ref, wanted)
+    got, _ = chunked_kd_loss(hs, head, ht, wt, labels, beta=0.0, temperature=temperature, chunk_size=4,
+                             vocab_size=cut)
+    g = torch.autograd.grad(got, wanted)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g, ref_g):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["ce", "forward-kl"])
+def test_gradients_written_by_hand_under_bf16_autocast_match_autograd_of_the_same_ops(loss):
+    """Under autocast the hand-written gradient (bf16 products) equals what autograd computes for the same ops (the
+    path it replaced: linear -> float -> loss), to bf16 rounding."""
+    g = torch.Generator().manual_seed(5)
+    hs = torch.randn(1, 40, HS, generator=g, dtype=torch.bfloat16, requires_grad=True)
+    ws = torch.randn(V, HS, generator=g, dtype=torch.bfloat16)
+    ht, wt = torch.randn(1, 40, HT, generator=g, dtype=torch.bfloat16), torch.randn(V, HT, generator=g).bfloat16()
+    labels = torch.randint(0, V, (1, 40), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if loss == "ce":
+            ref = F.cross_entropy(F.linear(hs[0], ws).float(), labels[0], reduction="sum")
+            got, _ = chunked_ce(hs, ws, labels, chunk_size=16)
+        else:
+            ref = _kd_through_autograd(hs, ws, ht, wt, labels, 1.5, V)
+            got, _ = chunked_kd_loss(hs, ws, ht, wt, labels, temperature=1.5, chunk_size=4)
+        (ref_g,) = torch.autograd.grad(ref, [hs])
+        (got_g,) = torch.autograd.grad(got, [hs])
+    torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
+    assert got_g.dtype == torch.bfloat16
+    torch.testing.assert_close(got_g, ref_g, rtol=2e-2, atol=2e-2)
+
+
+def test_forward_kl_holds_at_most_three_float32_chunks_of_logits():
+    g = torch.Generator().manual_seed(0)
+    vocab, n_tok, chunk = 4000, 256, 16
+    hs = torch.randn(1, n_tok, HS, generator=g, requires_grad=True)
+    ht = torch.randn(1, n_tok, HT, generator=g)
+    ws, wt = torch.randn(vocab, HS, generator=g), torch.randn(vocab, HT, generator=g)
+    labels = torch.randint(0, vocab, (1, n_tok), generator=g)
+    one = chunk * vocab * 4
+    with _LiveBytes(chunk * vocab) as kd:
+        chunked_kd_loss(hs, ws, ht, wt, labels, temperature=2.0, chunk_size=chunk)[0].backward()
+    assert 0 < kd.peak <= 3 * one
+    with _LiveBytes(chunk * vocab) as generic:  # the same loss through autograd keeps more at once
+        from imitate.train.losses import _chunked_head_loss, _target_rows
+
+        rows, idx = _target_rows(hs, labels != -100)
+        t_rows = ht.reshape(-1, HT)[idx]
+        _chunked_head_loss(rows, ws, lambda z, a, b: divergence(z, t_rows[a:b] @ wt.T, 0.0, 2.0).sum(), chunk,
+                           None).backward()
+    assert generic.peak >= 5 * one, generic.peak / one

@@ -266,8 +266,9 @@ def test_white_box_term_in_the_loop_equals_a_naive_reference(tiny_model_dir, cha
 @pytest.mark.parametrize("beta", [0.0, 0.5])
 def test_identical_tokenizers_through_the_text_path_give_todays_kd(tiny_model_dir, tiny_teacher_dir, tmp_path, beta):
     """Identical tokenizers keep today's path (plan_teacher); forced through the cross-tokenizer path instead, the
-    same micro-batch gives today's logit KD term to 1e-6 (relative): every answer token and the end token are
-    paired with themselves, the map is the identity, no mass is unmatched."""
+    same micro-batch gives today's logit KD term to 1e-5 (relative; float32 rounding: today's forward KL is
+    written by hand, the text path's goes through `divergence`): every answer token and the end token are paired with
+    themselves, the map is the identity, no mass is unmatched."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from imitate.train.data import collate, load_examples, teacher_written
@@ -297,7 +298,7 @@ def test_identical_tokenizers_through_the_text_path_give_todays_kd(tiny_model_di
     new, m = xtok_kd_loss(hs, student.lm_head, ht, teacher.lm_head, batch["xtok_s_index"], batch["xtok_t_index"],
                           batch["xtok_s_star"], batch["xtok_t_star"], plan.t_map, teacher_vocab_size=len(tok), **kw)
     assert n == m
-    assert new.item() == pytest.approx(today.item(), rel=1e-6)
+    assert new.item() == pytest.approx(today.item(), rel=1e-5)
 
 
 def test_sckd_with_a_cross_tokenizer_term_two_processes_match_one(tiny_model_dir, other_tok_model, tmp_path):

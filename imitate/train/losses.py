@@ -117,8 +117,8 @@ def _chunked_head_function():
     """The autograd Function behind the chunked losses (built on first use, so torch is imported lazily).
 
     forward(hidden [N, H], weight [V', H], bias [V'] | None, chunk_loss, chunk_size, vocab_size, needs_grad) -> scalar:
-    Σ over chunks of `chunk_loss(float32 logits [c, vocab_size], start, end)` (chunk_loss given as [N] target ids: the
-    cross-entropy, through `_chunk_ce`). When a gradient is needed, each chunk is
+    Σ over chunks of `chunk_loss(float32 logits [c, vocab_size], start, end)` (a `_WritesGrad` loss writes its own
+    gradient instead: `_chunk_in_place`). When a gradient is needed, each chunk is
     differentiated right away (a local graph over that chunk's logits only) and just the gradient with respect to the
     chunk's hidden rows ([c, H], small) is kept, plus the head's weight gradient when the head is trainable. The chunk's
     logits are freed before the next chunk starts, so the peak is one chunk's logits (+ softmax and gradient), forward
@@ -137,10 +137,10 @@ def _chunked_head_function():
             ]
             for start in range(0, hidden.shape[0], chunk_size):
                 end = min(start + chunk_size, hidden.shape[0])
-                if isinstance(chunk_loss, torch.Tensor):
-                    loss, local = _chunk_ce(hidden[start:end].detach(), weight.detach(),
-                                            bias.detach() if bias is not None else None,
-                                            chunk_loss[start:end], vocab_size, needs_grad)
+                if isinstance(chunk_loss, _WritesGrad):
+                    loss, local = _chunk_in_place(hidden[start:end].detach(), weight.detach(),
+                                                  bias.detach() if bias is not None else None,
+                                                  chunk_loss, start, end, vocab_size, needs_grad)
                 else:
                     with torch.enable_grad():
                         h = hidden[start:end].detach().requires_grad_(needs_grad[0])
@@ -171,25 +171,29 @@ def _chunked_head_function():
     return ChunkedHeadLoss
 
 
-def _chunk_ce(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, targets: torch.Tensor, vocab_size: int,
-              needs_grad: tuple) -> tuple[torch.Tensor, list]:
-    """One chunk's cross-entropy sum and its gradients [w.r.t. h, w, b as `needs_grad` asks], without autograd: the
-    gradient of CE w.r.t. the logits is softmax − one-hot, written over the float32 logits in place, so a chunk holds
-    one float32 [c, vocab] buffer and one copy in the head's compute dtype (autograd would keep the logits, the
-    log-softmax and the gradient: three float32 buffers). The products run in the dtype of the forward's logits
-    (under autocast the same lower precision as autograd's backward of the linear)."""
+class _WritesGrad:
+    """A chunk loss that needs no autograd: `fn(z, start, end, grad)` gets the chunk's float32 logits [c, vocab] (its
+    own buffer), returns the chunk's loss sum and, when `grad`, leaves d loss / d z in `z`."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+
+
+def _chunk_in_place(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, loss: _WritesGrad, start: int,
+                    end: int, vocab_size: int, needs_grad: tuple) -> tuple[torch.Tensor, list]:
+    """One chunk of a `_WritesGrad` loss: its sum and its gradients [w.r.t. h, w, b as `needs_grad` asks]. The chunk
+    holds the float32 logits buffer (the loss may add buffers of its own) and one copy of the gradient in the head's
+    compute dtype; autograd would keep the logits, each intermediate and the gradient. The products run in the dtype
+    of the forward's logits (under autocast the same lower precision as autograd's backward of the linear)."""
     import torch
 
     logits = torch.nn.functional.linear(h, w, b)[:, :vocab_size]
     dtype = logits.dtype
     z = logits.float()
     del logits
-    lse = torch.logsumexp(z, dim=-1)
-    loss = (lse - z.gather(1, targets[:, None]).squeeze(1)).sum()
+    total = loss.fn(z, start, end, any(needs_grad))
     if not any(needs_grad):
-        return loss, []
-    z.sub_(lse[:, None]).exp_()
-    z[torch.arange(z.shape[0], device=z.device), targets] -= 1.0
+        return total, []
     g = z.to(dtype)
     del z
     local = []
@@ -203,7 +207,49 @@ def _chunk_ce(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, targets:
         gb = torch.zeros(b.shape, dtype=torch.float32, device=b.device)
         gb[:vocab_size] = g.float().sum(0)
         local.append(gb)
-    return loss, local
+    return total, local
+
+
+def _ce_writer(targets: torch.Tensor) -> _WritesGrad:
+    """Cross-entropy against `targets` [N]: d CE / d z = softmax(z) − one-hot, written over z."""
+    import torch
+
+    def fn(z: torch.Tensor, start: int, end: int, grad: bool) -> torch.Tensor:
+        t = targets[start:end]
+        lse = torch.logsumexp(z, dim=-1)
+        total = (lse - z.gather(1, t[:, None]).squeeze(1)).sum()
+        if grad:
+            z.sub_(lse[:, None]).exp_()
+            z[torch.arange(z.shape[0], device=z.device), t] -= 1.0
+        return total
+
+    return _WritesGrad(fn)
+
+
+def _forward_kl_writer(teacher_logits: Callable, temperature: float) -> _WritesGrad:
+    """Σ KL(p‖q) with p = softmax(teacher/T), q = softmax(z/T) (`divergence` at beta 0, before any T² factor);
+    d / d z = (q − p) / T, written over z. teacher_logits(start, end, device) -> a float32 tensor the loss may
+    overwrite. Three float32 [c, vocab] buffers at most: z, the teacher's, and log p − log q while the sum is taken."""
+    import torch
+
+    def fn(z: torch.Tensor, start: int, end: int, grad: bool) -> torch.Tensor:
+        t = teacher_logits(start, end, z.device)
+        if temperature != 1.0:
+            z.div_(temperature)
+            t.div_(temperature)
+        t.sub_(torch.logsumexp(t, dim=-1, keepdim=True))  # log p
+        z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))  # log q
+        gap = t - z
+        t.exp_()  # p
+        total = gap.mul_(t).sum()
+        del gap
+        if grad:
+            z.exp_().sub_(t)  # q − p
+            if temperature != 1.0:
+                z.div_(temperature)
+        return total
+
+    return _WritesGrad(fn)
 
 
 def _head_params(head: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -221,11 +267,11 @@ def _head_params(head: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def _chunked_head_loss(
-    hidden: torch.Tensor, head: Any, chunk_loss: Callable | torch.Tensor, chunk_size: int, vocab_size: int | None
+    hidden: torch.Tensor, head: Any, chunk_loss: Callable | _WritesGrad, chunk_size: int, vocab_size: int | None
 ) -> torch.Tensor:
     """Run `_chunked_head_function` on [N, H] rows; grads flow to `hidden` and to the head when they require grad.
-    chunk_loss: a function of (float32 logits, start, end), or [N] target ids for the cross-entropy, whose gradient
-    `_chunk_ce` writes in place (a third of the generic path's peak)."""
+    chunk_loss: a function of (float32 logits, start, end) differentiated by autograd, or a `_WritesGrad` loss
+    (cross-entropy, forward KL) that writes its own gradient over the logits: a fraction of autograd's peak."""
     import torch
 
     weight, bias = _head_params(head)
@@ -263,7 +309,7 @@ def chunked_ce(
     """
     rows, idx = _target_rows(hidden, labels != IGNORE)
     targets = labels.reshape(-1)[idx].to(hidden.device)
-    return _chunked_head_loss(rows, head, targets, chunk_size, vocab_size), int(idx.numel())
+    return _chunked_head_loss(rows, head, _ce_writer(targets), chunk_size, vocab_size), int(idx.numel())
 
 
 def forward_ce(
@@ -323,13 +369,17 @@ def chunked_kd_loss(
     t_weight, t_bias = _head_params(teacher_head)
     vocab = vocab_size or min(t_weight.shape[0], _head_params(student_head)[0].shape[0])
 
-    def chunk_loss(s_logits, start, end):
+    def teacher_logits(start, end, device):
         with torch.no_grad():
             t_logits = torch.nn.functional.linear(t_rows[start:end], t_weight, t_bias)[:, :vocab]
-            t_logits = t_logits.to(device=s_logits.device, dtype=torch.float32)
-        return divergence(s_logits, t_logits, beta, temperature).sum()
+            return t_logits.to(device=device, dtype=torch.float32)
 
-    total = _chunked_head_loss(rows, student_head, chunk_loss, chunk_size, vocab)
+    def chunk_loss(s_logits, start, end):
+        return divergence(s_logits, teacher_logits(start, end, s_logits.device), beta, temperature).sum()
+
+    # forward KL (beta 0, the default): its gradient written by hand; the other divergences through autograd
+    loss = _forward_kl_writer(teacher_logits, temperature) if beta == 0.0 else chunk_loss
+    total = _chunked_head_loss(rows, student_head, loss, chunk_size, vocab)
     return (total * temperature**2 if t2 else total), int(idx.numel())
 
 
