@@ -32,7 +32,8 @@ class _SiluMul(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
         gate, up = ctx.saved_tensors
-        g, u, d = gate.float(), up.float(), grad.float()
+        dtype = torch.promote_types(gate.dtype, torch.float32)  # bf16/fp16 computed in float32, float64 kept
+        g, u, d = gate.to(dtype), up.to(dtype), grad.to(dtype)
         sig = torch.sigmoid(g)
         grad_up = (d * g * sig).to(up.dtype) if ctx.needs_input_grad[1] else None
         grad_gate = (d * u * sig * (1 + g * (1 - sig))).to(gate.dtype) if ctx.needs_input_grad[0] else None
@@ -82,26 +83,33 @@ def _is_silu(act: Any) -> bool:
 
 
 def _is_gated_silu(mlp: Any) -> bool:
-    """The module's own forward is down(silu(gate(x)) * up(x)), checked on a random input in evaluation mode (guards
-    against MLPs that add to the pattern: a scale, a bias on the product, another order)."""
+    """The module's own forward is down(silu(gate(x)) * up(x)), checked on a random input in evaluation mode and in
+    training mode with the same random draws for both (guards against MLPs that add to the pattern: a scale, a bias on
+    the product, another order, a dropout that acts only in training). The caller's random state is left as it was."""
     if not all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")) or not _is_silu(mlp.act_fn):
         return False
     width = getattr(mlp.gate_proj, "in_features", None)
     p = next(mlp.parameters(), None)
-    if not isinstance(width, int) or p is None:
+    if not isinstance(width, int) or p is None or not p.is_floating_point():
         return False
-    x = torch.randn(2, 3, width, dtype=p.dtype, device=p.device)
     was = mlp.training
-    mlp.eval()
+    cuda = [p.device] if p.device.type == "cuda" else []
     try:
-        with torch.no_grad():
-            want = mlp(x)
-            got = mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+        with torch.random.fork_rng(devices=cuda), torch.no_grad():
+            x = torch.randn(2, 3, width, generator=torch.Generator().manual_seed(0)).to(p.device, p.dtype)
+            for training in (False, True):
+                mlp.train(training)
+                torch.manual_seed(0)
+                want = mlp(x)
+                torch.manual_seed(0)
+                got = mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+                if not (isinstance(want, torch.Tensor) and want.shape == got.shape and torch.equal(want, got)):
+                    return False
     except Exception:  # noqa: BLE001 - any module this probe cannot run is left as it is
         return False
     finally:
         mlp.train(was)
-    return isinstance(want, torch.Tensor) and want.shape == got.shape and torch.equal(want, got)
+    return True
 
 
 def fuse_gated_mlps(model: Any, checkpointed: bool = False) -> int:
