@@ -374,13 +374,21 @@ def chunked_kd_loss(
             t_logits = torch.nn.functional.linear(t_rows[start:end], t_weight, t_bias)[:, :vocab]
             return t_logits.to(device=device, dtype=torch.float32)
 
+    total = _chunked_head_loss(rows, student_head, kd_chunk_loss(teacher_logits, beta, temperature), chunk_size, vocab)
+    return (total * temperature**2 if t2 else total), int(idx.numel())
+
+
+def kd_chunk_loss(teacher_logits: Callable, beta: float, temperature: float) -> Callable | _WritesGrad:
+    """The chunk loss of a logit-KD term (for `_chunked_head_loss`) against `teacher_logits(start, end, device)`, a
+    float32 [c, vocab] tensor the loss may overwrite: forward KL (beta 0, the default) writes its gradient by hand
+    (`_forward_kl_writer`); the other divergences go through autograd."""
+    if beta == 0.0:
+        return _forward_kl_writer(teacher_logits, temperature)
+
     def chunk_loss(s_logits, start, end):
         return divergence(s_logits, teacher_logits(start, end, s_logits.device), beta, temperature).sum()
 
-    # forward KL (beta 0, the default): its gradient written by hand; the other divergences through autograd
-    loss = _forward_kl_writer(teacher_logits, temperature) if beta == 0.0 else chunk_loss
-    total = _chunked_head_loss(rows, student_head, loss, chunk_size, vocab)
-    return (total * temperature**2 if t2 else total), int(idx.numel())
+    return chunk_loss
 
 
 def sparse_topk_kd(

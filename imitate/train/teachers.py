@@ -87,7 +87,8 @@ def mixture_kd_loss(
     """`losses.chunked_kd_loss` against the share-weighted mean of several teachers' distributions.
 
     teachers: [(teacher_hidden [B, L, Ht], teacher_head, share)], shares summing to 1. At temperature T the target is
-    p = Σ_k share_k · softmax(t_k / T); it enters `divergence` as the logits T · log p, whose softmax at T is p itself.
+    p = Σ_k share_k · softmax(t_k / T); it enters the divergence (`losses.kd_chunk_loss`) as the logits T · log p,
+    whose softmax at T is p itself.
     Returns (scalar float32 sum over target tokens, number of target tokens).
     """
     import math
@@ -95,7 +96,7 @@ def mixture_kd_loss(
     import torch
 
     from imitate.train.data import IGNORE
-    from imitate.train.losses import _chunked_head_loss, _head_params, _target_rows, divergence
+    from imitate.train.losses import _chunked_head_loss, _head_params, _target_rows, kd_chunk_loss
 
     rows, idx = _target_rows(student_hidden, labels != IGNORE)
     parts = []
@@ -105,13 +106,12 @@ def mixture_kd_loss(
             parts.append((t_rows, *_head_params(head), math.log(share) if share > 0 else -math.inf))
     vocab = vocab_size or min([_head_params(student_head)[0].shape[0], *(p[1].shape[0] for p in parts)])
 
-    def chunk_loss(s_logits: Any, start: int, end: int) -> Any:
+    def mixed_logits(start: int, end: int, device: Any) -> Any:
         with torch.no_grad():
             logs = [torch.log_softmax(torch.nn.functional.linear(r[start:end], w, b)[:, :vocab].to(
-                device=s_logits.device, dtype=torch.float32) / temperature, dim=-1) + log_share
+                device=device, dtype=torch.float32) / temperature, dim=-1) + log_share
                 for r, w, b, log_share in parts]
-            mixed = torch.logsumexp(torch.stack(logs), dim=0) * temperature
-        return divergence(s_logits, mixed, beta, temperature).sum()
+            return torch.logsumexp(torch.stack(logs), dim=0) * temperature
 
-    total = _chunked_head_loss(rows, student_head, chunk_loss, chunk_size, vocab)
+    total = _chunked_head_loss(rows, student_head, kd_chunk_loss(mixed_logits, beta, temperature), chunk_size, vocab)
     return (total * temperature**2 if t2 else total), int(idx.numel())
