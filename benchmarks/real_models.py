@@ -150,12 +150,13 @@ def train_imitate(job: dict) -> dict:
             "tokens": tokens, "train_cpu_s": spent["cpu_s"], "start_mem_mb": spent["start_mem_mb"]}
 
 
-def start_mem_mb() -> float | None:
-    """GPU memory held when training starts (model, adapters, optimizer set up): the part of the peak that is not the
-    steps' activations. None on CPU."""
+def start_mem_mb() -> float:
+    """Memory held when training starts (model, adapters, optimizer set up): the part of the peak that is not the
+    steps'. On a GPU the allocated bytes; on CPU the peak RSS so far (loading included), so a row whose peak RSS
+    equals it peaked before its first step."""
     import torch
 
-    return torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    return torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else peak_rss_mb()
 
 
 def train_trl(job: dict) -> dict:

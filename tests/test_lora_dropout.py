@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from imitate.train.lora_dropout import _MaskedA, dropped_linear, fuse_lora_dropout
+from imitate.train.lora_dropout import _MaskedA, dropped_linear, fuse_lora_dropout, keep_mask
 
 
 def test_dropped_linear_matches_autograd_through_an_explicit_mask():
@@ -21,6 +21,26 @@ def test_dropped_linear_matches_autograd_through_an_explicit_mask():
     assert torch.allclose(gx, x.grad) and torch.allclose(gw, w.grad)
     assert torch.autograd.gradcheck(lambda a, b: dropped_linear(a, mask, b, 0.3), (x.detach().requires_grad_(),
                                                                                 w.detach().requires_grad_()))
+
+
+def test_keep_mask_keeps_each_element_with_the_asked_probability_and_follows_the_seed():
+    n = 2_000_003  # odd: the last int64's second half is not used
+    for keep in (0.95, 0.5, 0.1, 1 - 1e-6):
+        torch.manual_seed(0)
+        m = keep_mask((n,), keep, torch.device("cpu"))
+        assert m.dtype == torch.bool and m.shape == (n,)
+        sd = (keep * (1 - keep) / n) ** 0.5
+        assert abs(m.float().mean().item() - keep) < 5 * sd + 1e-6, keep
+    torch.manual_seed(1)
+    a = keep_mask((3, 5, 7), 0.7, "cpu")
+    torch.manual_seed(1)
+    assert torch.equal(a, keep_mask((3, 5, 7), 0.7, "cpu"))  # seeded: the same mask again
+    assert not torch.equal(a, keep_mask((3, 5, 7), 0.7, "cpu"))  # and the stream moves on
+    assert not keep_mask((1000,), 0.0, "cpu").any() and keep_mask((1000,), 1.0, "cpu").all()
+    # both halves of each int64 are used and keep the same share
+    torch.manual_seed(2)
+    m = keep_mask((n,), 0.5, "cpu")
+    assert abs(m[0::2].float().mean().item() - m[1::2].float().mean().item()) < 0.004
 
 
 def _lora(model_dir, dropout=0.2):
