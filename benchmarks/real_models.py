@@ -70,8 +70,10 @@ def sizes(quick: bool) -> dict:
 def settings(a: argparse.Namespace) -> dict:
     """The training settings both trainers get (LoRA SFT); full FT and KD change only what their names say."""
     s = sizes(a.quick)
-    return dict(steps=s["steps"], batch=s["batch"], lr=a.lr, full_lr=a.full_lr, warmup_steps=max(1, s["steps"] // 10),
-                lora_r=16, lora_alpha=32, lora_dropout=0.05, max_length=256, threads=a.threads)
+    steps = a.steps or s["steps"]
+    return dict(steps=steps, batch=s["batch"], lr=a.lr, full_lr=a.full_lr, warmup_steps=max(1, steps // 10),
+                lora_r=16, lora_alpha=32, lora_dropout=0.05, max_length=256, threads=a.threads,
+                kd_weight=a.kd_weight, temperature=a.kd_temperature)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -126,7 +128,8 @@ def train_imitate(job: dict) -> dict:
               precision=job.get("precision", "no"), gradient_checkpointing=bool(job.get("gc")),
               gradient_checkpointing_every=job.get("gc") or 1)
     if job.get("teacher"):
-        kw.update(teacher=job["teacher"], kd="forward-kl", kd_weight=0.5, temperature=1.0)
+        kw.update(teacher=job["teacher"], kd="forward-kl", kd_weight=s.get("kd_weight", 0.5),
+                  temperature=s.get("temperature", 1.0))
     for k in ("sckd", "on_policy", "on_policy_warmup", "on_policy_max_tokens", "on_policy_temperature"):
         if k in job:
             kw[k] = job[k]
@@ -461,6 +464,10 @@ def main() -> None:
                    "(imitate --gradient-checkpointing-every; 1 = all, as TRL)")
     p.add_argument("--lr", type=float, default=3e-4, help="LoRA learning rate (imitate and TRL)")
     p.add_argument("--full-lr", type=float, default=5e-5, help="full fine-tuning learning rate")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps of every trained mode (default: 20, quick 6)")
+    p.add_argument("--kd-weight", type=float, default=0.5, help="lora_kd: imitate --kd-weight (the default)")
+    p.add_argument("--kd-temperature", type=float, default=1.0, help="lora_kd: imitate --temperature (the default)")
     p.add_argument("--work", default=None, help="keep the runs here (default: a temporary directory)")
     p.add_argument("--gpu-check", action="store_true", help="bf16 LoRA SFT, KD, SCKD and on-policy beside TRL: "
                    "tokens/s and peak memory, one table (benchmarks/gpu_check.sh); on CPU a float32 smoke run")
@@ -493,8 +500,10 @@ def main() -> None:
         outs[task] = run_task(task, a, work)
     s = settings(a)
     print(f"\n{TEACHER}, {'quick' if a.quick else 'default'} run, seeds {a.seeds}: "
-          f"{sizes(a.quick)}, LoRA r {s['lora_r']} alpha {s['lora_alpha']} dropout {s['lora_dropout']} all-linear, "
+          f"{dict(sizes(a.quick), steps=s['steps'])}, LoRA r {s['lora_r']} alpha {s['lora_alpha']} "
+          f"dropout {s['lora_dropout']} all-linear, "
           f"lr {s['lr']} (full {s['full_lr']}), warm-up {s['warmup_steps']} steps + cosine, {s['threads']} threads; "
+          f"KD forward KL, weight {s['kd_weight']}, T {s['temperature']}; "
           f"gradient checkpointing: TRL on (its default), imitate + GC every {a.gc_every} layer(s)")
     for task, out in outs.items():
         print(f"\n[{task}] teacher answers collected in {out['collect_s']:.0f} s")
