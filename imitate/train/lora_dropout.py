@@ -69,10 +69,7 @@ class _MaskedA(torch.nn.Linear):
             x = x.to(self.weight.dtype)  # peft's `_cast_input_dtype`, turned off on the layer for this
         if not (self.training and self.dropout_p > 0):
             return super().forward(x)
-        mask = self.draw_mask(x)
-        if not torch.is_grad_enabled():  # nothing is saved: peft's own product, the same draw
-            return F.linear(x * mask / (1.0 - self.dropout_p), self.weight)
-        return dropped_linear(x, mask, self.weight, self.dropout_p)
+        return dropped_linear(x, self.draw_mask(x), self.weight, self.dropout_p)  # without autograd: nothing kept
 
     def draw_mask(self, x: torch.Tensor) -> torch.Tensor:
         """Keep each element with probability 1 - p (under gradient checkpointing the recompute draws the same mask:
