@@ -128,8 +128,7 @@ def train_imitate(job: dict) -> dict:
               precision=job.get("precision", "no"), gradient_checkpointing=bool(job.get("gc")),
               gradient_checkpointing_every=job.get("gc") or 1)
     if job.get("teacher"):
-        kw.update(teacher=job["teacher"], kd="forward-kl", kd_weight=s.get("kd_weight", 0.5),
-                  temperature=s.get("temperature", 1.0))
+        kw.update(teacher=job["teacher"], kd="forward-kl", kd_weight=s["kd_weight"], temperature=s["temperature"])
     for k in ("sckd", "on_policy", "on_policy_warmup", "on_policy_max_tokens", "on_policy_temperature"):
         if k in job:
             kw[k] = job[k]
