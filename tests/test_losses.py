@@ -398,7 +398,7 @@ def test_chunked_ce_holds_one_float32_chunk_of_logits_at_a_time():
     assert generic.peak >= 2 * one
 
 
-def _kd_through_autograd(hs, head, ht, wt, labels, temperature, vocab):
+def _kd_through_autograd(hs, head, ht, wt, labels, temperature, vocab, chunk_size=4):
     """chunked_kd_loss's forward KL taken through autograd (the generic chunk path), for comparison."""
     from imitate.train.losses import _chunked_head_loss, _target_rows
 
@@ -408,7 +408,7 @@ def _kd_through_autograd(hs, head, ht, wt, labels, temperature, vocab):
     def chunk_loss(z, a, b):
         return divergence(z, (t_rows[a:b] @ wt.T)[:, :vocab].float(), 0.0, temperature).sum()
 
-    return _chunked_head_loss(rows, head, chunk_loss, 4, vocab) * temperature**2
+    return _chunked_head_loss(rows, head, chunk_loss, chunk_size, vocab) * temperature**2
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
@@ -464,10 +464,5 @@ def test_forward_kl_holds_at_most_three_float32_chunks_of_logits():
         chunked_kd_loss(hs, ws, ht, wt, labels, temperature=2.0, chunk_size=chunk)[0].backward()
     assert 0 < kd.peak <= 3 * one
     with _LiveBytes(chunk * vocab) as generic:  # the same loss through autograd keeps more at once
-        from imitate.train.losses import _chunked_head_loss, _target_rows
-
-        rows, idx = _target_rows(hs, labels != -100)
-        t_rows = ht.reshape(-1, HT)[idx]
-        _chunked_head_loss(rows, ws, lambda z, a, b: divergence(z, t_rows[a:b] @ wt.T, 0.0, 2.0).sum(), chunk,
-                           None).backward()
+        _kd_through_autograd(hs, ws, ht, wt, labels, 2.0, vocab, chunk).backward()
     assert generic.peak >= 5 * one, generic.peak / one
