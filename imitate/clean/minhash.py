@@ -8,10 +8,25 @@ a [num_perm, shingles] block with `np.minimum.reduceat` taking the minimum per r
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Sequence
 
 import numpy as np
+
+
+def _load_native():
+    """The C kernels (imitate/clean/_native.c), or None: not built (no compiler at install), or IMITATE_NATIVE=0."""
+    if os.environ.get("IMITATE_NATIVE", "1") == "0":
+        return None
+    try:
+        from imitate.clean import _native  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _native
+
+
+native = _load_native()  # the numpy code below gives the same numbers (tests/test_native.py)
 
 WORD_RE = re.compile(r"\w+")
 
@@ -53,6 +68,12 @@ def ngram_hashes(tokens: np.ndarray, lengths: np.ndarray, n: int) -> tuple[np.nd
     lengths = np.asarray(lengths, np.int64)
     if total < n:
         return np.zeros(0, np.uint64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    owner = np.repeat(np.arange(len(lengths), dtype=np.int64), np.maximum(lengths - n + 1, 0))
+    if native is not None:
+        h, pos = np.empty(len(owner), np.uint64), np.empty(len(owner), np.int64)
+        tokens, lengths = np.ascontiguousarray(tokens, np.uint64), np.ascontiguousarray(lengths)
+        native.ngram_hashes(tokens, lengths, n, h, pos)
+        return h, owner, pos
     m = total - n + 1
     h = tokens[:m].copy()
     for j in range(1, n):  # n in-place vector ops over all positions, not a loop per shingle
@@ -63,7 +84,6 @@ def ngram_hashes(tokens: np.ndarray, lengths: np.ndarray, n: int) -> tuple[np.nd
     tail = (ends[:, None] - np.arange(1, n, dtype=np.int64)[None, :]).ravel()  # last n-1 starts of each segment
     valid[tail[(tail >= 0) & (tail < m)]] = False  # (covers all of a segment shorter than n, too)
     pos = np.flatnonzero(valid)
-    owner = np.repeat(np.arange(len(lengths), dtype=np.int64), np.maximum(lengths - n + 1, 0))
     return h[pos], owner, pos
 
 
@@ -137,20 +157,26 @@ class Shingler:
         n = self.ngram
         lengths = np.fromiter(map(len, turns), np.int64, count=len(turns))
         codes = np.frombuffer("".join(turns).encode("utf-32-le"), np.uint32)
-        big = codes > 0xFFFF
-        if not big.any():
-            tokens = _CODE_HASH[codes]  # a table lookup per character (fmix64 of the code point)
+        tags = fmix64(np.asarray(position, np.uint64) + _TAG_TURN)
+        owner = np.repeat(np.arange(len(turns), dtype=np.int64), np.maximum(lengths - n + 1, 0))
+        if native is not None:  # the same numbers as below, in one pass
+            h = np.empty(len(owner), np.uint64)
+            native.char_shingles(codes, lengths, tags, n, h)
         else:
-            tokens = _CODE_HASH[np.where(big, 0, codes)]
-            tokens[big] = fmix64(codes[big].astype(np.uint64) + np.uint64(1))
-        h, owner, _ = ngram_hashes(tokens, lengths, n)
+            big = codes > 0xFFFF
+            if not big.any():
+                tokens = _CODE_HASH[codes]  # a table lookup per character (fmix64 of the code point + 1)
+            else:
+                tokens = _CODE_HASH[np.where(big, 0, codes)]
+                tokens[big] = fmix64(codes[big].astype(np.uint64) + np.uint64(1))
+            h = ngram_hashes(tokens, lengths, n)[0] ^ tags[owner]
         short = np.flatnonzero(lengths < n)  # a turn shorter than n is one shingle: itself
         if len(short):
-            h = np.concatenate([h, np.array([stable_hash64(turns[i]) for i in short], np.uint64)])
+            h = np.concatenate([h, np.array([stable_hash64(turns[i]) for i in short], np.uint64) ^ tags[short]])
             owner = np.concatenate([owner, short])
             order = np.argsort(owner, kind="stable")
             h, owner = h[order], owner[order]
-        return h ^ fmix64(np.asarray(position, np.uint64) + _TAG_TURN)[owner], owner
+        return h, owner
 
 
 class MinHasher:
@@ -169,6 +195,11 @@ class MinHasher:
         text runs along contiguous rows, and a block (~8k shingles, 4 MiB) stays in cache: 10x faster than
         [shingles, num_perm] blocks of 16 MiB.
         """
+        if native is not None:
+            starts = np.searchsorted(owner, np.arange(n_texts + 1))  # owner is ascending
+            out = np.empty((n_texts, self.num_perm), np.uint32)
+            native.minhash(np.ascontiguousarray(hashes, np.uint32), starts, self.a, self.b, out)
+            return out
         sig = np.full((self.num_perm, n_texts), np.iinfo(np.uint32).max, np.uint32)
         if not len(hashes):
             return sig.T

@@ -1,0 +1,174 @@
+/* Native kernels of clean's map step: n-gram hashes and MinHash signatures.
+ *
+ * Optional: setup.py builds this module when a C compiler is there, and imitate/clean/minhash.py falls back to its
+ * numpy code otherwise (or with IMITATE_NATIVE=0). Both give the same numbers bit for bit -- the same uint64
+ * polynomial hash and the same uint32 affine permutations -- so the output of `imitate clean` does not depend on
+ * which ran; tests/test_native.py compares them.
+ *
+ * Arrays come in through the buffer protocol (numpy arrays, C-contiguous, dtypes checked by the Python wrappers), so
+ * the module needs neither numpy's headers nor numpy at build time.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MUL 0x9E3779B97F4A7C15ULL
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+/* one build, the widest vector unit the CPU running it has (resolved once at load time) */
+#define WIDEST __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define WIDEST
+#endif
+
+/* ngram_hashes(tokens: u64[T], lengths: i64[S], n, out_h: u64[T], out_pos: i64[T]) -> G
+ * The polynomial hash (h = h * MUL + t, from the first token) of every n-gram inside each segment, in order; the
+ * position of each n-gram's first token in out_pos. Segments are back to back in tokens. */
+static PyObject *ngram_hashes(PyObject *self, PyObject *args) {
+    Py_buffer tok, len, oh, op;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "y*y*nw*w*", &tok, &len, &n, &oh, &op)) return NULL;
+    const uint64_t *t = tok.buf;
+    const int64_t *lengths = len.buf;
+    uint64_t *out = oh.buf;
+    int64_t *pos = op.buf;
+    Py_ssize_t n_tok = tok.len / 8, n_seg = len.len / 8, cap = oh.len / 8, g = 0, start = 0;
+    int bad = n < 1 || op.len / 8 < cap;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t s = 0; s < n_seg && !bad; s++) {
+        int64_t L = lengths[s];
+        if (L < 0 || start + L > n_tok) { bad = 1; break; }
+        for (int64_t i = 0; i + n <= L; i++) {
+            if (g >= cap) { bad = 1; break; }
+            const uint64_t *w = t + start + i;
+            uint64_t h = w[0];
+            for (Py_ssize_t j = 1; j < n; j++) h = h * MUL + w[j];
+            out[g] = h;
+            pos[g++] = start + i;
+        }
+        start += L;
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&tok);
+    PyBuffer_Release(&len);
+    PyBuffer_Release(&oh);
+    PyBuffer_Release(&op);
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, "ngram_hashes: lengths do not fit the tokens or the output");
+        return NULL;
+    }
+    return PyLong_FromSsize_t(g);
+}
+
+static inline uint64_t fmix64(uint64_t h) {
+    h ^= h >> 33;
+    h *= 0xFF51AFD7ED558CCDULL;
+    h ^= h >> 33;
+    h *= 0xC4CEB9FE1A85EC53ULL;
+    return h ^ (h >> 33);
+}
+
+/* char_shingles(codes: u32[C], lengths: i64[S], tags: u64[S], n, out: u64[cap]) -> G
+ * Character n-gram hashes of each turn (code points back to back): each character is the token fmix64(code + 1),
+ * an n-gram the polynomial hash of its tokens (as ngram_hashes), xor-ed with its turn's tag. Turns shorter than n
+ * give nothing here (the caller adds their one shingle). */
+static PyObject *char_shingles(PyObject *self, PyObject *args) {
+    Py_buffer cb, lb, tb, ob;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "y*y*y*nw*", &cb, &lb, &tb, &n, &ob)) return NULL;
+    const uint32_t *codes = cb.buf;
+    const int64_t *lengths = lb.buf;
+    const uint64_t *tags = tb.buf;
+    uint64_t *out = ob.buf;
+    Py_ssize_t n_codes = cb.len / 4, n_seg = lb.len / 8, cap = ob.len / 8, g = 0, start = 0;
+    int bad = n < 1 || n > 64 || tb.len != lb.len;
+    Py_BEGIN_ALLOW_THREADS
+    uint64_t ring[64], top = 1; /* top = MUL^(n-1): the weight of the token leaving the window */
+    for (Py_ssize_t j = 1; j < n; j++) top *= MUL;
+    for (Py_ssize_t s = 0; s < n_seg && !bad; s++) {
+        int64_t L = lengths[s];
+        if (L < 0 || start + L > n_codes || (L >= n && g + L - n + 1 > cap)) { bad = 1; break; }
+        const uint32_t *c = codes + start;
+        uint64_t h = 0;
+        Py_ssize_t k = 0; /* ring[k]: the oldest token in the window */
+        for (int64_t i = 0; i < L; i++) {
+            uint64_t t = fmix64((uint64_t)c[i] + 1);
+            if (i < n) {
+                h = h * MUL + t; /* (all arithmetic mod 2^64: rolling gives the same sum as hashing each window) */
+                ring[i] = t;
+            } else {
+                h = (h - ring[k] * top) * MUL + t;
+                ring[k] = t;
+                if (++k == n) k = 0;
+            }
+            if (i >= n - 1) out[g++] = h ^ tags[s];
+        }
+        start += L;
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&cb);
+    PyBuffer_Release(&lb);
+    PyBuffer_Release(&tb);
+    PyBuffer_Release(&ob);
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, "char_shingles: lengths do not fit the codes, the tags or the output");
+        return NULL;
+    }
+    return PyLong_FromSsize_t(g);
+}
+
+WIDEST
+static void minhash_rows(const uint32_t *x, const int64_t *starts, Py_ssize_t n_rec, const uint32_t *a,
+                         const uint32_t *b, Py_ssize_t P, uint32_t *sig) {
+    for (Py_ssize_t r = 0; r < n_rec; r++) {
+        uint32_t *m = sig + r * P;
+        for (Py_ssize_t p = 0; p < P; p++) m[p] = 0xFFFFFFFFu;
+        for (int64_t k = starts[r]; k < starts[r + 1]; k++) {
+            const uint32_t v = x[k];
+            for (Py_ssize_t p = 0; p < P; p++) {
+                uint32_t y = a[p] * v + b[p]; /* mod 2^32 */
+                m[p] = y < m[p] ? y : m[p];
+            }
+        }
+    }
+}
+
+/* minhash(x: u32[G], starts: i64[R+1], a: u32[P], b: u32[P], out: u32[R, P])
+ * Row r of out: min over x[starts[r]:starts[r+1]] of (a * x + b) mod 2^32, each of the P permutations (all ones
+ * for a record without shingles). */
+static PyObject *minhash(PyObject *self, PyObject *args) {
+    Py_buffer xb, sb, ab, bb, ob;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*w*", &xb, &sb, &ab, &bb, &ob)) return NULL;
+    Py_ssize_t G = xb.len / 4, R = sb.len / 8 - 1, P = ab.len / 4;
+    const int64_t *starts = sb.buf;
+    int bad = R < 0 || bb.len != ab.len || ob.len != (R < 0 ? 0 : R) * P * 4;
+    for (Py_ssize_t r = 0; r < R && !bad; r++)
+        bad = starts[r] < 0 || starts[r] > starts[r + 1] || starts[r + 1] > G;
+    if (!bad) {
+        Py_BEGIN_ALLOW_THREADS
+        minhash_rows(xb.buf, starts, R, ab.buf, bb.buf, P, ob.buf);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&xb);
+    PyBuffer_Release(&sb);
+    PyBuffer_Release(&ab);
+    PyBuffer_Release(&bb);
+    PyBuffer_Release(&ob);
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, "minhash: starts do not fit the shingles, or out is not [records, perms]");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"ngram_hashes", ngram_hashes, METH_VARARGS, "Polynomial hashes of every n-gram inside each segment."},
+    {"char_shingles", char_shingles, METH_VARARGS, "Tagged character n-gram hashes of each turn."},
+    {"minhash", minhash, METH_VARARGS, "MinHash signatures of records' shingles under affine permutations mod 2^32."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "Native kernels of imitate clean.", -1, methods};
+
+PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }

@@ -1,0 +1,115 @@
+"""clean's C kernels (imitate/clean/_native.c) against the numpy code they stand in for: the same numbers bit for bit,
+so `imitate clean` writes the same files whether or not the module was built."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+
+import numpy as np
+import pytest
+from test_clean_shapes import distinct_corpus, planted, write
+
+import imitate.clean.minhash as mh
+from imitate.clean.minhash import MinHasher, Shingler, ngram_hashes
+from imitate.clean.stage import CleanConfig, run
+
+needs_native = pytest.mark.skipif(mh.native is None, reason="the C kernels are not built here")
+
+
+def test_the_kernels_are_built_where_a_compiler_is():
+    """setup.py builds them as optional (an install without a compiler still works): a C file that stops compiling
+    would otherwise fall back to numpy without a word. CI has a compiler, so there they must be present."""
+    if os.environ.get("IMITATE_NATIVE") == "0" or not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler (or IMITATE_NATIVE=0): the numpy code runs")
+    assert mh.native is not None, "imitate/clean/_native.c did not build: `pip install -v -e .` shows the compiler's error"
+
+
+def without_native(monkeypatch, fn, *args):
+    monkeypatch.setattr(mh, "native", None)
+    try:
+        return fn(*args)
+    finally:
+        monkeypatch.undo()
+
+
+def turns(rnd: random.Random, k: int) -> list[str]:
+    """Texts of every length around the n-gram size (0..4 characters give one shingle), ASCII, accents, CJK and
+    characters outside the BMP (emoji: their own token path in the numpy code)."""
+    alphabet = "abcdefgh ij" + "éüñ" + "漢字" + "\U0001f600\U0001d11e"
+    out = [""] * 3 + ["a", "ab", "abcd", "abcde", "\U0001f600" * 6]
+    out += ["".join(rnd.choices(alphabet, k=rnd.choice([rnd.randint(0, 8), rnd.randint(5, 300)]))) for _ in range(k)]
+    return out
+
+
+@needs_native
+@pytest.mark.parametrize("ngram", [1, 3, 5, 9])
+def test_shingles_equal_the_numpy_code(monkeypatch, ngram):
+    rnd = random.Random(ngram)
+    texts = turns(rnd, 300)
+    position = np.array([rnd.randrange(4) for _ in texts], np.int64)
+    sh = Shingler(ngram)
+    h, owner = sh.shingles(texts, position)
+    h0, owner0 = without_native(monkeypatch, sh.shingles, texts, position)
+    assert h.dtype == h0.dtype == np.uint64
+    assert np.array_equal(owner, owner0) and np.array_equal(h, h0)
+
+
+@needs_native
+def test_ngram_hashes_equal_the_numpy_code(monkeypatch):
+    rnd = random.Random(3)
+    lengths = np.array([rnd.choice([0, 1, 2, rnd.randint(0, 40)]) for _ in range(500)], np.int64)
+    tokens = np.array([rnd.getrandbits(64) for _ in range(int(lengths.sum()))], np.uint64)
+    for n in (1, 2, 4, 10):
+        got, want = ngram_hashes(tokens, lengths, n), without_native(monkeypatch, ngram_hashes, tokens, lengths, n)
+        assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(got, want))
+
+
+@needs_native
+@pytest.mark.parametrize("num_perm", [1, 16, 128, 200])
+def test_signatures_equal_the_numpy_code(monkeypatch, num_perm):
+    """Every text's minimum under every permutation, texts without shingles (all ones) included."""
+    rnd = random.Random(num_perm)
+    owner = np.sort(np.array([rnd.randrange(0, 60) for _ in range(5000)], np.int64))  # some of 0..63 own none
+    hashes = np.array([rnd.getrandbits(32) for _ in owner], np.uint32)
+    mhr = MinHasher(num_perm, seed=5)
+    got = mhr.signatures(hashes, owner, 64)
+    want = without_native(monkeypatch, mhr.signatures, hashes, owner, 64)
+    assert got.shape == want.shape == (64, num_perm) and np.array_equal(got, want)
+    assert (got[63] == 0xFFFFFFFF).all()
+
+
+@needs_native
+def test_kernels_refuse_arrays_that_do_not_fit():
+    with pytest.raises(ValueError, match="do not fit"):
+        mh.native.ngram_hashes(np.zeros(3, np.uint64), np.array([5], np.int64), 2, np.zeros(9, np.uint64),
+                               np.zeros(9, np.int64))  # fmt: skip
+    with pytest.raises(ValueError, match="do not fit"):
+        mh.native.char_shingles(np.zeros(3, np.uint32), np.array([3], np.int64), np.zeros(1, np.uint64), 2,
+                                np.zeros(1, np.uint64))  # fmt: skip
+    with pytest.raises(ValueError, match="do not fit"):
+        mh.native.minhash(np.zeros(3, np.uint32), np.array([0, 4], np.int64), np.ones(4, np.uint32),
+                          np.ones(4, np.uint32), np.zeros(4, np.uint32))  # fmt: skip
+
+
+@needs_native
+@pytest.mark.parametrize("near_on", ["both", "answer"])
+def test_clean_writes_the_same_files_without_the_kernels(tmp_path, monkeypatch, near_on):
+    """The shapes corpus (math, code, chat, multi-turn; planted exact and near copies) and its repetitive records."""
+    recs, _ = planted(distinct_corpus(random.Random(0)), random.Random(0))
+    recs += [{"id": f"r{k}", "messages": [{"role": "user", "content": f"Say it {k}"},
+                                           {"role": "assistant", "content": "the same words again " * 30}]}
+             for k in range(3)]  # fmt: skip
+    src = write(tmp_path / "in.jsonl", recs)
+    outs = []
+    for label in ("native", "numpy"):
+        if label == "numpy":
+            monkeypatch.setattr(mh, "native", None)
+        d = tmp_path / label
+        d.mkdir()
+        run(CleanConfig(inputs=[src], out=d / "clean.jsonl", removed=d / "removed.jsonl", near_on=near_on,
+                        chunk_size=64))  # fmt: skip
+        outs.append(((d / "clean.jsonl").read_bytes(), (d / "removed.jsonl").read_bytes()))
+    assert outs[0] == outs[1]
+    assert b'"near_dup"' in outs[0][1] and b'"repetition"' in outs[0][1]
