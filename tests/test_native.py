@@ -113,3 +113,34 @@ def test_clean_writes_the_same_files_without_the_kernels(tmp_path, monkeypatch, 
         outs.append(((d / "clean.jsonl").read_bytes(), (d / "removed.jsonl").read_bytes()))
     assert outs[0] == outs[1]
     assert b'"near_dup"' in outs[0][1] and b'"repetition"' in outs[0][1]
+
+
+@needs_native
+def test_similarities_equal_the_numpy_code(monkeypatch):
+    """The exact check's Jaccard of aligned turns, as merges of sorted runs, against the numpy searchsorted."""
+    from imitate.clean.dedup import NearDup
+
+    rnd = random.Random(9)
+    nd = NearDup()
+    recs = [[t] for t in turns(rnd, 200)] + [[t, u] for t, u in zip(turns(rnd, 100), turns(rnd, 100))]
+    sets = nd.turn_sets(recs)
+    pairs = [(rnd.choice(sets), rnd.choice(sets)) for _ in range(3000)] + [(s, s) for s in sets[:50]]
+    got = NearDup.similarities(pairs)
+    want = without_native(monkeypatch, NearDup.similarities, pairs)
+    assert np.array_equal(got, want) and (got[-50:] == 1.0).all() and 0 < (got > 0.5).sum() < len(got)
+
+
+@needs_native
+def test_words_equal_the_numpy_code(monkeypatch):
+    """Word hashes, counts and byte lengths (the repetition filter's input): ASCII, accents, curly quotes, emoji,
+    texts without words, case changes that alter byte lengths."""
+    rnd = random.Random(4)
+    alphabet = "ab_9 ,.\n'’" + "ÇİẞǄ" + "漢" + "\U0001f600"
+    texts = ["", "   ", "x", "Hello, World! snake_case 42x"]
+    texts += ["".join(rnd.choices(alphabet, k=rnd.randint(0, 120))) for _ in range(400)]
+    for with_lengths in (False, True):
+        got = mh.word_tokens(texts, lengths=with_lengths)
+        want = without_native(monkeypatch, lambda: mh.word_tokens(texts, lengths=with_lengths))
+        assert len(got) == len(want) and all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(got, want))
+    assert np.array_equal(mh.word_counts(texts), without_native(monkeypatch, mh.word_counts, texts))
+    assert mh.word_counts([]).tolist() == [] and mh.word_tokens([])[0].tolist() == []

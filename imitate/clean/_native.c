@@ -1,4 +1,4 @@
-/* Native kernels of clean's map step: n-gram hashes and MinHash signatures.
+/* Native kernels of clean: n-gram hashes and MinHash signatures (the map step), set intersections (the exact check).
  *
  * Optional: setup.py builds this module when a C compiler is there, and imitate/clean/minhash.py falls back to its
  * numpy code otherwise (or with IMITATE_NATIVE=0). Both give the same numbers bit for bit -- the same uint64
@@ -118,19 +118,33 @@ static PyObject *char_shingles(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(g);
 }
 
+#define LANES 32 /* permutations per pass over a record's shingles: their running minima stay in registers */
+
 WIDEST
 static void minhash_rows(const uint32_t *x, const int64_t *starts, Py_ssize_t n_rec, const uint32_t *a,
                          const uint32_t *b, Py_ssize_t P, uint32_t *sig) {
     for (Py_ssize_t r = 0; r < n_rec; r++) {
         uint32_t *m = sig + r * P;
-        for (Py_ssize_t p = 0; p < P; p++) m[p] = 0xFFFFFFFFu;
-        for (int64_t k = starts[r]; k < starts[r + 1]; k++) {
-            const uint32_t v = x[k];
-            for (Py_ssize_t p = 0; p < P; p++) {
-                uint32_t y = a[p] * v + b[p]; /* mod 2^32 */
+        Py_ssize_t p0 = 0;
+        for (; p0 + LANES <= P; p0 += LANES) {
+            uint32_t acc[LANES];
+            const uint32_t *ap = a + p0, *bp = b + p0;
+            for (int p = 0; p < LANES; p++) acc[p] = 0xFFFFFFFFu;
+            for (int64_t k = starts[r]; k < starts[r + 1]; k++) {
+                const uint32_t v = x[k];
+                for (int p = 0; p < LANES; p++) {
+                    uint32_t y = ap[p] * v + bp[p]; /* mod 2^32 */
+                    acc[p] = y < acc[p] ? y : acc[p];
+                }
+            }
+            memcpy(m + p0, acc, sizeof acc);
+        }
+        for (Py_ssize_t p = p0; p < P; p++) m[p] = 0xFFFFFFFFu; /* the permutations left over, one at a time */
+        for (int64_t k = starts[r]; k < starts[r + 1]; k++)
+            for (Py_ssize_t p = p0; p < P; p++) {
+                uint32_t y = a[p] * x[k] + b[p];
                 m[p] = y < m[p] ? y : m[p];
             }
-        }
     }
 }
 
@@ -162,9 +176,106 @@ static PyObject *minhash(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* words(buf: bytes, lens: i64[S], word_byte: u8[256], counts: i64[S], tokens: u64[W] | None, wlen: i64[W] | None)
+ * The words of S texts laid end to end in buf (a word: a run of bytes whose word_byte entry is 1, never crossing
+ * from one text into the next): the count of each text; with tokens, each word's hash, fmix64 of the sum of
+ * (byte_j + 1) * MUL^(j + 1) over its bytes j = 0, 1, ...; with wlen, its length in bytes. Returns W. */
+static PyObject *words(PyObject *self, PyObject *args) {
+    Py_buffer bb, lb, wb, cb, tb = {0}, nb = {0};
+    PyObject *tok_obj, *len_obj;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*OO", &bb, &lb, &wb, &cb, &tok_obj, &len_obj)) return NULL;
+    int with_tok = tok_obj != Py_None, with_len = len_obj != Py_None, bad = 0;
+    if (with_tok && PyObject_GetBuffer(tok_obj, &tb, PyBUF_WRITABLE) < 0) bad = 2;
+    if (!bad && with_len && PyObject_GetBuffer(len_obj, &nb, PyBUF_WRITABLE) < 0) bad = 2;
+    const unsigned char *buf = bb.buf, *isw = wb.buf;
+    const int64_t *lens = lb.buf;
+    int64_t *counts = cb.buf, *wl = nb.buf;
+    uint64_t *tokens = tb.buf;
+    Py_ssize_t S = lb.len / 8, n_tok = with_tok ? tb.len / 8 : 0, n_len = with_len ? nb.len / 8 : 0, W = 0, at = 0;
+    if (!bad && (wb.len != 256 || cb.len / 8 != S)) bad = 1;
+    if (!bad) {
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t s = 0; s < S && !bad; s++) {
+            if (lens[s] < 0 || at + lens[s] > bb.len) { bad = 1; break; }
+            const unsigned char *c = buf + at, *end = buf + at + lens[s];
+            int64_t n = 0;
+            while (c < end) {
+                if (!isw[*c]) { c++; continue; }
+                uint64_t h = 0, pw = MUL;
+                const unsigned char *w0 = c;
+                for (; c < end && isw[*c]; c++) {
+                    h += ((uint64_t)*c + 1) * pw;
+                    pw *= MUL;
+                }
+                if ((with_tok && W >= n_tok) || (with_len && W >= n_len)) { bad = 1; break; }
+                if (with_tok) tokens[W] = fmix64(h);
+                if (with_len) wl[W] = c - w0;
+                W++;
+                n++;
+            }
+            counts[s] = n;
+            at += lens[s];
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&bb);
+    PyBuffer_Release(&lb);
+    PyBuffer_Release(&wb);
+    PyBuffer_Release(&cb);
+    if (tb.obj) PyBuffer_Release(&tb); /* (a view that was not taken has no obj) */
+    if (nb.obj) PyBuffer_Release(&nb);
+    if (bad == 1) {
+        PyErr_SetString(PyExc_ValueError, "words: lengths do not fit the bytes, or the outputs are too short");
+        return NULL;
+    }
+    if (bad) return NULL;
+    return PyLong_FromSsize_t(W);
+}
+
+/* intersections(a: u32[A], a_off: i64[T+1], b: u32[B], b_off: i64[T+1], out: i64[T])
+ * out[t] = how many values a[a_off[t]:a_off[t+1]] and b[b_off[t]:b_off[t+1]] share; each run sorted, distinct. */
+static PyObject *intersections(PyObject *self, PyObject *args) {
+    Py_buffer ab, aob, bb, bob, ob;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*w*", &ab, &aob, &bb, &bob, &ob)) return NULL;
+    const uint32_t *a = ab.buf, *b = bb.buf;
+    const int64_t *ao = aob.buf, *bo = bob.buf;
+    int64_t *out = ob.buf;
+    Py_ssize_t T = ob.len / 8;
+    int bad = aob.len != bob.len || aob.len / 8 != T + 1;
+    for (Py_ssize_t t = 0; t < T && !bad; t++)
+        bad = ao[t] < 0 || ao[t] > ao[t + 1] || ao[t + 1] > ab.len / 4 || bo[t] < 0 || bo[t] > bo[t + 1] ||
+              bo[t + 1] > bb.len / 4;
+    if (!bad) {
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t t = 0; t < T; t++) {
+            int64_t i = ao[t], j = bo[t], n = 0;
+            while (i < ao[t + 1] && j < bo[t + 1]) {
+                uint32_t x = a[i], y = b[j];
+                n += x == y;
+                i += x <= y;
+                j += y <= x;
+            }
+            out[t] = n;
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&ab);
+    PyBuffer_Release(&aob);
+    PyBuffer_Release(&bb);
+    PyBuffer_Release(&bob);
+    PyBuffer_Release(&ob);
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, "intersections: offsets do not fit the arrays or the output");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"ngram_hashes", ngram_hashes, METH_VARARGS, "Polynomial hashes of every n-gram inside each segment."},
     {"char_shingles", char_shingles, METH_VARARGS, "Tagged character n-gram hashes of each turn."},
+    {"words", words, METH_VARARGS, "Word counts, hashes and lengths of texts' UTF-8 bytes."},
+    {"intersections", intersections, METH_VARARGS, "Shared values of sorted runs, run by run."},
     {"minhash", minhash, METH_VARARGS, "MinHash signatures of records' shingles under affine permutations mod 2^32."},
     {NULL, NULL, 0, NULL},
 };

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from imitate.clean import minhash
 from imitate.clean.minhash import MUL, MinHasher, Shingler, fmix64
 
 
@@ -329,13 +330,17 @@ class NearDup:
             return sims
         la = np.fromiter(map(len, a_sets), np.int64, len(a_sets))
         lb = np.fromiter(map(len, b_sets), np.int64, len(b_sets))
-        turn = np.arange(len(a_sets), dtype=np.uint64) << np.uint64(32)
-        ka = np.repeat(turn, la) | np.concatenate(a_sets).astype(np.uint64)  # sorted: by turn, then hash
-        kb = np.repeat(turn, lb) | np.concatenate(b_sets).astype(np.uint64)
         inter = np.zeros(len(a_sets), np.int64)
-        if len(ka) and len(kb):
-            hit = kb[np.minimum(np.searchsorted(kb, ka), len(kb) - 1)] == ka
-            inter = np.bincount(np.repeat(np.arange(len(a_sets)), la)[hit], minlength=len(a_sets))
+        if minhash.native is not None:  # a merge of each pair of sorted runs
+            a_off, b_off = np.concatenate(([0], np.cumsum(la))), np.concatenate(([0], np.cumsum(lb)))
+            minhash.native.intersections(np.concatenate(a_sets), a_off, np.concatenate(b_sets), b_off, inter)
+        else:
+            turn = np.arange(len(a_sets), dtype=np.uint64) << np.uint64(32)
+            ka = np.repeat(turn, la) | np.concatenate(a_sets).astype(np.uint64)  # sorted: by turn, then hash
+            kb = np.repeat(turn, lb) | np.concatenate(b_sets).astype(np.uint64)
+            if len(ka) and len(kb):
+                hit = kb[np.minimum(np.searchsorted(kb, ka), len(kb) - 1)] == ka
+                inter = np.bincount(np.repeat(np.arange(len(a_sets)), la)[hit], minlength=len(a_sets))
         with np.errstate(invalid="ignore", divide="ignore"):
             jac = inter / (la + lb - inter)
         empty = (la == 0) | (lb == 0)  # as `jaccard`: two empty sets are alike, one empty set is not

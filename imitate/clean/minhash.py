@@ -91,6 +91,7 @@ _WORD_BYTE = np.zeros(256, bool)
 for _c in b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_":
     _WORD_BYTE[_c] = True
 _WORD_BYTE[0x80:] = True  # any non-ASCII byte (letters of other scripts, but also e.g. curly quotes) joins words
+_WORD_BYTE_U8 = _WORD_BYTE.astype(np.uint8)  # (the table as the C kernel reads it)
 
 
 def word_tokens(texts: Sequence[str], *, lengths: bool = False) -> tuple[np.ndarray, ...]:
@@ -102,6 +103,11 @@ def word_tokens(texts: Sequence[str], *, lengths: bool = False) -> tuple[np.ndar
     """
     enc = [t.lower().encode("utf-8") for t in texts]
     lens = np.fromiter(map(len, enc), np.int64, count=len(enc))
+    if native is not None:  # the same numbers, one pass over the bytes
+        joined, counts = b"".join(enc), np.empty(len(enc), np.int64)
+        tokens, wlen = np.empty(len(joined), np.uint64), np.empty(len(joined), np.int64)  # (a word has >= 1 byte)
+        n = native.words(joined, lens, _WORD_BYTE_U8, counts, tokens, wlen)
+        return (tokens[:n].copy(), counts, wlen[:n].copy()) if lengths else (tokens[:n].copy(), counts)
     buf = np.frombuffer(b"".join(enc), np.uint8)
     if not len(buf):
         empty = (np.zeros(0, np.uint64), np.zeros(len(enc), np.int64))
@@ -130,6 +136,10 @@ def word_counts(texts: Sequence[str]) -> np.ndarray:
     """[S] int64: the words of each text as `word_tokens` counts them, without hashing them (a third of the time)."""
     enc = [t.encode("utf-8") for t in texts]  # (lowercasing does not move word boundaries: bytes >= 0x80 are word)
     lens = np.fromiter(map(len, enc), np.int64, count=len(enc))
+    if native is not None:
+        counts = np.empty(len(enc), np.int64)
+        native.words(b"".join(enc), lens, _WORD_BYTE_U8, counts, None, None)
+        return counts
     buf = np.frombuffer(b"".join(enc), np.uint8)
     if not len(buf):
         return np.zeros(len(enc), np.int64)
