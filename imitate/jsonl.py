@@ -70,11 +70,22 @@ def lines(path: str | os.PathLike, limit: int | None = None) -> Iterator[tuple[i
 def pick(paths: list, want: dict) -> Iterator[tuple[Any, bytes]]:
     """(want[(file index, line number)], raw line) for the lines `want` names, re-read from `paths` in input order.
     Only lines a first pass already parsed are named, so a TooLong line is never among them."""
+    left = len(want)
+    last = {}  # file index -> its last line wanted: the rest of the file is not read
+    for fi, lineno in want:
+        last[fi] = max(last.get(fi, 0), lineno)
     for fi, path in enumerate(paths):
+        if fi not in last:
+            continue
         for lineno, raw in lines(path):  # the bad lines a skip passed over are never read whole
             key = want.get((fi, lineno))
             if key is not None:
                 yield key, raw
+                left -= 1
+            if lineno >= last[fi]:
+                break
+        if not left:
+            return
 
 
 _SCAN = json.JSONDecoder().scan_once  # the scanner json.loads runs, without its Python wrappers around it

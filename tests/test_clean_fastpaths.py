@@ -186,3 +186,65 @@ def test_plain_record_check_agrees_with_record_problem_and_as_text():
         plain = _plain(v)
         assert not plain or (record_problem(v) is None and as_text(v) is v), v
     assert [_plain(v) for v in values].count(True) == 3
+
+
+@pytest.mark.parametrize("near_on", ["both", "prompt"])
+def test_exact_check_on_kept_turns_equals_reading_the_records_again(tmp_path, monkeypatch, near_on):
+    """The map step keeps the candidates' turns (in-process, within a budget) so the exact check need not read and
+    parse them again: all kept, some kept (the budget runs out mid-run), none kept -- the same files."""
+    from test_clean_shapes import distinct_corpus, planted, write
+
+    import imitate.clean.scan as scan
+    import imitate.clean.verify as verify
+
+    recs, _ = planted(distinct_corpus(random.Random(1))[::-1], random.Random(1))  # (long answers first)
+    src = write(tmp_path / "in.jsonl", recs)
+    read_lines = []
+    real_pick = verify.pick
+
+    def counting_pick(paths, want):
+        read_lines.append(len(want))
+        return real_pick(paths, want)
+
+    monkeypatch.setattr(verify, "pick", counting_pick)
+    total = sum(len(t) for r in recs for t in RecordTexts(near_on)(r)[2])
+    outs = {}
+    for budget in (1 << 26, total // 2, 0):
+        monkeypatch.setattr(scan, "TURN_BUDGET", budget)
+        d = tmp_path / str(budget)
+        d.mkdir()
+        run(CleanConfig(inputs=[src], out=d / "c.jsonl", removed=d / "r.jsonl", chunk_size=40, near_on=near_on,
+                        drop_repetitive=False))  # fmt: skip
+        outs[budget] = ((d / "c.jsonl").read_bytes(), (d / "r.jsonl").read_bytes())
+    assert outs[1 << 26] == outs[total // 2] == outs[0]
+    assert read_lines[0] == 0 and 0 < read_lines[1] < read_lines[2]  # all kept; some; none
+    assert b'"near_dup"' in outs[0][1]
+
+
+def test_pick_reads_only_up_to_the_last_wanted_line(tmp_path):
+    from imitate.jsonl import pick
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_bytes(b"1\n2\n3\n")
+    b.write_bytes(b"4\n5\n")
+    assert list(pick([a, b], {(0, 2): "x", (1, 2): "y"})) == [("x", b"2\n"), ("y", b"5\n")]
+    assert list(pick([a, b], {})) == []
+    a.write_bytes(b"1\n2\n" + b"x" * 100 + b"\n")  # past the last wanted line: not read (here: too long to read)
+    assert list(pick([a, b], {(0, 1): "z"})) == [("z", b"1\n")]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_clean_pauses_the_cyclic_collector_and_puts_it_back(tmp_path, monkeypatch, enabled):
+    import gc
+
+    seen = []
+    real = stage._run
+    monkeypatch.setattr(stage, "_run", lambda cfg: seen.append(gc.isenabled()) or real(cfg))
+    src = tmp_path / "in.jsonl"
+    src.write_text(dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}) + "\n")
+    (gc.enable if enabled else gc.disable)()
+    try:
+        run(CleanConfig(inputs=[src], out=tmp_path / "c.jsonl"))
+        assert seen == [False] and gc.isenabled() is enabled
+    finally:
+        gc.enable()

@@ -3,6 +3,7 @@ this process or in `--workers` processes. Only small per-record facts come back 
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import time
@@ -49,6 +50,9 @@ class Chunk:
     tokens: np.ndarray | None = None  # [n, 2] int32: input, output tokens (a count past int32: the card reads)
     bad_counted: list[int] = field(default_factory=lambda: [0, 0, 0])  # records, tokens in, out of the bad lines
     counted: bool = True  # False: a line the card would count otherwise (a bare \r in it...): it reads the file
+    # near-dedup's normalized turns of each record (None: not kept), for the exact check to use instead of reading
+    # the record again; kept only while the map runs in the process that checks (see Mapper.turn_budget)
+    turns: list[list[str] | None] | None = None
 
 
 def _field(record: dict, dotted: str) -> Any:
@@ -71,6 +75,7 @@ class Mapper:
 
     def __init__(self, cfg: CleanConfig, filters: dict[str, Predicate], near: NearDup | None):
         self.cfg, self.filters, self.near = cfg, filters, near
+        self.turn_budget = 0  # characters of near-dedup turns still to keep in the chunks (0: none; scan sets it)
 
     def __call__(self, job: tuple[str, list[tuple[int, bytes]]]) -> Chunk:
         path, lines = job
@@ -148,6 +153,15 @@ class Mapper:
             if kept:
                 guards = np.fromiter((f[3] for f in facts), np.uint64, len(kept))
                 out.bands[ix], out.sketch[ix] = self.near.keys_and_sketch([f[2] for f in facts], guards)
+            if self.turn_budget > 0 and cfg.verify:
+                size = sum(len(t) for f in facts for t in f[2])  # (an upper bound: equal prompts share one string)
+                if size <= self.turn_budget:
+                    self.turn_budget -= size
+                    out.turns = [None] * n
+                    for i, f in zip(alive, facts):
+                        out.turns[i] = f[2]
+                else:
+                    self.turn_budget = 0  # the rest is read again by the exact check
             secs["near_dup"] = time.perf_counter() - t
         out.priority = np.full(n, -math.inf)
         if cfg.priority:
@@ -224,11 +238,13 @@ def _priority(record: dict, spec: str) -> float:
 
 
 _MAPPER: Mapper | None = None
+TURN_BUDGET = 1 << 26  # characters of answers whose normalized turns stay in memory for the exact check (~100 MB)
 
 
 def _init_worker(mapper: Mapper) -> None:
     global _MAPPER
     _MAPPER = mapper
+    gc.disable()  # (as in the main process: stage.cyclic_gc_paused)
 
 
 def _map_in_worker(job: tuple[str, list[tuple[int, bytes]]]) -> Chunk:
@@ -273,7 +289,8 @@ def scan(cfg: CleanConfig, mapper: Mapper, paths: list[Path]) -> tuple[list[Chun
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
         pool = ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_init_worker, initargs=(mapper,))
         results: Iterator[Chunk] = _bounded_map(pool, jobs, 2 * cfg.workers)
-    else:
+    else:  # in this process: the chunks may keep their turns for the exact check, up to a budget
+        mapper.turn_budget = TURN_BUDGET
         results = map(mapper, jobs)
     try:
         for chunk in results:

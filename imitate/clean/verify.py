@@ -1,14 +1,16 @@
 """The exact check of near-duplicate candidates: one more streaming read of the inputs, for the candidate records only.
 
 Candidates are numbered in input order, so a pair (u, v), u < v, can be checked as soon as v is read; u's shingle
-sets are kept until its last partner has been read, then freed. Memory holds the shingle sets of the records with
+sets are kept until its last partner has been read, then freed. Records whose normalized turns the map step kept
+(in-process runs, up to `scan.TURN_BUDGET` characters) are not read again. Memory holds the shingle sets of the records with
 a partner still ahead (planted or sampled duplicates sit near their originals: a few thousand), not of every
 candidate. Records are shingled in batches, as numpy work; each pair costs a few sorted-array lookups.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import heapq
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +29,16 @@ def pair_similarity(
     edges: np.ndarray,
     near: NearDup,
     on: str,
+    kept: Callable[[int], list[str] | None] | None = None,
 ) -> np.ndarray:
     """[E] float64: `near.similarity` of each candidate pair. edges: [E, 2] node ids, numbered in input order;
-    locate(node) -> (file index, line number) of its record."""
+    locate(node) -> (file index, line number) of its record; kept(node) -> its near-dedup turns if the map step kept
+    them (then it is not read again), else None."""
     u, v = edges.min(axis=1), edges.max(axis=1)
     nodes = np.sort(np.concatenate([u, v]))
     nodes = nodes[np.concatenate(([True], nodes[1:] != nodes[:-1]))].tolist()
-    want = {locate(k): k for k in nodes}
+    known = {k: t for k in nodes if (t := kept(k) if kept else None) is not None}
+    want = {locate(k): k for k in nodes if k not in known}
     last_use = np.full(int(v.max()) + 1, -1, np.int64)  # the last node whose reading still needs this one
     np.maximum.at(last_use, u, v)
     np.maximum.at(last_use, v, v)
@@ -62,11 +67,16 @@ def pair_similarity(
         batch_turns.clear()
 
     texts = RecordTexts(on, prompt_key=False, near=False)  # the turns, prompts computed once (as in the map step)
-    for node, raw in pick(paths, want):
+
+    def read() -> Iterator[tuple[int, list[str]]]:
+        for node, raw in pick(paths, want):
+            yield node, texts(as_text(parse(raw)[0]))[2]  # (a line the map step parsed)
+            if len(texts.memo) > 10_000:
+                texts.memo.clear()
+
+    for node, turns in heapq.merge(known.items(), read()):  # both in node (= input) order
         batch_nodes.append(node)
-        batch_turns.append(texts(as_text(parse(raw)[0]))[2])  # (a line the map step parsed)
-        if len(texts.memo) > 10_000:
-            texts.memo.clear()
+        batch_turns.append(turns)
         if len(batch_nodes) >= BATCH:
             flush()
     flush()
