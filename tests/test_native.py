@@ -86,11 +86,13 @@ def test_kernels_refuse_arrays_that_do_not_fit():
         mh.native.ngram_hashes(np.zeros(3, np.uint64), np.array([5], np.int64), 2, np.zeros(9, np.uint64),
                                np.zeros(9, np.int64))  # fmt: skip
     with pytest.raises(ValueError, match="do not fit"):
-        mh.native.char_shingles(np.zeros(3, np.uint32), np.array([3], np.int64), np.zeros(1, np.uint64), 2,
-                                np.zeros(1, np.uint64))  # fmt: skip
+        mh.native.char_shingles(np.zeros(3, np.uint32), np.array([3], np.int64), np.zeros(1, np.uint64),
+                                np.zeros(1, np.uint64), 2, np.zeros(1, np.uint64))  # fmt: skip
     with pytest.raises(ValueError, match="do not fit"):
         mh.native.minhash(np.zeros(3, np.uint32), np.array([0, 4], np.int64), np.ones(4, np.uint32),
                           np.ones(4, np.uint32), np.zeros(4, np.uint32))  # fmt: skip
+    with pytest.raises(ValueError, match="do not fit"):
+        mh.native.band_keys(np.zeros((2, 8), np.uint32), 3, 3, None, np.zeros((2, 3), np.uint64))  # 9 > 8 values
 
 
 @needs_native
@@ -144,3 +146,30 @@ def test_words_equal_the_numpy_code(monkeypatch):
         assert len(got) == len(want) and all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(got, want))
     assert np.array_equal(mh.word_counts(texts), without_native(monkeypatch, mh.word_counts, texts))
     assert mh.word_counts([]).tolist() == [] and mh.word_tokens([])[0].tolist() == []
+
+
+@needs_native
+@pytest.mark.parametrize("with_guards", [False, True])
+def test_band_keys_and_sketches_equal_the_numpy_code(monkeypatch, with_guards):
+    """The map step's whole output for near-dedup: records of one and several turns, short and empty turns."""
+    from imitate.clean.dedup import NearDup
+
+    rnd = random.Random(11)
+    nd = NearDup(num_perm=128, threshold=0.8)
+    recs = [[t] for t in turns(rnd, 150)] + [[t, u, ""] for t, u in zip(turns(rnd, 60), turns(rnd, 60))]
+    guards = np.array([rnd.getrandbits(64) for _ in recs], np.uint64) if with_guards else None
+    got = nd.keys_and_sketch(recs, guards)
+    want = without_native(monkeypatch, nd.keys_and_sketch, recs, guards)
+    assert all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(got, want))
+    assert got[0].shape == (len(recs), nd.bands)
+
+
+@needs_native
+def test_signatures_read_the_high_halves_of_64_bit_hashes(monkeypatch):
+    rnd = random.Random(12)
+    h = np.array([rnd.getrandbits(64) for _ in range(3000)], np.uint64)
+    starts = np.array([0, 0, 5, 1000, 1000, 2999, 3000], np.int64)
+    mhr = MinHasher(64, seed=2)
+    got = mhr.signatures_at(h, starts)
+    assert np.array_equal(got, mhr.signatures_at((h >> np.uint64(32)).astype(np.uint32), starts))
+    assert np.array_equal(got, without_native(monkeypatch, mhr.signatures_at, h, starts))

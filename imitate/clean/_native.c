@@ -69,26 +69,31 @@ static inline uint64_t fmix64(uint64_t h) {
     return h ^ (h >> 33);
 }
 
-/* char_shingles(codes: u32[C], lengths: i64[S], tags: u64[S], n, out: u64[cap]) -> G
- * Character n-gram hashes of each turn (code points back to back): each character is the token fmix64(code + 1),
- * an n-gram the polynomial hash of its tokens (as ngram_hashes), xor-ed with its turn's tag. Turns shorter than n
- * give nothing here (the caller adds their one shingle). */
+/* char_shingles(codes: u32[C], lengths: i64[S], tags: u64[S], short: u64[S], n, out: u64[cap]) -> G
+ * Character n-gram hashes of each turn (code points back to back), turn after turn: each character is the token
+ * fmix64(code + 1), an n-gram the polynomial hash of its tokens (as ngram_hashes), xor-ed with its turn's tag. A
+ * turn shorter than n is one shingle, short[s] ^ tags[s] (the caller's hash of the whole turn). */
 static PyObject *char_shingles(PyObject *self, PyObject *args) {
-    Py_buffer cb, lb, tb, ob;
+    Py_buffer cb, lb, tb, sb, ob;
     Py_ssize_t n;
-    if (!PyArg_ParseTuple(args, "y*y*y*nw*", &cb, &lb, &tb, &n, &ob)) return NULL;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*nw*", &cb, &lb, &tb, &sb, &n, &ob)) return NULL;
     const uint32_t *codes = cb.buf;
     const int64_t *lengths = lb.buf;
-    const uint64_t *tags = tb.buf;
+    const uint64_t *tags = tb.buf, *shorts = sb.buf;
     uint64_t *out = ob.buf;
     Py_ssize_t n_codes = cb.len / 4, n_seg = lb.len / 8, cap = ob.len / 8, g = 0, start = 0;
-    int bad = n < 1 || n > 64 || tb.len != lb.len;
+    int bad = n < 1 || n > 64 || tb.len != lb.len || sb.len != lb.len;
     Py_BEGIN_ALLOW_THREADS
     uint64_t ring[64], top = 1; /* top = MUL^(n-1): the weight of the token leaving the window */
     for (Py_ssize_t j = 1; j < n; j++) top *= MUL;
     for (Py_ssize_t s = 0; s < n_seg && !bad; s++) {
         int64_t L = lengths[s];
-        if (L < 0 || start + L > n_codes || (L >= n && g + L - n + 1 > cap)) { bad = 1; break; }
+        if (L < 0 || start + L > n_codes || g + (L >= n ? L - n + 1 : 1) > cap) { bad = 1; break; }
+        if (L < n) {
+            out[g++] = shorts[s] ^ tags[s];
+            start += L;
+            continue;
+        }
         const uint32_t *c = codes + start;
         uint64_t h = 0;
         Py_ssize_t k = 0; /* ring[k]: the oldest token in the window */
@@ -110,6 +115,7 @@ static PyObject *char_shingles(PyObject *self, PyObject *args) {
     PyBuffer_Release(&cb);
     PyBuffer_Release(&lb);
     PyBuffer_Release(&tb);
+    PyBuffer_Release(&sb);
     PyBuffer_Release(&ob);
     if (bad) {
         PyErr_SetString(PyExc_ValueError, "char_shingles: lengths do not fit the codes, the tags or the output");
@@ -121,7 +127,7 @@ static PyObject *char_shingles(PyObject *self, PyObject *args) {
 #define LANES 32 /* permutations per pass over a record's shingles: their running minima stay in registers */
 
 WIDEST
-static void minhash_rows(const uint32_t *x, const int64_t *starts, Py_ssize_t n_rec, const uint32_t *a,
+static void minhash_rows(const uint32_t *x, int step, const int64_t *starts, Py_ssize_t n_rec, const uint32_t *a,
                          const uint32_t *b, Py_ssize_t P, uint32_t *sig) {
     for (Py_ssize_t r = 0; r < n_rec; r++) {
         uint32_t *m = sig + r * P;
@@ -131,7 +137,7 @@ static void minhash_rows(const uint32_t *x, const int64_t *starts, Py_ssize_t n_
             const uint32_t *ap = a + p0, *bp = b + p0;
             for (int p = 0; p < LANES; p++) acc[p] = 0xFFFFFFFFu;
             for (int64_t k = starts[r]; k < starts[r + 1]; k++) {
-                const uint32_t v = x[k];
+                const uint32_t v = x[k * step];
                 for (int p = 0; p < LANES; p++) {
                     uint32_t y = ap[p] * v + bp[p]; /* mod 2^32 */
                     acc[p] = y < acc[p] ? y : acc[p];
@@ -142,37 +148,84 @@ static void minhash_rows(const uint32_t *x, const int64_t *starts, Py_ssize_t n_
         for (Py_ssize_t p = p0; p < P; p++) m[p] = 0xFFFFFFFFu; /* the permutations left over, one at a time */
         for (int64_t k = starts[r]; k < starts[r + 1]; k++)
             for (Py_ssize_t p = p0; p < P; p++) {
-                uint32_t y = a[p] * x[k] + b[p];
+                uint32_t y = a[p] * x[k * step] + b[p];
                 m[p] = y < m[p] ? y : m[p];
             }
     }
 }
 
-/* minhash(x: u32[G], starts: i64[R+1], a: u32[P], b: u32[P], out: u32[R, P])
- * Row r of out: min over x[starts[r]:starts[r+1]] of (a * x + b) mod 2^32, each of the P permutations (all ones
- * for a record without shingles). */
+/* minhash(x: u32[G] or u64[G], starts: i64[R+1], a: u32[P], b: u32[P], out: u32[R, P])
+ * Row r of out: min over the values x[starts[r]:starts[r+1]] of (a * x + b) mod 2^32, each of the P permutations
+ * (all ones for a record without shingles). A u64 array (x.itemsize 8) gives its high 32 bits as the values. */
 static PyObject *minhash(PyObject *self, PyObject *args) {
-    Py_buffer xb, sb, ab, bb, ob;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*w*", &xb, &sb, &ab, &bb, &ob)) return NULL;
-    Py_ssize_t G = xb.len / 4, R = sb.len / 8 - 1, P = ab.len / 4;
+    PyObject *x_obj;
+    Py_buffer xb = {0}, sb, ab, bb, ob;
+    if (!PyArg_ParseTuple(args, "Oy*y*y*w*", &x_obj, &sb, &ab, &bb, &ob)) return NULL;
+    int bad = PyObject_GetBuffer(x_obj, &xb, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0 ? 2 : 0;
+    int step = !bad && xb.itemsize == 8 ? 2 : 1; /* u64: every other u32, the high halves */
+    Py_ssize_t G = bad ? 0 : xb.len / 4 / step, R = sb.len / 8 - 1, P = ab.len / 4;
     const int64_t *starts = sb.buf;
-    int bad = R < 0 || bb.len != ab.len || ob.len != (R < 0 ? 0 : R) * P * 4;
+    if (!bad && ((xb.itemsize != 4 && xb.itemsize != 8) || R < 0 || bb.len != ab.len || ob.len != (R < 0 ? 0 : R) * P * 4))
+        bad = 1;
     for (Py_ssize_t r = 0; r < R && !bad; r++)
         bad = starts[r] < 0 || starts[r] > starts[r + 1] || starts[r + 1] > G;
     if (!bad) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+        const uint32_t *x = xb.buf;
+#else
+        const uint32_t *x = (const uint32_t *)xb.buf + (step == 2 ? 1 : 0);
+#endif
         Py_BEGIN_ALLOW_THREADS
-        minhash_rows(xb.buf, starts, R, ab.buf, bb.buf, P, ob.buf);
+        minhash_rows(x, step, starts, R, ab.buf, bb.buf, P, ob.buf);
         Py_END_ALLOW_THREADS
     }
-    PyBuffer_Release(&xb);
+    if (xb.obj) PyBuffer_Release(&xb);
     PyBuffer_Release(&sb);
     PyBuffer_Release(&ab);
     PyBuffer_Release(&bb);
     PyBuffer_Release(&ob);
-    if (bad) {
+    if (bad == 1) {
         PyErr_SetString(PyExc_ValueError, "minhash: starts do not fit the shingles, or out is not [records, perms]");
         return NULL;
     }
+    if (bad) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* band_keys(sig: u32[R, P], bands, rows, guards: u64[R] | None, out: u64[R, bands])
+ * One key per LSH band: k = band + 1, then k = fmix64(k * MUL + sig value) for each of the band's rows of the
+ * signature, then (with guards) k = fmix64(k * MUL + guard). */
+static PyObject *band_keys(PyObject *self, PyObject *args) {
+    Py_buffer sb, ob, gb = {0};
+    Py_ssize_t bands, rows;
+    PyObject *g_obj;
+    if (!PyArg_ParseTuple(args, "y*nnOw*", &sb, &bands, &rows, &g_obj, &ob)) return NULL;
+    int bad = g_obj != Py_None && PyObject_GetBuffer(g_obj, &gb, PyBUF_SIMPLE) < 0 ? 2 : 0;
+    Py_ssize_t R = bands > 0 ? ob.len / 8 / bands : 0, P = R > 0 ? sb.len / 4 / R : 0;
+    if (!bad && (bands < 1 || rows < 1 || bands * rows > P || ob.len != R * bands * 8 || sb.len != R * P * 4 ||
+                 (gb.obj && gb.len != R * 8)))
+        bad = 1;
+    if (!bad) {
+        const uint32_t *sig = sb.buf;
+        const uint64_t *guards = gb.obj ? gb.buf : NULL;
+        uint64_t *out = ob.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t r = 0; r < R; r++)
+            for (Py_ssize_t band = 0; band < bands; band++) {
+                uint64_t k = (uint64_t)band + 1;
+                for (Py_ssize_t j = 0; j < rows; j++) k = fmix64(k * MUL + sig[r * P + band * rows + j]);
+                out[r * bands + band] = guards ? fmix64(k * MUL + guards[r]) : k;
+            }
+        Py_END_ALLOW_THREADS
+    }
+    if (gb.obj) PyBuffer_Release(&gb);
+    PyBuffer_Release(&sb);
+    PyBuffer_Release(&ob);
+    if (bad == 1) {
+        PyErr_SetString(PyExc_ValueError, "band_keys: the signature, bands x rows, guards and out do not fit");
+        return NULL;
+    }
+    if (bad) return NULL;
     Py_RETURN_NONE;
 }
 
@@ -276,6 +329,7 @@ static PyMethodDef methods[] = {
     {"char_shingles", char_shingles, METH_VARARGS, "Tagged character n-gram hashes of each turn."},
     {"words", words, METH_VARARGS, "Word counts, hashes and lengths of texts' UTF-8 bytes."},
     {"intersections", intersections, METH_VARARGS, "Shared values of sorted runs, run by run."},
+    {"band_keys", band_keys, METH_VARARGS, "LSH band keys of MinHash signatures."},
     {"minhash", minhash, METH_VARARGS, "MinHash signatures of records' shingles under affine permutations mod 2^32."},
     {NULL, NULL, 0, NULL},
 };

@@ -164,29 +164,37 @@ class Shingler:
     def shingles(self, turns: Sequence[str], position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """turns: normalized texts; position: [S] each turn's index in its record (the tag). Returns (hashes [G]
         uint64, owner [G] int64: the turn of each, ascending). Every turn owns at least one shingle."""
+        h, counts = self.hashes(turns, position)
+        return h, np.repeat(np.arange(len(turns), dtype=np.int64), counts)
+
+    def hashes(self, turns: Sequence[str], position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """As `shingles`, with [S] shingles per turn (>= 1) in place of the owner of each shingle."""
         n = self.ngram
         lengths = np.fromiter(map(len, turns), np.int64, count=len(turns))
         codes = np.frombuffer("".join(turns).encode("utf-32-le"), np.uint32)
         tags = fmix64(np.asarray(position, np.uint64) + _TAG_TURN)
-        owner = np.repeat(np.arange(len(turns), dtype=np.int64), np.maximum(lengths - n + 1, 0))
+        counts = np.where(lengths < n, 1, lengths - n + 1)  # a turn shorter than n is one shingle: itself
+        short = np.flatnonzero(lengths < n)
+        short_hash = np.array([stable_hash64(turns[i]) for i in short], np.uint64)
         if native is not None:  # the same numbers as below, in one pass
-            h = np.empty(len(owner), np.uint64)
-            native.char_shingles(codes, lengths, tags, n, h)
+            whole = np.zeros(len(turns), np.uint64)
+            whole[short] = short_hash
+            h = np.empty(int(counts.sum()), np.uint64)
+            native.char_shingles(codes, lengths, tags, whole, n, h)
+            return h, counts
+        big = codes > 0xFFFF
+        if not big.any():
+            tokens = _CODE_HASH[codes]  # a table lookup per character (fmix64 of the code point + 1)
         else:
-            big = codes > 0xFFFF
-            if not big.any():
-                tokens = _CODE_HASH[codes]  # a table lookup per character (fmix64 of the code point + 1)
-            else:
-                tokens = _CODE_HASH[np.where(big, 0, codes)]
-                tokens[big] = fmix64(codes[big].astype(np.uint64) + np.uint64(1))
-            h = ngram_hashes(tokens, lengths, n)[0] ^ tags[owner]
-        short = np.flatnonzero(lengths < n)  # a turn shorter than n is one shingle: itself
+            tokens = _CODE_HASH[np.where(big, 0, codes)]
+            tokens[big] = fmix64(codes[big].astype(np.uint64) + np.uint64(1))
+        h, owner, _ = ngram_hashes(tokens, lengths, n)
+        h ^= tags[owner]
         if len(short):
-            h = np.concatenate([h, np.array([stable_hash64(turns[i]) for i in short], np.uint64) ^ tags[short]])
+            h = np.concatenate([h, short_hash ^ tags[short]])
             owner = np.concatenate([owner, short])
-            order = np.argsort(owner, kind="stable")
-            h, owner = h[order], owner[order]
-        return h, owner
+            h = h[np.argsort(owner, kind="stable")]
+        return h, counts
 
 
 class MinHasher:
@@ -207,9 +215,22 @@ class MinHasher:
         """
         if native is not None:
             starts = np.searchsorted(owner, np.arange(n_texts + 1))  # owner is ascending
+            return self.signatures_at(np.ascontiguousarray(hashes, np.uint32), starts)
+        return self._signatures_numpy(hashes, owner, n_texts)
+
+    def signatures_at(self, hashes: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        """As `signatures`, with each text's shingles given as hashes[starts[i]:starts[i + 1]]; hashes: uint32, or
+        uint64 whose high 32 bits are the values (read in place: no shifted copy)."""
+        n_texts = len(starts) - 1
+        if native is not None:
             out = np.empty((n_texts, self.num_perm), np.uint32)
-            native.minhash(np.ascontiguousarray(hashes, np.uint32), starts, self.a, self.b, out)
+            native.minhash(hashes, np.ascontiguousarray(starts, np.int64), self.a, self.b, out)
             return out
+        values = (hashes >> np.uint64(32)).astype(np.uint32) if hashes.dtype == np.uint64 else hashes
+        owner = np.repeat(np.arange(n_texts, dtype=np.int64), np.diff(starts))
+        return self._signatures_numpy(values, owner, n_texts)
+
+    def _signatures_numpy(self, hashes: np.ndarray, owner: np.ndarray, n_texts: int) -> np.ndarray:
         sig = np.full((self.num_perm, n_texts), np.iinfo(np.uint32).max, np.uint32)
         if not len(hashes):
             return sig.T

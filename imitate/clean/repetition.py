@@ -140,11 +140,11 @@ def repetition_batch(
     long = np.flatnonzero(word_counts(texts) >= min_words).tolist()  # only these are checked: only these are read
     stats = repetition_stats_batch([texts[i] for i in long], stop_below=min(max_dup_ngram_frac, default=0.0))
     out: list[str | None] = [None] * len(records)
-    for j, i in enumerate(long):  # (a text's statistics do not depend on the other texts of the batch)
-        for name, limit in limits.items():
-            if stats[name][j] > limit:
-                out[i] = f"{name}={stats[name][j]:.2f} > {limit:g}"
-                break
+    names = list(limits)
+    over = np.stack([stats[name] > limits[name] for name in names]) if long else np.zeros((len(names), 0), bool)
+    for j in np.flatnonzero(over.any(axis=0)).tolist():  # (a text's statistics do not depend on the other texts)
+        name = names[int(np.argmax(over[:, j]))]  # the first limit it passes, in the order above
+        out[long[j]] = f"{name}={float(stats[name][j]):.2f} > {limits[name]:g}"
     return out
 
 
