@@ -93,6 +93,10 @@ def test_kernels_refuse_arrays_that_do_not_fit():
                           np.ones(4, np.uint32), np.zeros(4, np.uint32))  # fmt: skip
     with pytest.raises(ValueError, match="do not fit"):
         mh.native.band_keys(np.zeros((2, 8), np.uint32), 3, 3, None, np.zeros((2, 3), np.uint64))  # 9 > 8 values
+    one, off, turn = np.zeros(3, np.uint32), np.array([0, 3], np.int64), np.array([4], np.int64)  # 4 > 3 values
+    with pytest.raises(ValueError, match="do not fit"):
+        mh.native.pair_jaccard(one, off, turn, np.array([0, 1], np.int64), one, off, np.array([3], np.int64),
+                               np.array([0, 1], np.int64), np.zeros(1))  # fmt: skip
 
 
 @needs_native
@@ -173,3 +177,22 @@ def test_signatures_read_the_high_halves_of_64_bit_hashes(monkeypatch):
     got = mhr.signatures_at(h, starts)
     assert np.array_equal(got, mhr.signatures_at((h >> np.uint64(32)).astype(np.uint32), starts))
     assert np.array_equal(got, without_native(monkeypatch, mhr.signatures_at, h, starts))
+
+
+@needs_native
+def test_packed_similarities_equal_the_sorted_turn_sets():
+    """The exact check from unsorted values and hash tables (C) against sorted distinct sets (numpy): the same
+    floats, repeated n-grams, short and empty turns and records of other turn counts included."""
+    from imitate.clean.dedup import NearDup
+
+    rnd = random.Random(13)
+    nd = NearDup()
+    recs = [[t] for t in turns(rnd, 150)] + [[t, u] for t, u in zip(turns(rnd, 80), turns(rnd, 80))]
+    recs += [["abcabcabcabcabc" * k] for k in range(1, 4)] + [["", "x"], ["", "y"], [""]]
+    sets, packed = nd.turn_sets(recs), nd.packed(recs)
+    ij = [(rnd.randrange(len(recs)), rnd.randrange(len(recs))) for _ in range(4000)] + [(i, i) for i in range(40)]
+    ij += [(len(recs) - 3, len(recs) - 2), (len(recs) - 1, len(recs) - 1)]
+    got = NearDup.packed_similarities([(packed[i], packed[j]) for i, j in ij])
+    want = NearDup.similarities([(sets[i], sets[j]) for i, j in ij])
+    assert np.array_equal(got, want) and (got[-42:-2] == 1.0).all() and got[-1] == 1.0
+    assert NearDup.packed_similarities([]).shape == (0,)

@@ -324,12 +324,118 @@ static PyObject *intersections(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* Distinct values of a (flag 1) and b (flag 2) in one open-addressing table of `size` (a power of 2) slots:
+ * *na, *nb = distinct counts, return = shared distinct values. */
+static int64_t shared_distinct(const uint32_t *a, int64_t la, const uint32_t *b, int64_t lb, uint32_t *keys,
+                               unsigned char *flags, int64_t size, int64_t *na, int64_t *nb) {
+    int bits = 0;
+    while (((int64_t)1 << bits) < size) bits++;
+    memset(flags, 0, (size_t)size);
+    int64_t da = 0, db = 0, both = 0;
+    for (int pass = 0; pass < 2; pass++) {
+        const uint32_t *v = pass ? b : a;
+        int64_t n = pass ? lb : la;
+        unsigned char f = pass ? 2 : 1;
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t x = v[i];
+            int64_t slot = bits ? (int64_t)((x * 0x9E3779B1u) >> (32 - bits)) : 0;
+            while (flags[slot] && keys[slot] != x) slot = (slot + 1) & (size - 1);
+            if (!flags[slot]) keys[slot] = x;
+            if (!(flags[slot] & f)) {
+                if (pass) { db++; both += flags[slot] == 1; } else da++;
+                flags[slot] |= f;
+            }
+        }
+    }
+    *na = da;
+    *nb = db;
+    return both;
+}
+
+/* pair_jaccard(av: u32, ao: i64[P+1], at: i64, ato: i64[P+1], bv, bo, bt, bto, out: f64[P])
+ * For pair p, side a: its values av[ao[p]:ao[p+1]] cut into turns of the lengths at[ato[p]:ato[p+1]] (the same for
+ * side b). out[p] = the smallest Jaccard similarity of the distinct values of aligned turns; 0 when the sides have
+ * different numbers of turns (or none); two empty turns are alike (1), one empty turn is not (0). */
+static PyObject *pair_jaccard(PyObject *self, PyObject *args) {
+    Py_buffer buf[9];
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*y*y*w*", &buf[0], &buf[1], &buf[2], &buf[3], &buf[4], &buf[5], &buf[6],
+                          &buf[7], &buf[8]))
+        return NULL;
+    const uint32_t *av = buf[0].buf, *bv = buf[4].buf;
+    const int64_t *ao = buf[1].buf, *at = buf[2].buf, *ato = buf[3].buf;
+    const int64_t *bo = buf[5].buf, *bt = buf[6].buf, *bto = buf[7].buf;
+    double *out = buf[8].buf;
+    Py_ssize_t P = buf[8].len / 8;
+    int bad = buf[1].len != (P + 1) * 8 || buf[3].len != (P + 1) * 8 || buf[5].len != (P + 1) * 8 ||
+              buf[7].len != (P + 1) * 8;
+    int64_t longest = 0;
+    for (Py_ssize_t p = 0; p < P && !bad; p++) { /* every turn inside its side's values, every side inside the arrays */
+        for (int side = 0; side < 2 && !bad; side++) {
+            const int64_t *o = side ? bo : ao, *t = side ? bt : at, *to = side ? bto : ato;
+            int64_t n_val = (side ? buf[4].len : buf[0].len) / 4, n_turn = (side ? buf[6].len : buf[2].len) / 8;
+            if (o[p] < 0 || o[p] > o[p + 1] || o[p + 1] > n_val || to[p] < 0 || to[p] > to[p + 1] || to[p + 1] > n_turn) {
+                bad = 1;
+                break;
+            }
+            int64_t sum = 0;
+            for (int64_t k = to[p]; k < to[p + 1]; k++) {
+                if (t[k] < 0) bad = 1;
+                sum += t[k];
+                if (t[k] > longest) longest = t[k];
+            }
+            if (sum != o[p + 1] - o[p]) bad = 1;
+        }
+    }
+    uint32_t *keys = NULL;
+    unsigned char *flags = NULL;
+    int64_t cap = 16;
+    while (cap < 4 * longest) cap <<= 1; /* >= 2x the values of two turns: the table stays at most half full */
+    if (!bad) {
+        keys = PyMem_RawMalloc((size_t)cap * 4);
+        flags = PyMem_RawMalloc((size_t)cap);
+        if (!keys || !flags) bad = 2;
+    }
+    if (!bad) {
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t p = 0; p < P; p++) {
+            int64_t nt = ato[p + 1] - ato[p];
+            if (nt != bto[p + 1] - bto[p] || nt == 0) {
+                out[p] = 0.0;
+                continue;
+            }
+            const uint32_t *a = av + ao[p], *b = bv + bo[p];
+            double best = 2.0;
+            for (int64_t t = 0; t < nt; t++) {
+                int64_t la = at[ato[p] + t], lb = bt[bto[p] + t], na, nb, size = 16;
+                while (size < 2 * (la + lb)) size <<= 1;
+                int64_t both = shared_distinct(a, la, b, lb, keys, flags, size, &na, &nb);
+                double j = (na == 0 || nb == 0) ? (na == nb ? 1.0 : 0.0) : (double)both / (double)(na + nb - both);
+                if (j < best) best = j;
+                a += la;
+                b += lb;
+            }
+            out[p] = best;
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyMem_RawFree(keys);
+    PyMem_RawFree(flags);
+    for (int i = 0; i < 9; i++) PyBuffer_Release(&buf[i]);
+    if (bad == 2) return PyErr_NoMemory();
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, "pair_jaccard: offsets or turn lengths do not fit the values");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"ngram_hashes", ngram_hashes, METH_VARARGS, "Polynomial hashes of every n-gram inside each segment."},
     {"char_shingles", char_shingles, METH_VARARGS, "Tagged character n-gram hashes of each turn."},
     {"words", words, METH_VARARGS, "Word counts, hashes and lengths of texts' UTF-8 bytes."},
     {"intersections", intersections, METH_VARARGS, "Shared values of sorted runs, run by run."},
     {"band_keys", band_keys, METH_VARARGS, "LSH band keys of MinHash signatures."},
+    {"pair_jaccard", pair_jaccard, METH_VARARGS, "Smallest turn Jaccard of record pairs, from unsorted values."},
     {"minhash", minhash, METH_VARARGS, "MinHash signatures of records' shingles under affine permutations mod 2^32."},
     {NULL, NULL, 0, NULL},
 };

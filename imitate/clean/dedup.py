@@ -316,6 +316,40 @@ class NearDup:
             out[r].append(arr)
         return out
 
+    def packed(self, records: Sequence[Sequence[str]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per record: (the 32-bit shingle values of all its turns, turn after turn, unsorted, repeats included;
+        [turns] the values per turn). What `packed_similarities` compares: the same sets as `turn_sets`, without
+        sorting them (the C kernel counts distinct values with a hash table)."""
+        counts = np.fromiter(map(len, records), np.int64, count=len(records))
+        flat = [t for turns in records for t in turns]
+        position = np.arange(len(flat), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+        h, per_turn = self.shingler.hashes(flat, position)
+        values = (h >> np.uint64(32)).astype(np.uint32)
+        ends = np.cumsum(per_turn).tolist()
+        out, t, at = [], 0, 0
+        for c in counts.tolist():
+            stop = ends[t + c - 1] if c else at
+            out.append((values[at:stop], per_turn[t : t + c]))
+            t, at = t + c, stop
+        return out
+
+    @staticmethod
+    def packed_similarities(pairs: Sequence[tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]]):
+        """[P] float64: `similarity` of each pair of `packed` records (the same values as `similarities` of their
+        `turn_sets`); needs the C kernels."""
+        out = np.zeros(len(pairs), np.float64)
+        if not pairs:
+            return out
+        sides = []
+        for k in (0, 1):
+            vals = [p[k][0] for p in pairs]
+            turns = [p[k][1] for p in pairs]
+            v_off = np.concatenate(([0], np.cumsum(np.fromiter(map(len, vals), np.int64, len(vals)))))
+            t_off = np.concatenate(([0], np.cumsum(np.fromiter(map(len, turns), np.int64, len(turns)))))
+            sides += [np.concatenate(vals), v_off, np.concatenate(turns).astype(np.int64, copy=False), t_off]
+        minhash.native.pair_jaccard(*sides, out)
+        return out
+
     @staticmethod
     def similarity(a: list[np.ndarray], b: list[np.ndarray]) -> float:
         """The smallest Jaccard similarity over aligned turns; 0 when the records have different numbers of turns."""

@@ -12,9 +12,11 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from imitate.clean import minhash
 from imitate.clean.dedup import NearDup
 from imitate.clean.keys import RecordTexts
 from imitate.jsonl import parse, pick
@@ -45,7 +47,9 @@ def pair_similarity(
     order = np.argsort(v, kind="stable").tolist()
     u_list, v_list = u.tolist(), v.tolist()
     sims = np.zeros(len(edges), np.float64)
-    store: dict[int, list[np.ndarray]] = {}
+    # the C kernel compares unsorted shingle values (hash tables); numpy compares sorted turn sets: the same numbers
+    sets_of, sims_of = (near.packed, near.packed_similarities) if minhash.native else (near.turn_sets, near.similarities)
+    store: dict[int, Any] = {}
     batch_nodes: list[int] = []
     batch_turns: list[list[str]] = []
     ptr = 0
@@ -54,13 +58,13 @@ def pair_similarity(
         nonlocal ptr
         if not batch_nodes:
             return
-        store.update(zip(batch_nodes, near.turn_sets(batch_turns)))
+        store.update(zip(batch_nodes, sets_of(batch_turns)))
         last = batch_nodes[-1]
         ready = []
         while ptr < len(order) and v_list[order[ptr]] <= last:
             ready.append(order[ptr])
             ptr += 1
-        sims[ready] = near.similarities([(store[u_list[e]], store[v_list[e]]) for e in ready])
+        sims[ready] = sims_of([(store[u_list[e]], store[v_list[e]]) for e in ready])
         for k in [k for k in store if last_use[k] <= last]:
             del store[k]
         batch_nodes.clear()
