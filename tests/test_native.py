@@ -196,3 +196,19 @@ def test_packed_similarities_equal_the_sorted_turn_sets():
     want = NearDup.similarities([(sets[i], sets[j]) for i, j in ij])
     assert np.array_equal(got, want) and (got[-42:-2] == 1.0).all() and got[-1] == 1.0
     assert NearDup.packed_similarities([]).shape == (0,)
+
+
+def test_ascii_normal_form_equals_normalize():
+    """keys.normalize on ASCII texts -- case, every str.split whitespace (\\x1c-\\x1f too), every line break
+    (\\r\\n as one), indentation, blank lines -- and None for the texts it leaves to Python."""
+    if mh.native is None:
+        pytest.skip("the C kernels are not built here")
+    from imitate.clean.keys import normalize
+
+    rnd = random.Random(14)
+    alphabet = " \t\n\r\x0b\x0c\x1c\x1d\x1e\x1fabcXYZ09.,_-"
+    texts = ["".join(rnd.choices(alphabet, k=rnd.randint(0, 30))) for _ in range(20000)]
+    texts += ["", "A\r\nB", "\r\n\r\n", "  x  \n   y\t z  ", "def f():\n    return 1\n", "x" * 10000]
+    got = mh.native.normalize_ascii(texts + ["é", "x²", "Ｈｉ"])
+    assert got[-3:] == [None, None, None]
+    assert got[:-3] == [normalize(t) for t in texts]

@@ -429,6 +429,83 @@ static PyObject *pair_jaccard(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* What str.split() and str.splitlines() treat as whitespace and line breaks, for ASCII (\x1c-\x1f included). */
+static inline int ws(unsigned char c) { return c == ' ' || (c >= '\t' && c <= '\r') || (c >= 0x1c && c <= 0x1f); }
+static inline int lb(unsigned char c) { return (c >= '\n' && c <= '\r') || (c >= 0x1c && c <= 0x1e); }
+
+/* One ASCII text into its normal form (keys.normalize): case folded (A-Z), stripped, cut into lines, blank lines
+ * dropped, each line's leading whitespace kept and its words joined by one space; lines joined by \n. Returns the
+ * length written to out (out holds at least n bytes). */
+static Py_ssize_t normalize_ascii(const unsigned char *t, Py_ssize_t n, unsigned char *out) {
+    Py_ssize_t i = 0, o = 0;
+    while (n > 0 && ws(t[n - 1])) n--; /* strip */
+    while (i < n && ws(t[i])) i++;
+    int first_line = 1;
+    while (i < n) {
+        Py_ssize_t end = i; /* this line: [i, end) */
+        while (end < n && !lb(t[end])) end++;
+        Py_ssize_t k = i;
+        while (k < end && ws(t[k])) k++;
+        if (k < end) { /* not blank */
+            if (!first_line) out[o++] = '\n';
+            first_line = 0;
+            for (Py_ssize_t j = i; j < k; j++) out[o++] = t[j]; /* the indentation, as it is */
+            int gap = 0;
+            for (Py_ssize_t j = k; j < end; j++) {
+                unsigned char c = t[j];
+                if (ws(c)) { gap = 1; continue; }
+                if (gap) { out[o++] = ' '; gap = 0; }
+                out[o++] = (c >= 'A' && c <= 'Z') ? (unsigned char)(c + 32) : c;
+            }
+        }
+        if (end < n && t[end] == '\r' && end + 1 < n && t[end + 1] == '\n') end++; /* \r\n: one break */
+        i = end + 1;
+    }
+    return o;
+}
+
+/* normalize_ascii(texts: list[str]) -> list[str | None]: the normal form of each ASCII text; None for the others
+ * (the caller normalizes those: NFKC and Unicode case folding). */
+static PyObject *normalize_many(PyObject *self, PyObject *arg) {
+    if (!PyList_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "normalize_ascii: a list of str");
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(arg);
+    PyObject *res = PyList_New(n);
+    if (!res) return NULL;
+    unsigned char *scratch = NULL;
+    Py_ssize_t cap = 0;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *s = PyList_GET_ITEM(arg, k), *v;
+        if (!PyUnicode_Check(s) || !PyUnicode_IS_ASCII(s)) {
+            Py_INCREF(Py_None);
+            PyList_SET_ITEM(res, k, Py_None);
+            continue;
+        }
+        Py_ssize_t len = PyUnicode_GET_LENGTH(s);
+        if (len > cap) {
+            PyMem_Free(scratch);
+            cap = len < 4096 ? 4096 : len;
+            scratch = PyMem_Malloc((size_t)cap);
+            if (!scratch) {
+                Py_DECREF(res);
+                return PyErr_NoMemory();
+            }
+        }
+        Py_ssize_t m = normalize_ascii(PyUnicode_1BYTE_DATA(s), len, scratch);
+        v = PyUnicode_FromKindAndData(PyUnicode_1BYTE_KIND, scratch, m);
+        if (!v) {
+            PyMem_Free(scratch);
+            Py_DECREF(res);
+            return NULL;
+        }
+        PyList_SET_ITEM(res, k, v);
+    }
+    PyMem_Free(scratch);
+    return res;
+}
+
 static PyMethodDef methods[] = {
     {"ngram_hashes", ngram_hashes, METH_VARARGS, "Polynomial hashes of every n-gram inside each segment."},
     {"char_shingles", char_shingles, METH_VARARGS, "Tagged character n-gram hashes of each turn."},
@@ -436,6 +513,7 @@ static PyMethodDef methods[] = {
     {"intersections", intersections, METH_VARARGS, "Shared values of sorted runs, run by run."},
     {"band_keys", band_keys, METH_VARARGS, "LSH band keys of MinHash signatures."},
     {"pair_jaccard", pair_jaccard, METH_VARARGS, "Smallest turn Jaccard of record pairs, from unsorted values."},
+    {"normalize_ascii", normalize_many, METH_O, "The normal form of ASCII texts (None for the others)."},
     {"minhash", minhash, METH_VARARGS, "MinHash signatures of records' shingles under affine permutations mod 2^32."},
     {NULL, NULL, 0, NULL},
 };

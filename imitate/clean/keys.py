@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
+from imitate.clean import minhash
 from imitate.clean.minhash import exact_key, stable_hash64
 from imitate.records import prompt_messages
 
@@ -165,12 +166,25 @@ class RecordTexts:
         self.on, self.want_prompt, self.want_near = on, prompt_key, near
         self.memo: dict[tuple, tuple[str, int, list[str], int]] = {}
 
-    def __call__(self, record: dict) -> tuple[str, int, list[str], int]:
-        """(text of the exact key, prompt key (0 unless asked for), near-dedup turns, guard hash (0 unless near))."""
+    def many(self, records: list[dict]) -> list[tuple[str, int, list[str], int]]:
+        """`[self(r) for r in records]`, with the ASCII answers normalized in one call of the C kernel."""
+        if minhash.native is None:
+            return [self(r) for r in records]
+        answers = []
+        for r in records:
+            msgs = r.get("messages") or []
+            last = msgs[-1] if msgs else None
+            answers.append((last.get("content") or "") if last is not None and last.get("role") == "assistant" else "")
+        return [self(r, a) for r, a in zip(records, minhash.native.normalize_ascii(answers))]
+
+    def __call__(self, record: dict, answer: str | None = None) -> tuple[str, int, list[str], int]:
+        """(text of the exact key, prompt key (0 unless asked for), near-dedup turns, guard hash (0 unless near)).
+        answer: the final answer's normal form, when the caller has it."""
         msgs = record.get("messages") or []
         if not msgs or msgs[-1].get("role") != "assistant":  # no final answer (kept with --keep-failed)
             return self._texts(record, normalized_messages(record))
-        answer = normalize(msgs[-1].get("content") or "")
+        if answer is None:
+            answer = normalize(msgs[-1].get("content") or "")
         key = tuple((m.get("role"), m.get("content") or "") for m in msgs[:-1])
         got = self.memo.get(key)
         if got is None:  # the record's prompt with an empty answer: the answer's slot is the last turn

@@ -136,7 +136,7 @@ class Mapper:
         out.prompt = np.zeros(n, np.uint64)
         t = time.perf_counter()
         texts = RecordTexts(cfg.near_on, cfg.one_per_prompt, self.near is not None)  # prompts: once per chunk
-        facts = [texts(r) for r in kept]  # (exact key's text, prompt key, near-dedup turns, guard) of each record
+        facts = texts.many(kept)  # (exact key's text, prompt key, near-dedup turns, guard) of each record
         secs["normalize"] = time.perf_counter() - t
         if cfg.exact_dedup:
             t = time.perf_counter()
