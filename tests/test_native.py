@@ -212,3 +212,22 @@ def test_ascii_normal_form_equals_normalize():
     got = mh.native.normalize_ascii(texts + ["é", "x²", "Ｈｉ"])
     assert got[-3:] == [None, None, None]
     assert got[:-3] == [normalize(t) for t in texts]
+
+
+@needs_native
+@pytest.mark.parametrize("stop_below", [0.0, 0.1])
+def test_repetition_statistics_equal_the_numpy_code(monkeypatch, stop_below):
+    """Gopher's statistics of texts from a small vocabulary (n-grams repeat at every n), of repeated lines and
+    paragraphs, of texts shorter than every n, with and without the early stop."""
+    from imitate.clean.repetition import repetition_stats_batch
+
+    rnd = random.Random(15)
+    vocab = ["the", "cat", "sat", "on", "mat", "über", "naïve", "x1", "a_b", "42"]
+    texts = [" ".join(rnd.choices(vocab[: rnd.randint(2, 10)], k=rnd.randint(0, 120))) for _ in range(400)]
+    texts += ["one line\n" * 5, "para one\n\npara one\n\npara two", "", "a", "a b", "a b c d e f g h i j"]
+    got = repetition_stats_batch(texts, stop_below=stop_below)
+    want = without_native(monkeypatch, lambda: repetition_stats_batch(texts, stop_below=stop_below))
+    assert got.keys() == want.keys()
+    for name in got:
+        assert np.array_equal(got[name], want[name]), name
+    assert (got["top_2gram_frac"] > 0.2).sum() > 50 and (got["dup_10gram_char_frac"] > 0).sum() > 10

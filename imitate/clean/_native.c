@@ -506,6 +506,123 @@ static PyObject *normalize_many(PyObject *self, PyObject *arg) {
     return res;
 }
 
+/* repetition(tokens: u64[W], lengths: i64[S], wlen: i64[W], stop_below: float, top: f64[3, S], dup: f64[6, S])
+ * Gopher's n-gram repetition statistics of S texts given as word hashes (repetition.repetition_stats_batch):
+ *   top[n-2, s]: characters of the most frequent repeated n-gram (ties: the most characters) times its count, over
+ *                the text's word characters, n = 2..4;
+ *   dup[n-5, s]: word characters inside any occurrence, after the first, of a repeated n-gram, n = 5..10; a text
+ *                whose fraction falls below stop_below (> 0) skips the larger n (left 0).
+ * n-grams are the polynomial hashes of ngram_hashes; equal hashes are the same n-gram. */
+static PyObject *repetition(PyObject *self, PyObject *args) {
+    Py_buffer tb, lb, wb, topb, dupb;
+    double stop_below;
+    if (!PyArg_ParseTuple(args, "y*y*y*dw*w*", &tb, &lb, &wb, &stop_below, &topb, &dupb)) return NULL;
+    const uint64_t *tok = tb.buf;
+    const int64_t *lengths = lb.buf, *wlen = wb.buf;
+    double *top = topb.buf, *dup = dupb.buf;
+    Py_ssize_t W = tb.len / 8, S = lb.len / 8, longest = 0, at = 0;
+    int bad = wb.len != tb.len || topb.len != 3 * S * 8 || dupb.len != 6 * S * 8;
+    for (Py_ssize_t s = 0; s < S && !bad; s++) {
+        if (lengths[s] < 0 || at + lengths[s] > W) bad = 1;
+        else if (lengths[s] > longest) longest = lengths[s];
+        at += lengths[s];
+    }
+    int64_t size = 16;
+    while (size < 2 * longest) size <<= 1;
+    uint64_t *keys = NULL;
+    int64_t *count = NULL, *first = NULL, *edge = NULL;
+    unsigned char *used = NULL;
+    if (!bad) {
+        keys = PyMem_RawMalloc((size_t)size * 8);
+        count = PyMem_RawMalloc((size_t)size * 8);
+        first = PyMem_RawMalloc((size_t)size * 8);
+        used = PyMem_RawMalloc((size_t)size);
+        edge = PyMem_RawMalloc((size_t)(longest + 1) * 8);
+        if (!keys || !count || !first || !used || !edge) bad = 2;
+    }
+    if (!bad) {
+        Py_BEGIN_ALLOW_THREADS
+        at = 0;
+        for (Py_ssize_t s = 0; s < S; s++) {
+            const int64_t L = lengths[s];
+            const uint64_t *t = tok + at;
+            const int64_t *wl = wlen + at;
+            double total = 0;
+            for (int64_t i = 0; i < L; i++) total += (double)wl[i];
+            if (total < 1) total = 1;
+            for (int n = 2; n <= 10; n++) {
+                if (n <= 4) top[(n - 2) * S + s] = 0;
+                else dup[(n - 5) * S + s] = 0;
+            }
+            for (int n = 2; n <= 10; n++) {
+                int64_t m = L - n + 1, sz = 16;
+                if (m <= 0) break; /* (no n-gram: this and every larger n stay 0) */
+                while (sz < 2 * m) sz <<= 1;
+                int bits = 0;
+                while (((int64_t)1 << bits) < sz) bits++;
+                memset(used, 0, (size_t)sz);
+                if (n >= 5) memset(edge, 0, (size_t)(L + 1) * 8);
+                for (int64_t p = 0; p < m; p++) {
+                    uint64_t h = t[p];
+                    for (int j = 1; j < n; j++) h = h * MUL + t[p + j];
+                    int64_t slot = (int64_t)((h * 0x9E3779B97F4A7C15ULL) >> (64 - bits));
+                    while (used[slot] && keys[slot] != h) slot = (slot + 1) & (sz - 1);
+                    if (!used[slot]) {
+                        used[slot] = 1;
+                        keys[slot] = h;
+                        count[slot] = 1;
+                        first[slot] = p;
+                    } else {
+                        count[slot]++;
+                        if (n >= 5) { /* an occurrence after the first: its words are covered */
+                            edge[p]++;
+                            edge[p + n]--;
+                        }
+                    }
+                }
+                if (n <= 4) {
+                    int64_t best = 0;
+                    for (int64_t k = 0; k < sz; k++) {
+                        if (!used[k] || count[k] < 2) continue;
+                        int64_t chars = 0;
+                        for (int j = 0; j < n; j++) chars += wl[first[k] + j];
+                        int64_t score = (count[k] << 40) + chars * count[k];
+                        if (score > best) best = score;
+                    }
+                    top[(n - 2) * S + s] = (double)(best & (((int64_t)1 << 40) - 1)) / total;
+                } else {
+                    int64_t run = 0, covered = 0;
+                    for (int64_t i = 0; i < L; i++) {
+                        run += edge[i];
+                        if (run > 0) covered += wl[i];
+                    }
+                    double frac = (double)covered / total;
+                    dup[(n - 5) * S + s] = frac;
+                    if (stop_below > 0 && frac < stop_below) break;
+                }
+            }
+            at += L;
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyMem_RawFree(keys);
+    PyMem_RawFree(count);
+    PyMem_RawFree(first);
+    PyMem_RawFree(used);
+    PyMem_RawFree(edge);
+    PyBuffer_Release(&tb);
+    PyBuffer_Release(&lb);
+    PyBuffer_Release(&wb);
+    PyBuffer_Release(&topb);
+    PyBuffer_Release(&dupb);
+    if (bad == 2) return PyErr_NoMemory();
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, "repetition: lengths do not fit the words, or the outputs are not [3|6, S]");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"ngram_hashes", ngram_hashes, METH_VARARGS, "Polynomial hashes of every n-gram inside each segment."},
     {"char_shingles", char_shingles, METH_VARARGS, "Tagged character n-gram hashes of each turn."},
@@ -514,6 +631,7 @@ static PyMethodDef methods[] = {
     {"band_keys", band_keys, METH_VARARGS, "LSH band keys of MinHash signatures."},
     {"pair_jaccard", pair_jaccard, METH_VARARGS, "Smallest turn Jaccard of record pairs, from unsorted values."},
     {"normalize_ascii", normalize_many, METH_O, "The normal form of ASCII texts (None for the others)."},
+    {"repetition", repetition, METH_VARARGS, "Gopher n-gram repetition statistics of texts' word hashes."},
     {"minhash", minhash, METH_VARARGS, "MinHash signatures of records' shingles under affine permutations mod 2^32."},
     {NULL, NULL, 0, NULL},
 };

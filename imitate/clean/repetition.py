@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from imitate.clean import minhash
 from imitate.clean.minhash import ngram_hashes, word_counts, word_tokens
 from imitate.records import assistant_text
 
@@ -65,6 +66,14 @@ def repetition_stats_batch(texts: list[str], *, stop_below: float = 0.0) -> dict
         stats["dup_para_frac"][i], stats["dup_para_char_frac"][i] = _dup_fraction(paras)
     tokens, lengths, wlen = word_tokens(texts, lengths=True)  # words as in dedup: numpy over the UTF-8 bytes
     stats["words"] = lengths
+    if minhash.native is not None:  # the same statistics, a hash table per text and n
+        top, dup = np.empty((3, k)), np.empty((6, k))
+        minhash.native.repetition(tokens, lengths, wlen, float(stop_below), top, dup)
+        for j, n in enumerate((2, 3, 4)):
+            stats[f"top_{n}gram_frac"] = top[j]
+        for j, n in enumerate(range(5, 11)):
+            stats[f"dup_{n}gram_char_frac"] = dup[j]
+        return stats
     starts = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)
     seg = np.repeat(np.arange(k), lengths)
     total = np.maximum(np.bincount(seg, weights=wlen, minlength=k), 1)
