@@ -62,7 +62,9 @@ def record_facts(rec: Any) -> tuple[str | None, int, int]:
     if not isinstance(rec, dict):
         return None, 0, 0
     t = rec.get("teacher")
-    usage = rec.get("usage") if isinstance(rec.get("usage"), dict) else {}
+    usage = rec.get("usage")
+    if not isinstance(usage, dict):
+        return t if isinstance(t, str) else None, 0, 0
     return t if isinstance(t, str) else None, int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0)
 
 

@@ -245,6 +245,11 @@ def read_records(
 
 def assistant_text(record: dict) -> str:
     """The final assistant turn's content as one string ('' if there is none)."""
+    msgs = record.get("messages")
+    if type(msgs) is list and msgs:  # the common record first: its last turn is the answer, a string
+        last = msgs[-1]
+        if type(last) is dict and last.get("role") == "assistant" and type(last.get("content")) is str:
+            return last["content"]
     for m in reversed(record.get("messages") or []):
         if m.get("role") == "assistant":
             return content_text(m.get("content"))

@@ -175,7 +175,9 @@ def refusal(record: dict, *, patterns: list[re.Pattern], runs: list[str | None] 
     """runs: `required_run` of each pattern (build_filters computes them once: hashing a compiled pattern for the
     cache costs as much as a search)."""
     # curly apostrophes are folded here, once, so phrases and `re:` lines alike match "I’m" as "I'm"
-    text = assistant_text(record).lower().replace("\u2019", "'")
+    text = assistant_text(record).lower()
+    if not text.isascii():  # (a flag of the string: free)
+        text = text.replace("\u2019", "'")
     for pattern, run in zip(patterns, runs or [required_run(p) for p in patterns]):
         if run is not None and run not in text:
             continue

@@ -44,6 +44,7 @@ def pair_similarity(
     last_use = np.full(int(v.max()) + 1, -1, np.int64)  # the last node whose reading still needs this one
     np.maximum.at(last_use, u, v)
     np.maximum.at(last_use, v, v)
+    last_use_list = last_use.tolist()
     order = np.argsort(v, kind="stable").tolist()
     u_list, v_list = u.tolist(), v.tolist()
     sims = np.zeros(len(edges), np.float64)
@@ -65,7 +66,7 @@ def pair_similarity(
             ready.append(order[ptr])
             ptr += 1
         sims[ready] = sims_of([(store[u_list[e]], store[v_list[e]]) for e in ready])
-        for k in [k for k in store if last_use[k] <= last]:
+        for k in [k for k in store if last_use_list[k] <= last]:
             del store[k]
         batch_nodes.clear()
         batch_turns.clear()
