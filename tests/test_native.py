@@ -231,3 +231,56 @@ def test_repetition_statistics_equal_the_numpy_code(monkeypatch, stop_below):
     for name in got:
         assert np.array_equal(got[name], want[name]), name
     assert (got["top_2gram_frac"] > 0.2).sum() > 50 and (got["dup_10gram_char_frac"] > 0).sum() > 10
+
+
+@needs_native
+def test_phrase_search_finds_the_regex_match():
+    """The refusal phrases' trie searched in C against the trie regex: the same leftmost match, start and end, on
+    texts built from the phrases' prefixes with every kind of whitespace (and non-space) between their words."""
+    from imitate.clean.filters import DEFAULT_REFUSALS, load_refusals
+
+    patterns, trie = load_refusals([DEFAULT_REFUSALS])
+    lines = DEFAULT_REFUSALS.read_text(encoding="utf-8").splitlines()
+    phrases = [x.lower().split() for x in lines if x.strip() and not x.startswith(("#", "re:"))]
+    rnd = random.Random(16)
+    seps = [" ", "  ", "\n", "\t", "\x1c", "\x1f", " \r\n ", "\x0b", "", "x", "'", "."]
+
+    def piece() -> str:
+        words = rnd.choice(phrases)
+        words = words[: rnd.randint(1, len(words))] if rnd.random() < 0.7 else words
+        return "".join(w + rnd.choice(seps) for w in words)
+
+    texts = ["".join(rnd.choice(["", "has ", "xi", "a", " "]) + piece() for _ in range(rnd.randint(1, 4)))
+             for _ in range(20000)] + ["", "i", "as a", "I cannot help with".lower(), "naïve i cannot help with"]  # fmt: skip
+    hits = np.empty((len(texts), 2), np.int64)
+    mh.native.phrase_search(texts, *trie, hits)
+    want = [(m.start(), m.end()) if (m := patterns[0].search(t)) else (-1, -1) for t in texts[:-1]]
+    assert [tuple(h) for h in hits.tolist()[:-1]] == want and hits[-1].tolist() == [-2, -2]
+    assert sum(a >= 0 for a, _ in want) > 5000
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_refusal_batch_equals_refusal(tmp_path, monkeypatch, native):
+    """The filter's batch twin against the per-record filter: ASCII and not, curly apostrophes, phrases and `re:`
+    lines, a pattern file with a non-ASCII phrase (no C trie then)."""
+    import functools
+
+    from imitate.clean.filters import build_filters, refusal, refusal_batch
+    from imitate.clean.stage import CleanConfig
+
+    if not native:
+        monkeypatch.setattr(mh, "native", None)
+    extra = tmp_path / "more.txt"
+    extra.write_text("ça ne marche pas\nre:trained by \\w+ corp\n", encoding="utf-8")
+    answers = ["Sure, here it is.", "I’m sorry, but I can’t do that.", "As an AI language model, I...",
+               "I was trained by Acme corp.", "Ça ne marche pas.", "naïve: i cannot help with that",
+               "My name is Claude.", "I'm just an AI, so I can't", "Nothing\n\n here", ""]  # fmt: skip
+    recs = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": a}]} for a in answers]
+    for files in ([], [extra]):
+        cfg = CleanConfig(inputs=[tmp_path / "x.jsonl"], out=tmp_path / "out.jsonl", refusals=files)
+        pred = build_filters(cfg)["refusal"]
+        assert isinstance(pred, functools.partial) and pred.func is refusal
+        assert (pred.keywords["trie"] is None) == bool(files)  # a non-ASCII phrase: the regex only
+        got = refusal_batch(recs, **pred.keywords)
+        assert got == [pred(r) for r in recs]
+        assert sum(g is not None for g in got) == (7 if files else 5), got

@@ -623,6 +623,81 @@ static PyObject *repetition(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* A phrase trie, flattened: node i's edges are e = edge_start[i] .. edge_start[i+1]-1, in the regex's alternation
+ * order; edge e's word is words[word_start[e]:word_start[e+1]], its node child[e]; end[i]: a phrase ends at node i. */
+typedef struct {
+    const int64_t *edge_start, *word_start, *child;
+    const unsigned char *end, *words;
+} Trie;
+
+/* Where the trie regex of filters._trie_regex, tried at `pos`, ends its match (-1: none). Alternatives in order; a
+ * word then `\s+` and the child's alternatives, optional when a phrase may end at the child. `\s+` takes all the
+ * whitespace (a word never starts with whitespace, so giving some back cannot help). */
+static int64_t trie_match(const Trie *t, int64_t node, const unsigned char *s, int64_t n, int64_t pos) {
+    for (int64_t e = t->edge_start[node]; e < t->edge_start[node + 1]; e++) {
+        int64_t w0 = t->word_start[e], wl = t->word_start[e + 1] - w0;
+        if (wl > n - pos || memcmp(s + pos, t->words + w0, (size_t)wl) != 0) continue;
+        int64_t p = pos + wl, c = t->child[e];
+        if (t->edge_start[c] == t->edge_start[c + 1]) return p; /* a phrase's last word */
+        int64_t q = p;
+        while (q < n && ws(s[q])) q++;
+        if (q > p) {
+            int64_t r = trie_match(t, c, s, n, q);
+            if (r >= 0) return r;
+        }
+        if (t->end[c]) return p;
+    }
+    return -1;
+}
+
+/* phrase_search(texts: list[str], edge_start: i64, end: u8, word_start: i64, child: i64, words: bytes, out: i64[n, 2])
+ * The leftmost match of the trie regex in each ASCII text: out[k] = (start, end), (-1, -1) for none, (-2, -2) for
+ * a text that is not ASCII (the caller searches those with the regex). */
+static PyObject *phrase_search(PyObject *self, PyObject *args) {
+    PyObject *texts;
+    Py_buffer es, en, wst, ch, wd, ob;
+    if (!PyArg_ParseTuple(args, "O!y*y*y*y*y*w*", &PyList_Type, &texts, &es, &en, &wst, &ch, &wd, &ob)) return NULL;
+    Py_ssize_t n_text = PyList_GET_SIZE(texts), N = en.len, E = ch.len / 8;
+    Trie t = {es.buf, wst.buf, ch.buf, en.buf, wd.buf};
+    int bad = es.len != (N + 1) * 8 || wst.len != (E + 1) * 8 || ob.len != n_text * 16 || N < 1;
+    for (Py_ssize_t i = 0; i < N && !bad; i++)
+        bad = t.edge_start[i] < 0 || t.edge_start[i] > t.edge_start[i + 1] || t.edge_start[i + 1] > E;
+    for (Py_ssize_t e = 0; e < E && !bad; e++) /* children further down only: no cycles, the recursion ends */
+        bad = t.child[e] <= 0 || t.child[e] >= N || t.word_start[e] < 0 || t.word_start[e] > t.word_start[e + 1] ||
+              t.word_start[e + 1] > wd.len;
+    for (Py_ssize_t i = 0; i < N && !bad; i++)
+        for (int64_t e = t.edge_start[i]; e < t.edge_start[i + 1] && !bad; e++) bad = t.child[e] <= i;
+    unsigned char first[256] = {0};
+    for (int64_t e = bad ? 0 : t.edge_start[0]; !bad && e < t.edge_start[1]; e++)
+        if (t.word_start[e + 1] > t.word_start[e]) first[t.words[t.word_start[e]]] = 1;
+    int64_t *out = ob.buf;
+    for (Py_ssize_t k = 0; k < n_text && !bad; k++) {
+        PyObject *s = PyList_GET_ITEM(texts, k);
+        out[2 * k] = out[2 * k + 1] = -2;
+        if (!PyUnicode_Check(s) || !PyUnicode_IS_ASCII(s)) continue;
+        const unsigned char *c = PyUnicode_1BYTE_DATA(s);
+        int64_t n = PyUnicode_GET_LENGTH(s), hit = -1, stop = -1;
+        for (int64_t pos = 0; pos < n && hit < 0; pos++) {
+            if (!first[c[pos]]) continue;
+            stop = trie_match(&t, 0, c, n, pos);
+            if (stop >= 0) hit = pos;
+        }
+        out[2 * k] = hit;
+        out[2 * k + 1] = hit >= 0 ? stop : -1;
+    }
+    PyBuffer_Release(&es);
+    PyBuffer_Release(&en);
+    PyBuffer_Release(&wst);
+    PyBuffer_Release(&ch);
+    PyBuffer_Release(&wd);
+    PyBuffer_Release(&ob);
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, "phrase_search: the trie's arrays do not fit together, or out is not [n, 2]");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"ngram_hashes", ngram_hashes, METH_VARARGS, "Polynomial hashes of every n-gram inside each segment."},
     {"char_shingles", char_shingles, METH_VARARGS, "Tagged character n-gram hashes of each turn."},
@@ -632,6 +707,7 @@ static PyMethodDef methods[] = {
     {"pair_jaccard", pair_jaccard, METH_VARARGS, "Smallest turn Jaccard of record pairs, from unsorted values."},
     {"normalize_ascii", normalize_many, METH_O, "The normal form of ASCII texts (None for the others)."},
     {"repetition", repetition, METH_VARARGS, "Gopher n-gram repetition statistics of texts' word hashes."},
+    {"phrase_search", phrase_search, METH_VARARGS, "Leftmost match of a phrase trie in ASCII texts."},
     {"minhash", minhash, METH_VARARGS, "MinHash signatures of records' shingles under affine permutations mod 2^32."},
     {NULL, NULL, 0, NULL},
 };

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from imitate.clean import minhash
 from imitate.clean.minhash import WORD_RE, ngram_hashes, word_tokens
 from imitate.clean.repetition import repetition, repetition_batch
 from imitate.errors import InputError
@@ -98,6 +99,11 @@ def load_patterns(paths: Iterable[Path]) -> list[re.Pattern]:
 
     Kept as separate patterns on purpose: `re` only skips ahead quickly when a pattern starts with a literal, and a
     combined alternation loses that (2x slower). Everything is matched against the lowercased answer."""
+    return load_refusals(paths)[0]
+
+
+def load_refusals(paths: Iterable[Path]) -> tuple[list[re.Pattern], tuple | None]:
+    """`load_patterns`, and the phrase trie flattened for the C search (`phrase_trie`; None without phrases)."""
     parts: list[str] = []
     phrases: list[list[str]] = []
     for path in paths:
@@ -122,19 +128,49 @@ def load_patterns(paths: Iterable[Path]) -> list[re.Pattern]:
                 phrases.append(line.lower().split())
     if phrases:
         parts.insert(0, _trie_regex(phrases))
-    return [re.compile(p) for p in parts]  # no IGNORECASE (3x slower in `re`): texts are lowercased instead
+    # no IGNORECASE (3x slower in `re`): texts are lowercased instead
+    return [re.compile(p) for p in parts], phrase_trie(phrases) if phrases else None
 
 
-def _trie_regex(phrases: list[list[str]]) -> str:
-    """One regex for many phrases, factored by shared leading words ("i cannot help" | "i cannot assist" ->
-    i\\s+cannot\\s+(?:assist|help)). A flat alternation of ~100 phrases costs ~1 ms per answer in `re`; the trie
-    fails fast at each position and is ~30x quicker."""
+def phrase_trie(phrases: list[list[str]]) -> tuple | None:
+    """The trie of `_trie_regex` as the arrays of the C search (imitate/clean/_native.c, phrase_search): per node
+    its edges (from edge_start[i]), in the regex's order (sorted words), whether a phrase ends there; per edge its
+    word (bytes from word_start[e]) and child node. None when a word is not ASCII (the regex searches then)."""
+    if not all(w.isascii() for words in phrases for w in words):
+        return None
+    trie = _trie(phrases)
+    nodes, edge_start, end, word_start, child, words_out = [trie], [0], [], [0], [], bytearray()
+    i = 0
+    while i < len(nodes):  # breadth first: every child is numbered after its parent
+        node = nodes[i]
+        end.append("" in node)
+        for w in sorted(k for k in node if k):
+            words_out += w.encode("ascii")
+            word_start.append(len(words_out))
+            child.append(len(nodes))
+            nodes.append(node[w])
+        edge_start.append(len(child))
+        i += 1
+    return (np.array(edge_start, np.int64), np.array(end, np.uint8), np.array(word_start, np.int64),
+            np.array(child, np.int64), bytes(words_out))  # fmt: skip
+
+
+def _trie(phrases: list[list[str]]) -> dict:
+    """word -> subtrie; the key "" marks the end of a phrase."""
     trie: dict = {}
     for words in phrases:
         node = trie
         for w in words:
             node = node.setdefault(w, {})
         node[""] = {}
+    return trie
+
+
+def _trie_regex(phrases: list[list[str]]) -> str:
+    """One regex for many phrases, factored by shared leading words ("i cannot help" | "i cannot assist" ->
+    i\\s+cannot\\s+(?:assist|help)). A flat alternation of ~100 phrases costs ~1 ms per answer in `re`; the trie
+    fails fast at each position and is ~30x quicker."""
+    trie = _trie(phrases)
 
     def emit(node: dict) -> str:
         alts = []
@@ -171,14 +207,42 @@ def required_run(pattern: re.Pattern) -> str | None:
     return best if len(best) >= 3 else None
 
 
-def refusal(record: dict, *, patterns: list[re.Pattern], runs: list[str | None] | None = None) -> str | None:
+def refusal(
+    record: dict, *, patterns: list[re.Pattern], runs: list[str | None] | None = None, trie: tuple | None = None
+) -> str | None:
     """runs: `required_run` of each pattern (build_filters computes them once: hashing a compiled pattern for the
-    cache costs as much as a search)."""
+    cache costs as much as a search). trie: for `refusal_batch` (patterns[0] as arrays)."""
+    return _refusal_in(_refusal_text(record), patterns, runs or [required_run(p) for p in patterns])
+
+
+def _refusal_text(record: dict) -> str:
     # curly apostrophes are folded here, once, so phrases and `re:` lines alike match "I’m" as "I'm"
     text = assistant_text(record).lower()
-    if not text.isascii():  # (a flag of the string: free)
-        text = text.replace("\u2019", "'")
-    for pattern, run in zip(patterns, runs or [required_run(p) for p in patterns]):
+    return text if text.isascii() else text.replace("\u2019", "'")  # (isascii: a flag of the string, free)
+
+
+def refusal_batch(
+    records: list[dict], *, patterns: list[re.Pattern], runs: list[str | None] | None = None, trie: tuple | None = None
+) -> list[str | None]:
+    """`refusal` of many records: the phrase trie (patterns[0], given as `trie`) searched by the C kernel in the
+    ASCII answers -- the same leftmost match as the regex -- and the regex everywhere else."""
+    runs = runs or [required_run(p) for p in patterns]
+    texts = [_refusal_text(r) for r in records]
+    if trie is None or minhash.native is None:
+        return [_refusal_in(t, patterns, runs) for t in texts]
+    hits = np.empty((len(texts), 2), np.int64)
+    minhash.native.phrase_search(texts, *trie, hits)
+    out: list[str | None] = []
+    for text, (a, b) in zip(texts, hits.tolist()):
+        if a >= 0:
+            out.append(f"matched {text[a:b]!r}")
+        else:  # -1: no phrase, the `re:` patterns next; -2: not ASCII, the regex for all
+            out.append(_refusal_in(text, patterns[1:], runs[1:]) if a == -1 else _refusal_in(text, patterns, runs))
+    return out
+
+
+def _refusal_in(text: str, patterns: list[re.Pattern], runs: list[str | None]) -> str | None:
+    for pattern, run in zip(patterns, runs):
         if run is not None and run not in text:
             continue
         m = pattern.search(text)
@@ -304,7 +368,7 @@ def contaminated(record: dict, *, index: EvalIndex) -> str | None:
 
 # --- the dict of names ---
 
-BATCH: dict[Callable, Callable] = {repetition: repetition_batch}  # predicates with a vectorized many-records twin
+BATCH: dict[Callable, Callable] = {repetition: repetition_batch, refusal: refusal_batch}  # a many-records twin
 
 
 def apply(predicate: Predicate, records: list[dict]) -> list[str | None]:
@@ -337,8 +401,9 @@ def build_filters(cfg: Any, notes: list[str] | None = None) -> dict[str, Predica
         out["ratio"] = functools.partial(ratio, min_ratio=cfg.min_ratio, max_ratio=cfg.max_ratio)
     if cfg.drop_refusals:
         files = ([DEFAULT_REFUSALS] if cfg.default_refusals else []) + list(cfg.refusals)
-        patterns = load_patterns(files)
-        out["refusal"] = functools.partial(refusal, patterns=patterns, runs=[required_run(p) for p in patterns])
+        patterns, trie = load_refusals(files)
+        out["refusal"] = functools.partial(refusal, patterns=patterns, runs=[required_run(p) for p in patterns],
+                                           trie=trie)  # fmt: skip
     if cfg.drop_repetitive:
         out["repetition"] = functools.partial(
             repetition,

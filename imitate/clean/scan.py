@@ -118,17 +118,18 @@ class Mapper:
         alive = list(range(n))
         for name, pred in self.filters.items():  # filter-major: each filter sees the survivors of the previous ones
             t = time.perf_counter()
-            reasons = apply(pred, [records[i] for i in alive])
-            still = []
-            for i, reason in zip(alive, reasons):
-                if reason is None:
-                    still.append(i)
-                    continue
-                out.status[i], out.details[i] = name, reason
-                ex = out.examples.setdefault(name, [])
-                if len(ex) < cfg.examples:
-                    ex.append({"id": out.ids[i], "detail": reason, **snippet(records[i])})
-            alive = still
+            reasons = apply(pred, [records[i] for i in alive] if len(alive) < n else records)
+            if reasons.count(None) < len(reasons):  # (most chunks: nobody removed, nothing to walk)
+                still = []
+                for i, reason in zip(alive, reasons):
+                    if reason is None:
+                        still.append(i)
+                        continue
+                    out.status[i], out.details[i] = name, reason
+                    ex = out.examples.setdefault(name, [])
+                    if len(ex) < cfg.examples:
+                        ex.append({"id": out.ids[i], "detail": reason, **snippet(records[i])})
+                alive = still
             secs[name] = time.perf_counter() - t
         kept = [records[i] for i in alive]
         ix = np.asarray(alive, np.int64)
