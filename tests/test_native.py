@@ -284,3 +284,18 @@ def test_refusal_batch_equals_refusal(tmp_path, monkeypatch, native):
         got = refusal_batch(recs, **pred.keywords)
         assert got == [pred(r) for r in recs]
         assert sum(g is not None for g in got) == (7 if files else 5), got
+
+
+@needs_native
+@pytest.mark.parametrize("max_pairs", [0, 2, 5, 50])
+def test_candidate_edges_equal_the_numpy_code(monkeypatch, max_pairs):
+    """Buckets of every size (keys from a small range), stars past max_pairs, one band and many; buckets all past
+    max_pairs (the numpy code failed there before: no small bucket to size its loop)."""
+    from imitate.clean.dedup import candidate_edges
+
+    rng = np.random.default_rng(max_pairs)
+    for keys in (rng.integers(0, 300, (2000, 7)).astype(np.uint64), rng.integers(0, 40, 500).astype(np.uint64),
+                 rng.integers(0, 2**63, (1000, 3)).astype(np.uint64)):  # fmt: skip
+        got = candidate_edges(keys, max_pairs)
+        want = without_native(monkeypatch, candidate_edges, keys, max_pairs)
+        assert got.dtype == want.dtype == np.int64 and np.array_equal(got, want)

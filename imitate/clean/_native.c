@@ -636,7 +636,7 @@ typedef struct {
 static int64_t trie_match(const Trie *t, int64_t node, const unsigned char *s, int64_t n, int64_t pos) {
     for (int64_t e = t->edge_start[node]; e < t->edge_start[node + 1]; e++) {
         int64_t w0 = t->word_start[e], wl = t->word_start[e + 1] - w0;
-        if (wl > n - pos || memcmp(s + pos, t->words + w0, (size_t)wl) != 0) continue;
+        if (wl > n - pos || s[pos] != t->words[w0] || memcmp(s + pos, t->words + w0, (size_t)wl) != 0) continue;
         int64_t p = pos + wl, c = t->child[e];
         if (t->edge_start[c] == t->edge_start[c + 1]) return p; /* a phrase's last word */
         int64_t q = p;
@@ -698,6 +698,80 @@ static PyObject *phrase_search(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* band_edges(keys: u64[n, B], max_pairs: int) -> bytes of u64 (a << 32 | b), a < b, not yet unique
+ * The candidate pairs of dedup.candidate_edges: records (rows, in order) sharing a key in a band (column) are a
+ * bucket; a bucket of 2..max_pairs members (max_pairs > 2) gives all its pairs, a bigger one a star from its first
+ * (smallest) member. */
+static PyObject *band_edges(PyObject *self, PyObject *args) {
+    Py_buffer kb;
+    Py_ssize_t B, max_pairs;
+    if (!PyArg_ParseTuple(args, "y*nn", &kb, &B, &max_pairs)) return NULL;
+    Py_ssize_t n = B > 0 ? kb.len / 8 / B : 0;
+    if (B < 1 || kb.len != n * B * 8 || n >= ((Py_ssize_t)1 << 32)) {
+        PyBuffer_Release(&kb);
+        PyErr_SetString(PyExc_ValueError, "band_edges: keys are not [n, bands] with n < 2^32");
+        return NULL;
+    }
+    const uint64_t *keys = kb.buf;
+    int64_t size = 16;
+    while (size < 2 * n) size <<= 1;
+    int bits = 0;
+    while (((int64_t)1 << bits) < size) bits++;
+    int64_t *slot_bucket = PyMem_RawMalloc((size_t)size * 8); /* -1: empty */
+    int64_t *bucket_of = PyMem_RawMalloc((size_t)(n + 1) * 8), *count = PyMem_RawMalloc((size_t)(n + 1) * 8);
+    int64_t *start = PyMem_RawMalloc((size_t)(n + 2) * 8), *members = PyMem_RawMalloc((size_t)(n + 1) * 8);
+    uint64_t *bucket_key = PyMem_RawMalloc((size_t)(n + 1) * 8);
+    Py_ssize_t cap = 1024, m = 0;
+    uint64_t *out = PyMem_RawMalloc((size_t)cap * 8);
+    int bad = !slot_bucket || !bucket_of || !count || !start || !members || !bucket_key || !out;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t band = 0; band < B && !bad; band++) {
+        int64_t nb = 0;
+        for (int64_t i = 0; i < size; i++) slot_bucket[i] = -1;
+        for (Py_ssize_t r = 0; r < n; r++) { /* bucket of each row, numbered in order of first member */
+            uint64_t k = keys[r * B + band];
+            int64_t sl = (int64_t)((k * 0x9E3779B97F4A7C15ULL) >> (64 - bits));
+            while (slot_bucket[sl] >= 0 && bucket_key[slot_bucket[sl]] != k) sl = (sl + 1) & (size - 1);
+            if (slot_bucket[sl] < 0) {
+                slot_bucket[sl] = nb;
+                bucket_key[nb] = k;
+                count[nb++] = 0;
+            }
+            bucket_of[r] = slot_bucket[sl];
+            count[bucket_of[r]]++;
+        }
+        start[0] = 0;
+        for (int64_t b = 0; b < nb; b++) start[b + 1] = start[b] + count[b];
+        for (int64_t b = 0; b < nb; b++) count[b] = start[b]; /* (now: the next free place of each bucket) */
+        for (Py_ssize_t r = 0; r < n; r++) members[count[bucket_of[r]]++] = r; /* ascending within a bucket */
+        for (int64_t b = 0; b < nb && !bad; b++) {
+            int64_t lo = start[b], hi = start[b + 1], sz = hi - lo;
+            if (sz < 2) continue;
+            int all_pairs = max_pairs > 2 && sz <= max_pairs;
+            Py_ssize_t need = all_pairs ? sz * (sz - 1) / 2 : sz - 1;
+            if (m + need > cap) {
+                while (m + need > cap) cap *= 2;
+                uint64_t *grown = PyMem_RawRealloc(out, (size_t)cap * 8);
+                if (!grown) { bad = 1; break; }
+                out = grown;
+            }
+            for (int64_t i = lo; i < (all_pairs ? hi : lo + 1); i++)
+                for (int64_t j = i + 1; j < hi; j++) out[m++] = ((uint64_t)members[i] << 32) | (uint64_t)members[j];
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyObject *res = bad ? PyErr_NoMemory() : PyBytes_FromStringAndSize((const char *)out, m * 8);
+    PyMem_RawFree(slot_bucket);
+    PyMem_RawFree(bucket_of);
+    PyMem_RawFree(count);
+    PyMem_RawFree(start);
+    PyMem_RawFree(members);
+    PyMem_RawFree(bucket_key);
+    PyMem_RawFree(out);
+    PyBuffer_Release(&kb);
+    return res;
+}
+
 static PyMethodDef methods[] = {
     {"ngram_hashes", ngram_hashes, METH_VARARGS, "Polynomial hashes of every n-gram inside each segment."},
     {"char_shingles", char_shingles, METH_VARARGS, "Tagged character n-gram hashes of each turn."},
@@ -708,6 +782,7 @@ static PyMethodDef methods[] = {
     {"normalize_ascii", normalize_many, METH_O, "The normal form of ASCII texts (None for the others)."},
     {"repetition", repetition, METH_VARARGS, "Gopher n-gram repetition statistics of texts' word hashes."},
     {"phrase_search", phrase_search, METH_VARARGS, "Leftmost match of a phrase trie in ASCII texts."},
+    {"band_edges", band_edges, METH_VARARGS, "Candidate pairs of records sharing a key in a band."},
     {"minhash", minhash, METH_VARARGS, "MinHash signatures of records' shingles under affine permutations mod 2^32."},
     {NULL, NULL, 0, NULL},
 };

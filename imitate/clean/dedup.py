@@ -83,6 +83,10 @@ def candidate_edges(keys: np.ndarray, max_pairs_bucket: int = 0) -> np.ndarray:
     (for verification, where a failed star edge must not hide a true pair).
     """
     keys = keys.reshape(len(keys), -1)
+    if minhash.native is not None and len(keys) < 2**32:  # the same edges, from hash tables
+        packed = np.frombuffer(minhash.native.band_edges(np.ascontiguousarray(keys, np.uint64), keys.shape[1],
+                                                         max_pairs_bucket), np.uint64)  # fmt: skip
+        return _unpack(np.sort(packed))
     nodes = np.arange(len(keys), dtype=np.int64)
     return unique_edges(
         [bucket_edges(keys[:, col], nodes, max_pairs_bucket) for col in range(keys.shape[1])]
@@ -107,8 +111,8 @@ def bucket_edges(k: np.ndarray, nodes: np.ndarray, max_pairs_bucket: int = 0) ->
     first = np.minimum.reduceat(ns, first_pos)[gid]  # the bucket's smallest node
     star = member & (ns != first)
     out = [np.stack([first[star], ns[star]], axis=1)]
-    if max_pairs_bucket > 2:  # every pair of a small bucket: members d apart in sorted order, for each d
-        small = member & (size[gid] <= max_pairs_bucket)
+    small = member & (size[gid] <= max_pairs_bucket) if max_pairs_bucket > 2 else np.zeros(0, bool)
+    if small.any():  # every pair of a small bucket: members d apart in sorted order, for each d
         for d in range(2, min(int(size[size <= max_pairs_bucket].max()), max_pairs_bucket)):
             same = small[d:] & (gid[d:] == gid[:-d])
             out.append(np.stack([ns[:-d][same], ns[d:][same]], axis=1))
@@ -123,7 +127,13 @@ def unique_edges(parts: list[np.ndarray]) -> np.ndarray:
     if not parts:
         return np.zeros((0, 2), np.int64)
     edges = np.sort(np.concatenate(parts), axis=1).astype(np.uint64)
-    key = np.sort((edges[:, 0] << np.uint64(32)) | edges[:, 1])  # one sort on packed pairs (n < 2^32)
+    return _unpack(np.sort((edges[:, 0] << np.uint64(32)) | edges[:, 1]))  # one sort on packed pairs (n < 2^32)
+
+
+def _unpack(key: np.ndarray) -> np.ndarray:
+    """Sorted packed pairs (a << 32 | b) -> [E, 2] int64 edges, each once."""
+    if not len(key):
+        return np.zeros((0, 2), np.int64)
     key = key[np.concatenate(([True], key[1:] != key[:-1]))]
     return np.stack([key >> np.uint64(32), key & np.uint64(0xFFFFFFFF)], axis=1).astype(np.int64)
 
