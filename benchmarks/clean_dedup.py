@@ -40,6 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from imitate.clean import minhash  # noqa: E402
 from imitate.clean.dedup import NearDup, candidate_edges, select  # noqa: E402
 from imitate.clean.keys import normalize  # noqa: E402
 
@@ -242,6 +243,16 @@ def compare(n_ours: int, n_ds: int, threshold: float, num_perm: int, pool: list[
         rn32 = rensa_dedup(texts, num_perm, threshold, 32)
     tmp = Path(tempfile.mkdtemp(prefix="imitate_bench_"))
     whole, whole_gone, t_whole, c_whole = clean_whole(texts, tmp)
+    kernels = minhash.native
+    same_files = None
+    if kernels is not None:  # the numpy fallback: the same files, and its speed
+        out = (tmp / "clean.jsonl").read_bytes(), (tmp / "removed.jsonl").read_bytes()
+        minhash.native = None
+        try:
+            _, _, t_np, c_np = clean_whole(texts, tmp)
+        finally:
+            minhash.native = kernels
+        same_files = out == ((tmp / "clean.jsonl").read_bytes(), (tmp / "removed.jsonl").read_bytes())
     for f in tmp.iterdir():
         f.unlink()
     tmp.rmdir()
@@ -285,12 +296,16 @@ def compare(n_ours: int, n_ds: int, threshold: float, num_perm: int, pool: list[
     rate_ours, rate_ds = n_ours / c_ours, n_ds / c_ds
     print("speed, 1 process (texts per CPU second of the process: on a shared machine, wall time is not one core)")
     print(f"{'':40}{'texts':>8}{'wall s':>9}{'CPU s':>9}{'texts/s/core':>14}")
-    print(f"{'imitate (numpy, with the exact check)':40}{n_ours:>8}{t_ours:>9.2f}{c_ours:>9.2f}{rate_ours:>14.0f}")
+    how = "C kernels" if kernels is not None else "numpy: no C kernels"
+    print(f"{f'imitate dedup ({how})':40}{n_ours:>8}{t_ours:>9.2f}{c_ours:>9.2f}{rate_ours:>14.0f}")
     print(f"{'datasketch MinHash+LSH':40}{n_ds:>8}{t_ds:>9.2f}{c_ds:>9.2f}{rate_ds:>14.0f}")
     if have_rensa:
         print(f"{'rensa RMinHash+LSH (16x8), no check':40}{n_ours:>8}{t_rn:>9.2f}{c_rn:>9.2f}{n_ours / c_rn:>14.0f}")
     rate_whole = n_ours / c_whole
     print(f"{'whole `imitate clean` (defaults)':40}{n_ours:>8}{t_whole:>9.2f}{c_whole:>9.2f}{rate_whole:>14.0f}")
+    if same_files is not None:
+        print(f"{'  the same without the C kernels':40}{n_ours:>8}{t_np:>9.2f}{c_np:>9.2f}{n_ours / c_np:>14.0f}"
+              f"   same files: {same_files}")  # fmt: skip
     print(f"{'imitate dedup / datasketch, per core':40}{rate_ours / rate_ds:>40.1f}x")
     print(f"{'whole imitate clean / datasketch':40}{rate_whole / rate_ds:>40.1f}x")
     if have_rensa:

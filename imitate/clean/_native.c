@@ -1,12 +1,17 @@
-/* Native kernels of clean: n-gram hashes and MinHash signatures (the map step), set intersections (the exact check).
+/* Native kernels of `imitate clean`: what its per-record Python and numpy spent most of the CPU on.
+ *   map step     char_shingles, minhash, band_keys (near-dedup); normalize_ascii (the keys' normal form); words,
+ *                repetition (the Gopher filter); phrase_search (the refusal phrases); ngram_hashes
+ *   dedup        band_edges (candidate pairs); pair_jaccard, intersections (the exact check)
  *
- * Optional: setup.py builds this module when a C compiler is there, and imitate/clean/minhash.py falls back to its
- * numpy code otherwise (or with IMITATE_NATIVE=0). Both give the same numbers bit for bit -- the same uint64
- * polynomial hash and the same uint32 affine permutations -- so the output of `imitate clean` does not depend on
- * which ran; tests/test_native.py compares them.
+ * Optional: setup.py builds this module when a C compiler is there, and the Python code falls back to its numpy and
+ * regex paths otherwise (or with IMITATE_NATIVE=0). Both give the same numbers bit for bit -- the same uint64
+ * polynomial hashes, the same uint32 affine permutations, the same counts divided the same way, the same matches --
+ * so the files `imitate clean` writes do not depend on which ran; tests/test_native.py compares each kernel with
+ * the code it stands in for, and the whole clean with and without them.
  *
- * Arrays come in through the buffer protocol (numpy arrays, C-contiguous, dtypes checked by the Python wrappers), so
- * the module needs neither numpy's headers nor numpy at build time.
+ * Arrays come in through the buffer protocol (numpy arrays, C-contiguous, dtypes set by the Python wrappers), so
+ * the module needs neither numpy's headers nor numpy at build time. Every kernel checks that offsets and lengths
+ * fit the buffers it was given before it reads them.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -15,7 +20,7 @@
 
 #define MUL 0x9E3779B97F4A7C15ULL
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
 /* one build, the widest vector unit the CPU running it has (resolved once at load time) */
 #define WIDEST __attribute__((target_clones("avx512f", "avx2", "default")))
 #else

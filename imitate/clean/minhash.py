@@ -1,8 +1,11 @@
 """Hashing for clean's map step: word tokens, character/word n-gram hashes, MinHash signatures, exact keys.
 
-Everything runs on a whole batch of texts at once, as numpy array ops: n-gram hashes are n vector ops over all
-positions (`ngram_hashes`), and the `num_perm` permutations are `(a * h + b) mod 2**32` (odd `a`: a bijection) over
-a [num_perm, shingles] block with `np.minimum.reduceat` taking the minimum per record.
+Everything runs on a whole batch of texts at once. With the C kernels (imitate/clean/_native.c, `native`; built at
+install where a compiler is) each is one pass in C; without them, numpy array ops give the same numbers: n-gram
+hashes are n vector ops over all positions (`ngram_hashes`), and the `num_perm` permutations are
+`(a * h + b) mod 2**32` (odd `a`: a bijection) over a [num_perm, shingles] block with `np.minimum.reduceat` taking
+the minimum per record. `native` is also what the other clean modules check (dedup, keys, filters, repetition,
+verify); tests set it to None to run the fallback.
 """
 
 from __future__ import annotations
