@@ -108,7 +108,8 @@ def word_tokens(texts: Sequence[str], *, lengths: bool = False) -> tuple[np.ndar
     lens = np.fromiter(map(len, enc), np.int64, count=len(enc))
     if native is not None:  # the same numbers, one pass over the bytes
         joined, counts = b"".join(enc), np.empty(len(enc), np.int64)
-        tokens, wlen = np.empty(len(joined), np.uint64), np.empty(len(joined), np.int64)  # (a word has >= 1 byte)
+        most = (len(joined) + len(enc)) // 2 + 1  # (a word is >= 1 byte, and words of a text are >= 1 byte apart)
+        tokens, wlen = np.empty(most, np.uint64), np.empty(most, np.int64)
         n = native.words(joined, lens, _WORD_BYTE_U8, counts, tokens, wlen)
         return (tokens[:n].copy(), counts, wlen[:n].copy()) if lengths else (tokens[:n].copy(), counts)
     buf = np.frombuffer(b"".join(enc), np.uint8)

@@ -239,7 +239,7 @@ def _priority(record: dict, spec: str) -> float:
 
 
 _MAPPER: Mapper | None = None
-TURN_BUDGET = 1 << 26  # characters of answers whose normalized turns stay in memory for the exact check (~100 MB)
+TURN_BUDGET = 1 << 26  # characters of normalized turns kept in memory for the exact check (~100 MB of text)
 
 
 def _init_worker(mapper: Mapper) -> None:

@@ -1,10 +1,11 @@
-"""The exact check of near-duplicate candidates: one more streaming read of the inputs, for the candidate records only.
+"""The exact check of near-duplicate candidates, from their turns: kept by the map step when it ran in this process
+(up to `scan.TURN_BUDGET` characters), else read again from the inputs, for the candidate records only.
 
-Candidates are numbered in input order, so a pair (u, v), u < v, can be checked as soon as v is read; u's shingle
-sets are kept until its last partner has been read, then freed. Records whose normalized turns the map step kept
-(in-process runs, up to `scan.TURN_BUDGET` characters) are not read again. Memory holds the shingle sets of the records with
-a partner still ahead (planted or sampled duplicates sit near their originals: a few thousand), not of every
-candidate. Records are shingled in batches, as numpy work; each pair costs a few sorted-array lookups.
+Candidates are numbered in input order, so a pair (u, v), u < v, can be checked as soon as v is read; u's shingles
+are kept until its last partner has been read, then freed. Memory holds the shingles of the records with a partner
+still ahead (planted or sampled duplicates sit near their originals: a few thousand), not of every candidate.
+Records are shingled in batches; each pair is compared by the C kernel (hash tables over unsorted shingle values) or,
+without it, by numpy lookups in sorted turn sets -- the same numbers.
 """
 
 from __future__ import annotations
