@@ -299,3 +299,48 @@ def test_candidate_edges_equal_the_numpy_code(monkeypatch, max_pairs):
         got = candidate_edges(keys, max_pairs)
         want = without_native(monkeypatch, candidate_edges, keys, max_pairs)
         assert got.dtype == want.dtype == np.int64 and np.array_equal(got, want)
+
+
+def test_edges_the_review_found(monkeypatch, tmp_path):
+    """n-grams past the C window (64) fall back to numpy; no records, no keys; texts without a word; --bands past
+    --num-perm is refused; hashes of another dtype are refused."""
+    from imitate.clean.dedup import NearDup
+    from imitate.errors import UsageError
+
+    sh = Shingler(70)
+    got = sh.hashes(["x" * 100, "short"], np.array([0, 1]))
+    want = without_native(monkeypatch, sh.hashes, ["x" * 100, "short"], np.array([0, 1]))
+    assert all(np.array_equal(a, b) for a, b in zip(got, want)) and got[1].tolist() == [31, 1]
+    keys, sketch = NearDup().keys_and_sketch([], np.zeros(0, np.uint64))
+    assert keys.shape == (0, NearDup().bands) and sketch.shape == (0, 128)
+    for fn in (lambda: mh.word_tokens(["?", "", "!!"], lengths=True), lambda: mh.word_counts(["?"])):
+        got, want = fn(), without_native(monkeypatch, fn)
+        assert all(np.array_equal(a, b) for a, b in zip(got, want)) if isinstance(got, tuple) else np.array_equal(got, want)
+    with pytest.raises(UsageError, match="--bands 32 is more than --num-perm 16"):
+        CleanConfig(inputs=[tmp_path / "x.jsonl"], out=tmp_path / "o.jsonl", num_perm=16, bands=32).check()
+    with pytest.raises(TypeError, match="uint32 or uint64"):
+        MinHasher(8).signatures_at(np.zeros(4, np.int64), np.array([0, 4]))
+
+
+@needs_native
+def test_kernels_refuse_lengths_that_would_overflow():
+    """Lengths near 2^63 must not wrap the bounds checks into a pass (they would read far outside the arrays)."""
+    big = 2**63 - 1
+    with pytest.raises(ValueError, match="do not fit"):
+        mh.native.ngram_hashes(np.zeros(4, np.uint64), np.array([1, big], np.int64), 1, np.empty(8, np.uint64),
+                               np.empty(8, np.int64))  # fmt: skip
+    with pytest.raises(ValueError, match="do not fit"):
+        mh.native.char_shingles(np.zeros(4, np.uint32), np.array([1, big], np.int64), np.zeros(2, np.uint64),
+                                np.zeros(2, np.uint64), 2, np.empty(8, np.uint64))  # fmt: skip
+    with pytest.raises(ValueError, match="do not fit"):
+        mh.native.words(b"ab cd", np.array([1, big], np.int64), mh._WORD_BYTE_U8, np.empty(2, np.int64), None, None)
+    with pytest.raises(ValueError, match="do not fit"):
+        mh.native.repetition(np.zeros(4, np.uint64), np.array([1, big], np.int64), np.zeros(4, np.int64), 0.0,
+                             np.empty(6), np.empty(12))  # fmt: skip
+    with pytest.raises(ValueError, match="do not fit"):
+        mh.native.band_keys(np.zeros((1, 4), np.uint32), 2, 2**62, None, np.empty((1, 2), np.uint64))
+    quarter = np.array([2**62] * 4, np.int64)  # four turns whose lengths sum to 0 mod 2^64
+    with pytest.raises(ValueError, match="do not fit"):
+        mh.native.pair_jaccard(np.zeros(4, np.uint32), np.array([0, 0], np.int64), quarter, np.array([0, 4], np.int64),
+                               np.zeros(4, np.uint32), np.array([0, 0], np.int64), quarter, np.array([0, 4], np.int64),
+                               np.zeros(1))  # fmt: skip

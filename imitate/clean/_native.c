@@ -43,8 +43,8 @@ static PyObject *ngram_hashes(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t s = 0; s < n_seg && !bad; s++) {
         int64_t L = lengths[s];
-        if (L < 0 || start + L > n_tok) { bad = 1; break; }
-        for (int64_t i = 0; i + n <= L; i++) {
+        if (L < 0 || L > n_tok - start) { bad = 1; break; } /* (L > n - start: no overflow for any L) */
+        for (int64_t i = 0; i <= L - n; i++) {
             if (g >= cap) { bad = 1; break; }
             const uint64_t *w = t + start + i;
             uint64_t h = w[0];
@@ -93,7 +93,7 @@ static PyObject *char_shingles(PyObject *self, PyObject *args) {
     for (Py_ssize_t j = 1; j < n; j++) top *= MUL;
     for (Py_ssize_t s = 0; s < n_seg && !bad; s++) {
         int64_t L = lengths[s];
-        if (L < 0 || start + L > n_codes || g + (L >= n ? L - n + 1 : 1) > cap) { bad = 1; break; }
+        if (L < 0 || L > n_codes - start || (L >= n ? L - n + 1 : 1) > cap - g) { bad = 1; break; }
         if (L < n) {
             out[g++] = shorts[s] ^ tags[s];
             start += L;
@@ -207,9 +207,9 @@ static PyObject *band_keys(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "y*nnOw*", &sb, &bands, &rows, &g_obj, &ob)) return NULL;
     int bad = g_obj != Py_None && PyObject_GetBuffer(g_obj, &gb, PyBUF_SIMPLE) < 0 ? 2 : 0;
     Py_ssize_t R = bands > 0 ? ob.len / 8 / bands : 0, P = R > 0 ? sb.len / 4 / R : 0;
-    if (!bad && (bands < 1 || rows < 1 || bands * rows > P || ob.len != R * bands * 8 || sb.len != R * P * 4 ||
-                 (gb.obj && gb.len != R * 8)))
-        bad = 1;
+    if (!bad && (bands < 1 || rows < 1 || (R > 0 && rows > P / bands) || ob.len != R * bands * 8 ||
+                 sb.len != R * P * 4 || (gb.obj && gb.len != R * 8)))
+        bad = 1; /* (R = 0: no records, nothing to do) */
     if (!bad) {
         const uint32_t *sig = sb.buf;
         const uint64_t *guards = gb.obj ? gb.buf : NULL;
@@ -254,7 +254,7 @@ static PyObject *words(PyObject *self, PyObject *args) {
     if (!bad) {
         Py_BEGIN_ALLOW_THREADS
         for (Py_ssize_t s = 0; s < S && !bad; s++) {
-            if (lens[s] < 0 || at + lens[s] > bb.len) { bad = 1; break; }
+            if (lens[s] < 0 || lens[s] > bb.len - at) { bad = 1; break; }
             const unsigned char *c = buf + at, *end = buf + at + lens[s];
             int64_t n = 0;
             while (c < end) {
@@ -382,13 +382,13 @@ static PyObject *pair_jaccard(PyObject *self, PyObject *args) {
                 bad = 1;
                 break;
             }
-            int64_t sum = 0;
-            for (int64_t k = to[p]; k < to[p + 1]; k++) {
-                if (t[k] < 0) bad = 1;
-                sum += t[k];
+            int64_t left = o[p + 1] - o[p]; /* the side's values, handed out turn by turn (no sum to overflow) */
+            for (int64_t k = to[p]; k < to[p + 1] && !bad; k++) {
+                if (t[k] < 0 || t[k] > left) bad = 1;
+                else left -= t[k];
                 if (t[k] > longest) longest = t[k];
             }
-            if (sum != o[p + 1] - o[p]) bad = 1;
+            if (left != 0) bad = 1;
         }
     }
     uint32_t *keys = NULL;
@@ -528,7 +528,7 @@ static PyObject *repetition(PyObject *self, PyObject *args) {
     Py_ssize_t W = tb.len / 8, S = lb.len / 8, longest = 0, at = 0;
     int bad = wb.len != tb.len || topb.len != 3 * S * 8 || dupb.len != 6 * S * 8;
     for (Py_ssize_t s = 0; s < S && !bad; s++) {
-        if (lengths[s] < 0 || at + lengths[s] > W) bad = 1;
+        if (lengths[s] < 0 || lengths[s] > W - at) bad = 1;
         else if (lengths[s] > longest) longest = lengths[s];
         at += lengths[s];
     }
@@ -591,7 +591,8 @@ static PyObject *repetition(PyObject *self, PyObject *args) {
                         if (!used[k] || count[k] < 2) continue;
                         int64_t chars = 0;
                         for (int j = 0; j < n; j++) chars += wl[first[k] + j];
-                        int64_t score = (count[k] << 40) + chars * count[k];
+                        /* (in uint64, as numpy's int64 wraps: no signed overflow, the same bits) */
+                        int64_t score = (int64_t)(((uint64_t)count[k] << 40) + (uint64_t)chars * (uint64_t)count[k]);
                         if (score > best) best = score;
                     }
                     top[(n - 2) * S + s] = (double)(best & (((int64_t)1 << 40) - 1)) / total;
@@ -668,7 +669,7 @@ static PyObject *phrase_search(PyObject *self, PyObject *args) {
     for (Py_ssize_t i = 0; i < N && !bad; i++)
         bad = t.edge_start[i] < 0 || t.edge_start[i] > t.edge_start[i + 1] || t.edge_start[i + 1] > E;
     for (Py_ssize_t e = 0; e < E && !bad; e++) /* children further down only: no cycles, the recursion ends */
-        bad = t.child[e] <= 0 || t.child[e] >= N || t.word_start[e] < 0 || t.word_start[e] > t.word_start[e + 1] ||
+        bad = t.child[e] <= 0 || t.child[e] >= N || t.word_start[e] < 0 || t.word_start[e] >= t.word_start[e + 1] ||
               t.word_start[e + 1] > wd.len;
     for (Py_ssize_t i = 0; i < N && !bad; i++)
         for (int64_t e = t.edge_start[i]; e < t.edge_start[i + 1] && !bad; e++) bad = t.child[e] <= i;

@@ -208,6 +208,9 @@ class CleanConfig(Checked):
             self.judge_config(Path("judge.requests.jsonl"), Path("judge.jsonl"))  # bad options stop here, cheaply
         elif self.judge or self.judge_options or self.min_judge_score is not None:
             raise UsageError(f"--judge, --judge-option and --min-judge-score need --select judge (not {self.select})")
+        if self.bands is not None and self.bands > self.num_perm:
+            raise UsageError(f"--bands {self.bands} is more than --num-perm {self.num_perm}: each band needs at least "
+                             "one permutation", hint=f"give --bands between 1 and {self.num_perm}")  # fmt: skip
         if self.select != "none" and self.one_per_prompt:
             raise UsageError("--one-per-prompt leaves one answer per prompt, so --select has nothing to choose from",
                              hint="use one of them: --select picks which answer to keep")

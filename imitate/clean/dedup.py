@@ -291,7 +291,7 @@ class NearDup:
         """Band keys (as `keys`) and [n, num_perm] uint8 sketches: the low 8 bits of each signature value (b-bit
         MinHash), kept to drop candidates that are far below the threshold before the exact check (`plausible`)."""
         sig = self.signatures(records)
-        if minhash.native is not None:  # the same keys as below
+        if minhash.native is not None and len(sig):  # the same keys as below
             keys = np.empty((len(sig), self.bands), np.uint64)
             g = None if guards is None else np.ascontiguousarray(guards, np.uint64)
             minhash.native.band_keys(np.ascontiguousarray(sig), self.bands, self.rows, g, keys)

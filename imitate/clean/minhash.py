@@ -126,7 +126,10 @@ def word_tokens(texts: Sequence[str], *, lengths: bool = False) -> tuple[np.ndar
     wid = np.cumsum(first) - 1
     first_ix = np.flatnonzero(first)
     pos_in_word = np.arange(len(word_pos)) - first_ix[wid]
-    powers = np.cumprod(np.full(int(pos_in_word.max()) + 1, MUL, np.uint64)) if len(word_pos) else MUL
+    if not len(word_pos):  # texts without a word (e.g. "?"): nothing to hash
+        empty = (np.zeros(0, np.uint64), np.zeros(len(enc), np.int64))
+        return empty + ((np.zeros(0, np.int64),) if lengths else ())
+    powers = np.cumprod(np.full(int(pos_in_word.max()) + 1, MUL, np.uint64))
     contrib = (buf[word_pos].astype(np.uint64) + np.uint64(1)) * powers[pos_in_word]
     tokens = fmix64(np.add.reduceat(contrib, first_ix)) if len(first_ix) else np.zeros(0, np.uint64)
     owner = np.searchsorted(np.cumsum(lens), word_pos[first_ix], side="right")
@@ -180,7 +183,7 @@ class Shingler:
         counts = np.where(lengths < n, 1, lengths - n + 1)  # a turn shorter than n is one shingle: itself
         short = np.flatnonzero(lengths < n)
         short_hash = np.array([stable_hash64(turns[i]) for i in short], np.uint64)
-        if native is not None:  # the same numbers as below, in one pass
+        if native is not None and n <= 64:  # the same numbers as below, in one pass (its window holds 64 at most)
             whole = np.zeros(len(turns), np.uint64)
             whole[short] = short_hash
             h = np.empty(int(counts.sum()), np.uint64)
@@ -226,9 +229,11 @@ class MinHasher:
         """As `signatures`, with each text's shingles given as hashes[starts[i]:starts[i + 1]]; hashes: uint32, or
         uint64 whose high 32 bits are the values (read in place: no shifted copy)."""
         n_texts = len(starts) - 1
+        if hashes.dtype not in (np.uint32, np.uint64):
+            raise TypeError(f"signatures_at: hashes must be uint32 or uint64, not {hashes.dtype}")
         if native is not None:
             out = np.empty((n_texts, self.num_perm), np.uint32)
-            native.minhash(hashes, np.ascontiguousarray(starts, np.int64), self.a, self.b, out)
+            native.minhash(np.ascontiguousarray(hashes), np.ascontiguousarray(starts, np.int64), self.a, self.b, out)
             return out
         values = (hashes >> np.uint64(32)).astype(np.uint32) if hashes.dtype == np.uint64 else hashes
         owner = np.repeat(np.arange(n_texts, dtype=np.int64), np.diff(starts))
