@@ -62,10 +62,11 @@ def record_facts(rec: Any) -> tuple[str | None, int, int]:
     if not isinstance(rec, dict):
         return None, 0, 0
     t = rec.get("teacher")
+    t = t if isinstance(t, str) else None
     usage = rec.get("usage")
     if not isinstance(usage, dict):
-        return t if isinstance(t, str) else None, 0, 0
-    return t if isinstance(t, str) else None, int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0)
+        return t, 0, 0
+    return t, int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0)
 
 
 Counted = tuple[int, dict[str, int], int, int]  # (records, teacher -> records, tokens in, tokens out)

@@ -70,8 +70,7 @@ def lines(path: str | os.PathLike, limit: int | None = None) -> Iterator[tuple[i
 def pick(paths: list, want: dict) -> Iterator[tuple[Any, bytes]]:
     """(want[(file index, line number)], raw line) for the lines `want` names, re-read from `paths` in input order.
     Only lines a first pass already parsed are named, so a TooLong line is never among them."""
-    left = len(want)
-    last = {}  # file index -> its last line wanted: the rest of the file is not read
+    last = {}  # file index -> its last line wanted: the rest of the file, and files with none, are not read
     for fi, lineno in want:
         last[fi] = max(last.get(fi, 0), lineno)
     for fi, path in enumerate(paths):
@@ -81,11 +80,8 @@ def pick(paths: list, want: dict) -> Iterator[tuple[Any, bytes]]:
             key = want.get((fi, lineno))
             if key is not None:
                 yield key, raw
-                left -= 1
             if lineno >= last[fi]:
                 break
-        if not left:
-            return
 
 
 _SCAN = json.JSONDecoder().scan_once  # the scanner json.loads runs, without its Python wrappers around it

@@ -250,7 +250,7 @@ def assistant_text(record: dict) -> str:
         last = msgs[-1]
         if type(last) is dict and last.get("role") == "assistant" and type(last.get("content")) is str:
             return last["content"]
-    for m in reversed(record.get("messages") or []):
+    for m in reversed(msgs or []):
         if m.get("role") == "assistant":
             return content_text(m.get("content"))
     return ""

@@ -1,7 +1,7 @@
 /* Native kernels of `imitate clean`: what its per-record Python and numpy spent most of the CPU on.
  *   map step     char_shingles, minhash, band_keys (near-dedup); normalize_ascii (the keys' normal form); words,
  *                repetition (the Gopher filter); phrase_search (the refusal phrases); ngram_hashes
- *   dedup        band_edges (candidate pairs); pair_jaccard, intersections (the exact check)
+ *   dedup        band_edges (candidate pairs); pair_jaccard (the exact check)
  *
  * Optional: setup.py builds this module when a C compiler is there, and the Python code falls back to its numpy and
  * regex paths otherwise (or with IMITATE_NATIVE=0). Both give the same numbers bit for bit -- the same uint64
@@ -288,45 +288,6 @@ static PyObject *words(PyObject *self, PyObject *args) {
     }
     if (bad) return NULL;
     return PyLong_FromSsize_t(W);
-}
-
-/* intersections(a: u32[A], a_off: i64[T+1], b: u32[B], b_off: i64[T+1], out: i64[T])
- * out[t] = how many values a[a_off[t]:a_off[t+1]] and b[b_off[t]:b_off[t+1]] share; each run sorted, distinct. */
-static PyObject *intersections(PyObject *self, PyObject *args) {
-    Py_buffer ab, aob, bb, bob, ob;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*w*", &ab, &aob, &bb, &bob, &ob)) return NULL;
-    const uint32_t *a = ab.buf, *b = bb.buf;
-    const int64_t *ao = aob.buf, *bo = bob.buf;
-    int64_t *out = ob.buf;
-    Py_ssize_t T = ob.len / 8;
-    int bad = aob.len != bob.len || aob.len / 8 != T + 1;
-    for (Py_ssize_t t = 0; t < T && !bad; t++)
-        bad = ao[t] < 0 || ao[t] > ao[t + 1] || ao[t + 1] > ab.len / 4 || bo[t] < 0 || bo[t] > bo[t + 1] ||
-              bo[t + 1] > bb.len / 4;
-    if (!bad) {
-        Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t t = 0; t < T; t++) {
-            int64_t i = ao[t], j = bo[t], n = 0;
-            while (i < ao[t + 1] && j < bo[t + 1]) {
-                uint32_t x = a[i], y = b[j];
-                n += x == y;
-                i += x <= y;
-                j += y <= x;
-            }
-            out[t] = n;
-        }
-        Py_END_ALLOW_THREADS
-    }
-    PyBuffer_Release(&ab);
-    PyBuffer_Release(&aob);
-    PyBuffer_Release(&bb);
-    PyBuffer_Release(&bob);
-    PyBuffer_Release(&ob);
-    if (bad) {
-        PyErr_SetString(PyExc_ValueError, "intersections: offsets do not fit the arrays or the output");
-        return NULL;
-    }
-    Py_RETURN_NONE;
 }
 
 /* Distinct values of a (flag 1) and b (flag 2) in one open-addressing table of `size` (a power of 2) slots:
@@ -782,7 +743,6 @@ static PyMethodDef methods[] = {
     {"ngram_hashes", ngram_hashes, METH_VARARGS, "Polynomial hashes of every n-gram inside each segment."},
     {"char_shingles", char_shingles, METH_VARARGS, "Tagged character n-gram hashes of each turn."},
     {"words", words, METH_VARARGS, "Word counts, hashes and lengths of texts' UTF-8 bytes."},
-    {"intersections", intersections, METH_VARARGS, "Shared values of sorted runs, run by run."},
     {"band_keys", band_keys, METH_VARARGS, "LSH band keys of MinHash signatures."},
     {"pair_jaccard", pair_jaccard, METH_VARARGS, "Smallest turn Jaccard of record pairs, from unsorted values."},
     {"normalize_ascii", normalize_many, METH_O, "The normal form of ASCII texts (None for the others)."},

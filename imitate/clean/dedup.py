@@ -196,6 +196,12 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
     return inter / (len(a) + len(b) - inter)
 
 
+def _packed(sets: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """A record's `turn_sets` in the form of `NearDup.packed`: (its values, turn after turn; values per turn)."""
+    values = np.concatenate(sets) if sets else np.zeros(0, np.uint32)
+    return values, np.fromiter(map(len, sets), np.int64, len(sets))
+
+
 def _histogram(sizes: np.ndarray) -> dict[str, int]:
     """Cluster-size histogram with power-of-two bins: 2, 3-4, 5-8, ..."""
     out: dict[str, int] = {}
@@ -259,25 +265,27 @@ class NearDup:
         else:  # no exact check: balance false candidates against missed pairs
             self.bands, self.rows = optimal_bands(threshold, num_perm)
 
-    def _shingles(self, records: Sequence[Sequence[str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(hashes, owning turn, record of each turn) of records given as lists of normalized turns."""
+    def _hashes(self, records: Sequence[Sequence[str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(shingle hashes, turn after turn; shingles per turn; turns per record) of records given as lists of
+        normalized turns, each turn's shingles tagged by its position in its record."""
         counts = np.fromiter(map(len, records), np.int64, count=len(records))
         flat = [t for turns in records for t in turns]
-        starts = np.cumsum(counts) - counts
-        position = np.arange(len(flat), dtype=np.int64) - np.repeat(starts, counts)
-        h, owner = self.shingler.shingles(flat, position)
-        return h, owner, np.repeat(np.arange(len(records), dtype=np.int64), counts)
+        position = np.arange(len(flat), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+        h, per_turn = self.shingler.hashes(flat, position)
+        return h, per_turn, counts
+
+    def _shingles(self, records: Sequence[Sequence[str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(hashes, owning turn, record of each turn) of records given as lists of normalized turns."""
+        h, per_turn, counts = self._hashes(records)
+        turn = np.repeat(np.arange(len(per_turn), dtype=np.int64), per_turn)
+        return h, turn, np.repeat(np.arange(len(records), dtype=np.int64), counts)
 
     def signatures(self, records: Sequence[Sequence[str]]) -> np.ndarray:
         """[n, num_perm] MinHash signatures of each record's turn-tagged shingle set (each record has >= 1 turn):
         of the high 32 bits of each shingle hash."""
-        counts = np.fromiter(map(len, records), np.int64, count=len(records))
-        flat = [t for turns in records for t in turns]
-        starts = np.cumsum(counts) - counts
-        position = np.arange(len(flat), dtype=np.int64) - np.repeat(starts, counts)
-        h, per_turn = self.shingler.hashes(flat, position)
+        h, per_turn, counts = self._hashes(records)
         turn_ends = np.cumsum(per_turn)
-        record_ends = turn_ends[np.cumsum(counts) - 1] if len(flat) else np.zeros(len(records), np.int64)
+        record_ends = turn_ends[np.cumsum(counts) - 1] if len(per_turn) else np.zeros(len(records), np.int64)
         return self.hasher.signatures_at(h, np.concatenate(([0], record_ends)))
 
     def keys(self, records: Sequence[Sequence[str]], guards: np.ndarray | None = None) -> np.ndarray:
@@ -330,10 +338,7 @@ class NearDup:
         """Per record: (the 32-bit shingle values of all its turns, turn after turn, unsorted, repeats included;
         [turns] the values per turn). What `packed_similarities` compares: the same sets as `turn_sets`, without
         sorting them (the C kernel counts distinct values with a hash table)."""
-        counts = np.fromiter(map(len, records), np.int64, count=len(records))
-        flat = [t for turns in records for t in turns]
-        position = np.arange(len(flat), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
-        h, per_turn = self.shingler.hashes(flat, position)
+        h, per_turn, counts = self._hashes(records)
         values = (h >> np.uint64(32)).astype(np.uint32)
         ends = np.cumsum(per_turn).tolist()
         out, t, at = [], 0, 0
@@ -371,7 +376,10 @@ class NearDup:
     def similarities(pairs: Sequence[tuple[list[np.ndarray], list[np.ndarray]]]) -> np.ndarray:
         """[P] float64: `similarity` of each pair of `turn_sets`, all pairs in a few array ops (the same values:
         the same counts, divided as floats). Every turn of both sides, tagged by its pair-turn, is laid end to end:
-        each side is then one sorted array, and one `searchsorted` finds every shared shingle."""
+        each side is then one sorted array, and one `searchsorted` finds every shared shingle. With the C kernels,
+        `packed_similarities` of the same sets (sorted values are a case of unsorted ones)."""
+        if minhash.native is not None:
+            return NearDup.packed_similarities([(_packed(a), _packed(b)) for a, b in pairs])
         sims = np.zeros(len(pairs), np.float64)
         a_sets: list[np.ndarray] = []
         b_sets: list[np.ndarray] = []
@@ -385,17 +393,13 @@ class NearDup:
             return sims
         la = np.fromiter(map(len, a_sets), np.int64, len(a_sets))
         lb = np.fromiter(map(len, b_sets), np.int64, len(b_sets))
+        turn = np.arange(len(a_sets), dtype=np.uint64) << np.uint64(32)
+        ka = np.repeat(turn, la) | np.concatenate(a_sets).astype(np.uint64)  # sorted: by turn, then hash
+        kb = np.repeat(turn, lb) | np.concatenate(b_sets).astype(np.uint64)
         inter = np.zeros(len(a_sets), np.int64)
-        if minhash.native is not None:  # a merge of each pair of sorted runs
-            a_off, b_off = np.concatenate(([0], np.cumsum(la))), np.concatenate(([0], np.cumsum(lb)))
-            minhash.native.intersections(np.concatenate(a_sets), a_off, np.concatenate(b_sets), b_off, inter)
-        else:
-            turn = np.arange(len(a_sets), dtype=np.uint64) << np.uint64(32)
-            ka = np.repeat(turn, la) | np.concatenate(a_sets).astype(np.uint64)  # sorted: by turn, then hash
-            kb = np.repeat(turn, lb) | np.concatenate(b_sets).astype(np.uint64)
-            if len(ka) and len(kb):
-                hit = kb[np.minimum(np.searchsorted(kb, ka), len(kb) - 1)] == ka
-                inter = np.bincount(np.repeat(np.arange(len(a_sets)), la)[hit], minlength=len(a_sets))
+        if len(ka) and len(kb):
+            hit = kb[np.minimum(np.searchsorted(kb, ka), len(kb) - 1)] == ka
+            inter = np.bincount(np.repeat(np.arange(len(a_sets)), la)[hit], minlength=len(a_sets))
         with np.errstate(invalid="ignore", divide="ignore"):
             jac = inter / (la + lb - inter)
         empty = (la == 0) | (lb == 0)  # as `jaccard`: two empty sets are alike, one empty set is not
